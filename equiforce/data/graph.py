@@ -1,0 +1,93 @@
+"""Configurations → graphs (dicts of tensors) and batching of many graphs into one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from equiforce.data import keys as K
+from equiforce.data.neighbors import check_cell, neighbor_list
+from equiforce.data.structure import Configuration
+from equiforce.errors import DataError
+
+Graph = dict[str, torch.Tensor]
+
+MIN_DISTANCE = 0.1  # Å; closer atoms are almost certainly a duplicated atom in the input
+
+
+def config_to_graph(config: Configuration, cutoff: float, dtype: torch.dtype = torch.float64) -> Graph:
+    """Build the neighbour graph of one configuration, with its labels.
+
+    Raises :class:`DataError` naming the file and frame for unusable geometry.
+    """
+    where = {"source": config.source, "frame": config.frame}
+    if config.n_atoms == 0:
+        raise DataError("frame has no atoms", field="numbers", **where)
+    if not np.all(np.isfinite(config.positions)):
+        raise DataError("positions contain NaN or infinity", field="positions", **where)
+    problem = check_cell(config.cell, config.pbc)
+    if problem is not None:
+        raise DataError(problem, field="cell", **where)
+    i, j, shifts = neighbor_list(config.positions, config.cell, config.pbc, cutoff)
+    if len(i):
+        vec = config.positions[j] - config.positions[i] + shifts @ config.cell
+        dist = np.linalg.norm(vec, axis=1)
+        bad = int(np.argmin(dist))
+        if dist[bad] < MIN_DISTANCE:
+            raise DataError(f"atoms {i[bad]} and {j[bad]} are {dist[bad]:.3g} Å apart (same position?)",
+                            field="positions", **where)
+    n = config.n_atoms
+    graph: Graph = {
+        K.POSITIONS: torch.as_tensor(config.positions, dtype=dtype),
+        K.NUMBERS: torch.as_tensor(config.numbers, dtype=torch.long),
+        K.CELL: torch.as_tensor(config.cell, dtype=dtype).unsqueeze(0),
+        K.PBC: torch.as_tensor(config.pbc, dtype=torch.bool).unsqueeze(0),
+        K.EDGE_INDEX: torch.as_tensor(np.stack([i, j]), dtype=torch.long),
+        K.SHIFTS: torch.as_tensor(shifts, dtype=dtype),
+        K.N_ATOMS: torch.tensor([n], dtype=torch.long),
+        K.WEIGHT: torch.tensor([config.weight], dtype=dtype),
+    }
+    graph[K.ENERGY] = torch.tensor([config.energy if config.energy is not None else 0.0], dtype=dtype)
+    graph[K.HAS_ENERGY] = torch.tensor([float(config.energy is not None)], dtype=dtype)
+    forces = config.forces if config.forces is not None else np.zeros((n, 3))
+    graph[K.FORCES] = torch.as_tensor(forces, dtype=dtype)
+    graph[K.HAS_FORCES] = torch.tensor([float(config.forces is not None)], dtype=dtype)
+    stress = config.stress if config.stress is not None else np.zeros((3, 3))
+    graph[K.STRESS] = torch.as_tensor(stress, dtype=dtype).unsqueeze(0)
+    graph[K.HAS_STRESS] = torch.tensor([float(config.stress is not None)], dtype=dtype)
+    return graph
+
+
+def atoms_to_graph(atoms, cutoff: float, dtype: torch.dtype = torch.float64) -> Graph:
+    """Graph of an ``ase.Atoms`` without labels (for inference)."""
+    return config_to_graph(Configuration.from_atoms(atoms, source="<atoms>"), cutoff, dtype)
+
+
+def collate(graphs: Sequence[Graph]) -> Graph:
+    """Concatenate graphs into one disconnected graph with ``batch`` and ``ptr`` indices."""
+    if len(graphs) == 0:
+        raise ValueError("cannot batch an empty list of graphs")
+    n_atoms = torch.cat([g[K.N_ATOMS] for g in graphs])
+    ptr = torch.zeros(len(graphs) + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(n_atoms, 0)
+    out: Graph = {}
+    for key in graphs[0]:
+        if key == K.EDGE_INDEX:
+            out[key] = torch.cat([g[key] + ptr[b] for b, g in enumerate(graphs)], dim=1)
+        else:
+            out[key] = torch.cat([g[key] for g in graphs], dim=0)
+    out[K.BATCH] = torch.repeat_interleave(torch.arange(len(graphs)), n_atoms)
+    out[K.PTR] = ptr
+    return out
+
+
+def to_device(graph: Graph, device: torch.device | str, dtype: torch.dtype | None = None) -> Graph:
+    """Move a graph to a device, casting floating tensors to ``dtype`` when given."""
+    out = {}
+    for key, value in graph.items():
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype=dtype)
+        out[key] = value.to(device, non_blocking=True)
+    return out

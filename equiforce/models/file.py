@@ -1,0 +1,98 @@
+"""Model files: one safetensors file whose header metadata carries the JSON spec.
+
+Loading parses the safetensors header (JSON) and raw tensor bytes only: no pickle, so a model file
+from a stranger cannot run code.  Anything that is not a valid safetensors file is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from equiforce.errors import ModelFileError
+from equiforce.models.potential import Potential, build_model
+from equiforce.models.spec import ModelSpec
+from equiforce.utils.atomic_io import atomic_write
+
+FORMAT = "equiforce-model"
+FORMAT_VERSION = 1
+METADATA_KEY = "equiforce"
+
+
+def model_header(model: Potential, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    from equiforce import __version__
+
+    dtype = next(model.parameters()).dtype
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "equiforce_version": __version__,
+        "model_class": "Potential",
+        "spec": json.loads(model.spec.model_dump_json()),
+        "dtype": str(dtype).replace("torch.", ""),
+        "units": {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom", "stress": "eV/Angstrom^3"},
+        "extra": extra or {},
+    }
+
+
+def save_model(model: Potential, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (architecture spec + weights) to one file, atomically."""
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    metadata = {METADATA_KEY: json.dumps(model_header(model, extra))}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return Path(path)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a model file (spec, version, units, extra), without loading weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ModelFileError(f"{path} is not an equiforce model file (not a valid safetensors file: {err}); "
+                             "equiforce never unpickles model files") from None
+    if METADATA_KEY not in metadata:
+        raise ModelFileError(f"{path} is a safetensors file but carries no equiforce model header")
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{path}: model header is not valid JSON ({err})") from None
+    if header.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: unknown model format {header.get('format')!r}")
+    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model format version {header['format_version']} is newer than this "
+                             f"equiforce supports ({FORMAT_VERSION}); upgrade equiforce")
+    return header
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Potential:
+    """Load a model file.  ``dtype`` casts the weights (default: as saved)."""
+    header = read_header(path)
+    try:
+        spec = ModelSpec.model_validate(header["spec"])
+    except Exception as err:
+        raise ModelFileError(f"{path}: invalid model spec: {err}") from None
+    saved_dtype = getattr(torch, header.get("dtype", "float64"))
+    model = build_model(spec, dtype=saved_dtype)
+    tensors = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():
+            tensors[name] = handle.get_tensor(name)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ModelFileError(f"{path}: weights do not match the spec: {err}") from None
+    model.header = header
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.to(device).eval()

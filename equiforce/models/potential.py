@@ -1,0 +1,179 @@
+"""The MACE-class equivariant message-passing potential.
+
+Energy is a sum of atomic energies ``E_i = E0[z_i] + shift + scale · Σ_t readout_t(h_i^t)``; forces,
+virial and stress are exact autograd derivatives of that one energy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from equiforce.data import keys as K
+from equiforce.errors import UnknownElementError
+from equiforce.models.spec import ModelSpec
+from equiforce.models.zbl import ZBLRepulsion
+from equiforce.nn.irreps import irreps_dim, spherical_harmonics
+from equiforce.nn.linear import ElementIrrepsLinear, IrrepsLinear
+from equiforce.nn.product import SymmetricProduct
+from equiforce.nn.radial import BesselBasis, PolynomialEnvelope, RadialMLP
+from equiforce.nn.tensor_product import EdgeTensorProduct
+
+
+class InteractionBlock(nn.Module):
+    """One message-passing layer: equivariant convolution → many-body product → update with skip."""
+
+    def __init__(self, spec: ModelSpec, lmax_in: int, lmax_out: int, first: bool) -> None:
+        super().__init__()
+        c, n_el = spec.channels, len(spec.elements)
+        lmax_msg = spec.message_lmax
+        self.avg_num_neighbors = spec.avg_num_neighbors
+        self.linear_up = IrrepsLinear(c, c, lmax_in)
+        self.conv = EdgeTensorProduct(lmax_in, spec.sh_lmax, lmax_msg)
+        self.radial = RadialMLP([spec.num_radial, *spec.radial_mlp, self.conv.num_paths * c])
+        self.linear_message = IrrepsLinear(c, c, lmax_msg)
+        self.product = SymmetricProduct(lmax_msg, lmax_out, spec.correlation, c, n_el)
+        self.linear_out = IrrepsLinear(c, c, lmax_out)
+        self.skip_dim = irreps_dim(min(lmax_in, lmax_out))
+        self.skip = None if first else ElementIrrepsLinear(c, c, min(lmax_in, lmax_out), n_el)
+
+    def forward(self, h: torch.Tensor, sh: torch.Tensor, radial: torch.Tensor, edge_index: torch.Tensor,
+                species: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        centre, neighbour = edge_index[0], edge_index[1]
+        h_up = self.linear_up(h)
+        messages = self.conv(h_up[neighbour], sh, self.radial(radial))
+        a = torch.zeros((h.shape[0],) + messages.shape[1:], dtype=messages.dtype, device=messages.device)
+        a = a.index_add(0, centre, messages) / self.avg_num_neighbors
+        a = self.linear_message(a)
+        out = self.linear_out(self.product(a, species))
+        if self.skip is not None:
+            skip = self.skip(h[..., : self.skip_dim], onehot)
+            out = torch.cat([out[..., : self.skip_dim] + skip, out[..., self.skip_dim:]], dim=-1)
+        return out
+
+
+class Potential(nn.Module):
+    """E(3)-equivariant interatomic potential; see :class:`ModelSpec` for the knobs."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        n_el, c = len(spec.elements), spec.channels
+        self.cutoff = spec.cutoff
+        z_to_index = torch.full((119,), -1, dtype=torch.long)
+        z_to_index[torch.tensor(spec.elements)] = torch.arange(n_el)
+        self.register_buffer("z_to_index", z_to_index, persistent=False)
+        dtype = torch.get_default_dtype()
+        self.register_buffer("e0", torch.tensor([spec.e0s.get(z, 0.0) for z in spec.elements], dtype=dtype))
+        self.register_buffer("energy_scale", torch.tensor(spec.energy_scale, dtype=dtype))
+        self.register_buffer("energy_shift", torch.tensor(spec.energy_shift, dtype=dtype))
+        self.embedding = nn.Linear(n_el, c, bias=False)
+        nn.init.normal_(self.embedding.weight, std=1.0)
+        self.basis = BesselBasis(spec.cutoff, spec.num_radial)
+        self.envelope = PolynomialEnvelope(spec.cutoff, spec.envelope_p)
+        self.blocks = nn.ModuleList()
+        self.readouts = nn.ModuleList()
+        for t in range(spec.num_layers):
+            last = t == spec.num_layers - 1
+            lmax_in = 0 if t == 0 else spec.max_l
+            lmax_out = 0 if last else spec.max_l
+            self.blocks.append(InteractionBlock(spec, lmax_in, lmax_out, first=t == 0))
+            if last:
+                readout = nn.Sequential(nn.Linear(c, spec.readout_hidden), nn.SiLU(), nn.Linear(spec.readout_hidden, 1))
+            else:
+                readout = nn.Linear(c, 1)
+            self.readouts.append(readout)
+        self.zbl = ZBLRepulsion(spec.elements, spec.cutoff) if spec.zbl else None
+        self.scalar_norm = 1.0 / math.sqrt(c)
+
+    @property
+    def elements(self) -> list[int]:
+        return list(self.spec.elements)
+
+    def check_elements(self, numbers) -> None:
+        """Raise :class:`UnknownElementError` naming any element the model was not trained on."""
+        from ase.data import chemical_symbols
+
+        unknown = sorted({int(z) for z in numbers} - set(self.spec.elements))
+        if unknown:
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
+            known = ", ".join(chemical_symbols[z] for z in self.spec.elements)
+            raise UnknownElementError(f"element(s) {names} not known to this model (trained on {known})")
+
+    def descriptors(self, graph: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer node features (for uncertainty and active-learning selection)."""
+        return self._energy_and_features(graph, graph[K.POSITIONS], graph[K.CELL])[2]
+
+    def _energy_and_features(self, graph: dict[str, torch.Tensor], positions: torch.Tensor, cell: torch.Tensor):
+        species = self.z_to_index[graph[K.NUMBERS]]
+        edge_index = graph[K.EDGE_INDEX]
+        batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(species)
+        centre, neighbour = edge_index[0], edge_index[1]
+        offsets = torch.einsum("ei,eij->ej", graph[K.SHIFTS], cell[batch[centre]])
+        vectors = positions[neighbour] - positions[centre] + offsets
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)
+        sh = spherical_harmonics(self.spec.sh_lmax, vectors)
+        radial = self.basis(lengths) * self.envelope(lengths).unsqueeze(-1)
+        onehot = torch.nn.functional.one_hot(species, len(self.spec.elements)).to(positions.dtype)
+        h = self.embedding(onehot).unsqueeze(-1)
+        atomic = torch.zeros_like(positions[:, 0])
+        features = []
+        for block, readout in zip(self.blocks, self.readouts):
+            h = block(h, sh, radial, edge_index, species, onehot)
+            features.append(h[..., 0])
+            atomic = atomic + readout(h[..., 0] * 1.0).squeeze(-1)
+        node_energy = self.e0[species] + self.energy_shift + self.energy_scale * atomic
+        if self.zbl is not None:
+            pair = self.zbl(species[centre], species[neighbour], lengths)
+            node_energy = node_energy.index_add(0, centre, pair)
+        num_graphs = graph[K.CELL].shape[0]
+        energy = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
+        energy = energy.index_add(0, batch, node_energy)
+        return energy, node_energy, features
+
+    def forward(self, graph: dict[str, torch.Tensor], compute_forces: bool = True, compute_stress: bool = False,
+                create_graph: bool = False) -> dict[str, torch.Tensor]:
+        positions, cell = graph[K.POSITIONS], graph[K.CELL]
+        num_graphs = cell.shape[0]
+        inputs = []
+        if compute_forces or compute_stress:
+            positions = positions.detach().requires_grad_(True)
+            inputs.append(positions)
+        if compute_stress:
+            batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(graph[K.NUMBERS])
+            strain = torch.zeros(num_graphs, 3, 3, dtype=positions.dtype, device=positions.device,
+                                 requires_grad=True)
+            symmetric = 0.5 * (strain + strain.transpose(1, 2))
+            positions_in = positions + torch.einsum("ni,nij->nj", positions, symmetric[batch])
+            cell_in = cell + torch.bmm(cell, symmetric)
+            inputs.append(strain)
+        else:
+            positions_in, cell_in = positions, cell
+        energy, node_energy, _ = self._energy_and_features(graph, positions_in, cell_in)
+        out = {K.ENERGY: energy, K.NODE_ENERGY: node_energy}
+        if inputs:
+            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
+            if compute_forces:
+                out[K.FORCES] = -grads[0] if grads[0] is not None else torch.zeros_like(positions)
+            if compute_stress:
+                d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(cell)
+                volume = torch.linalg.det(cell).abs()
+                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+                out[K.VIRIAL] = -d_strain
+                out[K.STRESS] = torch.where((volume > 0)[:, None, None], d_strain / safe[:, None, None],
+                                            torch.zeros_like(d_strain))
+        return out
+
+
+def build_model(spec: ModelSpec | dict, dtype: torch.dtype = torch.float64) -> Potential:
+    """Build a fresh potential from a spec (deterministic given ``torch.manual_seed``)."""
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec.model_validate(spec)
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        return Potential(spec)
+    finally:
+        torch.set_default_dtype(previous)

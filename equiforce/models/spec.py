@@ -1,0 +1,48 @@
+"""The architecture and normalisation of a potential: everything needed to rebuild it from a file."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ModelSpec(BaseModel):
+    """Hyper-parameters of the MACE-class potential.  Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    elements: list[int] = Field(description="atomic numbers the model knows, sorted")
+    cutoff: float = Field(5.0, gt=0, description="radial cutoff in Å")
+    channels: int = Field(64, ge=1, description="feature channels per degree")
+    max_l: int = Field(1, ge=0, le=3, description="highest degree of the hidden features")
+    sh_lmax: int = Field(3, ge=1, le=4, description="highest degree of the edge spherical harmonics")
+    correlation: int = Field(3, ge=1, le=4, description="body order of the product is correlation + 1")
+    num_layers: int = Field(2, ge=1, le=6)
+    num_radial: int = Field(8, ge=1, description="Bessel radial basis functions")
+    radial_mlp: list[int] = Field(default_factory=lambda: [64, 64, 64])
+    envelope_p: int = Field(6, ge=2, description="exponent of the polynomial cutoff envelope")
+    readout_hidden: int = Field(16, ge=1, description="width of the last layer's readout MLP")
+    avg_num_neighbors: float = Field(1.0, gt=0, description="normalises the neighbour sum")
+    e0s: dict[int, float] = Field(default_factory=dict, description="per-element reference energies, eV")
+    energy_scale: float = Field(1.0, gt=0, description="scale of the network's atomic energies, eV")
+    energy_shift: float = Field(0.0, description="per-atom shift added after the E0s, eV")
+    zbl: bool = Field(False, description="add a ZBL short-range repulsion prior")
+
+    @field_validator("elements")
+    @classmethod
+    def _sorted_unique(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("elements must not be empty")
+        if any(z < 1 or z > 118 for z in value):
+            raise ValueError(f"atomic numbers must be in 1..118, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _e0s_known(self) -> ModelSpec:
+        unknown = set(self.e0s) - set(self.elements)
+        if unknown:
+            raise ValueError(f"e0s given for elements not in `elements`: {sorted(unknown)}")
+        return self
+
+    @property
+    def message_lmax(self) -> int:
+        return max(self.sh_lmax, self.max_l)

@@ -1,0 +1,43 @@
+"""Channel-mixing linear maps that act on each degree l separately (so they commute with rotations)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from equiforce.nn.irreps import degree_of_component
+
+
+class IrrepsLinear(nn.Module):
+    """``[N, C_in, (L+1)^2] -> [N, C_out, (L+1)^2]`` with one weight matrix per degree l."""
+
+    def __init__(self, channels_in: int, channels_out: int, lmax: int) -> None:
+        super().__init__()
+        self.lmax = lmax
+        self.weight = nn.Parameter(torch.randn(lmax + 1, channels_in, channels_out))
+        self.register_buffer("degree", degree_of_component(lmax), persistent=False)
+        self.norm = 1.0 / math.sqrt(channels_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight[self.degree]  # [D, C_in, C_out]
+        return torch.einsum("ncd,dco->nod", x, w) * self.norm
+
+
+class ElementIrrepsLinear(nn.Module):
+    """A linear map whose weights depend on each atom's element (MACE's element-dependent skip).
+
+    Written as a linear map of ``x ⊗ onehot(element)``, so it is one batched op with no host sync.
+    """
+
+    def __init__(self, channels_in: int, channels_out: int, lmax: int, num_elements: int) -> None:
+        super().__init__()
+        self.num_elements = num_elements
+        self.linear = IrrepsLinear(channels_in * num_elements, channels_out, lmax)
+        self.linear.norm = 1.0 / math.sqrt(channels_in)
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        n, c, d = x.shape
+        xe = (x.unsqueeze(2) * onehot[:, None, :, None]).reshape(n, c * self.num_elements, d)
+        return self.linear(xe)

@@ -1,0 +1,80 @@
+"""ASE calculator: energy, forces, stress and per-atom energies from an equiforce model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator as AseCalculator
+from ase.calculators.calculator import PropertyNotImplementedError, all_changes
+
+from equiforce.data import keys as K
+from equiforce.data.graph import collate, to_device
+from equiforce.data.neighbors import neighbor_list
+from equiforce.data.structure import full_to_voigt
+from equiforce.models.file import load_model
+from equiforce.models.potential import Potential
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "float64": torch.float64}[str(dtype)]
+
+
+class Calculator(AseCalculator):
+    """Use a trained potential from ASE (MD, optimisers, NEB, vibrations).
+
+    ``model_or_path`` is a :class:`Potential` or the path of a model file; ``device`` e.g. ``"cuda"``;
+    ``dtype`` ``"float32"`` or ``"float64"`` (default: as saved).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(self, model_or_path: Potential | str | os.PathLike, device: str = "cpu",
+                 dtype: str | torch.dtype | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        torch_dtype = _resolve_dtype(dtype)
+        if isinstance(model_or_path, Potential):
+            model = model_or_path.to(device=device)
+            if torch_dtype is not None:
+                model = model.to(dtype=torch_dtype)
+        else:
+            model = load_model(model_or_path, device=device, dtype=torch_dtype)
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.dtype = next(self.model.parameters()).dtype
+
+    def _graph(self, atoms) -> dict[str, torch.Tensor]:
+        """Inference graph (no label checks: MD may legitimately bring atoms close)."""
+        i, j, shifts = neighbor_list(atoms.positions, np.asarray(atoms.cell), atoms.pbc, self.model.cutoff)
+        n = len(atoms)
+        graph = {
+            K.POSITIONS: torch.as_tensor(atoms.positions),
+            K.NUMBERS: torch.as_tensor(atoms.numbers, dtype=torch.long),
+            K.CELL: torch.as_tensor(np.asarray(atoms.cell)).unsqueeze(0),
+            K.PBC: torch.as_tensor(atoms.pbc).unsqueeze(0),
+            K.EDGE_INDEX: torch.as_tensor(np.stack([i, j])),
+            K.SHIFTS: torch.as_tensor(shifts),
+            K.N_ATOMS: torch.tensor([n]),
+        }
+        return to_device(collate([graph]), self.device, self.dtype)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        self.model.check_elements(atoms.numbers)
+        periodic = bool(atoms.pbc.any()) and abs(atoms.cell.volume) > 1e-8
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a periodic cell with non-zero volume")
+        out = self.model(self._graph(atoms), compute_forces=True, compute_stress=periodic)
+        energy = float(out[K.ENERGY].detach().sum().cpu())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out[K.FORCES].detach().cpu().double().numpy(),
+            "energies": out[K.NODE_ENERGY].detach().cpu().double().numpy(),
+        }
+        if periodic:
+            self.results["stress"] = full_to_voigt(out[K.STRESS][0].detach().cpu().double().numpy())
