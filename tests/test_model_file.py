@@ -1,0 +1,103 @@
+"""Model files: bit-identical round trip, and nothing that is not a safetensors model gets loaded."""
+
+from __future__ import annotations
+
+import json
+import pickle  # noqa: S403  (used only to craft a malicious payload that must be refused)
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+import equiforce
+from equiforce.data import atoms_to_graph, collate
+from equiforce.errors import ModelFileError
+from equiforce.models.file import read_header
+from tests.conftest import make_model
+
+
+def outputs(model, atoms, stress=False):
+    out = model(collate([atoms_to_graph(atoms, model.cutoff)]), compute_forces=True, compute_stress=stress)
+    return {k: v.detach() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("name", ["L1-corr3", "L2-corr2-zbl"])
+def test_round_trip_is_bit_identical(tmp_path, name):
+    model = make_model(name)
+    path = equiforce.save_model(model, tmp_path / "model.eqf", extra={"note": "test"})
+    loaded = equiforce.load_model(path)
+    for atoms, stress in [(molecule("CH3CH2OH"), False), (bulk("Cu", "fcc", a=3.6) * (2, 1, 1), True)]:
+        atoms.rattle(0.05, seed=1)
+        a, b = outputs(model, atoms, stress), outputs(loaded, atoms, stress)
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    header = read_header(path)
+    assert header["spec"]["elements"] == model.spec.elements
+    assert header["equiforce_version"] == equiforce.__version__
+    assert header["units"]["energy"] == "eV"
+    assert header["extra"]["note"] == "test"
+    assert {int(k) for k in header["spec"]["e0s"]} == set(model.spec.e0s)
+
+
+def test_load_casts_dtype(tmp_path):
+    model = make_model("L1-corr3")
+    path = equiforce.save_model(model, tmp_path / "m.eqf")
+    loaded = equiforce.load_model(path, dtype=torch.float32)
+    assert next(loaded.parameters()).dtype == torch.float32
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_pickle_payload_is_refused_without_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tmp_path / "evil.eqf"
+    raw.write_bytes(pickle.dumps({"state": _Exploit()}))
+    with pytest.raises(ModelFileError, match="not an equiforce model file"):
+        equiforce.load_model(raw)
+    # the torch.save zip container with a pickle inside is refused too
+    zipped = tmp_path / "evil_zip.eqf"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(_Exploit()))
+    with pytest.raises(ModelFileError):
+        equiforce.load_model(zipped)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        equiforce.load_model(tmp_path / "missing.eqf")
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(ModelFileError, match="no equiforce model header"):
+        equiforce.load_model(plain)
+    model = make_model("L1-corr3")
+    bad_spec = tmp_path / "bad_spec.eqf"
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    header = json.dumps({"format": "equiforce-model", "format_version": 1, "spec": {"elements": [29], "bogus": 1}})
+    save_file(tensors, str(bad_spec), metadata={"equiforce": header})
+    with pytest.raises(ModelFileError, match="invalid model spec"):
+        equiforce.load_model(bad_spec)
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    model = make_model("L1-corr3")
+    path = equiforce.save_model(model, tmp_path / "m.eqf")
+    before = path.read_bytes()
+    import equiforce.models.file as model_file
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_file, "save_file", broken)
+    with pytest.raises(OSError):
+        equiforce.save_model(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.eqf"]
+    np.testing.assert_equal(len(before) > 0, True)
