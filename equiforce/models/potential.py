@@ -139,7 +139,8 @@ class Potential(nn.Module):
         num_graphs = cell.shape[0]
         inputs = []
         if compute_forces or compute_stress:
-            positions = positions.detach().requires_grad_(True)
+            if not positions.requires_grad:  # a caller differentiating further (Hessians) keeps its graph
+                positions = positions.detach().requires_grad_(True)
             inputs.append(positions)
         if compute_stress:
             batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(graph[K.NUMBERS])

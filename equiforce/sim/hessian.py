@@ -1,0 +1,41 @@
+"""Analytic Hessians (second derivatives of the energy) by autograd, and normal-mode frequencies."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase import units
+
+from equiforce.data import keys as K
+from equiforce.data.graph import to_device
+from equiforce.models.potential import Potential
+from equiforce.sim.calculator import Calculator
+
+
+def hessian(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
+    """``∂²E/∂r_a∂r_b`` as a ``[3N, 3N]`` array in eV/Å², exact (autograd through the forces)."""
+    model.check_elements(atoms.numbers)
+    dtype = next(model.parameters()).dtype
+    graph = Calculator(model, device=device)._graph(atoms)
+    graph = to_device(graph, device, dtype)
+    positions = graph[K.POSITIONS].detach().requires_grad_(True)
+    graph = {**graph, K.POSITIONS: positions}
+    forces = model(graph, compute_forces=True, create_graph=True)[K.FORCES].reshape(-1)
+    rows = []
+    for k in range(forces.shape[0]):
+        (grad,) = torch.autograd.grad(-forces[k], positions, retain_graph=True, allow_unused=False)
+        rows.append(grad.reshape(-1))
+    h = torch.stack(rows).detach().cpu().double().numpy()
+    return 0.5 * (h + h.T)
+
+
+def vibrational_frequencies(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
+    """Harmonic frequencies in cm⁻¹ from the mass-weighted Hessian (imaginary modes as negative)."""
+    h = hessian(model, atoms, device)
+    masses = np.repeat(atoms.get_masses(), 3)
+    mw = h / np.sqrt(np.outer(masses, masses))
+    eigenvalues = np.linalg.eigvalsh(mw)  # eV / (Å² amu)
+    # ω = sqrt(λ) in units of sqrt(eV/(Å² amu)); convert to cm⁻¹
+    to_cm = 1e10 * np.sqrt(units._e / units._amu) / (2 * np.pi * units._c * 100)
+    return np.sign(eigenvalues) * np.sqrt(np.abs(eigenvalues)) * to_cm
+

@@ -1,0 +1,39 @@
+"""Analytic Hessian equals finite differences of the forces; frequencies agree with ase.vibrations."""
+
+from __future__ import annotations
+
+import numpy as np
+from ase.build import molecule
+from ase.vibrations import Vibrations
+
+import equiforce
+from equiforce.sim.hessian import hessian, vibrational_frequencies
+from tests.conftest import make_model
+
+
+def test_hessian_matches_finite_differences(tmp_path):
+    model = make_model("L1-corr3")
+    atoms = molecule("H2O")
+    atoms.rattle(0.05, seed=0)
+    h = hessian(model, atoms)
+    assert h.shape == (9, 9)
+    np.testing.assert_allclose(h, h.T, atol=1e-10)
+    atoms.calc = equiforce.Calculator(model)
+    eps = 1e-5
+    fd = np.zeros((9, 9))
+    for k in range(9):
+        a, x = divmod(k, 3)
+        plus, minus = atoms.copy(), atoms.copy()
+        plus.calc = minus.calc = atoms.calc
+        plus.positions[a, x] += eps
+        f_plus = plus.get_forces().reshape(-1)
+        minus.positions[a, x] -= eps
+        f_minus = minus.get_forces().reshape(-1)
+        fd[k] = -(f_plus - f_minus) / (2 * eps)
+    np.testing.assert_allclose(h, 0.5 * (fd + fd.T), atol=1e-6 * max(1.0, np.abs(h).max()))
+
+    freqs = np.sort(vibrational_frequencies(model, atoms))
+    vib = Vibrations(atoms, name=str(tmp_path / "vib"), delta=1e-4, nfree=2)
+    vib.run()
+    ase_freqs = np.sort(np.real(vib.get_frequencies()) - np.imag(vib.get_frequencies()))
+    np.testing.assert_allclose(freqs[-3:], ase_freqs[-3:], rtol=1e-3, atol=1.0)
