@@ -1,0 +1,154 @@
+"""Command line: ``equiforce train CONFIG.yaml``, ``equiforce eval MODEL DATA``, ``equiforce demo``.
+
+Mistakes the user can fix (a bad config key, a broken data frame, a file that is not a model) end with
+one ``error: ...`` line on stderr and exit status 2 — a traceback would bury the one line that matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from equiforce.errors import EquiforceError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _metrics_table(title: str, metrics: dict[str, Any]):
+    from rich.table import Table
+
+    from equiforce.train.metrics import UNITS
+
+    labels = {"energy_per_atom": "energy / atom", "energy": "energy / structure", "forces": "forces",
+              "stress": "stress"}
+    table = Table(title=title)
+    for column in ("quantity", "MAE", "RMSE", "unit"):
+        table.add_column(column, justify="left" if column in ("quantity", "unit") else "right")
+    for name, unit in UNITS.items():
+        if f"{name}_mae" in metrics:
+            table.add_row(labels[name], f"{metrics[f'{name}_mae']:.4g}", f"{metrics[f'{name}_rmse']:.4g}", unit)
+    return table
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from equiforce.train.config import load_config
+    from equiforce.train.trainer import train
+
+    config = load_config(args.config)
+    result = train(config, progress=False if args.no_progress else None)
+    console = _console()
+    console.print(f"best epoch {result['best_epoch']} of {result['epochs']}; model: {result['best_model']}")
+    if result.get("valid"):
+        console.print(_metrics_table("validation (best model)", result["valid"]))
+    if result.get("test"):
+        console.print(_metrics_table("test (best model)", result["test"]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from equiforce.data.io import read_configurations
+    from equiforce.evaluate import evaluate, parity_plot, resolve_device
+    from equiforce.models.file import load_model
+    from equiforce.utils.atomic_io import atomic_write_text
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    configs = read_configurations(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
+                                  stress_key=args.stress_key, virial_key=args.virial_key, index=args.index,
+                                  require_energy=False)
+    result = evaluate(model, configs, batch_size=args.batch_size, device=device, keep_values=True)
+    values = result.pop("values")
+    out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    parity_plot({k: v[0] for k, v in values.items()}, {k: v[1] for k, v in values.items()}, out / "parity.png",
+                title=f"{Path(args.model).name} on {Path(args.data).name}")
+    from equiforce.train.metrics import UNITS
+
+    report = {"model": str(args.model), "data": str(args.data), "metrics": result, "units": UNITS}
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    console = _console()
+    console.print(_metrics_table(f"{Path(args.data).name}: {result['n_configs']} structures, "
+                                 f"{result['n_atoms']} atoms", result))
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'parity.png'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from equiforce.demo.main import run_demo
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("equiforce"):
+            raise EquiforceError("the demo is not available in this installation") from None
+        raise
+    kwargs: dict[str, Any] = {"system": args.system}
+    if args.minutes is not None:
+        kwargs["minutes"] = args.minutes
+    run_demo(args.out, **kwargs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from equiforce import __version__
+
+    parser = argparse.ArgumentParser(prog="equiforce", description="Equivariant machine-learning potentials.")
+    parser.add_argument("--version", action="version", version=f"equiforce {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a potential from a YAML config")
+    p.add_argument("config", help="YAML training configuration")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="errors of a model on labelled structures, with a parity plot")
+    p.add_argument("model", help="model file (.eqf)")
+    p.add_argument("data", help="structures with reference labels (extxyz, ...)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--out", default=None, help="directory for parity.png and metrics.json (default: the "
+                                               "model's directory)")
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--stress-key", default="stress")
+    p.add_argument("--virial-key", default="virial")
+    p.add_argument("--index", default=":", help="frames to read, ase slice syntax (default all)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train and simulate a small system end to end")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--system", default="cu-ni", help="demo system (default cu-ni)")
+    p.add_argument("--minutes", type=float, default=None, help="training time budget")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except EquiforceError as err:
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted (training resumes from the last checkpoint when rerun)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

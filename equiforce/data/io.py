@@ -1,0 +1,318 @@
+"""Readers from files to :class:`Configuration` lists, in equiforce units (Å, eV, eV/Å, eV/Å³).
+
+Units are converted here, once, so nothing downstream has to know where data came from.  Every
+problem with the input is raised as :class:`DataError` naming the file, the frame and the field,
+because a numpy/ASE traceback from deep inside training does not tell the user what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io.formats import string2index
+
+from equiforce.data.structure import Configuration, full_to_voigt, voigt_to_full
+from equiforce.errors import DataError
+
+KCAL_PER_MOL = units.kcal / units.mol  # eV per (kcal/mol)
+
+# rMD17 layout first, then the original MD17 (sGDML) names
+_NPZ_KEYS = {
+    "numbers": ("nuclear_charges", "z"),
+    "positions": ("coords", "R"),
+    "energy": ("energies", "E"),
+    "forces": ("forces", "F"),
+}
+
+
+def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", forces_key: str = "forces",
+                        stress_key: str = "stress", virial_key: str = "virial",
+                        config_type_key: str = "config_type", weight_key: str = "config_weight",
+                        index: str | int = ":", format: str | None = None, require_energy: bool = True,
+                        require_forces: bool = False) -> list[Configuration]:
+    """Read labelled configurations from any supported file.
+
+    ``.npz`` is read as rMD17/MD17 (kcal/mol converted to eV), ``.db`` as an ASE database and
+    everything else with ``ase.io.read`` (extxyz and every ASE format).  Labels are looked up
+    under the given keys in ``atoms.info``/``atoms.arrays`` and then in the attached
+    calculator's results (where ASE's extxyz reader puts ``energy``/``forces``/``stress``).
+    """
+    source = str(path)
+    if not Path(path).is_file():
+        raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=source)
+    fmt = (format or "").lower()
+    suffix = Path(path).suffix.lower()
+    keys = dict(energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, virial_key=virial_key,
+                config_type_key=config_type_key, weight_key=weight_key)
+    required = dict(require_energy=require_energy, require_forces=require_forces)
+    if fmt in ("npz", "rmd17", "md17") or (not fmt and suffix == ".npz"):
+        configs = _read_npz(source, index, **required)
+    elif fmt == "db" or (not fmt and suffix == ".db"):
+        configs = _read_db(source, index, keys, required)
+    else:
+        configs = _read_ase(source, index, format, keys, required)
+    if not configs:
+        raise DataError("file contains no configurations", source=source)
+    return configs
+
+
+def write_extxyz(configs: Sequence[Configuration], path: str | os.PathLike) -> None:
+    """Write configurations as extxyz with a SinglePointCalculator, the layout ``read_configurations`` reads."""
+    from ase.io import write
+
+    frames = []
+    for c in configs:
+        atoms = c.to_atoms()
+        results: dict[str, Any] = {}
+        if c.energy is not None:
+            results["energy"] = float(c.energy)
+        if c.forces is not None:
+            results["forces"] = np.asarray(c.forces, dtype=np.float64)
+        if c.stress is not None:
+            results["stress"] = full_to_voigt(c.stress)
+        if results:
+            atoms.calc = SinglePointCalculator(atoms, **results)
+        atoms.info["config_type"] = c.config_type
+        atoms.info["config_weight"] = float(c.weight)
+        frames.append(atoms)
+    write(str(path), frames, format="extxyz")
+
+
+# ---------------------------------------------------------------------------------------------
+# ASE formats
+
+
+def _frame_numbers(index: str | int, count: int, total: int | None, source: str) -> list[int]:
+    """Frame numbers in the file of the frames an index selects.
+
+    With ``total`` known, from ``range(total)``; otherwise (non-negative index only) the ``count``
+    frames ASE returned for it.
+    """
+    sel = string2index(index) if isinstance(index, str) else index
+    if total is not None:
+        try:
+            frames = range(total)[sel]
+        except IndexError as err:
+            raise DataError(f"index {index!r} is out of range for {total} frames", source=source) from err
+        return [frames] if isinstance(frames, int) else list(frames)
+    if isinstance(sel, int):
+        return [sel] * count
+    return [(sel.start or 0) + k * (sel.step or 1) for k in range(count)]
+
+
+def _read_ase(source: str, index: str | int, format: str | None, keys: dict, required: dict) -> list[Configuration]:
+    from ase.io import read
+
+    sel = string2index(index) if isinstance(index, str) else index
+    # counting from the end needs the number of frames to report true frame numbers: read all
+    from_end = sel < 0 if isinstance(sel, int) else any((v or 0) < 0 for v in (sel.start, sel.stop, sel.step))
+    try:
+        frames = read(source, index=":" if from_end else index, format=format)
+    except Exception as err:  # ASE raises many types for a corrupt file; all mean "cannot read"
+        raise DataError(f"cannot read file: {type(err).__name__}: {err}", source=source) from err
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    if from_end:
+        numbers = _frame_numbers(index, 0, len(frames), source)
+        frames = [frames[k] for k in numbers]
+    else:
+        numbers = _frame_numbers(index, len(frames), None, source)
+    return [_atoms_to_config(atoms, source, frame, **keys, **required) for atoms, frame in zip(frames, numbers)]
+
+
+def _read_db(source: str, index: str | int, keys: dict, required: dict) -> list[Configuration]:
+    import ase.db
+
+    try:
+        with ase.db.connect(source, type="db") as db:
+            rows = list(db.select())
+        chosen = _frame_numbers(index, 0, len(rows), source)
+        rows = [rows[k] for k in chosen]
+        frames = []
+        for row in rows:
+            atoms = row.toatoms()
+            atoms.info.update(row.key_value_pairs)
+            atoms.info.update(row.get("data") or {})
+            frames.append(atoms)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"cannot read ASE database: {type(err).__name__}: {err}", source=source) from err
+    return [_atoms_to_config(atoms, source, frame, **keys, **required) for atoms, frame in zip(frames, chosen)]
+
+
+def _lookup(atoms: Atoms, key: str, per_atom: bool) -> Any:
+    """A label from arrays/info, else from the calculator's stored results (never recomputed)."""
+    if per_atom and key in atoms.arrays:
+        return atoms.arrays[key]
+    if key in atoms.info:
+        return atoms.info[key]
+    calc = atoms.calc
+    results = getattr(calc, "results", None) if calc is not None else None
+    if results and key in results:
+        return results[key]
+    return None
+
+
+def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, forces_key: str,
+                     stress_key: str, virial_key: str, config_type_key: str, weight_key: str,
+                     require_energy: bool, require_forces: bool) -> Configuration:
+    where = {"source": source, "frame": frame}
+    n = len(atoms)
+    if n == 0:
+        raise DataError("frame has no atoms", field="numbers", **where)
+    positions = np.asarray(atoms.positions, dtype=np.float64)
+    cell = np.asarray(atoms.cell, dtype=np.float64)
+    _check_finite(positions, "positions", where)
+    _check_finite(cell, "cell", where)
+
+    energy = _as_energy(_lookup(atoms, energy_key, per_atom=False), energy_key, where)
+    if energy is None and require_energy:
+        raise DataError("energy label missing", field=energy_key, **where)
+
+    forces = _lookup(atoms, forces_key, per_atom=True)
+    if forces is not None:
+        forces = _as_array(forces, forces_key, where)
+        if forces.shape != (n, 3):
+            raise DataError(f"forces must have shape ({n}, 3), got {forces.shape}", field=forces_key, **where)
+        _check_finite(forces, forces_key, where)
+    elif require_forces:
+        raise DataError("forces label missing", field=forces_key, **where)
+
+    stress = _lookup(atoms, stress_key, per_atom=False)
+    if stress is not None:
+        stress = _as_stress(stress, stress_key, where)
+    else:
+        virial = _lookup(atoms, virial_key, per_atom=False)
+        if virial is not None:
+            virial = _as_stress(virial, virial_key, where)
+            volume = abs(float(np.linalg.det(cell)))
+            if volume < 1e-8:
+                raise DataError("virial given but the cell has zero volume", field=virial_key, **where)
+            stress = -virial / volume
+
+    config_type = atoms.info.get(config_type_key, "Default")
+    weight = atoms.info.get(weight_key, 1.0)
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"weight must be a number, got {weight!r}", field=weight_key, **where) from err
+    if not np.isfinite(weight) or weight < 0:
+        raise DataError(f"weight must be finite and non-negative, got {weight}", field=weight_key, **where)
+    label_keys = {energy_key, forces_key, stress_key, virial_key, config_type_key, weight_key}
+    info = {k: v for k, v in atoms.info.items() if k not in label_keys}
+    return Configuration(numbers=atoms.numbers, positions=positions, cell=cell, pbc=atoms.pbc, energy=energy,
+                         forces=forces, stress=stress, config_type=str(config_type), weight=weight,
+                         source=source, frame=frame, info=info)
+
+
+def _check_finite(values: np.ndarray, field: str, where: dict) -> None:
+    if not np.all(np.isfinite(values)):
+        raise DataError("contains NaN or infinity", field=field, **where)
+
+
+def _as_array(value: Any, field: str, where: dict) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"not numeric: {value!r:.80}", field=field, **where) from err
+
+
+def _as_energy(value: Any, field: str, where: dict) -> float | None:
+    if value is None:
+        return None
+    arr = _as_array(value, field, where)
+    if arr.size != 1:
+        raise DataError(f"energy must be a single number, got shape {arr.shape}", field=field, **where)
+    _check_finite(arr, field, where)
+    return float(arr.reshape(-1)[0])
+
+
+def _as_stress(value: Any, field: str, where: dict) -> np.ndarray:
+    arr = _as_array(value, field, where)
+    try:
+        full = voigt_to_full(arr)
+    except ValueError as err:
+        raise DataError(str(err), field=field, **where) from err
+    _check_finite(full, field, where)
+    return full
+
+
+# ---------------------------------------------------------------------------------------------
+# rMD17 / MD17 npz
+
+
+def _npz_get(data: Any, name: str, source: str, required: bool) -> tuple[str, np.ndarray | None]:
+    for key in _NPZ_KEYS[name]:
+        if key in data.files:
+            try:
+                return key, np.asarray(data[key])
+            except Exception as err:
+                raise DataError(f"cannot load array: {type(err).__name__}: {err}", source=source,
+                                field=key) from err
+    if required:
+        raise DataError(f"npz has none of the keys {list(_NPZ_KEYS[name])} (found {sorted(data.files)})",
+                        source=source, field=_NPZ_KEYS[name][0])
+    return _NPZ_KEYS[name][0], None
+
+
+def _read_npz(source: str, index: str | int, *, require_energy: bool, require_forces: bool) -> list[Configuration]:
+    try:
+        data = np.load(source, allow_pickle=False)
+    except Exception as err:
+        raise DataError(f"cannot read npz file: {type(err).__name__}: {err}", source=source) from err
+    if not hasattr(data, "files"):
+        raise DataError("expected an .npz archive, found a single array", source=source)
+    with data:
+        zkey, numbers = _npz_get(data, "numbers", source, True)
+        rkey, coords = _npz_get(data, "positions", source, True)
+        ekey, energies = _npz_get(data, "energy", source, require_energy)
+        fkey, forces = _npz_get(data, "forces", source, require_forces)
+
+    if coords.ndim == 2:
+        coords = coords[None]
+    if coords.ndim != 3 or coords.shape[-1] != 3:
+        raise DataError(f"coordinates must have shape (frames, atoms, 3), got {coords.shape}", source=source,
+                        field=rkey)
+    n_frames, n_atoms = coords.shape[:2]
+    if n_atoms == 0:
+        raise DataError("frames have no atoms", source=source, frame=0, field=rkey)
+    if numbers.ndim == 2 and numbers.shape[0] == n_frames and n_frames > 1:
+        per_frame = numbers
+    else:
+        per_frame = np.broadcast_to(numbers.reshape(-1), (n_frames, numbers.size))
+    if per_frame.shape != (n_frames, n_atoms):
+        raise DataError(f"{per_frame.shape[-1]} atomic numbers for {n_atoms} atoms", source=source, frame=0,
+                        field=zkey)
+    numbers = per_frame
+    if energies is not None:
+        if energies.size != n_frames:
+            raise DataError(f"expected {n_frames} energies, got shape {energies.shape}", source=source, field=ekey)
+        energies = energies.astype(np.float64).reshape(n_frames) * KCAL_PER_MOL
+    if forces is not None:
+        if forces.shape != coords.shape:
+            raise DataError(f"forces shape {forces.shape} does not match coordinates {coords.shape}",
+                            source=source, field=fkey)
+        forces = forces.astype(np.float64) * KCAL_PER_MOL
+
+    configs = []
+    for frame in _frame_numbers(index, 0, n_frames, source):
+        where = {"source": source, "frame": frame}
+        _check_finite(coords[frame], rkey, where)
+        energy = None
+        if energies is not None:
+            _check_finite(energies[frame], ekey, where)
+            energy = float(energies[frame])
+        f = None
+        if forces is not None:
+            f = forces[frame]
+            _check_finite(f, fkey, where)
+        configs.append(Configuration(numbers=numbers[frame], positions=coords[frame].astype(np.float64),
+                                     energy=energy, forces=f, source=source, frame=frame))
+    return configs

@@ -1,0 +1,1 @@
+"""Embedded demo data sets and the `make demo` job."""

@@ -1,0 +1,137 @@
+"""Evaluate a potential on labelled structures: MAE/RMSE tables and parity plots.
+
+The batch loop here is also the trainer's validation loop, so "validation error" during training and
+``equiforce eval`` afterwards are computed by the same code and agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from equiforce.data import keys as K
+from equiforce.data.graph import Graph, collate, config_to_graph, to_device
+from equiforce.data.structure import Configuration
+from equiforce.models.potential import Potential
+from equiforce.train.metrics import UNITS, ErrorMetrics
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None → CUDA when available, else CPU; a CUDA request without CUDA is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from equiforce.errors import ConfigError
+
+        raise ConfigError("device 'cuda' requested but CUDA is not available (use 'cpu' or 'auto')")
+    return device
+
+
+def as_graphs(model: Potential, data: Sequence[Configuration | Graph]) -> list[Graph]:
+    """Graphs in the model's cutoff and dtype; configurations are checked for unknown elements first."""
+    dtype = next(model.parameters()).dtype
+    graphs = []
+    for item in data:
+        if isinstance(item, Configuration):
+            model.check_elements(item.numbers)
+            item = config_to_graph(item, model.cutoff, dtype)
+        graphs.append(item)
+    return graphs
+
+
+def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, device: torch.device,
+                metrics: ErrorMetrics | None = None, loss_fn=None, compute_forces: bool = True,
+                compute_stress: bool | None = None) -> float | None:
+    """Predict every graph in order; feed ``metrics``; return the mean of ``loss_fn`` per graph (or None).
+
+    Forces need autograd even at evaluation, so this runs with grad enabled but builds no second-order
+    graph.  ``compute_stress=None`` computes stress only when some graph carries a stress label.
+    """
+    if compute_stress is None:
+        compute_stress = any(float(g[K.HAS_STRESS].sum()) > 0 for g in graphs)
+    dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()
+    total, count = None, 0
+    try:
+        with torch.enable_grad():
+            for start in range(0, len(graphs), batch_size):
+                chunk = graphs[start:start + batch_size]
+                batch = to_device(collate(chunk), device, dtype)
+                pred = model(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+                pred = {k: v.detach() for k, v in pred.items()}
+                if metrics is not None:
+                    metrics.update(pred, batch)
+                if loss_fn is not None:
+                    loss = loss_fn(pred, batch)[0].detach() * len(chunk)
+                    total = loss if total is None else total + loss
+                count += len(chunk)
+    finally:
+        model.train(was_training)
+    return None if total is None else float(total) / max(count, 1)
+
+
+def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_size: int = 16,
+             device: str | torch.device | None = "cpu", compute_stress: bool | None = None,
+             keep_values: bool = False) -> dict:
+    """Energy (per atom, meV/atom, and per structure, meV), force (meV/Å) and stress (meV/Å³) MAE and RMSE.
+
+    The model is moved to ``device`` (in place, as ``Module.to`` does).
+    With ``keep_values=True`` the result also holds ``"values"``: ``{quantity: (pred, ref)}`` arrays in eV
+    units for :func:`parity_plot`.
+    """
+    device = resolve_device(device)
+    model = model.to(device)
+    graphs = as_graphs(model, configs)
+    metrics = ErrorMetrics(keep=keep_values)
+    if graphs:
+        run_batches(model, graphs, batch_size, device, metrics, compute_stress=compute_stress)
+    result: dict = dict(metrics.compute())
+    result["n_configs"] = len(graphs)
+    result["n_atoms"] = int(sum(int(g[K.N_ATOMS].sum()) for g in graphs))
+    if keep_values:
+        result["values"] = metrics.values() if graphs else {}
+    return result
+
+
+_PANELS = (("energy_per_atom", "energy per atom", "eV/atom"), ("forces", "force", "eV/Å"),
+           ("stress", "stress", "eV/Å³"))
+
+
+def parity_plot(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], path: str | os.PathLike,
+                title: str | None = None) -> Path:
+    """Predicted vs reference scatter, one panel per quantity present (energy per atom, forces, stress)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+
+    from equiforce.utils.atomic_io import atomic_write
+
+    panels = [p for p in _PANELS if p[0] in pred and p[0] in ref and np.size(ref[p[0]]) > 0]
+    fig = Figure(figsize=(4.2 * max(len(panels), 1), 4.2))
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)
+    for ax, (name, label, unit) in zip(axes[0], panels):
+        x, y = np.ravel(ref[name]), np.ravel(pred[name])
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=1, zorder=0)
+        ax.scatter(x, y, s=6, alpha=0.6, edgecolors="none")
+        mae = 1000.0 * float(np.mean(np.abs(y - x)))
+        rmse = 1000.0 * float(np.sqrt(np.mean((y - x) ** 2)))
+        ax.set_title(f"{label}: MAE {mae:.3g}, RMSE {rmse:.3g} {UNITS[name]}", fontsize=9)
+        ax.set_xlabel(f"reference {label} ({unit})")
+        ax.set_ylabel(f"predicted {label} ({unit})")
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no labelled data", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return Path(path)

@@ -1,0 +1,193 @@
+"""The training configuration: one pydantic tree read from YAML, where a mistyped key is an error.
+
+Silently ignoring ``lerning_rate`` would train with the default and waste a GPU-day, so every section
+forbids unknown keys and :func:`load_config` names the file and the dotted path of each bad key.
+Relative paths are taken relative to the working directory, as on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from equiforce.errors import ConfigError
+from equiforce.models.spec import ModelSpec
+
+COMPUTED_SPEC_FIELDS = ("elements", "e0s", "avg_num_neighbors", "energy_scale", "energy_shift")
+"""ModelSpec fields that training computes from the data rather than reads from the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _element_number(key: Any) -> int:
+    """Accept ``29``, ``"29"`` or ``"Cu"`` as an element key."""
+    from ase.data import atomic_numbers
+
+    if isinstance(key, int):
+        return key
+    text = str(key).strip()
+    if text.isdigit():
+        return int(text)
+    if text in atomic_numbers:
+        return atomic_numbers[text]
+    raise ValueError(f"unknown element {key!r} (use an atomic number or a symbol such as 'Cu')")
+
+
+class DataConfig(_Section):
+    """Where the structures are and which fields of the files hold the labels."""
+
+    train: Path = Field(description="training structures (extxyz or anything ase.io reads)")
+    valid: Path | None = Field(None, description="validation structures; default: a split of `train`")
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of `train` held out when no `valid`")
+    split_seed: int = Field(0, description="seed of that split, fixed apart from training.seed")
+    test: Path | None = Field(None, description="evaluated with the best model after training")
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    stress_key: str = "stress"
+    virial_key: str = "virial"
+    config_type_key: str = "config_type"
+    weight_key: str = "config_weight"
+    e0s: Literal["fit", "isolated"] | dict[int, float] = Field(
+        "fit", description="'fit' (least squares), 'isolated' (single-atom frames) or {element: eV}")
+
+    @field_validator("e0s", mode="before")
+    @classmethod
+    def _e0s(cls, value: Any) -> Any:
+        """One clear message instead of pydantic's per-union-member errors."""
+        if isinstance(value, str):
+            if value not in ("fit", "isolated"):
+                raise ValueError(f"must be 'fit', 'isolated' or a mapping {{element: energy}}, got {value!r}")
+            return value
+        if isinstance(value, dict):
+            out = {}
+            for key, energy in value.items():
+                try:
+                    out[_element_number(key)] = float(energy)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"bad entry {key!r}: {energy!r} ({err})") from None
+            return out
+        raise ValueError(f"must be 'fit', 'isolated' or a mapping {{element: energy}}, got {value!r}")
+
+
+class _ModelConfigBase(_Section):
+    elements: list[int] | None = Field(None, description="override the elements found in the data")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_computed(cls, value: Any) -> Any:
+        """Say why a ModelSpec field is refused here, rather than just 'extra input'."""
+        if isinstance(value, dict):
+            computed = sorted(set(value) & set(COMPUTED_SPEC_FIELDS[1:]))
+            if computed:
+                hint = " (set data.e0s instead)" if "e0s" in computed else ""
+                verb = "is" if len(computed) == 1 else "are"
+                raise ValueError(f"{', '.join(computed)} {verb} computed from the training data, "
+                                 f"not set here{hint}")
+        return value
+
+    @field_validator("elements", mode="before")
+    @classmethod
+    def _elements(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of atomic numbers or symbols")
+        return [_element_number(z) for z in value]
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        """The architecture fields, ready to be completed with the data-derived ones into a ModelSpec."""
+        return self.model_dump(exclude={"elements"})
+
+
+def _model_config_class() -> type[_ModelConfigBase]:
+    """Mirror ModelSpec's architecture fields so a new ModelSpec field is configurable without edits here."""
+    fields = {name: (info.annotation, info) for name, info in ModelSpec.model_fields.items()
+              if name not in COMPUTED_SPEC_FIELDS}
+    return create_model("ModelConfig", __base__=_ModelConfigBase, __doc__="Architecture of the potential.",
+                        **fields)
+
+
+ModelConfig = _model_config_class()
+
+
+class TrainingConfig(_Section):
+    """Optimisation: epochs, batches, optimiser, schedule, EMA and loss weights."""
+
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    valid_batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    amsgrad: bool = True
+    scheduler: Literal["plateau", "exponential", "cosine", "none"] = "plateau"
+    plateau_factor: float = Field(0.8, gt=0, lt=1, description="plateau: lr multiplier on a plateau")
+    plateau_patience: int = Field(50, ge=0, description="plateau: epochs without improvement before cutting lr")
+    exponential_gamma: float = Field(0.9993, gt=0, le=1, description="exponential: lr multiplier per epoch")
+    min_lr: float = Field(0.0, ge=0, description="plateau/cosine: the lr never goes below this")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA of the weights; 0 disables")
+    energy_weight: float = Field(1.0, ge=0)
+    forces_weight: float = Field(100.0, ge=0)
+    stress_weight: float = Field(1.0, ge=0)
+    clip_grad: float | None = Field(10.0, gt=0, description="max gradient norm; null disables")
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: Literal["float64", "float32"] = "float64"
+    max_epochs_without_improvement: int | None = Field(None, ge=1, description="early stopping patience")
+
+
+class OutputConfig(_Section):
+    """Where models, checkpoints and logs go."""
+
+    directory: Path = Path("runs/train")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch always)")
+    resume: bool = Field(True, description="continue from OUTPUT/checkpoint.safetensors when it exists")
+
+
+class TrainConfig(_Section):
+    """Everything ``equiforce train`` needs."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each ``source: dotted.key: message``, joined by ``; ``."""
+    problems = []
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {message}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def parse_config(data: Any, source: str = "<config>") -> TrainConfig:
+    """Validate an already-parsed mapping; errors become :class:`ConfigError` naming ``source``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, model, training, output), "
+                          f"got {type(data).__name__}")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read and validate a YAML training configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid YAML: {detail}") from None
+    return parse_config(data if data is not None else {}, str(path))

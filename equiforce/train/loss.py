@@ -1,0 +1,56 @@
+"""The training loss: weighted, masked mean-squared errors of energy per atom, forces and stress.
+
+Energy is compared per atom so that large and small cells pull equally; every term is masked by the
+``has_*`` flags (a frame without forces contributes nothing to the force term) and weighted by the
+per-configuration ``weight``.  Each term is a mean over the labelled entries only, so a batch with few
+stress labels does not dilute their gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from equiforce.data import keys as K
+
+Tensor = torch.Tensor
+
+
+def _masked_mean(sq: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+    """``Σ w·m·sq / Σ m`` over the leading axis (zero when nothing is labelled)."""
+    while weight.dim() < sq.dim():
+        weight, mask = weight.unsqueeze(-1), mask.unsqueeze(-1)
+    count = (mask * torch.ones_like(sq)).sum()
+    return (weight * mask * sq).sum() / count.clamp(min=1.0)
+
+
+class WeightedLoss:
+    """``energy_weight·L_E + forces_weight·L_F + stress_weight·L_S``; weights are plain attributes so a
+    later schedule (e.g. a second training stage) can change them between epochs."""
+
+    def __init__(self, energy_weight: float = 1.0, forces_weight: float = 100.0, stress_weight: float = 1.0) -> None:
+        self.energy_weight = float(energy_weight)
+        self.forces_weight = float(forces_weight)
+        self.stress_weight = float(stress_weight)
+
+    def components(self, pred: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unweighted per-term losses (with grad), only for the terms the prediction carries."""
+        weight = batch[K.WEIGHT]
+        out: dict[str, Tensor] = {}
+        n_atoms = batch[K.N_ATOMS].to(pred[K.ENERGY].dtype)
+        err = (pred[K.ENERGY] - batch[K.ENERGY]) / n_atoms
+        out["energy"] = _masked_mean(err.square(), weight, batch[K.HAS_ENERGY])
+        if K.FORCES in pred:
+            atom_graph = batch[K.BATCH]
+            sq = (pred[K.FORCES] - batch[K.FORCES]).square()
+            out["forces"] = _masked_mean(sq, weight[atom_graph], batch[K.HAS_FORCES][atom_graph])
+        if K.STRESS in pred:
+            sq = (pred[K.STRESS] - batch[K.STRESS]).square()
+            out["stress"] = _masked_mean(sq, weight, batch[K.HAS_STRESS])
+        return out
+
+    def __call__(self, pred: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (differentiable) and its unweighted components, detached (no device sync here)."""
+        parts = self.components(pred, batch)
+        weights = {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight}
+        total = sum((weights[name] * value for name, value in parts.items()), torch.zeros_like(parts["energy"]))
+        return total, {name: value.detach() for name, value in parts.items()}

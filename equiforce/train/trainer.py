@@ -1,0 +1,439 @@
+"""The training loop: data → statistics → model → epochs of Adam + EMA → best/last model files.
+
+Three layers, so callers can enter where their data is:
+
+* :func:`train` — from a :class:`TrainConfig` (the CLI): reads files, then calls
+* :func:`train_configs` — from in-memory configurations: elements, E0s, graphs, normalisation statistics,
+  the model; then calls
+* :func:`fit` — from a built model and graphs: the epoch loop, validation, checkpoints, resume.
+
+Resume is exact: the checkpoint holds everything the loop reads (weights, EMA, optimiser and scheduler
+state, the shuffling generator and global RNGs, counters), so an interrupted run continued from its
+checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ValidationError
+
+from equiforce.data import keys as K
+from equiforce.data.graph import Graph, collate, config_to_graph, to_device
+from equiforce.data.structure import Configuration
+from equiforce.errors import ConfigError, DataError
+from equiforce.evaluate import evaluate, resolve_device, run_batches
+from equiforce.models.file import load_model, save_model
+from equiforce.models.potential import Potential, build_model
+from equiforce.models.spec import ModelSpec
+from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
+from equiforce.train.config import ModelConfig, TrainConfig, TrainingConfig, format_validation_error
+from equiforce.train.ema import EMA
+from equiforce.train.loss import WeightedLoss
+from equiforce.train.metrics import ErrorMetrics
+from equiforce.utils.atomic_io import atomic_write_text
+
+CHECKPOINT = "checkpoint.safetensors"
+BEST_MODEL = "best.eqf"
+LAST_MODEL = "last.eqf"
+METRICS_LOG = "metrics.jsonl"
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+EpochCallback = Callable[[dict[str, Any]], None]
+"""Called with each epoch's log record after its checkpoint is written; raising stops training there."""
+
+
+# ----------------------------------------------------------------------------------------------- optimiser
+def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig):
+    """Stepped once per epoch (``plateau`` with the validation loss); None for ``"none"``."""
+    sched = torch.optim.lr_scheduler
+    if cfg.scheduler == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+                                       min_lr=cfg.min_lr)
+    if cfg.scheduler == "exponential":
+        return sched.ExponentialLR(optimizer, gamma=cfg.exponential_gamma)
+    if cfg.scheduler == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- RNG state
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state: dict[str, Any] = {"shuffle": generator.get_state(), "torch": torch.get_rng_state(),
+                             "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["shuffle"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- logging
+def _truncate_log(path: Path, last_epoch: int) -> None:
+    """Drop log lines of epochs after the checkpoint (written before a crash, redone on resume)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("epoch", 0) <= last_epoch:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _summary(record: dict[str, Any]) -> str:
+    parts = [f"loss {record['train_loss']:.4g}"]
+    if "valid_loss" in record:
+        parts.append(f"valid {record['valid_loss']:.4g}")
+    for key, label in (("valid_energy_per_atom_mae", "E {:.3g} meV/at"), ("valid_forces_mae", "F {:.3g} meV/Å"),
+                       ("valid_stress_mae", "S {:.3g} meV/Å³")):
+        if key in record:
+            parts.append(label.format(record[key]))
+    return " | ".join(parts)
+
+
+class _Reporter:
+    """Rich progress bar on a terminal, one plain line per epoch otherwise, or silence."""
+
+    def __init__(self, progress: bool | None, total: int, start: int) -> None:
+        if progress is None:
+            self.mode = "bar" if sys.stderr.isatty() else "lines"
+        else:
+            self.mode = "bar" if progress else "off"
+        self.total, self.start = total, start
+        self._progress = None
+
+    def __enter__(self) -> _Reporter:
+        if self.mode == "bar":
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("epoch"), MofNCompleteColumn(), BarColumn(bar_width=30),
+                                      TimeRemainingColumn(), TextColumn("{task.description}"),
+                                      console=Console(stderr=True, highlight=False))
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total, completed=self.start)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def info(self, message: str) -> None:
+        if self.mode == "bar":
+            self._progress.console.print(message)
+        elif self.mode == "lines":
+            print(message, file=sys.stderr, flush=True)
+
+    def epoch(self, record: dict[str, Any], best_epoch: int) -> None:
+        line = f"epoch {record['epoch']}/{self.total}: {_summary(record)} ({record['time']:.1f} s)"
+        if self.mode == "bar":  # the log scrolls above the bar
+            self._progress.console.print(line)
+            self._progress.update(self._task, completed=record["epoch"], description=f"best: epoch {best_epoch}")
+        elif self.mode == "lines":
+            print(line, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- fit
+def _result(state: dict[str, Any], out: Path, resumed_from: int | None) -> dict[str, Any]:
+    return {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_loss": state["best_loss"],
+            "train_loss": state["train_loss"], "valid": dict(state["best_metrics"]),
+            "stopped_early": state["stopped_early"], "resumed_from": resumed_from,
+            "output_dir": str(out), "best_model": str(out / BEST_MODEL), "last_model": str(out / LAST_MODEL)}
+
+
+def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph], training: TrainingConfig,
+        output_dir: str | os.PathLike, *, resume: bool = True, checkpoint_every: int = 1,
+        progress: bool | None = None, extra: dict[str, Any] | None = None,
+        epoch_callback: EpochCallback | None = None) -> dict[str, Any]:
+    """Train ``model`` on graphs; write best/last models, checkpoint and metrics log into ``output_dir``.
+
+    The EMA weights (or the raw ones when ``ema_decay`` is 0) are validated each epoch and saved; the best
+    by validation loss (training loss when there is no validation set) goes to ``best.eqf``.  With
+    ``resume`` and an existing checkpoint, training continues after its epoch; a finished run only
+    returns its result.  ``extra`` is stored in the model files' headers and the checkpoint.
+    """
+    if not train_graphs:
+        raise DataError("no training structures")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device, dtype = resolve_device(training.device), DTYPES[training.dtype]
+    model = model.to(device=device, dtype=dtype)
+    optimizer = build_optimizer(model, training)
+    scheduler = build_scheduler(optimizer, training)
+    ema = EMA(model, training.ema_decay) if training.ema_decay > 0 else None
+    loss_fn = WeightedLoss(training.energy_weight, training.forces_weight, training.stress_weight)
+    generator = torch.Generator().manual_seed(training.seed)
+    extra = dict(extra or {})
+    state: dict[str, Any] = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best_metrics": {},
+                             "epochs_without_improvement": 0, "stopped_early": False, "train_loss": None}
+    ckpt_path, log_path = out / CHECKPOINT, out / METRICS_LOG
+    resumed_from = None
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ModelSpec.model_validate_json(ckpt["spec"]) != model.spec:
+            raise ConfigError(f"{ckpt_path} was written for a different model (architecture, elements or data "
+                              "statistics changed); use another output directory or set output.resume: false")
+        before = ckpt.get("training", {})
+        for key in ("optimizer", "scheduler"):
+            if key in before and before[key] != getattr(training, key):
+                raise ConfigError(f"{ckpt_path} was trained with training.{key}: {before[key]}, now "
+                                  f"{getattr(training, key)}; use another output directory or output.resume: false")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        _set_rng_state(generator, ckpt["rng"])
+        state.update(ckpt["progress"])
+        resumed_from = state["epoch"]
+        _truncate_log(log_path, state["epoch"])
+    else:
+        log_path.unlink(missing_ok=True)
+
+    def checkpoint() -> None:
+        eval_model = ema.model if ema is not None else model
+        save_model(eval_model, out / LAST_MODEL, extra={**extra, "training": {"epoch": state["epoch"]}})
+        save_checkpoint(ckpt_path, {
+            "format": "equiforce-training", "spec": model.spec.model_dump_json(), "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, "progress": state,
+            "rng": _rng_state(generator), "training": training.model_dump(mode="json"), "extra": extra})
+
+    if state["stopped_early"] or state["epoch"] >= training.epochs:
+        return _result(state, out, resumed_from)
+
+    def labelled(graphs: Sequence[Graph], key: str) -> bool:
+        return any(float(g[key].sum()) > 0 for g in graphs)
+
+    train_forces = training.forces_weight > 0 and labelled(train_graphs, K.HAS_FORCES)
+    train_stress = training.stress_weight > 0 and labelled(train_graphs, K.HAS_STRESS)
+    valid_forces = labelled(valid_graphs, K.HAS_FORCES)
+    n_train, batch_size = len(train_graphs), training.batch_size
+    with _Reporter(progress, training.epochs, state["epoch"]) as reporter:
+        if resumed_from is not None:
+            reporter.info(f"resuming {out} after epoch {resumed_from}")
+        for epoch in range(state["epoch"] + 1, training.epochs + 1):
+            start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            order = torch.randperm(n_train, generator=generator).tolist()
+            loss_sum = torch.zeros((), dtype=dtype, device=device)
+            part_sums: dict[str, torch.Tensor] = {}
+            for first in range(0, n_train, batch_size):
+                chunk = order[first:first + batch_size]
+                batch = to_device(collate([train_graphs[i] for i in chunk]), device, dtype)
+                optimizer.zero_grad(set_to_none=True)
+                pred = model(batch, compute_forces=train_forces, compute_stress=train_stress, create_graph=True)
+                loss, parts = loss_fn(pred, batch)
+                loss.backward()
+                if training.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), training.clip_grad)
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model)
+                loss_sum += loss.detach() * len(chunk)
+                for name, value in parts.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + value * len(chunk)
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / n_train}
+            record.update({f"train_loss_{k}": float(v) / n_train for k, v in part_sums.items()})
+
+            eval_model = ema.model if ema is not None else model
+            metrics = ErrorMetrics()
+            if valid_graphs:
+                record["valid_loss"] = run_batches(eval_model, valid_graphs, training.valid_batch_size, device,
+                                                   metrics, loss_fn, compute_forces=valid_forces)
+                record.update({f"valid_{k}": v for k, v in metrics.compute().items()})
+            criterion = record.get("valid_loss", record["train_loss"])
+            if scheduler is not None:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(criterion)
+                else:
+                    scheduler.step()
+
+            state["epoch"], state["train_loss"] = epoch, record["train_loss"]
+            if criterion < state["best_loss"]:
+                state.update(best_loss=criterion, best_epoch=epoch, epochs_without_improvement=0,
+                             best_metrics={k.removeprefix("valid_"): v for k, v in record.items()
+                                           if k.startswith("valid_")})
+                save_model(eval_model, out / BEST_MODEL, extra={**extra, "training": {
+                    "epoch": epoch, "train_loss": record["train_loss"], "valid": state["best_metrics"]}})
+            else:
+                state["epochs_without_improvement"] += 1
+            patience = training.max_epochs_without_improvement
+            state["stopped_early"] = patience is not None and state["epochs_without_improvement"] >= patience
+            record["time"] = time.perf_counter() - start
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if epoch % checkpoint_every == 0 or epoch == training.epochs or state["stopped_early"]:
+                checkpoint()
+            reporter.epoch(record, state["best_epoch"])
+            if epoch_callback is not None:
+                epoch_callback(record)
+            if state["stopped_early"]:
+                reporter.info(f"stopping early: no improvement in {patience} epochs (best: epoch "
+                              f"{state['best_epoch']})")
+                break
+    return _result(state, out, resumed_from)
+
+
+# ----------------------------------------------------------------------------------------------- data → model
+def _isolated_e0s(configs: Sequence[Configuration]) -> dict[int, float]:
+    """E0 of each element from its isolated-atom frames (the mean when there are several)."""
+    from equiforce.data.stats import is_isolated_atom
+
+    found: dict[int, list[float]] = {}
+    for c in configs:
+        if is_isolated_atom(c) and c.n_atoms == 1 and c.energy is not None:
+            found.setdefault(int(c.numbers[0]), []).append(float(c.energy))
+    return {z: float(np.mean(v)) for z, v in found.items()}
+
+
+def resolve_e0s(e0s: str | dict[int, float], configs: Sequence[Configuration], elements: Sequence[int]
+                ) -> dict[int, float]:
+    """``"fit"`` → least squares over the training energies; ``"isolated"`` → isolated-atom frames; or given."""
+    from ase.data import chemical_symbols
+
+    if e0s == "fit":
+        from equiforce.data.stats import fit_e0s
+
+        return {int(z): float(v) for z, v in fit_e0s(configs, list(elements)).items()}
+    values = _isolated_e0s(configs) if e0s == "isolated" else {int(z): float(v) for z, v in e0s.items()}
+    missing = [z for z in elements if z not in values]
+    if missing:
+        names = ", ".join(chemical_symbols[z] for z in missing)
+        how = "no isolated-atom frame with an energy" if e0s == "isolated" else "not given in data.e0s"
+        raise ConfigError(f"E0s for {names}: {how}")
+    return {z: values[z] for z in elements}
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration] | None,
+                  model_cfg: ModelConfig | dict[str, Any], training_cfg: TrainingConfig | dict[str, Any],
+                  output_dir: str | os.PathLike, *, e0s: str | dict[int, float] = "fit",
+                  valid_fraction: float = 0.1, split_seed: int = 0, test: Sequence[Configuration] | None = None,
+                  resume: bool = True, checkpoint_every: int = 1, progress: bool | None = None,
+                  extra: dict[str, Any] | None = None, epoch_callback: EpochCallback | None = None
+                  ) -> dict[str, Any]:
+    """Train on in-memory configurations (no YAML): the demo's and benchmarks' entry point.
+
+    With ``valid=None`` a ``valid_fraction`` of ``train`` is held out (fixed ``split_seed``, independent
+    of the training seed so runs with different seeds validate on the same structures).
+    """
+    from equiforce.data.stats import dataset_statistics, is_isolated_atom, split_indices
+    model_cfg = _validated(ModelConfig, model_cfg, "model")
+    training_cfg = _validated(TrainingConfig, training_cfg, "training")
+    # isolated atoms define E0s (in "fit" too, where they pin their element's E0); they are not training
+    # targets: an atom without neighbours only sees E0 + shift + a constant, which would fight the shift
+    isolated = [c for c in train if is_isolated_atom(c)]
+    train = [c for c in train if not is_isolated_atom(c)]
+    if valid is None:
+        if valid_fraction > 0 and len(train) > 1:
+            train_idx, valid_idx = split_indices(len(train), valid_fraction, split_seed)
+            train, valid = [train[i] for i in train_idx], [train[i] for i in valid_idx]
+        else:
+            valid = []
+    valid = list(valid)
+    if not train:
+        raise DataError("no training structures left (after removing isolated atoms / the validation split)")
+    found = sorted({int(z) for c in [*train, *valid, *isolated] for z in c.numbers})
+    elements = sorted(model_cfg.elements) if model_cfg.elements else found
+    unknown = sorted(set(found) - set(elements))
+    if unknown:
+        raise ConfigError(f"model.elements {elements} lacks elements present in the data: {unknown}")
+    e0_values = resolve_e0s(e0s, [*train, *isolated], elements)
+
+    dtype = DTYPES[training_cfg.dtype]
+    cutoff = model_cfg.cutoff
+    train_graphs = [config_to_graph(c, cutoff, dtype) for c in train]
+    valid_graphs = [config_to_graph(c, cutoff, dtype) for c in valid]
+    stats = dataset_statistics(train_graphs, e0_values)
+    scale = float(stats.get("force_rms", 0.0) or 0.0)
+    spec = ModelSpec(**model_cfg.spec_kwargs(), elements=elements, e0s=e0_values,
+                     avg_num_neighbors=max(float(stats["avg_num_neighbors"]), 1e-6),
+                     energy_scale=scale if scale > 0 else 1.0, energy_shift=float(stats.get("energy_shift", 0.0)))
+    torch.manual_seed(training_cfg.seed)
+    model = build_model(spec, dtype=dtype)
+    extra = {"statistics": _jsonable(stats), "n_train": len(train), "n_valid": len(valid), **(extra or {})}
+    result = fit(model, train_graphs, valid_graphs, training_cfg, output_dir, resume=resume,
+                 checkpoint_every=checkpoint_every, progress=progress, extra=extra, epoch_callback=epoch_callback)
+    result.update(n_train=len(train), n_valid=len(valid))
+    if test:
+        device = resolve_device(training_cfg.device)
+        best = load_model(result["best_model"], device=device)
+        result["test"] = evaluate(best, test, training_cfg.valid_batch_size, device)
+    return result
+
+
+def _validated(cls: type[BaseModel], value: Any, section: str) -> Any:
+    """Accept a config section object or a plain dict; a bad dict is a ConfigError naming its keys."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls.model_validate(value.model_dump() if isinstance(value, BaseModel) else dict(value))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, section)) from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
+        return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).tolist()
+    return value
+
+
+def train(config: TrainConfig, *, progress: bool | None = None,
+          epoch_callback: EpochCallback | None = None) -> dict[str, Any]:
+    """Run ``equiforce train``: read the files named in ``config.data``, train, evaluate on the test set."""
+    from equiforce.data.io import read_configurations
+
+    data = config.data
+    keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key,
+                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key)
+    train_set = read_configurations(data.train, **keys)
+    valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
+    test_set = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
+    extra = {"data": {"train": str(data.train), "train_sha256": _sha256(data.train)},
+             "config": config.model_dump(mode="json")}
+    result = train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
+                           e0s=data.e0s, valid_fraction=data.valid_fraction, split_seed=data.split_seed,
+                           test=test_set, resume=config.output.resume,
+                           checkpoint_every=config.output.checkpoint_every, progress=progress, extra=extra,
+                           epoch_callback=epoch_callback)
+    return result
