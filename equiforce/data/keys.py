@@ -26,6 +26,7 @@ WEIGHT = "weight"  # [B] float, per-configuration loss weight
 # predictions only
 NODE_ENERGY = "node_energy"  # [N] eV
 VIRIAL = "virial"  # [B, 3, 3] eV
+NODE_FEATURES = "node_features"  # list of [N, C, (L+1)^2] per layer (return_features=True)
 HESSIAN = "hessian"  # [3N, 3N] eV/Å^2 (single graph)
 
 FLOAT_KEYS = (POSITIONS, CELL, SHIFTS, ENERGY, FORCES, STRESS, HAS_ENERGY, HAS_FORCES, HAS_STRESS, WEIGHT)

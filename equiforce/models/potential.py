@@ -103,8 +103,8 @@ class Potential(nn.Module):
             raise UnknownElementError(f"element(s) {names} not known to this model (trained on {known})")
 
     def descriptors(self, graph: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per-layer node features (for uncertainty and active-learning selection)."""
-        return self._energy_and_features(graph, graph[K.POSITIONS], graph[K.CELL])[2]
+        """Per-layer invariant (scalar) node features ``[N, C]`` (for uncertainty and active-learning selection)."""
+        return [h[..., 0] for h in self._energy_and_features(graph, graph[K.POSITIONS], graph[K.CELL])[2]]
 
     def _energy_and_features(self, graph: dict[str, torch.Tensor], positions: torch.Tensor, cell: torch.Tensor):
         species = self.z_to_index[graph[K.NUMBERS]]
@@ -122,7 +122,7 @@ class Potential(nn.Module):
         features = []
         for block, readout in zip(self.blocks, self.readouts):
             h = block(h, sh, radial, edge_index, species, onehot)
-            features.append(h[..., 0])
+            features.append(h)
             atomic = atomic + readout(h[..., 0] * 1.0).squeeze(-1)
         node_energy = self.e0[species] + self.energy_shift + self.energy_scale * atomic
         if self.zbl is not None:
@@ -134,7 +134,12 @@ class Potential(nn.Module):
         return energy, node_energy, features
 
     def forward(self, graph: dict[str, torch.Tensor], compute_forces: bool = True, compute_stress: bool = False,
-                create_graph: bool = False) -> dict[str, torch.Tensor]:
+                create_graph: bool = False, return_features: bool = False) -> dict[str, torch.Tensor]:
+        """Energies and, when asked, forces/virial/stress as exact derivatives of the energy.
+
+        ``return_features=True`` adds ``node_features``: a list with each layer's full equivariant node
+        features ``[N, C, (L+1)^2]`` (computed in the same pass, for uncertainty heads and selection).
+        """
         positions, cell = graph[K.POSITIONS], graph[K.CELL]
         num_graphs = cell.shape[0]
         inputs = []
@@ -152,8 +157,10 @@ class Potential(nn.Module):
             inputs.append(strain)
         else:
             positions_in, cell_in = positions, cell
-        energy, node_energy, _ = self._energy_and_features(graph, positions_in, cell_in)
+        energy, node_energy, features = self._energy_and_features(graph, positions_in, cell_in)
         out = {K.ENERGY: energy, K.NODE_ENERGY: node_energy}
+        if return_features:
+            out[K.NODE_FEATURES] = features
         if inputs:
             grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
             if compute_forces:
