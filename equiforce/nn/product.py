@@ -29,7 +29,8 @@ class SymmetricProduct(nn.Module):
         self.product_weights = nn.ParameterList()
         for nu in range(2, correlation + 1):
             lmax_next = lmax_in if nu < correlation else lmax_out
-            product = ChannelwiseProduct(lmax_in, lmax_in, lmax_next)
+            # the first product is A ⊗ A: symmetric, so half the coefficients and merged paths suffice
+            product = ChannelwiseProduct(lmax_in, lmax_in, lmax_next, symmetric=nu == 2)
             self.products.append(product)
             scale = 1.0 / math.sqrt(product.num_paths * nu)
             self.product_weights.append(nn.Parameter(torch.randn(num_elements, product.num_paths, channels) * scale))

@@ -21,6 +21,25 @@ COMPUTED_SPEC_FIELDS = ("elements", "e0s", "avg_num_neighbors", "energy_scale", 
 """ModelSpec fields that training computes from the data rather than reads from the config."""
 
 
+def parse_duration(value: Any) -> float | None:
+    """Seconds from a number or a string with a unit: ``"45"``, ``"90s"``, ``"10m"``, ``"1.5h"``."""
+    if value is None or isinstance(value, int | float):
+        return value
+    text = str(value).strip().lower()
+    units = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            number = text[: -len(suffix)].strip()
+            try:
+                return float(number) * units[suffix]
+            except ValueError:
+                break
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a duration: {value!r} (use seconds or e.g. '90s', '10m', '1.5h')") from None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -140,6 +159,13 @@ class TrainingConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: Literal["float64", "float32"] = "float64"
     max_epochs_without_improvement: int | None = Field(None, ge=1, description="early stopping patience")
+    max_time: float | None = Field(None, gt=0, description="wall-clock budget in seconds (or '90s', '10m', '1.5h'); "
+                                   "training stops mid-epoch when it is spent, then validates and saves")
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
 
 
 class OutputConfig(_Section):

@@ -164,6 +164,7 @@ def _result(state: dict[str, Any], out: Path, resumed_from: int | None) -> dict[
     return {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_loss": state["best_loss"],
             "train_loss": state["train_loss"], "valid": dict(state["best_metrics"]),
             "stopped_early": state["stopped_early"], "resumed_from": resumed_from,
+            "elapsed": state.get("elapsed", 0.0), "out_of_time": state.get("out_of_time", False),
             "output_dir": str(out), "best_model": str(out / BEST_MODEL), "last_model": str(out / LAST_MODEL)}
 
 
@@ -191,7 +192,8 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     generator = torch.Generator().manual_seed(training.seed)
     extra = dict(extra or {})
     state: dict[str, Any] = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best_metrics": {},
-                             "epochs_without_improvement": 0, "stopped_early": False, "train_loss": None}
+                             "epochs_without_improvement": 0, "stopped_early": False, "train_loss": None,
+                             "elapsed": 0.0, "out_of_time": False}
     ckpt_path, log_path = out / CHECKPOINT, out / METRICS_LOG
     resumed_from = None
     if resume and ckpt_path.exists():
@@ -226,7 +228,11 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
             "scheduler": scheduler.state_dict() if scheduler is not None else None, "progress": state,
             "rng": _rng_state(generator), "training": training.model_dump(mode="json"), "extra": extra})
 
-    if state["stopped_early"] or state["epoch"] >= training.epochs:
+    def out_of_time(epoch_start: float) -> bool:
+        budget = training.max_time
+        return budget is not None and state["elapsed"] + (time.perf_counter() - epoch_start) >= budget
+
+    if state["stopped_early"] or state["epoch"] >= training.epochs or out_of_time(time.perf_counter()):
         return _result(state, out, resumed_from)
 
     def labelled(graphs: Sequence[Graph], key: str) -> bool:
@@ -246,7 +252,10 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
             order = torch.randperm(n_train, generator=generator).tolist()
             loss_sum = torch.zeros((), dtype=dtype, device=device)
             part_sums: dict[str, torch.Tensor] = {}
+            n_seen = 0
             for first in range(0, n_train, batch_size):
+                if n_seen and out_of_time(start):  # the budget ends mid-epoch: validate what we have
+                    break
                 chunk = order[first:first + batch_size]
                 batch = to_device(collate([train_graphs[i] for i in chunk]), device, dtype)
                 optimizer.zero_grad(set_to_none=True)
@@ -259,10 +268,13 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
                 if ema is not None:
                     ema.update(model)
                 loss_sum += loss.detach() * len(chunk)
+                n_seen += len(chunk)
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value * len(chunk)
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / n_train}
-            record.update({f"train_loss_{k}": float(v) / n_train for k, v in part_sums.items()})
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / n_seen}
+            record.update({f"train_loss_{k}": float(v) / n_seen for k, v in part_sums.items()})
+            if n_seen < n_train:
+                record["partial_epoch"] = n_seen / n_train
 
             eval_model = ema.model if ema is not None else model
             metrics = ErrorMetrics()
@@ -289,13 +301,21 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
             patience = training.max_epochs_without_improvement
             state["stopped_early"] = patience is not None and state["epochs_without_improvement"] >= patience
             record["time"] = time.perf_counter() - start
+            state["elapsed"] += record["time"]
+            record["elapsed"] = state["elapsed"]
+            state["out_of_time"] = out_of_time(time.perf_counter())
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            if epoch % checkpoint_every == 0 or epoch == training.epochs or state["stopped_early"]:
+            if (epoch % checkpoint_every == 0 or epoch == training.epochs or state["stopped_early"]
+                    or state["out_of_time"]):
                 checkpoint()
             reporter.epoch(record, state["best_epoch"])
             if epoch_callback is not None:
                 epoch_callback(record)
+            if state["out_of_time"]:
+                reporter.info(f"time budget of {training.max_time:.0f} s spent after epoch {epoch} (best: epoch "
+                              f"{state['best_epoch']})")
+                break
             if state["stopped_early"]:
                 reporter.info(f"stopping early: no improvement in {patience} epochs (best: epoch "
                               f"{state['best_epoch']})")
