@@ -66,20 +66,38 @@ def atoms_to_graph(atoms, cutoff: float, dtype: torch.dtype = torch.float64) -> 
 
 
 def collate(graphs: Sequence[Graph]) -> Graph:
-    """Concatenate graphs into one disconnected graph with ``batch`` and ``ptr`` indices."""
+    """Concatenate graphs into one disconnected graph with ``batch`` and ``ptr`` indices.
+
+    Offsets come from tensor shapes (host metadata), never from tensor values, so batching graphs that
+    already live on a GPU costs no device-to-host synchronisation.
+    """
     if len(graphs) == 0:
         raise ValueError("cannot batch an empty list of graphs")
-    n_atoms = torch.cat([g[K.N_ATOMS] for g in graphs])
-    ptr = torch.zeros(len(graphs) + 1, dtype=torch.long)
-    ptr[1:] = torch.cumsum(n_atoms, 0)
+    sizes = [int(g[K.POSITIONS].shape[0]) for g in graphs]
+    device = graphs[0][K.POSITIONS].device
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
     out: Graph = {}
     for key in graphs[0]:
         if key == K.EDGE_INDEX:
-            out[key] = torch.cat([g[key] + ptr[b] for b, g in enumerate(graphs)], dim=1)
+            out[key] = torch.cat([g[key] + offsets[b] for b, g in enumerate(graphs)], dim=1)
+        elif key in (K.BATCH, K.PTR):
+            continue  # re-derived below (collating batches of batches works)
         else:
             out[key] = torch.cat([g[key] for g in graphs], dim=0)
-    out[K.BATCH] = torch.repeat_interleave(torch.arange(len(graphs)), n_atoms)
-    out[K.PTR] = ptr
+    n_graphs = [int(g[K.N_ATOMS].shape[0]) for g in graphs]
+    if all(k == 1 for k in n_graphs):
+        out[K.BATCH] = torch.repeat_interleave(torch.arange(len(graphs), device=device),
+                                               torch.tensor(sizes, device=device), output_size=offsets[-1])
+        out[K.PTR] = torch.tensor(offsets, dtype=torch.long, device=device)
+    else:  # some inputs are batches themselves: derive from their atom counts
+        n_atoms = out[K.N_ATOMS].to(device)
+        out[K.BATCH] = torch.repeat_interleave(torch.arange(len(n_atoms), device=device), n_atoms,
+                                               output_size=offsets[-1])
+        ptr = torch.zeros(len(n_atoms) + 1, dtype=torch.long, device=device)
+        ptr[1:] = torch.cumsum(n_atoms, 0)
+        out[K.PTR] = ptr
     return out
 
 

@@ -135,13 +135,36 @@ def _model_config_class() -> type[_ModelConfigBase]:
 ModelConfig = _model_config_class()
 
 
+class StageTwoConfig(_Section):
+    """A late phase with other loss weights and learning rate (MACE's "stage two"/SWA stage).
+
+    Late in training the forces are nearly converged and the energy error dominates what users see;
+    raising the energy weight then (at a lower learning rate) buys energy accuracy at little force cost.
+    """
+
+    start: float = Field(0.75, gt=0, lt=1, description="fraction of training progress (epochs or max_time) "
+                                                       "at which the stage begins")
+    lr: float | None = Field(None, gt=0, description="learning rate of the stage (default: a tenth of lr)")
+    energy_weight: float = Field(1000.0, ge=0)
+    forces_weight: float | None = Field(None, ge=0, description="default: unchanged")
+    stress_weight: float | None = Field(None, ge=0, description="default: unchanged")
+
+
+SELECT_BY = ("loss", "energy_per_atom_mae", "energy_mae", "forces_mae", "forces_rmse", "stress_mae")
+
+
 class TrainingConfig(_Section):
     """Optimisation: epochs, batches, optimiser, schedule, EMA and loss weights."""
 
     epochs: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="structures per batch (batch_by: structures)")
+    batch_by: Literal["structures", "atoms", "edges"] = Field(
+        "structures", description="form batches by structure count, or pack to an atom or edge budget")
+    max_batch_atoms: int | None = Field(None, ge=1, description="atom budget per batch (batch_by: atoms)")
+    max_batch_edges: int | None = Field(None, ge=1, description="edge budget per batch (batch_by: edges)")
     valid_batch_size: int = Field(16, ge=1)
     lr: float = Field(0.01, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="optimiser steps of linear learning-rate warm-up")
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     amsgrad: bool = True
@@ -154,10 +177,19 @@ class TrainingConfig(_Section):
     energy_weight: float = Field(1.0, ge=0)
     forces_weight: float = Field(100.0, ge=0)
     stress_weight: float = Field(1.0, ge=0)
+    loss: Literal["mse", "huber"] = Field("mse", description="squared error, or Huber (robust to outliers)")
+    huber_delta: float = Field(0.01, gt=0, description="Huber: where the loss turns linear, in eV/atom, eV/Å "
+                                                       "and eV/Å³")
+    config_type_weights: dict[str, float] = Field(
+        default_factory=dict, description="loss weight per config_type (others 1.0), times each frame's weight")
+    stage_two: StageTwoConfig | None = Field(None, description="late phase with a higher energy weight")
+    select_by: Literal[SELECT_BY] = Field(  # type: ignore[valid-type]
+        "loss", description="validation quantity that picks best.eqf ('loss' restarts at stage two)")
     clip_grad: float | None = Field(10.0, gt=0, description="max gradient norm; null disables")
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    dtype: Literal["float64", "float32"] = "float64"
+    dtype: Literal["float64", "float32", "tf32"] = Field(
+        "float64", description="tf32: float32 weights with TensorFloat-32 matmuls on recent NVIDIA GPUs")
     max_epochs_without_improvement: int | None = Field(None, ge=1, description="early stopping patience")
     max_time: float | None = Field(None, gt=0, description="wall-clock budget in seconds (or '90s', '10m', '1.5h'); "
                                    "training stops mid-epoch when it is spent, then validates and saves")
@@ -166,6 +198,22 @@ class TrainingConfig(_Section):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value)
+
+    @field_validator("config_type_weights")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0, got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_budget(self) -> TrainingConfig:
+        if self.batch_by == "atoms" and self.max_batch_atoms is None:
+            raise ValueError("batch_by: atoms needs max_batch_atoms")
+        if self.batch_by == "edges" and self.max_batch_edges is None:
+            raise ValueError("batch_by: edges needs max_batch_edges")
+        return self
 
 
 class OutputConfig(_Section):

@@ -1,4 +1,4 @@
-"""The training loss: weighted, masked mean-squared errors of energy per atom, forces and stress.
+"""The training loss: weighted, masked mean-squared (or Huber) errors of energy per atom, forces and stress.
 
 Energy is compared per atom so that large and small cells pull equally; every term is masked by the
 ``has_*`` flags (a frame without forces contributes nothing to the force term) and weighted by the
@@ -27,10 +27,21 @@ class WeightedLoss:
     """``energy_weight·L_E + forces_weight·L_F + stress_weight·L_S``; weights are plain attributes so a
     later schedule (e.g. a second training stage) can change them between epochs."""
 
-    def __init__(self, energy_weight: float = 1.0, forces_weight: float = 100.0, stress_weight: float = 1.0) -> None:
+    def __init__(self, energy_weight: float = 1.0, forces_weight: float = 100.0, stress_weight: float = 1.0,
+                 kind: str = "mse", huber_delta: float = 0.01) -> None:
+        if kind not in ("mse", "huber"):
+            raise ValueError(f"unknown loss {kind!r} (mse or huber)")
         self.energy_weight = float(energy_weight)
         self.forces_weight = float(forces_weight)
         self.stress_weight = float(stress_weight)
+        self.kind, self.huber_delta = kind, float(huber_delta)
+
+    def _penalty(self, error: Tensor) -> Tensor:
+        """Squared error, or Huber: quadratic within ``delta``, linear beyond (×2 so both agree near 0)."""
+        if self.kind == "mse":
+            return error.square()
+        return 2.0 * torch.nn.functional.huber_loss(error, torch.zeros_like(error), reduction="none",
+                                                    delta=self.huber_delta)
 
     def components(self, pred: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Unweighted per-term losses (with grad), only for the terms the prediction carries."""
@@ -38,13 +49,13 @@ class WeightedLoss:
         out: dict[str, Tensor] = {}
         n_atoms = batch[K.N_ATOMS].to(pred[K.ENERGY].dtype)
         err = (pred[K.ENERGY] - batch[K.ENERGY]) / n_atoms
-        out["energy"] = _masked_mean(err.square(), weight, batch[K.HAS_ENERGY])
+        out["energy"] = _masked_mean(self._penalty(err), weight, batch[K.HAS_ENERGY])
         if K.FORCES in pred:
             atom_graph = batch[K.BATCH]
-            sq = (pred[K.FORCES] - batch[K.FORCES]).square()
+            sq = self._penalty(pred[K.FORCES] - batch[K.FORCES])
             out["forces"] = _masked_mean(sq, weight[atom_graph], batch[K.HAS_FORCES][atom_graph])
         if K.STRESS in pred:
-            sq = (pred[K.STRESS] - batch[K.STRESS]).square()
+            sq = self._penalty(pred[K.STRESS] - batch[K.STRESS])
             out["stress"] = _masked_mean(sq, weight, batch[K.HAS_STRESS])
         return out
 

@@ -37,18 +37,20 @@ from equiforce.evaluate import evaluate, resolve_device, run_batches
 from equiforce.models.file import load_model, save_model
 from equiforce.models.potential import Potential, build_model
 from equiforce.models.spec import ModelSpec
+from equiforce.train.batching import make_batches
 from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.train.config import ModelConfig, TrainConfig, TrainingConfig, format_validation_error
 from equiforce.train.ema import EMA
 from equiforce.train.loss import WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
+from equiforce.train.schedule import LearningRate
 from equiforce.utils.atomic_io import atomic_write_text
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "best.eqf"
 LAST_MODEL = "last.eqf"
 METRICS_LOG = "metrics.jsonl"
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32}
 
 EpochCallback = Callable[[dict[str, Any]], None]
 """Called with each epoch's log record after its checkpoint is written; raising stops training there."""
@@ -60,17 +62,24 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.
     return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig):
-    """Stepped once per epoch (``plateau`` with the validation loss); None for ``"none"``."""
-    sched = torch.optim.lr_scheduler
-    if cfg.scheduler == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-                                       min_lr=cfg.min_lr)
-    if cfg.scheduler == "exponential":
-        return sched.ExponentialLR(optimizer, gamma=cfg.exponential_gamma)
-    if cfg.scheduler == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
-    return None
+def build_schedule(cfg: TrainingConfig) -> LearningRate:
+    """The learning rate as a function of progress (see :mod:`equiforce.train.schedule`)."""
+    return LearningRate(cfg.lr, cfg.scheduler, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                        plateau_factor=cfg.plateau_factor, plateau_patience=cfg.plateau_patience,
+                        gamma=cfg.exponential_gamma)
+
+
+def _apply_dtype_mode(mode: str) -> Callable[[], None]:
+    """Enable TensorFloat-32 matmuls for ``tf32``; returns a function restoring the previous settings."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if mode == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def restore() -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+    return restore
 
 
 # ----------------------------------------------------------------------------------------------- RNG state
@@ -175,25 +184,47 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     """Train ``model`` on graphs; write best/last models, checkpoint and metrics log into ``output_dir``.
 
     The EMA weights (or the raw ones when ``ema_decay`` is 0) are validated each epoch and saved; the best
-    by validation loss (training loss when there is no validation set) goes to ``best.eqf``.  With
-    ``resume`` and an existing checkpoint, training continues after its epoch; a finished run only
-    returns its result.  ``extra`` is stored in the model files' headers and the checkpoint.
+    by ``training.select_by`` (on the training loss when there is no validation set) goes to ``best.eqf``.
+    Progress — the larger of the epoch fraction and the ``max_time`` fraction — drives the cosine decay and
+    the start of stage two, so a run with a wall-clock budget anneals within it.  With ``resume`` and an
+    existing checkpoint, training continues after its epoch; a finished run only returns its result.
+    ``extra`` is stored in the model files' headers and the checkpoint.
     """
     if not train_graphs:
         raise DataError("no training structures")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(training.device), DTYPES[training.dtype]
+    restore_dtype_mode = _apply_dtype_mode(training.dtype)
+    try:
+        return _fit(model, train_graphs, valid_graphs, training, out, device, dtype, resume=resume,
+                    checkpoint_every=checkpoint_every, progress=progress, extra=dict(extra or {}),
+                    epoch_callback=epoch_callback)
+    finally:
+        restore_dtype_mode()
+
+
+def _stage_two_weights(training: TrainingConfig) -> dict[str, float]:
+    stage = training.stage_two
+    assert stage is not None
+    return {"energy": stage.energy_weight,
+            "forces": training.forces_weight if stage.forces_weight is None else stage.forces_weight,
+            "stress": training.stress_weight if stage.stress_weight is None else stage.stress_weight}
+
+
+def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph], training: TrainingConfig,
+         out: Path, device: torch.device, dtype: torch.dtype, *, resume: bool, checkpoint_every: int,
+         progress: bool | None, extra: dict[str, Any], epoch_callback: EpochCallback | None) -> dict[str, Any]:
     model = model.to(device=device, dtype=dtype)
     optimizer = build_optimizer(model, training)
-    scheduler = build_scheduler(optimizer, training)
+    schedule = build_schedule(training)
     ema = EMA(model, training.ema_decay) if training.ema_decay > 0 else None
-    loss_fn = WeightedLoss(training.energy_weight, training.forces_weight, training.stress_weight)
+    loss_fn = WeightedLoss(training.energy_weight, training.forces_weight, training.stress_weight,
+                           kind=training.loss, huber_delta=training.huber_delta)
     generator = torch.Generator().manual_seed(training.seed)
-    extra = dict(extra or {})
     state: dict[str, Any] = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best_metrics": {},
                              "epochs_without_improvement": 0, "stopped_early": False, "train_loss": None,
-                             "elapsed": 0.0, "out_of_time": False}
+                             "elapsed": 0.0, "out_of_time": False, "step": 0, "stage": 1}
     ckpt_path, log_path = out / CHECKPOINT, out / METRICS_LOG
     resumed_from = None
     if resume and ckpt_path.exists():
@@ -208,8 +239,7 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
                                   f"{getattr(training, key)}; use another output directory or output.resume: false")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
+        schedule.load_state_dict(ckpt["schedule"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
         _set_rng_state(generator, ckpt["rng"])
@@ -218,6 +248,10 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
         _truncate_log(log_path, state["epoch"])
     else:
         log_path.unlink(missing_ok=True)
+    if state["stage"] == 2:
+        weights = _stage_two_weights(training)
+        loss_fn.energy_weight, loss_fn.forces_weight, loss_fn.stress_weight = (
+            weights["energy"], weights["forces"], weights["stress"])
 
     def checkpoint() -> None:
         eval_model = ema.model if ema is not None else model
@@ -225,8 +259,14 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
         save_checkpoint(ckpt_path, {
             "format": "equiforce-training", "spec": model.spec.model_dump_json(), "model": model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None, "progress": state,
-            "rng": _rng_state(generator), "training": training.model_dump(mode="json"), "extra": extra})
+            "schedule": schedule.state_dict(), "progress": state, "rng": _rng_state(generator),
+            "training": training.model_dump(mode="json"), "extra": extra})
+
+    def progress_at(epoch_float: float, now: float, epoch_start: float) -> float:
+        done = epoch_float / training.epochs
+        if training.max_time is not None:
+            done = max(done, (state["elapsed"] + now - epoch_start) / training.max_time)
+        return min(done, 1.0)
 
     def out_of_time(epoch_start: float) -> bool:
         budget = training.max_time
@@ -241,37 +281,63 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     train_forces = training.forces_weight > 0 and labelled(train_graphs, K.HAS_FORCES)
     train_stress = training.stress_weight > 0 and labelled(train_graphs, K.HAS_STRESS)
     valid_forces = labelled(valid_graphs, K.HAS_FORCES)
-    n_train, batch_size = len(train_graphs), training.batch_size
+    # the data set is moved to the device once; batches are assembled there without host round trips
+    train_graphs = [to_device(g, device, dtype) for g in train_graphs]
+    valid_graphs = [to_device(g, device, dtype) for g in valid_graphs]
+    n_train = len(train_graphs)
+    atom_counts = [int(g[K.POSITIONS].shape[0]) for g in train_graphs]
+    edge_counts = [int(g[K.EDGE_INDEX].shape[1]) for g in train_graphs]
+    params = [p for p in model.parameters() if p.requires_grad]
     with _Reporter(progress, training.epochs, state["epoch"]) as reporter:
         if resumed_from is not None:
             reporter.info(f"resuming {out} after epoch {resumed_from}")
         for epoch in range(state["epoch"] + 1, training.epochs + 1):
             start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
+            if (training.stage_two is not None and state["stage"] == 1
+                    and progress_at(epoch - 1, start, start) >= training.stage_two.start):
+                state["stage"] = 2
+                weights = _stage_two_weights(training)
+                loss_fn.energy_weight, loss_fn.forces_weight, loss_fn.stress_weight = (
+                    weights["energy"], weights["forces"], weights["stress"])
+                stage_lr = training.stage_two.lr if training.stage_two.lr is not None else 0.1 * training.lr
+                schedule.restart(stage_lr, progress_at(epoch - 1, start, start))
+                if training.select_by == "loss":  # the loss changed meaning: compare stage-two models only
+                    state["best_loss"] = math.inf
+                reporter.info(f"stage two from epoch {epoch}: energy weight {weights['energy']:g}, "
+                              f"forces weight {weights['forces']:g}, lr {stage_lr:g}")
             model.train()
             order = torch.randperm(n_train, generator=generator).tolist()
+            batches = make_batches(order, training.batch_by, training.batch_size, atom_counts, edge_counts,
+                                   training.max_batch_atoms, training.max_batch_edges)
             loss_sum = torch.zeros((), dtype=dtype, device=device)
             part_sums: dict[str, torch.Tensor] = {}
             n_seen = 0
-            for first in range(0, n_train, batch_size):
+            lr = schedule(state["step"], progress_at(epoch - 1, start, start), epoch - 1)
+            first_lr = lr
+            for k, chunk in enumerate(batches):
+                now = time.perf_counter()
                 if n_seen and out_of_time(start):  # the budget ends mid-epoch: validate what we have
                     break
-                chunk = order[first:first + batch_size]
-                batch = to_device(collate([train_graphs[i] for i in chunk]), device, dtype)
+                lr = schedule(state["step"], progress_at(epoch - 1 + k / len(batches), now, start), epoch - 1)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = collate([train_graphs[i] for i in chunk])
                 optimizer.zero_grad(set_to_none=True)
                 pred = model(batch, compute_forces=train_forces, compute_stress=train_stress, create_graph=True)
                 loss, parts = loss_fn(pred, batch)
                 loss.backward()
                 if training.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), training.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(params, training.clip_grad)
                 optimizer.step()
+                state["step"] += 1
                 if ema is not None:
                     ema.update(model)
                 loss_sum += loss.detach() * len(chunk)
                 n_seen += len(chunk)
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value * len(chunk)
-            record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / n_seen}
+            record: dict[str, Any] = {"epoch": epoch, "lr": first_lr, "lr_end": lr, "stage": state["stage"],
+                                      "train_loss": float(loss_sum) / n_seen}
             record.update({f"train_loss_{k}": float(v) / n_seen for k, v in part_sums.items()})
             if n_seen < n_train:
                 record["partial_epoch"] = n_seen / n_train
@@ -282,12 +348,12 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
                 record["valid_loss"] = run_batches(eval_model, valid_graphs, training.valid_batch_size, device,
                                                    metrics, loss_fn, compute_forces=valid_forces)
                 record.update({f"valid_{k}": v for k, v in metrics.compute().items()})
-            criterion = record.get("valid_loss", record["train_loss"])
-            if scheduler is not None:
-                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(criterion)
-                else:
-                    scheduler.step()
+            prefix = "valid_" if valid_graphs else "train_"
+            if training.select_by == "loss" or not valid_graphs:
+                criterion = record[f"{prefix}loss"]
+            else:
+                criterion = record.get(f"valid_{training.select_by}", math.inf)
+            schedule.epoch_end(record.get("valid_loss", record["train_loss"]))
 
             state["epoch"], state["train_loss"] = epoch, record["train_loss"]
             if criterion < state["best_loss"]:
@@ -303,6 +369,7 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
             record["time"] = time.perf_counter() - start
             state["elapsed"] += record["time"]
             record["elapsed"] = state["elapsed"]
+            record["configs_per_s"] = n_seen / record["time"]
             state["out_of_time"] = out_of_time(time.perf_counter())
             with open(log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -398,8 +465,16 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
 
     dtype = DTYPES[training_cfg.dtype]
     cutoff = model_cfg.cutoff
-    train_graphs = [config_to_graph(c, cutoff, dtype) for c in train]
-    valid_graphs = [config_to_graph(c, cutoff, dtype) for c in valid]
+    type_weights = training_cfg.config_type_weights
+
+    def graph(config: Configuration) -> Graph:
+        g = config_to_graph(config, cutoff, dtype)
+        if config.config_type in type_weights:
+            g[K.WEIGHT] = g[K.WEIGHT] * type_weights[config.config_type]
+        return g
+
+    train_graphs = [graph(c) for c in train]
+    valid_graphs = [graph(c) for c in valid]
     stats = dataset_statistics(train_graphs, e0_values)
     scale = float(stats.get("force_rms", 0.0) or 0.0)
     spec = ModelSpec(**model_cfg.spec_kwargs(), elements=elements, e0s=e0_values,

@@ -1,0 +1,126 @@
+"""The converging-trainer features: learning-rate schedule, stage two, batching by atoms/edges, Huber and
+per-config-type weights, the wall-clock budget, and exact resume with all of them switched on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from ase.io import write
+from safetensors.torch import load_file
+
+from equiforce.data import keys as K
+from equiforce.errors import ConfigError
+from equiforce.train.batching import make_batches, pack_batches
+from equiforce.train.config import load_config, parse_config
+from equiforce.train.loss import WeightedLoss
+from equiforce.train.schedule import LearningRate
+from equiforce.train.trainer import train
+from tests.test_train import emt_frames, write_config
+
+FULL = dict(scheduler="cosine", warmup_steps=3, min_lr=1e-4, batch_by="atoms", max_batch_atoms=14, loss="huber",
+            huber_delta=0.05, config_type_weights={"Default": 2.0}, select_by="forces_mae",
+            stage_two={"start": 0.5, "lr": 0.002, "energy_weight": 50.0}, epochs=6)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    write(path / "train.xyz", emt_frames(20, seed=1), format="extxyz")
+    write(path / "test.xyz", emt_frames(4, seed=2), format="extxyz")
+    return path
+
+
+def test_warmup_then_cosine_to_min_lr():
+    lr = LearningRate(0.01, "cosine", min_lr=0.001, warmup_steps=4)
+    assert [round(lr(s, 0.0, 0), 6) for s in range(4)] == [0.0025, 0.005, 0.0075, 0.01]
+    assert lr(10, 0.5, 3) == pytest.approx(0.0055)
+    assert lr(99, 1.0, 9) == pytest.approx(0.001)
+    lr.restart(0.002, 0.5)  # a new phase decays from its own start to the end of training
+    assert lr(100, 0.5, 5) == pytest.approx(0.002) and lr(101, 1.0, 9) == pytest.approx(0.001)
+
+
+def test_plateau_cuts_after_patience_and_round_trips():
+    lr = LearningRate(0.01, "plateau", plateau_factor=0.5, plateau_patience=2)
+    for criterion in (1.0, 0.9, 0.95, 0.95, 0.95):
+        lr.epoch_end(criterion)
+    assert lr(0, 0.0, 0) == pytest.approx(0.005)
+    other = LearningRate(0.1, "plateau")
+    other.load_state_dict(lr.state_dict())
+    assert other(0, 0.0, 0) == lr(0, 0.0, 0) and other.bad_epochs == lr.bad_epochs
+    assert LearningRate(0.01, "exponential", gamma=0.5)(0, 0.0, 2) == pytest.approx(0.0025)
+
+
+def test_packing_respects_budget_and_keeps_every_structure():
+    sizes = [5, 9, 3, 30, 2, 7, 7]
+    batches = pack_batches(range(len(sizes)), sizes, limit=12)
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+    assert [3] in batches  # larger than the budget: alone
+    assert all(sum(sizes[i] for i in b) <= 12 for b in batches if len(b) > 1)
+    assert make_batches([3, 1, 2, 0], "structures", 3) == [[3, 1, 2], [0]]
+    assert make_batches([0, 1, 2], "edges", 1, edges=[4, 4, 4], max_edges=8) == [[0, 1], [2]]
+
+
+def test_huber_is_mse_near_zero_and_linear_far_away():
+    pred = {K.ENERGY: torch.tensor([0.0, 0.0]), K.FORCES: torch.tensor([[0.001, 0.0, 0.0], [1.0, 0.0, 0.0]])}
+    batch = {K.ENERGY: torch.zeros(2), K.FORCES: torch.zeros(2, 3), K.N_ATOMS: torch.tensor([1, 1]),
+             K.BATCH: torch.tensor([0, 1]), K.WEIGHT: torch.ones(2), K.HAS_ENERGY: torch.ones(2),
+             K.HAS_FORCES: torch.ones(2)}
+    mse = WeightedLoss(kind="mse").components(pred, batch)["forces"]
+    huber = WeightedLoss(kind="huber", huber_delta=0.01).components(pred, batch)["forces"]
+    assert mse == pytest.approx((0.001**2 + 1.0) / 6)
+    assert huber == pytest.approx((0.001**2 + 2 * 0.01 * (1.0 - 0.005)) / 6)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="batch_by: atoms needs max_batch_atoms"):
+        parse_config({"data": {"train": "x"}, "training": {"batch_by": "atoms"}})
+    with pytest.raises(ConfigError, match=r"training\.stage_two\.strat"):
+        parse_config({"data": {"train": "x"}, "training": {"stage_two": {"strat": 0.5}}})
+    with pytest.raises(ConfigError, match="not a duration"):
+        parse_config({"data": {"train": "x"}, "training": {"max_time": "ten minutes"}})
+    assert parse_config({"data": {"train": "x"}, "training": {"max_time": "1.5h"}}).training.max_time == 5400
+
+
+def test_stage_two_and_schedule_in_the_log(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(load_config(write_config(tmp_path / "c.yaml", data_dir, out, **FULL)), progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [1, 1, 1, 2, 2, 2]
+    assert records[0]["lr"] < records[1]["lr"]  # warm-up
+    assert records[3]["lr"] == pytest.approx(0.002, rel=1e-6)  # stage two restarts at its own rate
+    assert records[-1]["lr_end"] < records[3]["lr"]  # and decays again
+    assert all(r["configs_per_s"] > 0 for r in records)
+    assert result["best_epoch"] >= 1 and math.isfinite(result["valid"]["forces_mae"])
+
+
+def test_resume_is_exact_with_every_feature(data_dir, tmp_path):
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    train(load_config(write_config(tmp_path / "ref.yaml", data_dir, ref_out, **FULL)), progress=False)
+    config = load_config(write_config(tmp_path / "run.yaml", data_dir, out, **FULL))
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        if record["epoch"] == 4:  # just after stage two began
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, progress=False, epoch_callback=kill)
+    result = train(config, progress=False)
+    assert result["resumed_from"] == 4
+    for name in ("last.eqf", "best.eqf", "checkpoint.safetensors"):
+        ours, theirs = load_file(out / name), load_file(ref_out / name)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_time_budget_stops_mid_epoch_and_saves(data_dir, tmp_path):
+    out = tmp_path / "run"
+    config = load_config(write_config(tmp_path / "c.yaml", data_dir, out, epochs=1000, max_time=0.5))
+    result = train(config, progress=False)
+    assert result["out_of_time"] and result["epochs"] < 1000
+    assert (out / "best.eqf").is_file() and (out / "checkpoint.safetensors").is_file()
+    assert train(config, progress=False)["epochs"] == result["epochs"]  # a spent budget trains no more
