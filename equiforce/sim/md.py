@@ -1,0 +1,231 @@
+"""Batched molecular dynamics: the loop, per-system stopping, logging — and :func:`run_md` for ASE users.
+
+A run advances many systems at once.  ``stop_when(state, outputs) -> bool [B]`` flags systems (say, an
+uncertainty above a threshold); with ``stop_mode="freeze"`` a flagged system stops moving while the rest go
+on, with ``"flag"`` it only records the first step it was flagged.  Systems whose positions or forces
+become non-finite are always frozen.  Neither needs a host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms, units
+from torch import nn
+
+from equiforce.data import keys as K
+from equiforce.sim.evaluator import BatchEvaluator, Outputs, model_device, model_dtype
+from equiforce.sim.integrators import CSVR, Integrator, Langevin, StochasticCellRescaling, VelocityVerlet, pressure
+from equiforce.sim.io import ThermoLog, TrajectoryWriter, open_trajectory
+from equiforce.sim.state import SimState, maxwell_boltzmann
+
+StopFn = Callable[[SimState, Outputs], torch.Tensor]
+ENSEMBLES = ("nve", "nvt", "nvt-langevin", "nvt-csvr", "npt")
+
+
+@dataclass
+class MDResult:
+    """What a run produced.  ``stopped_step[b]`` is the first step system ``b`` was flagged (−1: never)."""
+
+    state: SimState
+    thermo: list[dict[str, Any]]
+    stopped_step: np.ndarray
+    nonfinite_step: np.ndarray
+    steps: int
+    wall_time_s: float
+    neighbor_builds: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def atoms(self) -> list[Atoms]:
+        return self.state.to_atoms()
+
+
+def thermo_rows(state: SimState, outputs: Outputs, integrator: Integrator, time_ps: float,
+                stopped: torch.Tensor) -> list[dict[str, Any]]:
+    """Per-system thermodynamics (one host transfer for the whole batch)."""
+    kinetic = state.kinetic_energy()
+    columns = {
+        "epot": outputs[K.ENERGY], "ekin": kinetic, "etot": outputs[K.ENERGY] + kinetic,
+        "temperature": state.temperature(),
+        "conserved": outputs[K.ENERGY] + kinetic + integrator.conserved_correction(),
+        "volume": state.volume(), "pressure_bar": pressure(state, outputs) / units.bar,
+    }
+    names = list(columns)
+    table = torch.stack([columns[n].to(state.dtype).expand(state.n_systems) for n in names], 1).cpu().tolist()
+    n_atoms, flags, periodic = state.n_atoms.tolist(), stopped.tolist(), state.periodic.tolist()
+    rows = []
+    for b, values in enumerate(table):
+        row: dict[str, Any] = {"step": state.step, "time_ps": time_ps, "system": b, "n_atoms": n_atoms[b]}
+        row.update({n: v for n, v in zip(names, values) if periodic[b] or n not in ("volume", "pressure_bar")})
+        if not periodic[b]:
+            row.update(volume=0.0, pressure_bar=0.0)
+        row["stopped"] = bool(flags[b])
+        rows.append(row)
+    return rows
+
+
+class MolecularDynamics:
+    """A batched MD driver: integrator + evaluator + stopping + output."""
+
+    def __init__(self, model: nn.Module, integrator: Integrator, skin: float = 0.5,
+                 stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
+                 neighbor_check_interval: int | str = "auto") -> None:
+        if stop_mode not in ("freeze", "flag"):
+            raise ValueError("stop_mode must be 'freeze' or 'flag'")
+        self.integrator = integrator
+        self.evaluate = BatchEvaluator(model, skin=skin, check_interval=neighbor_check_interval)
+        self.stop_when, self.stop_mode = stop_when, stop_mode
+        self.stop_check_interval = max(1, int(stop_check_interval))
+
+    def run(self, state: SimState, steps: int, trajectory: str | os.PathLike | TrajectoryWriter | None = None,
+            trajectory_interval: int = 100, log: str | os.PathLike | None = None, log_interval: int = 100,
+            progress: bool = False, keep_thermo: bool = True, precision: str = "float64") -> MDResult:
+        """Advance ``state`` in place by ``steps`` steps (fewer if every system is frozen)."""
+        self.evaluate.check(state)
+        dt_ps = self.integrator.dt / (1000 * units.fs)
+        b = state.n_systems
+        frozen = torch.zeros(b, dtype=torch.bool, device=state.device)
+        stopped_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
+        nonfinite_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
+        thermo: list[dict[str, Any]] = []
+        start_step = state.step
+        outputs = self.integrator.evaluate(state, self.evaluate)
+        with ExitStack() as stack:
+            writer = None
+            if trajectory is not None:
+                writer = trajectory if isinstance(trajectory, TrajectoryWriter) else open_trajectory(trajectory,
+                                                                                                       precision)
+                stack.callback(writer.close)
+            logger = ThermoLog(log) if log is not None else None
+            if logger is not None:
+                stack.callback(logger.close)
+            bar = _progress(stack, steps) if progress else None
+
+            def record(force: bool = False) -> None:
+                done = state.step - start_step
+                time_ps = state.step * dt_ps
+                if writer is not None and (force or done % trajectory_interval == 0):
+                    writer.write(state, outputs, time_ps)
+                if (logger is not None or keep_thermo) and (force or done % log_interval == 0):
+                    rows = thermo_rows(state, outputs, self.integrator, time_ps, frozen | (stopped_step >= 0))
+                    if keep_thermo:
+                        thermo.extend(rows)
+                    if logger is not None:
+                        logger.write(rows)
+
+            record()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                previous = (state.positions, state.momenta, state.cell)
+                outputs = self.integrator.step(state, outputs, self.evaluate)
+                state.step += 1
+                done = state.step - start_step
+                if done % self.stop_check_interval == 0:
+                    frozen, stopped_step, nonfinite_step = self._check_stops(state, outputs, frozen, stopped_step,
+                                                                             nonfinite_step)
+                state.positions = torch.where(frozen[state.system, None], previous[0], state.positions)
+                state.momenta = torch.where(frozen[state.system, None], previous[1], state.momenta)
+                state.cell = torch.where(frozen[:, None, None], previous[2], state.cell)
+                last = done == steps
+                if last or done % log_interval == 0 or done % trajectory_interval == 0:
+                    record()
+                if bar is not None and (last or done % max(1, steps // 200) == 0):
+                    bar[0].update(bar[1], completed=done)
+                if done % log_interval == 0 and bool(frozen.all()):
+                    record(force=True)
+                    break
+            wall = time.perf_counter() - t0
+        return MDResult(state=state, thermo=thermo, stopped_step=stopped_step.cpu().numpy(),
+                        nonfinite_step=nonfinite_step.cpu().numpy(), steps=state.step - start_step,
+                        wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds,
+                        info={"model_calls": self.evaluate.calls})
+
+    def _check_stops(self, state: SimState, outputs: Outputs, frozen: torch.Tensor, stopped_step: torch.Tensor,
+                     nonfinite_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        finite = torch.isfinite(state.positions).all(-1) & torch.isfinite(outputs[K.FORCES]).all(-1)
+        bad = state.per_system((~finite).to(state.dtype)) > 0
+        nonfinite_step = torch.where(bad & (nonfinite_step < 0), state.step, nonfinite_step)
+        frozen = frozen | bad
+        if self.stop_when is not None:
+            flag = self.stop_when(state, outputs).to(device=state.device, dtype=torch.bool).reshape(-1)
+            stopped_step = torch.where(flag & (stopped_step < 0), state.step, stopped_step)
+            if self.stop_mode == "freeze":
+                frozen = frozen | flag
+        return frozen, stopped_step, nonfinite_step
+
+
+def _progress(stack: ExitStack, steps: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("MD"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    stack.enter_context(bar)
+    return bar, bar.add_task("md", total=steps)
+
+
+def make_integrator(ensemble: str, timestep_fs: float, temperature_K: float | torch.Tensor,
+                    friction_per_fs: float = 0.01, tau_fs: float = 100.0, pressure_bar: float = 1.0,
+                    tau_p_fs: float = 1000.0, compressibility_per_bar: float = 4.5e-5,
+                    generator: torch.Generator | None = None) -> Integrator:
+    """The integrator for an ensemble name (see :data:`ENSEMBLES`); ``nvt`` means Langevin."""
+    ensemble = ensemble.lower()
+    if ensemble == "nve":
+        return VelocityVerlet(timestep_fs)
+    if ensemble in ("nvt", "nvt-langevin"):
+        return Langevin(timestep_fs, temperature_K, friction_per_fs, generator)
+    if ensemble == "nvt-csvr":
+        return CSVR(timestep_fs, temperature_K, tau_fs, generator)
+    if ensemble == "npt":
+        return StochasticCellRescaling(timestep_fs, temperature_K, pressure_bar, tau_fs, tau_p_fs,
+                                       compressibility_per_bar, generator)
+    raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+
+
+def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str = "nvt",
+           temperature_K: float | Sequence[float] = 300.0, timestep_fs: float = 0.5, steps: int = 1000, *,
+           friction_per_fs: float = 0.01, tau_fs: float = 100.0, pressure_bar: float = 1.0,
+           tau_p_fs: float = 1000.0, compressibility_per_bar: float = 4.5e-5,
+           initial_temperature_K: float | None = None,
+           seed: int | None = None, device: str | None = None, skin: float = 0.5,
+           trajectory: str | os.PathLike | None = None, trajectory_interval: int = 100,
+           log: str | os.PathLike | None = None, log_interval: int = 100, progress: bool = False,
+           stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
+           precision: str = "float64") -> MDResult:
+    """Run MD on ASE structures, all systems batched into one state.
+
+    Momenta already set on the structures are used; otherwise they are drawn from Maxwell–Boltzmann at
+    ``initial_temperature_K`` (default ``temperature_K``).  Ensembles: ``nve``, ``nvt`` (Langevin BAOAB),
+    ``nvt-csvr`` (Bussi) and ``npt`` (stochastic cell rescaling + CSVR; ``pressure_bar``).  Conserving
+    ensembles remove the centre-of-mass momentum and count ``3N − 3`` degrees of freedom.  Trajectories go to
+    ``.h5``/``.extxyz``/``.traj`` and the thermo log to ``.csv``/``.jsonl`` (by suffix).
+    """
+    if isinstance(atoms_list, Atoms):
+        atoms_list = [atoms_list]
+    device = device or str(model_device(model))
+    state = SimState.from_atoms(atoms_list, device=device, dtype=model_dtype(model))
+    temperature = torch.as_tensor(temperature_K, dtype=state.dtype, device=state.device).expand(state.n_systems)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=state.device)
+        generator.manual_seed(int(seed))
+    conserving = ensemble.lower() not in ("nvt", "nvt-langevin")
+    has_momenta = any(np.any(a.get_momenta() != 0) for a in atoms_list)
+    if has_momenta:
+        if conserving:
+            state.remove_com_momentum()
+    else:
+        initial = temperature if initial_temperature_K is None else initial_temperature_K
+        maxwell_boltzmann(state, initial, generator=generator, remove_com=conserving)
+    integrator = make_integrator(ensemble, timestep_fs, temperature, friction_per_fs, tau_fs, pressure_bar,
+                                 tau_p_fs, compressibility_per_bar, generator)
+    md = MolecularDynamics(model, integrator, skin=skin, stop_when=stop_when, stop_mode=stop_mode,
+                           stop_check_interval=stop_check_interval)
+    return md.run(state, steps, trajectory=trajectory, trajectory_interval=trajectory_interval, log=log,
+                  log_interval=log_interval, progress=progress, precision=precision)

@@ -1,0 +1,228 @@
+"""The native batched MD engine: conservation, thermostats, equipartition, barostat, batching, stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.build import bulk, molecule
+from ase.md.verlet import VelocityVerlet as AseVerlet
+
+import equiforce
+from equiforce.data import keys as K
+from equiforce.sim.integrators import CSVR, Langevin, StochasticCellRescaling, VelocityVerlet, pressure
+from equiforce.sim.md import MolecularDynamics, run_md
+from equiforce.sim.state import KB, SimState, maxwell_boltzmann
+from tests.conftest import make_model
+from tests.sim_models import Free, LennardJones, Tether, argon_fcc, single_thread  # noqa: F401
+
+
+def _series(result, key, system=0):
+    return np.array([row[key] for row in result.thermo if row["system"] == system])
+
+
+def test_nve_conserves_energy_and_matches_ase_verlet():
+    """Same trajectory as ASE's VelocityVerlet with the ASE calculator, and energy conserved."""
+    model = make_model("L1-corr3")
+    atoms = molecule("CH3CH2OH")
+    rng = np.random.default_rng(0)
+    atoms.set_momenta(rng.normal(0, 0.3, (len(atoms), 3)) * atoms.get_masses()[:, None] ** 0.5)
+    atoms.set_momenta(atoms.get_momenta() - atoms.get_momenta().mean(0))
+    reference = atoms.copy()
+    reference.calc = equiforce.Calculator(model)
+    AseVerlet(reference, 0.2 * units.fs).run(40)
+    result = run_md(model, atoms, ensemble="nve", timestep_fs=0.2, steps=40, log_interval=1)
+    final = result.atoms[0]
+    np.testing.assert_allclose(final.positions, reference.positions, atol=1e-9)
+    np.testing.assert_allclose(final.get_momenta(), reference.get_momenta(), atol=1e-9)
+    etot = _series(result, "etot")
+    assert np.ptp(etot) < 0.005 * np.ptp(_series(result, "epot"))
+
+
+def test_nve_energy_drift_is_second_order_in_timestep():
+    """Halving dt reduces the energy fluctuation ~4×: the integrator is symplectic and second order."""
+    model = LennardJones()
+    atoms = argon_fcc(2, rattle=0.05)
+    spreads = []
+    for dt in (8.0, 4.0):
+        start = atoms.copy()
+        start.set_momenta(np.zeros((len(atoms), 3)))
+        result = run_md(model, start, ensemble="nve", timestep_fs=dt, steps=int(400 / dt), log_interval=1)
+        spreads.append(np.ptp(_series(result, "etot")))
+    assert spreads[1] < spreads[0] / 2.5
+    assert spreads[1] < 1e-4 * len(atoms)
+
+
+def test_batched_equals_single_and_periodic_mix():
+    """A batch of a molecule and a periodic crystal evolves exactly as each alone."""
+    model = make_model("L1-corr3")
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.numbers[1] = 28
+    cu.rattle(0.03, seed=1)
+    systems = [molecule("H2O"), cu, molecule("CH4")]
+    rng = np.random.default_rng(3)
+    for a in systems:
+        a.set_momenta(rng.normal(0, 0.1, (len(a), 3)))
+    batch = run_md(model, [a.copy() for a in systems], ensemble="nve", timestep_fs=0.5, steps=15)
+    for b, a in enumerate(systems):
+        alone = run_md(model, a.copy(), ensemble="nve", timestep_fs=0.5, steps=15)
+        np.testing.assert_allclose(batch.atoms[b].positions, alone.atoms[0].positions, atol=1e-10)
+        np.testing.assert_allclose(batch.atoms[b].get_momenta(), alone.atoms[0].get_momenta(), atol=1e-10)
+
+
+def _tethered(n_copies: int = 4, k: float = 5.0):
+    """Water molecules on harmonic tethers: every degree of freedom an independent oscillator."""
+    atoms = [molecule("H2O") for _ in range(n_copies)]
+    for i, a in enumerate(atoms):
+        a.positions += 10.0 * i
+    sites = torch.as_tensor(np.concatenate([a.positions for a in atoms]))
+    return atoms, Tether(sites, k=k)
+
+
+def test_langevin_reaches_temperature_with_equipartition():
+    """Start cold and reach T; then ⟨K⟩ of light (H) and heavy (O) atoms and ⟨U⟩ of the harmonic tethers
+    all equal (3/2) kT per atom — kinetic and configurational equipartition."""
+    target = 300.0
+    atoms, model = _tethered(16)
+    state = SimState.from_atoms(atoms)
+    maxwell_boltzmann(state, 5.0, generator=torch.Generator().manual_seed(0), remove_com=False)
+    md = MolecularDynamics(model, Langevin(1.0, target, 0.05, generator=torch.Generator().manual_seed(1)))
+    warm = md.run(state, 100, log_interval=100)
+    assert warm.thermo[0]["temperature"] < 10
+    kinetic = {1: [], 8: []}
+    epot, temps = [], []
+    for _ in range(25):
+        result = md.run(state, 20, log_interval=20)
+        last = [r for r in result.thermo if r["step"] == state.step]
+        temps.append(np.mean([r["temperature"] for r in last]))
+        epot.append(np.sum([r["epot"] for r in last]))
+        per_atom = 0.5 * (state.momenta**2).sum(-1) / state.masses
+        for z in kinetic:
+            kinetic[z].append(float(per_atom[state.numbers == z].mean()))
+    unit = 1.5 * KB * target
+    assert np.mean(temps) == pytest.approx(target, rel=0.06)
+    assert np.mean(epot) / (unit * len(state.numbers)) == pytest.approx(1.0, rel=0.1)
+    for z, values in kinetic.items():
+        assert np.mean(values) / unit == pytest.approx(1.0, rel=0.12), z
+
+
+def test_csvr_samples_canonical_kinetic_energy():
+    """CSVR reaches T and its kinetic-energy fluctuations are canonical: std(T)/T = sqrt(2/N_f)."""
+    target = 60.0
+    atoms = argon_fcc(2, rattle=0.05, seed=3)
+    result = run_md(LennardJones(), [atoms.copy() for _ in range(4)], ensemble="nvt-csvr", temperature_K=target,
+                    timestep_fs=5.0, steps=600, initial_temperature_K=5.0, tau_fs=50.0, seed=2, log_interval=2)
+    temps = np.array([r["temperature"] for r in result.thermo if r["step"] >= 150])
+    assert temps.mean() == pytest.approx(target, rel=0.05)
+    dof = 3 * len(atoms) - 3
+    assert temps.std() / target == pytest.approx(np.sqrt(2 / dof), rel=0.25)
+
+
+def test_csvr_conserves_effective_energy():
+    """E_total minus the heat the thermostat removed stays constant (Bussi et al. 2007)."""
+    model = LennardJones()
+    atoms = argon_fcc(2, rattle=0.1, seed=2)
+    result = run_md(model, atoms, ensemble="nvt-csvr", temperature_K=60.0, timestep_fs=4.0, steps=150,
+                    tau_fs=40.0, seed=0, log_interval=1)
+    conserved, etot = _series(result, "conserved"), _series(result, "etot")
+    assert np.ptp(etot) > 10 * np.ptp(conserved)
+    assert np.ptp(conserved) < 2e-3
+
+
+def test_npt_ideal_gas_volume():
+    """Ideal gas under stochastic cell rescaling: ⟨V⟩ = N k T / P (the kT/V term gives the +1, COM the −1)."""
+    n, temperature, p_bar = 27, 300.0, 2000.0
+    rng = np.random.default_rng(0)
+    volume0 = n * KB * temperature / (p_bar * units.bar)
+    length = volume0 ** (1 / 3)
+    systems = [Atoms("Ar" * n, positions=rng.uniform(0, length, (n, 3)), cell=[length] * 3, pbc=True)
+               for _ in range(32)]
+    result = run_md(Free(), systems, ensemble="npt", temperature_K=temperature, pressure_bar=p_bar,
+                    timestep_fs=5.0, steps=500, tau_fs=20.0, tau_p_fs=200.0, compressibility_per_bar=1e-3,
+                    seed=4, log_interval=5, skin=1.5)
+    rows = [r for r in result.thermo if r["step"] > 100]
+    mean_volume = np.mean([r["volume"] for r in rows])
+    assert mean_volume / volume0 == pytest.approx(1.0, rel=0.06)
+    assert np.mean([r["pressure_bar"] for r in rows]) == pytest.approx(p_bar, rel=0.1)
+
+
+def test_npt_argon_relaxes_to_target_pressure():
+    """A compressed LJ crystal expands until its mean pressure is the target's."""
+    model = LennardJones()
+    atoms = argon_fcc(2, a=5.10)
+    result = run_md(model, atoms, ensemble="npt", temperature_K=40.0, pressure_bar=0.0, timestep_fs=5.0,
+                    steps=800, tau_fs=50.0, tau_p_fs=300.0, compressibility_per_bar=3e-4, seed=0, log_interval=5,
+                    skin=1.0)
+    pressures = _series(result, "pressure_bar")
+    volumes = _series(result, "volume")
+    assert pressures[0] > 3000  # compressed start
+    assert volumes[-1] > 1.05 * volumes[0]
+    late = pressures[len(pressures) // 2:]
+    assert abs(late.mean()) < 300  # from > 3000 bar; the fluctuations of 32 atoms are ≈ 400 bar
+
+
+def test_pressure_matches_stress_and_kinetic_term():
+    model = LennardJones()
+    state = SimState.from_atoms(argon_fcc(2, rattle=0.1))
+    maxwell_boltzmann(state, 100.0, generator=torch.Generator().manual_seed(0))
+    md = MolecularDynamics(model, StochasticCellRescaling(1.0, 100.0))
+    out = md.evaluate(state, compute_stress=True)
+    volume = float(state.volume()[0])
+    expected = -torch.diagonal(out[K.STRESS][0]).sum() / 3 + 2 * state.kinetic_energy()[0] / (3 * volume)
+    assert float(pressure(state, out)[0]) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_stop_when_freezes_only_flagged_systems():
+    model = make_model("L1-corr3")
+    systems = [molecule("H2O"), molecule("CH4"), molecule("H2O")]
+
+    def stop(state, outputs):
+        return torch.arange(state.n_systems) == 1 if state.step >= 5 else torch.zeros(state.n_systems, dtype=bool)
+
+    frozen = run_md(model, [a.copy() for a in systems], ensemble="nve", temperature_K=300, steps=12, seed=0,
+                    stop_when=stop, log_interval=1)
+    assert frozen.stopped_step.tolist() == [-1, 5, -1]
+    rows = [r for r in frozen.thermo if r["system"] == 1 and r["step"] >= 5]
+    assert all(r["stopped"] for r in rows)
+    positions = [tuple(np.round(a.positions.ravel(), 12)) for a in [frozen.atoms[1]]]
+    steps5 = run_md(model, [a.copy() for a in systems], ensemble="nve", temperature_K=300, steps=4, seed=0)
+    np.testing.assert_allclose(np.array(positions[0]).reshape(-1, 3), steps5.atoms[1].positions, atol=1e-12)
+    free = run_md(model, [a.copy() for a in systems], ensemble="nve", temperature_K=300, steps=12, seed=0)
+    np.testing.assert_allclose(frozen.atoms[0].positions, free.atoms[0].positions, atol=1e-12)
+    flagged = run_md(model, [a.copy() for a in systems], ensemble="nve", temperature_K=300, steps=12, seed=0,
+                     stop_when=stop, stop_mode="flag")
+    assert flagged.stopped_step.tolist() == [-1, 5, -1]
+    np.testing.assert_allclose(flagged.atoms[1].positions, free.atoms[1].positions, atol=1e-12)
+
+
+def test_nonfinite_system_is_frozen_not_spread():
+    model = LennardJones()
+    good = argon_fcc(1, rattle=0.05)
+    bad = argon_fcc(1)
+    bad.positions[1] = bad.positions[0] + [1e-4, 0, 0]  # overlapping atoms: r⁻¹² blows up
+    result = run_md(model, [good, bad], ensemble="nve", temperature_K=10.0, timestep_fs=2.0, steps=10, seed=0)
+    assert result.nonfinite_step[0] == -1 and result.nonfinite_step[1] >= 1
+    assert np.all(np.isfinite(result.atoms[0].positions))
+    assert np.all(np.isfinite(result.atoms[1].positions))
+
+
+def test_model_dtype_and_element_are_checked():
+    model = make_model("L1-corr3")
+    with pytest.raises(equiforce.errors.UnknownElementError, match="Au"):
+        run_md(model, Atoms("Au2", positions=[[0, 0, 0], [2.5, 0, 0]]), steps=1)
+    state = SimState.from_atoms(molecule("H2O"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="float32"):
+        MolecularDynamics(model, VelocityVerlet(1.0)).run(state, 1)
+
+
+def test_float32_model_runs():
+    model = make_model("L1-corr3", dtype=torch.float32)
+    result = run_md(model, molecule("CH3CH2OH"), ensemble="nvt-csvr", steps=5, seed=0)
+    assert result.state.dtype == torch.float32
+    assert np.isfinite(result.thermo[-1]["etot"])
+
+
+def test_integrators_reject_bad_timestep():
+    with pytest.raises(ValueError):
+        CSVR(0.0, 300.0)
