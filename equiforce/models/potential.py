@@ -47,7 +47,7 @@ class InteractionBlock(nn.Module):
         a = torch.zeros((h.shape[0],) + messages.shape[1:], dtype=messages.dtype, device=messages.device)
         a = a.index_add(0, centre, messages) / self.avg_num_neighbors
         a = self.linear_message(a)
-        out = self.linear_out(self.product(a, species))
+        out = self.linear_out(self.product(a, onehot))
         if self.skip is not None:
             skip = self.skip(h[..., : self.skip_dim], onehot)
             out = torch.cat([out[..., : self.skip_dim] + skip, out[..., self.skip_dim:]], dim=-1)

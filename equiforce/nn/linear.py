@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from equiforce.nn.irreps import degree_of_component
-
 
 class IrrepsLinear(nn.Module):
     """``[N, C_in, (L+1)^2] -> [N, C_out, (L+1)^2]`` with one weight matrix per degree l."""
@@ -17,12 +15,17 @@ class IrrepsLinear(nn.Module):
         super().__init__()
         self.lmax = lmax
         self.weight = nn.Parameter(torch.randn(lmax + 1, channels_in, channels_out))
-        self.register_buffer("degree", degree_of_component(lmax), persistent=False)
         self.norm = 1.0 / math.sqrt(channels_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight[self.degree]  # [D, C_in, C_out]
-        return torch.einsum("ncd,dco->nod", x, w) * self.norm
+        # one matmul per degree on [N*(2l+1), C_in]: no gathered weight copy, whose backward is a scatter
+        n = x.shape[0]
+        parts = []
+        for l in range(self.lmax + 1):
+            xl = x[:, :, l * l:(l + 1) * (l + 1)].transpose(1, 2).reshape(-1, x.shape[1])
+            parts.append((xl @ self.weight[l]).view(n, 2 * l + 1, -1).transpose(1, 2))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return out * self.norm
 
 
 class ElementIrrepsLinear(nn.Module):

@@ -24,7 +24,10 @@ class SymmetricProduct(nn.Module):
             raise ValueError("correlation must be >= 1")
         self.dim_out = irreps_dim(lmax_out)
         self.linear_weights = nn.Parameter(torch.ones(num_elements, lmax_out + 1, channels))
-        self.register_buffer("degree", degree_of_component(lmax_out), persistent=False)
+        degree = degree_of_component(lmax_out)
+        expand = torch.zeros(lmax_out + 1, len(degree), dtype=torch.get_default_dtype())
+        expand[degree, torch.arange(len(degree))] = 1.0
+        self.register_buffer("expand", expand, persistent=False)  # [L+1, D]: per-degree weight → components
         self.products = nn.ModuleList()
         self.product_weights = nn.ParameterList()
         for nu in range(2, correlation + 1):
@@ -35,12 +38,17 @@ class SymmetricProduct(nn.Module):
             scale = 1.0 / math.sqrt(product.num_paths * nu)
             self.product_weights.append(nn.Parameter(torch.randn(num_elements, product.num_paths, channels) * scale))
 
-    def forward(self, a: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        """``a`` [N, C, (lmax_in+1)^2], ``species`` [N] element indices → [N, C, (lmax_out+1)^2]."""
-        linear = self.linear_weights[species][:, self.degree].transpose(1, 2)  # [N, C, D_out]
+    def forward(self, a: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """``a`` [N, C, (lmax_in+1)^2], ``onehot`` [N, elements] → [N, C, (lmax_out+1)^2].
+
+        Element-dependent weights are selected by one-hot matmuls rather than indexing, whose backward
+        (a scatter-add) is several times slower on CPU.
+        """
+        n, c = a.shape[0], a.shape[1]
+        linear = (onehot @ self.linear_weights.flatten(1)).view(n, -1, c).transpose(1, 2) @ self.expand
         out = a[..., : self.dim_out] * linear
         power = a
         for product, weights in zip(self.products, self.product_weights):
-            power = product(power, a, weights[species])
+            power = product(power, a, (onehot @ weights.flatten(1)).view(n, -1, c))
             out = out + power[..., : self.dim_out]
         return out

@@ -110,16 +110,24 @@ class ChannelwiseProduct(nn.Module):
         self.dim_out = irreps_dim(lmax_out)
         dtype = torch.get_default_dtype()
         path, i, j, k, value = zip(*triples)
-        self.register_buffer("index_path", torch.tensor(path), persistent=False)
-        self.register_buffer("index_1", torch.tensor(i), persistent=False)
-        self.register_buffer("index_2", torch.tensor(j), persistent=False)
-        self.register_buffer("value", torch.tensor(value, dtype=dtype), persistent=False)
-        scatter = torch.zeros(len(triples), self.dim_out, dtype=dtype)
-        scatter[torch.arange(len(triples)), torch.tensor(k)] = 1.0
+        count = len(triples)
+        columns = torch.arange(count)
+
+        def selector(rows: int, index: tuple[int, ...], values: torch.Tensor | None = None) -> torch.Tensor:
+            matrix = torch.zeros(rows, count, dtype=dtype)
+            matrix[torch.tensor(index), columns] = 1.0 if values is None else values
+            return matrix
+
+        # gathers as one-hot matmuls: their backward is a matmul too, not a slow scatter-add
+        self.register_buffer("select_1", selector(irreps_dim(lmax_1), i, torch.tensor(value, dtype=dtype)),
+                             persistent=False)  # [D1, T], carries the coefficient values
+        self.register_buffer("select_2", selector(irreps_dim(lmax_2), j), persistent=False)  # [D2, T]
+        self.register_buffer("select_path", selector(self.num_paths, path), persistent=False)  # [P, T]
+        scatter = torch.zeros(count, self.dim_out, dtype=dtype)
+        scatter[columns, torch.tensor(k)] = 1.0
         self.register_buffer("scatter", scatter, persistent=False)  # [T, D3]
 
     def forward(self, x: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``x`` [N, C, D1], ``a`` [N, C, D2], ``weights`` [N, P, C] → [N, C, D3]."""
-        terms = x[:, :, self.index_1] * a[:, :, self.index_2] * self.value
-        terms = terms * weights.transpose(1, 2)[:, :, self.index_path]
+        terms = (x @ self.select_1) * (a @ self.select_2) * (weights.transpose(1, 2) @ self.select_path)
         return terms @ self.scatter
