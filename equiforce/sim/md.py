@@ -73,7 +73,10 @@ def thermo_rows(state: SimState, outputs: Outputs, integrator: Integrator, time_
 
 
 class MolecularDynamics:
-    """A batched MD driver: integrator + evaluator + stopping + output."""
+    """A batched MD driver: integrator + evaluator + stopping + output.
+
+    ``frozen``, ``stopped_step`` and ``nonfinite_step`` ([B] tensors) persist between calls of :meth:`run`.
+    """
 
     def __init__(self, model: nn.Module, integrator: Integrator, skin: float = 0.5,
                  stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
@@ -84,6 +87,16 @@ class MolecularDynamics:
         self.evaluate = BatchEvaluator(model, skin=skin, check_interval=neighbor_check_interval)
         self.stop_when, self.stop_mode = stop_when, stop_mode
         self.stop_check_interval = max(1, int(stop_check_interval))
+        self.frozen: torch.Tensor | None = None  # [B] kept across runs, so a run may be done in chunks
+        self.stopped_step: torch.Tensor | None = None
+        self.nonfinite_step: torch.Tensor | None = None
+
+    def reset_flags(self, state: SimState) -> None:
+        """Unfreeze every system and forget when each was flagged."""
+        b = state.n_systems
+        self.frozen = torch.zeros(b, dtype=torch.bool, device=state.device)
+        self.stopped_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
+        self.nonfinite_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
 
     def run(self, state: SimState, steps: int, trajectory: str | os.PathLike | TrajectoryWriter | None = None,
             trajectory_interval: int = 100, log: str | os.PathLike | None = None, log_interval: int = 100,
@@ -92,12 +105,12 @@ class MolecularDynamics:
         self.evaluate.check(state)
         dt_ps = self.integrator.dt / (1000 * units.fs)
         b = state.n_systems
-        frozen = torch.zeros(b, dtype=torch.bool, device=state.device)
-        stopped_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
-        nonfinite_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
+        if self.frozen is None or self.frozen.shape[0] != b:
+            self.reset_flags(state)
+        frozen, stopped_step, nonfinite_step = self.frozen, self.stopped_step, self.nonfinite_step
         thermo: list[dict[str, Any]] = []
         start_step = state.step
-        outputs = self.integrator.evaluate(state, self.evaluate)
+        outputs = self._initial_outputs(state)
         with ExitStack() as stack:
             writer = None
             if trajectory is not None:
@@ -143,10 +156,24 @@ class MolecularDynamics:
                     record(force=True)
                     break
             wall = time.perf_counter() - t0
+        self._last = (self._key(state), outputs)
+        self.frozen, self.stopped_step, self.nonfinite_step = frozen, stopped_step, nonfinite_step
         return MDResult(state=state, thermo=thermo, stopped_step=stopped_step.cpu().numpy(),
                         nonfinite_step=nonfinite_step.cpu().numpy(), steps=state.step - start_step,
                         wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds,
                         info={"model_calls": self.evaluate.calls})
+
+    @staticmethod
+    def _key(state: SimState) -> tuple:
+        """Identity and in-place version of what the forces depend on: a changed state is re-evaluated."""
+        return tuple((id(t), t._version) for t in (state.positions, state.cell, state.numbers, state.pbc))
+
+    def _initial_outputs(self, state: SimState) -> Outputs:
+        """Forces at the start: reused from the previous ``run`` on an unchanged state (chunked runs)."""
+        last = getattr(self, "_last", None)
+        if last is not None and last[0] == self._key(state):
+            return last[1]
+        return self.integrator.evaluate(state, self.evaluate)
 
     def _check_stops(self, state: SimState, outputs: Outputs, frozen: torch.Tensor, stopped_step: torch.Tensor,
                      nonfinite_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,248 @@
+"""MD speed: atom-steps/s and peak memory per atom, equiforce's native engine vs MACE through ASE.
+
+    python benchmarks/md_speed.py --device cpu --out md_speed.json
+    python benchmarks/md_speed.py --device cuda --sizes 864,4000,16384,32000 --max-atoms 300000 \
+        --molecules 1000 --out md_speed_gpu.json
+
+Two parts, one run:
+
+1. fcc Cu boxes from 256 atoms up (``--sizes``, capped by ``--max-atoms``), model of the size the issue fixes
+   (128x0e+128x1o, spherical harmonics to 3, correlation 3, 2 layers, 5 Å, random weights): equiforce's
+   native NVE step (neighbour list in the skin included) and MACE (mace-torch in its own venv, through ASE's
+   VelocityVerlet, ``benchmarks/peers/mace/md_speed_mace.py``) at the same size;
+2. many small molecules (an rMD17 aspirin copied ``--molecules`` times) in one native state, against one
+   molecule at a time through ASE with the equiforce calculator (and with MACE).
+
+Every measurement runs in its own process, so peak memory is clean: on CPU the rise of the peak resident set
+(VmHWM) over the resident set just before the timed steps, on CUDA ``torch.cuda.max_memory_allocated``.
+JSON ``rows``: engine, mode, system, natoms, n_systems, device, dtype, ms_per_step, atom_steps_per_s,
+peak_mem_mb_per_atom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from equiforce.models import ModelSpec, build_model  # noqa: E402
+from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+
+MACE_PYTHON = ROOT / "benchmarks" / "peers" / ".venv-mace" / "bin" / "python"
+MACE_SCRIPT = ROOT / "benchmarks" / "peers" / "mace" / "md_speed_mace.py"
+ASPIRIN = ROOT.parent / "shared" / "data" / "rmd17" / "rmd17_aspirin_train_01.npz"
+REFERENCE_SPEC = dict(channels=128, max_l=1, sh_lmax=3, correlation=3, num_layers=2, cutoff=5.0,
+                      radial_mlp=[64, 64, 64], num_radial=8, avg_num_neighbors=40.0)
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cu_box(natoms: int):
+    from ase.build import bulk
+
+    n = max(1, round((natoms / 4) ** (1 / 3)))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((n, n, n))
+    atoms.rattle(0.05, seed=0)
+    return atoms
+
+
+def aspirin():
+    from equiforce.data.io import read_configurations
+
+    if not ASPIRIN.is_file():
+        from ase.build import molecule
+
+        return molecule("CH3CH2OH")  # no rMD17 here: a stand-in molecule, reported under its own size
+    return read_configurations(ASPIRIN)[0].to_atoms()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in this process: native batched NVE or one molecule through ASE."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet as AseVerlet
+
+    import equiforce
+    from equiforce.sim.evaluator import BatchEvaluator
+    from equiforce.sim.integrators import VelocityVerlet
+    from equiforce.sim.state import SimState, maxwell_boltzmann
+
+    dtype = getattr(torch, args.dtype)
+    if args.system == "cu":
+        systems = [cu_box(args.natoms)]
+    else:
+        systems = [aspirin() for _ in range(args.count)]
+    elements = sorted({int(z) for a in systems for z in a.numbers})
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(elements=elements, **REFERENCE_SPEC), dtype).to(args.device).eval()
+    natoms = sum(len(a) for a in systems)
+    cuda = args.device.startswith("cuda")
+    if args.mode == "native":
+        state = SimState.from_atoms(systems, device=args.device, dtype=dtype)
+        maxwell_boltzmann(state, 300.0, generator=torch.Generator(args.device).manual_seed(0))
+        integrator, evaluate = VelocityVerlet(0.5), BatchEvaluator(model, skin=0.5)
+        outputs = integrator.evaluate(state, evaluate)
+
+        def step() -> None:
+            nonlocal outputs
+            outputs = integrator.step(state, outputs, evaluate)
+    else:
+        atoms = systems[0]
+        atoms.calc = equiforce.Calculator(model, device=args.device)
+        dyn = AseVerlet(atoms, 0.5 * units.fs)
+
+        def step() -> None:
+            dyn.run(1)
+    for _ in range(args.warmup):
+        step()
+    _sync(args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = rss_mb()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(args.device)
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else max(0.0, rss_mb("VmHWM") - before)
+    measured = natoms if args.mode == "native" else len(systems[0])
+    return {"engine": "equiforce", "mode": args.mode, "natoms": measured,
+            "n_systems": len(systems) if args.mode == "native" else 1, "device": args.device, "dtype": args.dtype,
+            "ms_per_step": 1e3 * seconds, "atom_steps_per_s": measured / seconds,
+            "peak_mem_mb_per_atom": peak / measured}
+
+
+def run_child(command: list[str], env: dict[str, str] | None, timeout: float) -> dict[str, Any] | None:
+    """Run a measurement process; its last stdout line is the JSON row (None when it failed or timed out)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"  timed out: {' '.join(command[-8:])}", file=sys.stderr)
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        print(f"  failed ({done.returncode}): {' | '.join(tail)}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def equiforce_row(args: argparse.Namespace, system: str, mode: str, natoms: int = 0, count: int = 1):
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--system", system, "--mode", mode,
+               "--natoms", str(natoms), "--count", str(count), "--device", args.device, "--dtype", args.dtype,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    return run_child(command, None, args.timeout)
+
+
+def mace_row(args: argparse.Namespace, natoms: int = 0, xyz: str | None = None):
+    if not MACE_PYTHON.exists():
+        return None
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    command = [str(MACE_PYTHON), str(MACE_SCRIPT), "--device", args.device, "--dtype", args.dtype,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    command += ["--xyz", xyz] if xyz else ["--repeat", str(max(1, round((natoms / 4) ** (1 / 3))))]
+    return run_child(command, env, args.timeout)
+
+
+HEADER = f"{'engine':<10} {'mode':<7} {'system':<8} {'atoms':>7} {'systems':>7} {'ms/step':>10} " \
+         f"{'atom-steps/s':>13} {'MB/atom':>8}"
+
+
+def format_row(r: dict[str, Any]) -> str:
+    return (f"{r['engine']:<10} {r['mode']:<7} {r['system']:<8} {r['natoms']:>7} {r['n_systems']:>7} "
+            f"{r['ms_per_step']:>10.1f} {r['atom_steps_per_s']:>13.1f} {r['peak_mem_mb_per_atom']:>8.3f}")
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(HEADER)
+    print("-" * len(HEADER))
+    for r in rows:
+        print(format_row(r))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="256,864", help="comma-separated Cu atom counts (4 n³ each)")
+    parser.add_argument("--max-atoms", type=int, default=1_000_000, help="skip Cu boxes larger than this")
+    parser.add_argument("--molecules", type=int, default=32, help="aspirins in one native state (0: skip)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--no-mace", action="store_true", help="skip the MACE peer")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    parser.add_argument("--out", default="md_speed.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--system", default="cu", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="native", help=argparse.SUPPRESS)
+    parser.add_argument("--natoms", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    rows: list[dict[str, Any]] = []
+    print(HEADER, flush=True)
+
+    def add(row: dict[str, Any] | None, system: str) -> None:
+        if row is not None:
+            row["system"] = system
+            rows.append(row)
+            print(format_row(row), flush=True)
+
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    for natoms in sizes:
+        actual = 4 * max(1, round((natoms / 4) ** (1 / 3))) ** 3
+        if actual > args.max_atoms:
+            continue
+        add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu")
+        if not args.no_mace:
+            add(mace_row(args, natoms=natoms), "fcc-Cu")
+    if args.molecules > 0:
+        add(equiforce_row(args, "aspirin", "native", count=args.molecules), "aspirin")
+        add(equiforce_row(args, "aspirin", "ase"), "aspirin")
+        if not args.no_mace:
+            with tempfile.TemporaryDirectory() as tmp:
+                from ase.io import write
+
+                path = os.path.join(tmp, "aspirin.xyz")
+                write(path, aspirin())
+                add(mace_row(args, xyz=path), "aspirin")
+    print()
+    print_table(rows)
+    result = {"benchmark": "md_speed", "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device,
+              "dtype": args.dtype, "host": platform.node(), "cpu_count": os.cpu_count(),
+              "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
+              "model": REFERENCE_SPEC, "rows": rows}
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
