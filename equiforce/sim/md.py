@@ -224,7 +224,7 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
            trajectory: str | os.PathLike | None = None, trajectory_interval: int = 100,
            log: str | os.PathLike | None = None, log_interval: int = 100, progress: bool = False,
            stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
-           precision: str = "float64") -> MDResult:
+           precision: str = "float64", keep_thermo: bool = True) -> MDResult:
     """Run MD on ASE structures, all systems batched into one state.
 
     Momenta already set on the structures are used; otherwise they are drawn from Maxwell–Boltzmann at
@@ -255,4 +255,4 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
     md = MolecularDynamics(model, integrator, skin=skin, stop_when=stop_when, stop_mode=stop_mode,
                            stop_check_interval=stop_check_interval)
     return md.run(state, steps, trajectory=trajectory, trajectory_interval=trajectory_interval, log=log,
-                  log_interval=log_interval, progress=progress, precision=precision)
+                  log_interval=log_interval, progress=progress, precision=precision, keep_thermo=keep_thermo)

@@ -1,0 +1,114 @@
+"""``equiforce md MODEL STRUCTURES`` and ``equiforce relax MODEL STRUCTURES`` (registered by ``add_parser``).
+
+Every structure in the file (extxyz or any ASE format) becomes one system of a batched run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from equiforce.errors import ConfigError, DataError
+
+
+def _load(args: argparse.Namespace):
+    import torch
+    from ase.io import read
+
+    from equiforce.evaluate import resolve_device
+    from equiforce.models.file import load_model
+
+    device = resolve_device(args.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(args.dtype) if args.dtype else None
+    model = load_model(args.model, device=device, dtype=dtype)
+    try:
+        structures = read(args.structures, index=args.index)
+    except Exception as err:  # noqa: BLE001 - ASE raises many kinds; the user needs the file and the reason
+        raise DataError(f"cannot read structures: {err}", source=str(args.structures)) from None
+    structures = structures if isinstance(structures, list) else [structures]
+    if not structures:
+        raise DataError("no structures", source=str(args.structures))
+    return model, structures, str(device)
+
+
+def cmd_md(args: argparse.Namespace) -> int:
+    from equiforce.sim.md import ENSEMBLES, run_md
+
+    if args.ensemble not in ENSEMBLES:
+        raise ConfigError(f"unknown ensemble {args.ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+    model, structures, device = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trajectory = out / f"trajectory.{args.format}"
+    result = run_md(model, structures, ensemble=args.ensemble, temperature_K=args.temperature,
+                    timestep_fs=args.timestep, steps=args.steps, friction_per_fs=args.friction, tau_fs=args.tau,
+                    pressure_bar=args.pressure, tau_p_fs=args.tau_p, compressibility_per_bar=args.compressibility,
+                    seed=args.seed, device=device, trajectory=trajectory, trajectory_interval=args.every,
+                    log=out / "thermo.csv", log_interval=args.log_every, progress=not args.no_progress,
+                    keep_thermo=False)
+    from ase.io import write
+
+    write(out / "final.extxyz", result.atoms)
+    rate = result.steps * sum(len(a) for a in structures) / max(result.wall_time_s, 1e-9)
+    summary = {"systems": len(structures), "steps": result.steps, "wall_time_s": result.wall_time_s,
+               "atom_steps_per_s": rate, "neighbor_builds": result.neighbor_builds,
+               "nonfinite_systems": [int(b) for b in (result.nonfinite_step >= 0).nonzero()[0]]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{result.steps} steps of {len(structures)} system(s) in {result.wall_time_s:.1f} s "
+          f"({rate:.3g} atom-steps/s); wrote {trajectory}, {out / 'thermo.csv'}, {out / 'final.extxyz'}")
+    return 0
+
+
+def cmd_relax(args: argparse.Namespace) -> int:
+    from ase.io import write
+
+    from equiforce.sim.relax import relax
+
+    model, structures, device = _load(args)
+    result = relax(model, structures, fmax=args.fmax, max_steps=args.steps, relax_cell=args.cell,
+                   scalar_pressure_bar=args.pressure, device=device)
+    for b, atoms in enumerate(result.atoms):
+        atoms.info.update(energy=float(result.energy[b]), converged=bool(result.converged[b]))
+    write(args.out, result.atoms)
+    print(f"{int(result.converged.sum())}/{len(result.atoms)} converged (fmax {args.fmax} eV/Å); wrote {args.out}")
+    return 0 if result.converged.all() else 1
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file (.eqf)")
+    p.add_argument("structures", help="structures (extxyz or any ASE format); each one a system of the batch")
+    p.add_argument("--index", default=":", help="frames to read, ASE slice syntax (default all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: as saved")
+
+
+def add_parser(sub) -> None:
+    """Register ``md`` and ``relax`` on the CLI's sub-parsers."""
+    p = sub.add_parser("md", help="batched molecular dynamics of every structure in a file")
+    _common(p)
+    p.add_argument("--ensemble", default="nvt", help="nve, nvt (Langevin), nvt-csvr or npt (default nvt)")
+    p.add_argument("--temperature", type=float, default=300.0, help="K")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--tau", type=float, default=100.0, help="CSVR thermostat time, fs")
+    p.add_argument("--pressure", type=float, default=1.0, help="NPT pressure, bar")
+    p.add_argument("--tau-p", type=float, default=1000.0, help="barostat time, fs")
+    p.add_argument("--compressibility", type=float, default=4.5e-5, help="1/bar (sets the barostat's time scale)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--format", default="h5", choices=["h5", "extxyz", "traj"], help="trajectory format")
+    p.add_argument("--every", type=int, default=100, help="steps between trajectory frames")
+    p.add_argument("--log-every", type=int, default=100, help="steps between thermo lines")
+    p.add_argument("--out", default="runs/md", help="output directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_md)
+
+    p = sub.add_parser("relax", help="FIRE relaxation of every structure in a file (batched)")
+    _common(p)
+    p.add_argument("--fmax", type=float, default=0.05, help="eV/Å")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--cell", action="store_true", help="relax the cell too (periodic structures)")
+    p.add_argument("--pressure", type=float, default=0.0, help="bar, with --cell")
+    p.add_argument("--out", default="relaxed.extxyz")
+    p.set_defaults(func=cmd_relax)

@@ -1,0 +1,40 @@
+"""``equiforce md`` and ``equiforce relax`` (the sub-commands of equiforce/sim/cli_md.py)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+from ase.build import molecule
+from ase.io import read, write
+
+import equiforce
+from equiforce.sim.cli_md import add_parser
+from tests.conftest import make_model
+from tests.sim_models import single_thread  # noqa: F401
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_md_and_relax_commands(tmp_path):
+    model = equiforce.save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    write(tmp_path / "in.extxyz", [molecule("H2O"), molecule("CH4")])
+    out = tmp_path / "md"
+    assert _main(["md", str(model), str(tmp_path / "in.extxyz"), "--steps", "4", "--every", "2", "--log-every", "2",
+                  "--device", "cpu", "--out", str(out), "--no-progress", "--seed", "0"]) == 0
+    with open(out / "thermo.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    assert len(read(out / "final.extxyz", index=":")) == 2
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert (out / "trajectory.h5").stat().st_size > 0
+    status = _main(["relax", str(model), str(tmp_path / "in.extxyz"), "--steps", "3", "--device", "cpu",
+                    "--out", str(tmp_path / "relaxed.extxyz")])
+    assert status in (0, 1)
+    relaxed = read(tmp_path / "relaxed.extxyz", index=":")
+    assert len(relaxed) == 2 and "converged" in relaxed[0].info
