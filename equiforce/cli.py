@@ -81,6 +81,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console.print(_metrics_table(f"{Path(args.data).name}: {result['n_configs']} structures, "
                                  f"{result['n_atoms']} atoms", result))
     console.print(f"wrote {out / 'metrics.json'} and {out / 'parity.png'}")
+    if args.uq:
+        from equiforce.uq.report import evaluate_uncertainty, uq_table
+
+        report["uq"] = evaluate_uncertainty(model, configs, out, batch_size=args.batch_size, device=device,
+                                            title=f"{Path(args.model).name} on {Path(args.data).name}")
+        atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+        console.print(uq_table("uncertainty", report["uq"]))
+        console.print(f"wrote {report['uq']['plots']['calibration']} and {report['uq']['plots']['error_vs_sigma']}")
+    return 0
+
+
+def cmd_train_uq(args: argparse.Namespace) -> int:
+    from equiforce.uq.config import load_uq_config
+    from equiforce.uq.report import uq_table
+    from equiforce.uq.train import train_uq
+
+    result = train_uq(load_uq_config(args.config), progress=False if args.no_progress else None)
+    console = _console()
+    console.print(f"{result['method']} model with calibrated uncertainty: {result['model']}")
+    console.print(uq_table("validation (calibration set)", result["valid"]))
+    if result.get("test"):
+        console.print(uq_table("test", result["test"]))
     return 0
 
 
@@ -122,7 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stress-key", default="stress")
     p.add_argument("--virial-key", default="virial")
     p.add_argument("--index", default=":", help="frames to read, ase slice syntax (default all)")
+    p.add_argument("--uq", action="store_true", help="also rate the model's uncertainty: Spearman, miscalibration "
+                                                     "area, NLL, calibration.png and error_vs_sigma.png")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-uq", aliases=["train-ensemble"],
+                       help="train a model with calibrated uncertainty (ensemble or heads) from a YAML config")
+    p.add_argument("config", help="YAML config: the sections of `train` plus `uq` (see docs/uncertainty.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=cmd_train_uq)
 
     p = sub.add_parser("demo", help="train and simulate a small system end to end")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

@@ -14,7 +14,7 @@ from equiforce.models import ModelSpec, build_model
 from equiforce.uq import keys as UK
 from equiforce.uq.ensemble import EnsemblePotential, MemberMismatchError
 from tests.conftest import MODEL_CONFIGS, make_model
-from tests.uq_helpers import batch_of
+from tests.uq_helpers import batch_of, single_thread  # noqa: F401
 
 
 def _mixed_batch():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
+import pytest
 import torch
 from ase.build import bulk, molecule
 
@@ -13,6 +16,18 @@ from equiforce.uq.ensemble import EnsemblePotential
 from tests.conftest import make_model
 
 MOLECULES = ("CH4", "H2O", "CH3CH2OH", "CH3OH", "C2H4", "HCOOH")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models are overhead bound: one thread avoids OpenMP spinning on a shared 2-core machine.
+
+    Test modules import this fixture so that it applies to them.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def structures(n: int, seed: int = 0, periodic: bool = False) -> list:
@@ -30,8 +45,9 @@ def structures(n: int, seed: int = 0, periodic: bool = False) -> list:
     return out
 
 
-def labelled(n: int, seed: int = 0, periodic: bool = False, teacher_seed: int = 7) -> list[Configuration]:
-    """Structures labelled with a random 'teacher' model, so a student's residuals are non-trivial."""
+@lru_cache(maxsize=16)
+def labelled(n: int, seed: int = 0, periodic: bool = False, teacher_seed: int = 7) -> tuple[Configuration, ...]:
+    """Structures labelled with a random 'teacher' model, so a student's residuals are non-trivial (cached)."""
     teacher = make_model("L1-corr3", seed=teacher_seed)
     configs = []
     for atoms in structures(n, seed, periodic):
@@ -39,12 +55,12 @@ def labelled(n: int, seed: int = 0, periodic: bool = False, teacher_seed: int = 
         g = collate([config_to_graph(config, teacher.cutoff)])
         is_periodic = bool(atoms.pbc.any())
         out = teacher(g, compute_stress=is_periodic)
-        config.energy = float(out[K.ENERGY][0])
+        config.energy = float(out[K.ENERGY][0].detach())
         config.forces = out[K.FORCES].detach().numpy()
         if is_periodic:
             config.stress = out[K.STRESS][0].detach().numpy()
         configs.append(config)
-    return configs
+    return tuple(configs)
 
 
 def graphs(configs, cutoff: float = 4.0) -> list:

@@ -76,8 +76,16 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Potential:
-    """Load a model file.  ``dtype`` casts the weights (default: as saved)."""
+    """Load a model file.  ``dtype`` casts the weights (default: as saved).
+
+    A file of a model with uncertainty (``model_class`` of :mod:`equiforce.uq`) loads as that wrapper,
+    which has the same interface as :class:`Potential` plus σ outputs.
+    """
     header = read_header(path)
+    if header.get("model_class", "Potential") != "Potential":
+        from equiforce.uq.file import load_uq_model  # wrappers around Potential live in equiforce.uq
+
+        return load_uq_model(path, header, device=device, dtype=dtype)
     try:
         spec = ModelSpec.model_validate(header["spec"])
     except Exception as err:

@@ -1,4 +1,8 @@
-"""ASE calculator: energy, forces, stress and per-atom energies from an equiforce model."""
+"""ASE calculator: energy, forces, stress and per-atom energies from an equiforce model.
+
+A model with uncertainty (:mod:`equiforce.uq`) also fills ``energy_std`` (eV), ``forces_std`` (eV/Å, one
+per atom) and, for periodic cells, ``stress_std`` (eV/Å³, Voigt order like ``stress``) in ``results``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from equiforce.data.neighbors import neighbor_list
 from equiforce.data.structure import full_to_voigt
 from equiforce.models.file import load_model
 from equiforce.models.potential import Potential
+from equiforce.uq import keys as UK
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -27,16 +32,19 @@ class Calculator(AseCalculator):
     """Use a trained potential from ASE (MD, optimisers, NEB, vibrations).
 
     ``model_or_path`` is a :class:`Potential` or the path of a model file; ``device`` e.g. ``"cuda"``;
-    ``dtype`` ``"float32"`` or ``"float64"`` (default: as saved).
+    ``dtype`` ``"float32"`` or ``"float64"`` (default: as saved).  A model with uncertainty (an ensemble or
+    a :class:`~equiforce.uq.heads.UQPotential`) adds calibrated ``energy_std``, ``forces_std`` and
+    ``stress_std`` to ``results`` (see :mod:`equiforce.uq.keys` for their meaning).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    uncertainty_properties = ["energy_std", "forces_std", "stress_std"]
 
     def __init__(self, model_or_path: Potential | str | os.PathLike, device: str = "cpu",
                  dtype: str | torch.dtype | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         torch_dtype = _resolve_dtype(dtype)
-        if isinstance(model_or_path, Potential):
+        if isinstance(model_or_path, torch.nn.Module):  # a Potential or a model with uncertainty
             model = model_or_path.to(device=device)
             if torch_dtype is not None:
                 model = model.to(dtype=torch_dtype)
@@ -45,6 +53,9 @@ class Calculator(AseCalculator):
         self.model = model.eval()
         self.device = torch.device(device)
         self.dtype = next(self.model.parameters()).dtype
+        self.has_uncertainty = not isinstance(self.model, Potential) and hasattr(self.model, "calibration")
+        if self.has_uncertainty:
+            self.implemented_properties = [*type(self).implemented_properties, *self.uncertainty_properties]
 
     def _graph(self, atoms) -> dict[str, torch.Tensor]:
         """Inference graph (no label checks: MD may legitimately bring atoms close)."""
@@ -78,3 +89,9 @@ class Calculator(AseCalculator):
         }
         if periodic:
             self.results["stress"] = full_to_voigt(out[K.STRESS][0].detach().cpu().double().numpy())
+        if UK.ENERGY_STD in out:
+            self.results["energy_std"] = float(out[UK.ENERGY_STD].detach().sum().cpu())
+        if UK.FORCES_STD in out:
+            self.results["forces_std"] = out[UK.FORCES_STD].detach().cpu().double().numpy()
+        if periodic and UK.STRESS_STD in out:
+            self.results["stress_std"] = full_to_voigt(out[UK.STRESS_STD][0].detach().cpu().double().numpy())

@@ -92,6 +92,7 @@ class UQModel(nn.Module):
             mask = unseen_atom if quantity == "forces" else unseen_graph
             while mask.dim() < sigma.dim():
                 mask = mask.unsqueeze(-1)
+            sigma = sigma.detach()  # σ is a report, never a training target through the model
             out[UK.SIGMA_KEYS[quantity]] = torch.where(mask, torch.full_like(sigma, float("inf")), sigma)
         return out
 

@@ -1,0 +1,69 @@
+"""The ``equiforce train-uq`` configuration: a training config plus a ``uq:`` section.
+
+Everything of ``equiforce train`` (data, model, training, output) keeps its meaning; ``uq`` says which
+estimator to build.  Unknown keys are errors, as everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from equiforce.errors import ConfigError
+from equiforce.train.config import TrainConfig, format_validation_error
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeadsConfig(_Section):
+    """The single-model estimator's heads (see :mod:`equiforce.uq.heads`)."""
+
+    n_heads: int = Field(8, ge=2, description="error samples per atom (shallow-ensemble size)")
+    hidden: int = Field(32, ge=1, description="width of the heads' shared MLP")
+    steps: int = Field(1000, ge=1, description="optimiser steps of the NLL fit on the frozen backbone")
+    lr: float = Field(3e-3, gt=0)
+    batch_structures: int = Field(256, ge=1)
+
+
+class UQConfig(_Section):
+    """Which uncertainty estimator to train, and how to calibrate it."""
+
+    method: Literal["ensemble", "heads"] = Field("ensemble", description="ensemble of members, or heads on one model")
+    members: int = Field(4, ge=2, description="ensemble: number of members (seeds training.seed + m)")
+    bootstrap: bool = Field(False, description="ensemble: each member trains on a bootstrap resample of `train`")
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    backbone: Path | None = Field(None, description="heads: an already trained model file instead of training one")
+    calibration: Literal["scale", "isotonic"] = Field("scale", description="fitted on the validation set")
+
+
+class UQTrainConfig(TrainConfig):
+    """Everything ``equiforce train-uq`` needs: ``equiforce train``'s sections plus ``uq``."""
+
+    uq: UQConfig = Field(default_factory=UQConfig)
+
+
+def parse_uq_config(data: Any, source: str = "<config>") -> UQTrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, model, training, output, uq)")
+    try:
+        return UQTrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_uq_config(path: str | os.PathLike) -> UQTrainConfig:
+    """Read and validate a ``train-uq`` YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    return parse_uq_config(data if data is not None else {}, str(path))

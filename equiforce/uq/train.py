@@ -1,0 +1,143 @@
+"""``equiforce train-uq``: train an ensemble (or a model plus heads), calibrate it, write one model file.
+
+Members are trained by the ordinary trainer (:func:`equiforce.train.trainer.train_configs`), each in its
+own directory, so every member resumes from its checkpoint like any training run and a finished member
+is not retrained.  All members see the same train/validation split; they differ by seed
+(``training.seed + m``) and, with ``uq.bootstrap``, by a bootstrap resample of the training set given as
+integer loss weights (multinomial counts) — the structures themselves, hence the normalisation
+statistics and the model spec, stay the same for every member, which is what lets them be stacked.
+``training.max_time`` is a budget *per member*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from equiforce.data.graph import Graph, config_to_graph
+from equiforce.data.structure import Configuration
+from equiforce.errors import DataError
+from equiforce.models.file import load_model
+from equiforce.models.potential import Potential
+from equiforce.uq.base import UQModel
+from equiforce.uq.config import UQConfig, UQTrainConfig
+from equiforce.uq.ensemble import EnsemblePotential
+from equiforce.uq.file import save_uq_model
+from equiforce.uq.fit import build_uq_potential, calibrate
+
+UQ_MODEL = "uq.eqf"
+
+
+@dataclasses.dataclass
+class Split:
+    """The structures every member trains and validates on (isolated atoms kept for the E0s)."""
+
+    train: list[Configuration]
+    valid: list[Configuration]
+    isolated: list[Configuration]
+
+
+def split_data(train: Sequence[Configuration], valid: Sequence[Configuration] | None, valid_fraction: float,
+               split_seed: int) -> Split:
+    """The trainer's split (same function, same seed), done once so members can be resampled after it."""
+    from equiforce.data.stats import is_isolated_atom, split_indices
+
+    isolated = [c for c in train if is_isolated_atom(c)]
+    rest = [c for c in train if not is_isolated_atom(c)]
+    if valid is None:
+        if not (valid_fraction > 0 and len(rest) > 1):
+            raise DataError("uncertainty needs held-out structures to calibrate on: set data.valid or "
+                            "data.valid_fraction > 0")
+        train_idx, valid_idx = split_indices(len(rest), valid_fraction, split_seed)
+        return Split([rest[i] for i in train_idx], [rest[i] for i in valid_idx], isolated)
+    return Split(rest, [c for c in valid if not is_isolated_atom(c)], isolated)
+
+
+def bootstrap_weights(configs: Sequence[Configuration], seed: int) -> list[Configuration]:
+    """A bootstrap resample as loss weights: each structure's weight times its multinomial count."""
+    counts = np.random.default_rng(seed).multinomial(len(configs), np.full(len(configs), 1.0 / len(configs)))
+    return [dataclasses.replace(c, weight=c.weight * int(n)) for c, n in zip(configs, counts)]
+
+
+def train_members(split: Split, config: UQTrainConfig, out: Path, progress: bool | None = None,
+                  extra: dict[str, Any] | None = None) -> list[Path]:
+    """Train (or resume) each member; return the paths of their best models."""
+    from equiforce.train.trainer import train_configs
+
+    uq, paths = config.uq, []
+    for m in range(uq.members):
+        seed = config.training.seed + m
+        train = bootstrap_weights(split.train, seed) if uq.bootstrap else list(split.train)
+        training = config.training.model_copy(update={"seed": seed})
+        result = train_configs([*train, *split.isolated], split.valid, config.model, training,
+                               out / "members" / f"m{m}", e0s=config.data.e0s, resume=config.output.resume,
+                               checkpoint_every=config.output.checkpoint_every, progress=progress,
+                               extra={**(extra or {}), "ensemble_member": m, "bootstrap": uq.bootstrap})
+        paths.append(Path(result["best_model"]))
+    return paths
+
+
+def build_ensemble(paths: Sequence[Path], valid_graphs: Sequence[Graph], uq: UQConfig, seen_elements: Sequence[int],
+                   seeds: Sequence[int], device: torch.device) -> EnsemblePotential:
+    members = [load_model(p, device=device) for p in paths]
+    info = [{"seed": int(s), "bootstrap": uq.bootstrap, "source": str(p)} for s, p in zip(seeds, paths)]
+    ensemble = EnsemblePotential.from_members(members, seen_elements=seen_elements, members_info=info)
+    calibrate(ensemble.to(device), valid_graphs, method=uq.calibration, device=device)
+    return ensemble
+
+
+def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run ``equiforce train-uq``; returns paths and validation/test metrics of the calibrated model."""
+    from equiforce.data.io import read_configurations
+    from equiforce.evaluate import resolve_device
+    from equiforce.train.trainer import DTYPES, train_configs
+    from equiforce.uq.metrics import uq_report
+    from equiforce.uq.predict import predict
+
+    data, uq = config.data, config.uq
+    keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key,
+                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key)
+    split = split_data(read_configurations(data.train, **keys),
+                       read_configurations(data.valid, **keys) if data.valid is not None else None,
+                       data.valid_fraction, data.split_seed)
+    out = Path(config.output.directory)
+    device, dtype = resolve_device(config.training.device), DTYPES[config.training.dtype]
+    extra = {"data": {"train": str(data.train)}, "config": config.model_dump(mode="json")}
+    seen = sorted({int(z) for c in [*split.train, *split.valid] for z in c.numbers})
+
+    def graphs(configs: Sequence[Configuration], cutoff: float) -> list[Graph]:
+        return [config_to_graph(c, cutoff, dtype) for c in configs]
+
+    if uq.method == "ensemble":
+        paths = train_members(split, config, out, progress, extra)
+        cutoff = config.model.cutoff
+        seeds = [config.training.seed + m for m in range(uq.members)]
+        model: UQModel = build_ensemble(paths, graphs(split.valid, cutoff), uq, seen, seeds, device)
+    else:
+        if uq.backbone is not None:
+            backbone: Potential = load_model(uq.backbone, device=device)
+            if not isinstance(backbone, Potential):
+                raise DataError(f"uq.backbone {uq.backbone} already carries uncertainty; give a plain model")
+        else:
+            result = train_configs([*split.train, *split.isolated], split.valid, config.model, config.training,
+                                   out / "backbone", e0s=data.e0s, resume=config.output.resume,
+                                   checkpoint_every=config.output.checkpoint_every, progress=progress, extra=extra)
+            backbone = load_model(result["best_model"], device=device)
+        cutoff = backbone.cutoff
+        model = build_uq_potential(backbone, graphs(split.train, cutoff), graphs(split.valid, cutoff),
+                                   method=uq.calibration, device=device, seed=config.training.seed,
+                                   **uq.heads.model_dump())
+    path = save_uq_model(model, out / UQ_MODEL, extra={**extra, "uq_method": uq.method})
+    result: dict[str, Any] = {"model": str(path), "method": uq.method,
+                              "calibration": model.calibration.to_json(),
+                              "valid": uq_report(predict(model, graphs(split.valid, model.cutoff), device=device))}
+    if data.test is not None:
+        test = read_configurations(data.test, **keys, require_energy=False)
+        model.check_elements({int(z) for c in test for z in c.numbers})
+        result["test"] = uq_report(predict(model, graphs(test, model.cutoff), device=device))
+    return result
