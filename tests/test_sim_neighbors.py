@@ -41,9 +41,12 @@ def _random_systems(seed: int, count: int) -> list[Atoms]:
     return systems
 
 
-@pytest.mark.parametrize("budget", [nl.BRUTE_FORCE_BUDGET, 0], ids=["all-pairs", "cell-list"])
-def test_batched_list_equals_ase(budget):
+@pytest.mark.parametrize("budget,device_cell_list", [(nl.BRUTE_FORCE_BUDGET, True), (0, True), (0, False)],
+                         ids=["all-pairs", "cell-list", "host-cell-list"])
+def test_batched_list_equals_ase(budget, device_cell_list, monkeypatch):
     """Random triclinic, partly periodic, small cells (several images), unwrapped positions, in one batch."""
+    if not device_cell_list:
+        monkeypatch.setattr(nl, "_TorchNeighborList", None)
     systems = _random_systems(0, 12)
     state = SimState.from_atoms(systems)
     cutoff = 3.7

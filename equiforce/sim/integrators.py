@@ -16,6 +16,7 @@ per system (tensors of shape ``[B]``).  Units are ASE's; the constructors take f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -82,10 +83,10 @@ class Langevin(Integrator):
     def step(self, state: SimState, outputs: Outputs, evaluate: Evaluate) -> Outputs:
         self.kick(state, outputs, 0.5)
         self.drift(state, 0.5)
-        c1 = torch.exp(torch.as_tensor(-self.friction * self.dt, dtype=state.dtype))
+        c1 = math.exp(-self.friction * self.dt)
         kt = KB * _per_system(self.temperature_K, state)[state.system]
         noise = torch.randn(state.momenta.shape, generator=self.generator, dtype=state.dtype, device=state.device)
-        state.momenta = c1 * state.momenta + torch.sqrt((1 - c1**2) * state.masses * kt)[:, None] * noise
+        state.momenta = c1 * state.momenta + torch.sqrt((1 - c1 * c1) * state.masses * kt)[:, None] * noise
         self.drift(state, 0.5)
         outputs = self.evaluate(state, evaluate)
         self.kick(state, outputs, 0.5)

@@ -133,11 +133,19 @@ def brute_force_pairs(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
 def cell_list_pairs(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                     cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One system through vesin: on the device with ``vesin.torch`` when available, else on the host."""
-    if _TorchNeighborList is None:
-        i, j, shifts = host_neighbor_list(positions.detach().cpu().double().numpy(),
-                                          cell.detach().cpu().double().numpy(), pbc.cpu().numpy(), cutoff)
-        edge_index = torch.as_tensor(np.stack([i, j]), dtype=torch.long, device=positions.device)
-        return edge_index, torch.as_tensor(shifts, dtype=positions.dtype, device=positions.device)
+    if _TorchNeighborList is not None:
+        try:
+            return _device_cell_list(positions, cell, pbc, cutoff)
+        except RuntimeError:  # e.g. a device vesin-torch was not built for: the host list always works
+            pass
+    i, j, shifts = host_neighbor_list(positions.detach().cpu().double().numpy(),
+                                      cell.detach().cpu().double().numpy(), pbc.cpu().numpy(), cutoff)
+    edge_index = torch.as_tensor(np.stack([i, j]), dtype=torch.long, device=positions.device)
+    return edge_index, torch.as_tensor(shifts, dtype=positions.dtype, device=positions.device)
+
+
+def _device_cell_list(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                      cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
     points = positions.detach().to(torch.float64)
     if bool(pbc.any()):
         span = float((points.max(0).values - points.min(0).values).max())
