@@ -1,0 +1,67 @@
+"""`equiforce train-uq`: an ensemble and a heads model from one YAML file each, calibrated, one file."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from ase.io import write
+
+import equiforce
+from equiforce.cli import main
+from equiforce.uq.config import load_uq_config
+from equiforce.uq.ensemble import EnsemblePotential
+from equiforce.uq.heads import UQPotential
+from equiforce.uq.train import bootstrap_weights
+from tests.uq_helpers import labelled, single_thread  # noqa: F401
+
+MODEL = {"channels": 4, "max_l": 1, "sh_lmax": 1, "correlation": 1, "num_layers": 2, "radial_mlp": [8],
+         "cutoff": 4.0, "readout_hidden": 4}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    atoms = []
+    for config in labelled(36, seed=11):
+        a = config.to_atoms()
+        a.info["energy"] = config.energy
+        a.arrays["forces"] = config.forces
+        atoms.append(a)
+    path = tmp_path_factory.mktemp("data") / "train.xyz"
+    write(path, atoms, format="extxyz")
+    return path
+
+
+def _config(tmp_path, data_file, uq):
+    config = {"data": {"train": str(data_file), "valid_fraction": 0.34},
+              "model": MODEL, "training": {"epochs": 1, "batch_size": 12, "device": "cpu", "ema_decay": 0.0},
+              "output": {"directory": str(tmp_path / "run")}, "uq": uq}
+    path = tmp_path / "uq.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_ensemble_then_heads(tmp_path, data_file, capsys):
+    config = _config(tmp_path, data_file, {"method": "ensemble", "members": 2, "bootstrap": True})
+    assert main(["train-ensemble", str(config), "--no-progress"]) == 0
+    model = equiforce.load_model(tmp_path / "run" / "uq.eqf")
+    assert isinstance(model, EnsemblePotential) and model.n_members == 2
+    assert [m["seed"] for m in model.members_info] == [0, 1] and model.calibration.fitted("forces")
+    assert "Spearman" in capsys.readouterr().out
+    backbone = tmp_path / "run" / "members" / "m0" / "best.eqf"
+    config = _config(tmp_path, data_file, {"method": "heads", "backbone": str(backbone), "heads": {"steps": 5}})
+    assert main(["train-uq", str(config), "--no-progress"]) == 0
+    heads = equiforce.load_model(tmp_path / "run" / "uq.eqf")
+    assert isinstance(heads, UQPotential) and heads.calibration.fitted("energy")
+
+
+def test_uq_config_errors_name_the_key(tmp_path, data_file, capsys):
+    config = _config(tmp_path, data_file, {"method": "ensemble", "memebers": 3})
+    assert main(["train-uq", str(config)]) == 2
+    assert "uq.memebers" in capsys.readouterr().err
+    assert load_uq_config(_config(tmp_path, data_file, {})).uq.members == 4
+
+
+def test_bootstrap_weights_are_multinomial_counts():
+    configs = list(labelled(12, seed=1))
+    weights = [c.weight for c in bootstrap_weights(configs, seed=3)]
+    assert sum(weights) == len(configs) and all(w == int(w) >= 0 for w in weights) and 0 in weights
