@@ -22,10 +22,22 @@ import torch
 
 from equiforce.data.neighbors import neighbor_list as host_neighbor_list
 
-try:  # vesin-torch builds lists on the device (CPU or CUDA) without a host round trip
-    from vesin_torch import NeighborList as _TorchNeighborList
-except Exception:  # noqa: BLE001 - absent, or compiled for another torch version
-    _TorchNeighborList = None
+_TorchNeighborList = None  # vesin-torch's class, imported on first use (it loads a compiled library)
+_TORCH_VESIN_TRIED = False
+
+
+def _torch_vesin():
+    """vesin-torch builds lists on the device (CPU or CUDA) without a host round trip; None when absent."""
+    global _TorchNeighborList, _TORCH_VESIN_TRIED
+    if not _TORCH_VESIN_TRIED:
+        _TORCH_VESIN_TRIED = True
+        try:
+            from vesin_torch import NeighborList
+
+            _TorchNeighborList = NeighborList
+        except Exception:  # noqa: BLE001 - absent, or compiled for another torch version
+            _TorchNeighborList = None
+    return _TorchNeighborList
 
 BRUTE_FORCE_BUDGET = 1 << 18  # candidate pairs per system (n² × images) below which all-pairs is used
 
@@ -133,7 +145,7 @@ def brute_force_pairs(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Te
 def cell_list_pairs(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
                     cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One system through vesin: on the device with ``vesin.torch`` when available, else on the host."""
-    if _TorchNeighborList is not None:
+    if _torch_vesin() is not None:
         try:
             return _device_cell_list(positions, cell, pbc, cutoff)
         except RuntimeError:  # e.g. a device vesin-torch was not built for: the host list always works
