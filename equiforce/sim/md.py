@@ -110,7 +110,7 @@ class MolecularDynamics:
         frozen, stopped_step, nonfinite_step = self.frozen, self.stopped_step, self.nonfinite_step
         thermo: list[dict[str, Any]] = []
         start_step = state.step
-        outputs = self._initial_outputs(state)
+        outputs, continued = self._initial_outputs(state)
         with ExitStack() as stack:
             writer = None
             if trajectory is not None:
@@ -122,19 +122,20 @@ class MolecularDynamics:
                 stack.callback(logger.close)
             bar = _progress(stack, steps) if progress else None
 
-            def record(force: bool = False) -> None:
+            def record(final: bool = False) -> None:
                 done = state.step - start_step
                 time_ps = state.step * dt_ps
-                if writer is not None and (force or done % trajectory_interval == 0):
+                if writer is not None and (final or done % trajectory_interval == 0):
                     writer.write(state, outputs, time_ps)
-                if (logger is not None or keep_thermo) and (force or done % log_interval == 0):
+                if (logger is not None or keep_thermo) and (final or done % log_interval == 0):
                     rows = thermo_rows(state, outputs, self.integrator, time_ps, frozen | (stopped_step >= 0))
                     if keep_thermo:
                         thermo.extend(rows)
                     if logger is not None:
                         logger.write(rows)
 
-            record()
+            if not continued:  # a continued run recorded this state when the previous one ended
+                record()
             t0 = time.perf_counter()
             for _ in range(steps):
                 previous = (state.positions, state.momenta, state.cell)
@@ -149,11 +150,10 @@ class MolecularDynamics:
                 state.cell = torch.where(frozen[:, None, None], previous[2], state.cell)
                 last = done == steps
                 if last or done % log_interval == 0 or done % trajectory_interval == 0:
-                    record()
+                    record(final=last)
                 if bar is not None and (last or done % max(1, steps // 200) == 0):
                     bar[0].update(bar[1], completed=done)
-                if done % log_interval == 0 and bool(frozen.all()):
-                    record(force=True)
+                if done % log_interval == 0 and bool(frozen.all()):  # this step was just recorded
                     break
             wall = time.perf_counter() - t0
         self._last = (self._key(state), outputs)
@@ -165,15 +165,16 @@ class MolecularDynamics:
 
     @staticmethod
     def _key(state: SimState) -> tuple:
-        """Identity and in-place version of what the forces depend on: a changed state is re-evaluated."""
-        return tuple((id(t), t._version) for t in (state.positions, state.cell, state.numbers, state.pbc))
+        """What the forces depend on, with each tensor's in-place version: a changed state is re-evaluated."""
+        return tuple((t, t._version) for t in (state.positions, state.cell, state.numbers, state.pbc))
 
-    def _initial_outputs(self, state: SimState) -> Outputs:
-        """Forces at the start: reused from the previous ``run`` on an unchanged state (chunked runs)."""
+    def _initial_outputs(self, state: SimState) -> tuple[Outputs, bool]:
+        """Forces at the start, and whether this run continues the previous one on an unchanged state (then
+        they are reused)."""
         last = getattr(self, "_last", None)
-        if last is not None and last[0] == self._key(state):
-            return last[1]
-        return self.integrator.evaluate(state, self.evaluate)
+        if last is not None and all(a is b and va == vb for (a, va), (b, vb) in zip(last[0], self._key(state))):
+            return last[1], True
+        return self.integrator.evaluate(state, self.evaluate), False
 
     def _check_stops(self, state: SimState, outputs: Outputs, frozen: torch.Tensor, stopped_step: torch.Tensor,
                      nonfinite_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
