@@ -1,7 +1,9 @@
 """The MACE-class equivariant message-passing potential.
 
-Energy is a sum of atomic energies ``E_i = E0[z_i] + shift + scale · Σ_t readout_t(h_i^t)``; forces,
-virial and stress are exact autograd derivatives of that one energy.
+Energy is a sum of atomic energies ``E_i = E0[z_i] + shift + scale · Σ_t readout_t(h_i^t)``.  Readouts are
+bias-free and an atom without neighbours has zero features, so an isolated atom's energy is exactly
+``E0 + shift`` (``E0`` when, as with isolated-atom E0s, the shift is zero): dissociation curves end at
+the right limit.  Forces, virial and stress are exact autograd derivatives of that one energy.
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ class Potential(nn.Module):
             lmax_out = 0 if last else spec.max_l
             self.blocks.append(InteractionBlock(spec, lmax_in, lmax_out, first=t == 0))
             if last:
-                readout = nn.Sequential(nn.Linear(c, spec.readout_hidden), nn.SiLU(), nn.Linear(spec.readout_hidden, 1))
+                readout = nn.Sequential(nn.Linear(c, spec.readout_hidden, bias=False), nn.SiLU(),
+                                        nn.Linear(spec.readout_hidden, 1, bias=False))
             else:
-                readout = nn.Linear(c, 1)
+                readout = nn.Linear(c, 1, bias=False)
             self.readouts.append(readout)
         self.zbl = ZBLRepulsion(spec.elements, spec.cutoff) if spec.zbl else None
         self.scalar_norm = 1.0 / math.sqrt(c)
@@ -123,7 +126,7 @@ class Potential(nn.Module):
         for block, readout in zip(self.blocks, self.readouts):
             h = block(h, sh, radial, edge_index, species, onehot)
             features.append(h)
-            atomic = atomic + readout(h[..., 0] * 1.0).squeeze(-1)
+            atomic = atomic + readout(h[..., 0]).squeeze(-1)
         node_energy = self.e0[species] + self.energy_shift + self.energy_scale * atomic
         if self.zbl is not None:
             pair = self.zbl(species[centre], species[neighbour], lengths)

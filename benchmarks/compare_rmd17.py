@@ -1,0 +1,113 @@
+"""equiforce and MACE on the same rMD17 split, budget and device, one after the other, in one table.
+
+    python benchmarks/compare_rmd17.py --train ../shared/data/rmd17/rmd17_aspirin_train_01.npz \
+        --test ../shared/data/rmd17/rmd17_aspirin_test_01.npz --budget-min 30 --device cpu --dtype float32 \
+        --mace-hidden-irreps 64x0e+64x1o --out runs/compare/aspirin_cpu.json -- --preset mace64
+
+Arguments after ``--`` go to ``benchmarks/rmd17.py`` (equiforce's model and training options).  The MACE
+peer must be installed first (``benchmarks/peers/mace/install.sh``).  The two runs never overlap: timing
+two things at once on the same cores would make both numbers meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+PEER_PYTHON = HERE / "peers" / ".venv-mace" / "bin" / "python"
+QUANTITIES = (("e_mae_mev", "E MAE meV"), ("f_mae_mev_a", "F MAE meV/Å"), ("e_rmse_mev", "E RMSE meV"),
+              ("f_rmse_mev_a", "F RMSE meV/Å"), ("epochs", "epochs"), ("configs_per_s", "configs/s"),
+              ("model_params", "params"))
+
+
+def prepare_split(args: argparse.Namespace, split_dir: Path) -> None:
+    from rmd17 import split, write_split
+
+    from equiforce.data.io import read_configurations
+
+    train, valid = split(read_configurations(args.train, require_forces=True), 950, 50, args.split_seed)
+    write_split(train, split_dir / "train.xyz")
+    write_split(valid, split_dir / "valid.xyz")
+    write_split(read_configurations(args.test, require_forces=True), split_dir / "test.xyz")
+
+
+def run_equiforce(args: argparse.Namespace, extra: list[str], out: Path) -> dict:
+    command = [sys.executable, str(HERE / "rmd17.py"), "--train", args.train, "--test", args.test,
+               "--budget-min", str(args.budget_min), "--device", args.device, "--dtype", args.dtype,
+               "--split-seed", str(args.split_seed), "--out", str(out), "--work-dir", str(out.parent / "equiforce"),
+               *extra]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return json.loads(out.read_text())
+
+
+def run_mace(args: argparse.Namespace, split_dir: Path, out: Path) -> dict:
+    if not PEER_PYTHON.exists():
+        raise SystemExit(f"MACE peer not installed ({PEER_PYTHON}); run benchmarks/peers/mace/install.sh")
+    dtype = "float32" if args.dtype in ("float32", "tf32") else "float64"
+    command = [str(PEER_PYTHON), str(HERE / "peers" / "mace" / "train_rmd17.py"), "--split", str(split_dir),
+               "--budget-min", str(args.budget_min), "--device", args.device, "--dtype", dtype,
+               "--hidden-irreps", args.mace_hidden_irreps, "--work-dir", str(out.parent / "mace"),
+               "--molecule", args.molecule, "--out", str(out)]
+    print("$", " ".join(command), flush=True)
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def table(results: dict[str, dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("engine")
+    for _, label in QUANTITIES:
+        t.add_column(label, justify="right")
+    for engine, r in results.items():
+        t.add_row(engine, *(f"{r[key]:,.2f}" if isinstance(r[key], float) else f"{r[key]:,}" for key, _ in QUANTITIES))
+    eq, mace = results["equiforce"], results["mace"]
+    t.add_row("equiforce / mace", *(f"{eq[k] / mace[k]:.2f}x" if mace[k] else "-" for k, _ in QUANTITIES))
+    Console().print(t)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--molecule", default=None)
+    p.add_argument("--budget-min", type=float, default=10.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32", "tf32"])
+    p.add_argument("--mace-hidden-irreps", default="128x0e+128x1o")
+    p.add_argument("--split-seed", type=int, default=1)
+    p.add_argument("--skip-mace", action="store_true", help="reuse an earlier mace.json in the output folder")
+    p.add_argument("--out", default="runs/compare/results.json")
+    args = p.parse_args(argv)
+    args.molecule = args.molecule or Path(args.train).stem.replace("rmd17_", "").split("_")[0]
+    out = Path(args.out)
+    work = out.parent / out.stem
+    work.mkdir(parents=True, exist_ok=True)
+    split_dir = work / "split"
+    prepare_split(args, split_dir)
+    results = {"equiforce": run_equiforce(args, extra, work / "equiforce.json")}
+    mace_out = work / "mace.json"
+    results["mace"] = json.loads(mace_out.read_text()) if args.skip_mace else run_mace(args, split_dir, mace_out)
+    ratios = {key: results["equiforce"][key] / results["mace"][key] for key, _ in QUANTITIES
+              if results["mace"].get(key)}
+    table(results, f"rMD17 {args.molecule}: {args.budget_min:g} min on {args.device} ({args.dtype})")
+    out.write_text(json.dumps({**results, "ratios": ratios, "command": " ".join(sys.argv)}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
