@@ -413,3 +413,14 @@ def test_index_out_of_range(tmp_path):
     with pytest.raises(DataError) as err:
         read_configurations(xyz, index=-5)
     assert_data_error(err, xyz, None)
+
+
+@pytest.mark.parametrize("cell, pbc, message", [
+    (np.zeros((3, 3)), [True, True, True], "cell vector 0 is zero"),
+    (np.diag([5.0, 5.0, 0.0]), [True, True, True], "cell vector 2 is zero"),
+    (np.diag([0.1, 10.0, 10.0]), [True, False, False], "would need 50 periodic images"),
+])
+def test_graph_rejects_unusable_cells(cell, pbc, message):
+    config = Configuration(numbers=[29], positions=[[0.0, 0.0, 0.0]], cell=cell, pbc=pbc, source="bad.xyz", frame=7)
+    with pytest.raises(DataError, match=f"file bad.xyz, frame 7, field 'cell': .*{message}"):
+        config_to_graph(config, cutoff=5.0)

@@ -27,7 +27,7 @@ def config_to_graph(config: Configuration, cutoff: float, dtype: torch.dtype = t
         raise DataError("frame has no atoms", field="numbers", **where)
     if not np.all(np.isfinite(config.positions)):
         raise DataError("positions contain NaN or infinity", field="positions", **where)
-    problem = check_cell(config.cell, config.pbc)
+    problem = check_cell(config.cell, config.pbc, cutoff)
     if problem is not None:
         raise DataError(problem, field="cell", **where)
     i, j, shifts = neighbor_list(config.positions, config.cell, config.pbc, cutoff)

@@ -10,15 +10,32 @@ from __future__ import annotations
 import numpy as np
 from vesin import NeighborList
 
+MAX_IMAGES_PER_AXIS = 25
+"""More periodic images than this along one axis means the cell is almost surely wrong (units, a missing
+lattice), and the neighbour list would exhaust memory: refuse with a message instead."""
 
-def check_cell(cell: np.ndarray, pbc: np.ndarray) -> str | None:
-    """Why a (cell, pbc) pair cannot be used, or None when it is fine."""
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray, cutoff: float | None = None) -> str | None:
+    """Why a (cell, pbc) pair cannot be used with ``cutoff``, or None when it is fine."""
     cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
     for axis in range(3):
         if pbc[axis] and np.linalg.norm(cell[axis]) < 1e-8:
             return f"periodic along axis {axis} but cell vector {axis} is zero"
     if np.all(pbc) and abs(np.linalg.det(cell)) < 1e-8:
         return "periodic cell has zero volume"
+    if cutoff is not None and pbc.any():
+        for axis in np.flatnonzero(pbc):
+            others = [cell[a] if np.linalg.norm(cell[a]) > 1e-8 else np.eye(3)[a] for a in range(3) if a != axis]
+            normal = np.cross(*others)
+            if np.linalg.norm(normal) < 1e-8:
+                return f"cell vector {axis} is parallel to the others"
+            width = abs(cell[axis] @ normal) / np.linalg.norm(normal)
+            images = int(np.ceil(cutoff / max(width, 1e-12)))
+            if images > MAX_IMAGES_PER_AXIS:
+                return (f"the cell is only {width:.3g} Å wide along periodic axis {axis}, but the cutoff of "
+                        f"{cutoff:g} Å would need {images} periodic images of it (more than "
+                        f"{MAX_IMAGES_PER_AXIS}); check the cell and its units")
     return None
 
 
