@@ -29,6 +29,7 @@ class HeadsConfig(_Section):
     steps: int = Field(1000, ge=1, description="optimiser steps of the NLL fit on the frozen backbone")
     lr: float = Field(3e-3, gt=0)
     batch_structures: int = Field(256, ge=1)
+    max_time: float | None = Field(None, gt=0, description="seconds for the whole heads fit (ends it early)")
 
 
 class UQConfig(_Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,12 +82,14 @@ def _nll(residual: torch.Tensor, variance: torch.Tensor, mask: torch.Tensor, dim
 def fit_heads(backbone: Potential, graphs: Sequence[Graph], *, n_heads: int = 8, hidden: int = 32,
               steps: int = 1000, lr: float = 3e-3, weight_decay: float = 1e-4, batch_structures: int = 256,
               seed: int = 0, batch_size: int = 32, ridge: float = 1e-3, quantile: float = 0.99,
-              device: str | torch.device = "cpu") -> UQHeads:
+              max_time: float | None = None, device: str | torch.device = "cpu") -> UQHeads:
     """Train uncertainty heads on the residuals of a frozen ``backbone`` over ``graphs`` (Gaussian NLL).
 
     ``graphs`` should be the backbone's training structures (the calibration set stays held out).  The
     NLL fit sees the samples without the extrapolation factor (it is 1 on almost all training atoms).
+    ``max_time`` (seconds, counted from the start, feature caching included) ends the fit early.
     """
+    start = time.perf_counter()
     check_backbone(backbone)
     if not graphs:
         raise DataError("no structures to train uncertainty heads on")
@@ -111,6 +114,9 @@ def fit_heads(backbone: Potential, graphs: Sequence[Graph], *, n_heads: int = 8,
     generator = torch.Generator().manual_seed(seed)
     heads.train()
     for _ in range(steps):
+        if max_time is not None and time.perf_counter() - start > max_time:
+            log.warning("uncertainty heads: time budget of %.0f s spent before %d steps", max_time, steps)
+            break
         if n_graphs > batch_structures:
             chosen = torch.randperm(n_graphs, generator=generator)[:batch_structures].sort().values.to(device)
             picked = torch.zeros(n_graphs, dtype=torch.bool, device=device)

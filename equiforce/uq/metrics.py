@@ -34,8 +34,10 @@ def spearman(sigma: np.ndarray, error: np.ndarray) -> float:
 def calibration_curve(residuals: np.ndarray, sigma: np.ndarray, proportions: np.ndarray = PROPORTIONS
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Expected vs observed share of residuals inside the central Gaussian interval of each probability."""
-    z = np.abs(np.ravel(residuals)) / np.ravel(sigma)
-    z = z[np.isfinite(z)]
+    r, s = np.abs(np.ravel(residuals)), np.ravel(sigma)
+    with np.errstate(divide="ignore", invalid="ignore"):  # σ = 0 with r = 0 (isolated atoms) is inside
+        z = np.where((s == 0) & (r == 0), 0.0, r / s)
+    z = z[~np.isnan(z)]
     half_width = ndtri(0.5 + 0.5 * np.clip(proportions, 0.0, 1.0))  # inf at p = 1
     observed = np.array([np.mean(z <= w) if z.size else np.nan for w in half_width])
     return proportions, observed
