@@ -1,4 +1,5 @@
-"""Command line: ``equiforce train CONFIG.yaml``, ``equiforce eval MODEL DATA``, ``equiforce demo``.
+"""Command line: ``equiforce train CONFIG.yaml``, ``equiforce eval MODEL DATA [--uq]``, ``equiforce demo``,
+``equiforce train-uq CONFIG.yaml`` (a model with calibrated uncertainty, see docs/uncertainty.md).
 
 Mistakes the user can fix (a bad config key, a broken data frame, a file that is not a model) end with
 one ``error: ...`` line on stderr and exit status 2 — a traceback would bury the one line that matters.

@@ -99,3 +99,13 @@ def test_ensemble_cost_is_measured():
             assert torch.isfinite(out[K.FORCES]).all()
     ratio = np.median(times["ensemble"]) / np.median(times["single"])
     print(f"ensemble of 4 / single (8 ethanols, tiny model): {ratio:.2f}x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ensemble_on_cuda_matches_cpu():
+    ensemble = EnsemblePotential.from_members([make_model("L1-corr3", seed=s) for s in range(2)])
+    batch = _mixed_batch()
+    cpu = ensemble(batch, compute_stress=True)
+    gpu = ensemble.to("cuda")({k: v.to("cuda") for k, v in batch.items()}, compute_stress=True)
+    for key in (K.ENERGY, K.FORCES, K.STRESS, UK.FORCES_STD):
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-10, rtol=1e-10)
