@@ -103,3 +103,17 @@ def test_rebuild_triggered_by_displacement():
     moved[0, 0] += 0.1  # 0.25 > skin / 2
     assert verlet.update(moved, state.cell, state.pbc, state.ptr, state.system)
     assert verlet.builds == 2
+
+
+def test_edges_in_the_skin_contribute_nothing():
+    """On CUDA the skin's extra edges are kept (no trimming sync): they must add exactly zero."""
+    model = make_model("L2-corr2-zbl")
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.rattle(0.1, seed=2)
+    state = SimState.from_atoms([molecule("CH3CH2OH"), cu])
+    padded = BatchEvaluator(model, skin=1.0, trim=False)
+    out = padded(state, compute_stress=True)
+    fresh = BatchEvaluator(model, skin=0.0)(state, compute_stress=True)
+    assert padded.neighbors.edge_index.shape[1] > fresh.neighbors.edge_index.shape[1]
+    for key in (K.ENERGY, K.FORCES, K.STRESS):
+        np.testing.assert_allclose(out[key].numpy(), fresh[key].numpy(), atol=1e-12)

@@ -50,10 +50,25 @@ class BatchEvaluator:
     list is kept between calls and rebuilt only when the skin criterion says so.
     """
 
-    def __init__(self, model: nn.Module, skin: float = 0.5, check_interval: int | str = "auto") -> None:
+    def __init__(self, model: nn.Module, skin: float = 0.5, check_interval: int | str = "auto",
+                 trim: bool | None = None) -> None:
         self.model = model
         self.neighbors = VerletNeighborList(float(model.cutoff), skin=skin, check_interval=check_interval)
         self.calls = 0
+        self.trim = trim
+
+    def edges(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reused list, trimmed to the cutoff when ``trim`` (default: on CPU, where the model's cost per
+        edge dominates; on CUDA the skin's extra edges are cheaper than the host sync that trimming needs)."""
+        edge_index, shifts = self.neighbors.edge_index, self.neighbors.shifts
+        trim = self.trim if self.trim is not None else state.device.type == "cpu"
+        if not trim or self.neighbors.skin == 0:
+            return edge_index, shifts
+        i, j = edge_index
+        positions = state.positions.detach()
+        vec = positions[j] - positions[i] + torch.einsum("ei,eij->ej", shifts, state.cell.detach()[state.system[i]])
+        keep = torch.nonzero((vec * vec).sum(-1) < self.neighbors.cutoff**2).squeeze(-1)
+        return edge_index[:, keep], shifts[keep]
 
     def check(self, state: SimState) -> None:
         """Fail early, with the element named, for atoms the model does not know; and on dtype mismatch."""
@@ -66,7 +81,7 @@ class BatchEvaluator:
     def __call__(self, state: SimState, compute_stress: bool = False, dt: float | None = None) -> Outputs:
         self.neighbors.update(state.positions, state.cell, state.pbc, state.ptr, state.system,
                               velocities=state.velocities if dt is not None else None, dt=dt)
-        graph = state_graph(state, self.neighbors.edge_index, self.neighbors.shifts)
+        graph = state_graph(state, *self.edges(state))
         out = self.model(graph, compute_forces=True, compute_stress=compute_stress)
         self.calls += 1
         return {key: value.detach() for key, value in out.items() if isinstance(value, torch.Tensor)}
