@@ -59,6 +59,7 @@ class QuantityCalibration:
     knots_y: list[float] = field(default_factory=list)  # calibrated σ at knots_x
     n_structures: int = 0
     n_samples: int = 0
+    _knots: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype) → knot tensors
 
     @property
     def fitted(self) -> bool:
@@ -81,8 +82,11 @@ class QuantityCalibration:
         """Calibrated σ from raw σ (any shape; differentiable, no host sync)."""
         if self.method != "isotonic":
             return sigma * self.scale
-        x = torch.tensor(self.knots_x, dtype=sigma.dtype, device=sigma.device)
-        y = torch.tensor(self.knots_y, dtype=sigma.dtype, device=sigma.device)
+        key = (sigma.device, sigma.dtype)
+        if key not in self._knots:  # built once per device: no host-to-device copy per MD step
+            self._knots[key] = (torch.tensor(self.knots_x, dtype=sigma.dtype, device=sigma.device),
+                                torch.tensor(self.knots_y, dtype=sigma.dtype, device=sigma.device))
+        x, y = self._knots[key]
         flat = sigma.reshape(-1)
         idx = torch.searchsorted(x, flat.contiguous()).clamp(1, len(x) - 1)
         x0, x1, y0, y1 = x[idx - 1], x[idx], y[idx - 1], y[idx]

@@ -65,20 +65,32 @@ def bootstrap_weights(configs: Sequence[Configuration], seed: int) -> list[Confi
 
 
 def train_members(split: Split, config: UQTrainConfig, out: Path, progress: bool | None = None,
-                  extra: dict[str, Any] | None = None) -> list[Path]:
-    """Train (or resume) each member; return the paths of their best models."""
+                  extra: dict[str, Any] | None = None, equal_epochs: bool = False) -> list[Path]:
+    """Train (or resume) each member; return the paths of their best models.
+
+    ``equal_epochs``: members after the first train for as many epochs as the first reached within
+    ``training.max_time`` (still capped at twice that time), so that a busy machine does not leave some
+    members with a fraction of the others' training (used by ``benchmarks/uq.py``).
+    """
     from equiforce.train.trainer import train_configs
 
     uq, paths = config.uq, []
+    first_epochs = None
     for m in range(uq.members):
         seed = config.training.seed + m
         train = bootstrap_weights(split.train, seed) if uq.bootstrap else list(split.train)
-        training = config.training.model_copy(update={"seed": seed})
+        update: dict[str, Any] = {"seed": seed}
+        if equal_epochs and first_epochs is not None:
+            update["epochs"] = first_epochs
+            if config.training.max_time is not None:
+                update["max_time"] = 2.0 * config.training.max_time
+        training = config.training.model_copy(update=update)
         result = train_configs([*train, *split.isolated], split.valid, config.model, training,
                                out / "members" / f"m{m}", e0s=config.data.e0s, resume=config.output.resume,
                                checkpoint_every=config.output.checkpoint_every, progress=progress,
                                extra={**(extra or {}), "ensemble_member": m, "bootstrap": uq.bootstrap})
         paths.append(Path(result["best_model"]))
+        first_epochs = first_epochs or max(1, int(result["epochs"]))
     return paths
 
 
