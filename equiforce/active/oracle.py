@@ -1,0 +1,262 @@
+"""The oracle: any ASE calculator, called through any ``concurrent.futures``-style executor.
+
+Why this shape: users already have ASE calculators for their reference method and, on clusters, an
+executor (Dask, dask-jobqueue on SLURM, ``mpi4py.futures``, loky).  So an oracle is an import path plus
+keyword arguments, and labelling is ``executor.submit(compute, spec, item)`` — no scheduler of our own.
+
+:func:`compute` runs in the worker and never raises: an exception, an SCF that did not converge, a
+non-finite result or a timeout comes back as a failure record, so the loop journals it, skips the
+structure and goes on.  Everything crossing the process boundary is plain data (dicts, lists, floats).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import importlib
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from equiforce.active.config import ExecutorConfig, OracleConfig
+from equiforce.active.journal import atoms_from_json
+from equiforce.errors import ConfigError
+
+TIMEOUT_GRACE = 30.0  # s the loop waits past an oracle's own timeout before giving up on a call
+_CALCULATORS: dict[str, Any] = {}  # per worker process: one calculator per oracle spec, reused
+
+
+class OracleFailure(RuntimeError):
+    """Raised by an oracle (e.g. :class:`~equiforce.active.pyscf_calc.PySCFCalculator`) that did not converge."""
+
+    kind = "scf"
+
+
+class OracleTimeout(Exception):
+    kind = "timeout"
+
+
+def import_object(path: str) -> Any:
+    """``'package.module:Name'`` or ``'package.module.Name'`` → the object."""
+    module_name, sep, name = path.partition(":")
+    if not sep:
+        module_name, _, name = path.rpartition(".")
+    if not module_name or not name:
+        raise ConfigError(f"{path!r} is not an import path ('package.module:Name')")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        hint = ""
+        if module_name.startswith("tblite"):
+            hint = " (GFN2-xTB needs tblite: pip install tblite)"
+        elif module_name.startswith("pyscf") or "pyscf_calc" in module_name:
+            hint = " (the PySCF oracle needs pyscf: pip install 'equiforce[pyscf]')"
+        raise ConfigError(f"cannot import {module_name!r} for {path!r}: {err}{hint}") from None
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ConfigError(f"module {module_name!r} has no {name!r} (from {path!r})") from None
+
+
+def oracle_spec(config: OracleConfig) -> dict[str, Any]:
+    """What a worker needs to build the calculator: plain data."""
+    path, kwargs = config.resolved()
+    return {"calculator": path, "kwargs": kwargs, "timeout": config.timeout, "stress": config.stress}
+
+
+def check_oracle(config: OracleConfig) -> None:
+    """Fail before the run starts when the calculator cannot be imported (not after an hour of MD)."""
+    import_object(config.resolved()[0])
+
+
+def _calculator(spec: dict[str, Any]) -> Any:
+    key = json.dumps({"c": spec["calculator"], "k": spec["kwargs"]}, sort_keys=True, default=str)
+    if key not in _CALCULATORS:
+        _CALCULATORS[key] = import_object(spec["calculator"])(**spec["kwargs"])
+    return _CALCULATORS[key], key
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`OracleTimeout` after ``seconds`` (main thread of a process only; elsewhere the loop's
+    own deadline applies)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise OracleTimeout(f"oracle call exceeded its timeout of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _classify(err: BaseException) -> str:
+    kind = getattr(err, "kind", None)
+    if isinstance(kind, str):
+        return kind
+    text = str(err).lower()
+    if "converge" in text or "scf" in text:
+        return "scf"
+    return "exception"
+
+
+def compute(spec: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    """Label one structure (runs in the worker).  Returns a ``label`` or a ``failure`` record; never raises."""
+    start = time.perf_counter()
+    key = None
+    try:
+        with _alarm(spec.get("timeout")):
+            calc, key = _calculator(spec)
+            atoms = atoms_from_json(item["atoms"])
+            atoms.info["equiforce_id"] = item["id"]
+            atoms.calc = calc
+            energy = float(atoms.get_potential_energy())
+            forces = np.asarray(atoms.get_forces(), dtype=np.float64)
+            stress = None
+            if spec.get("stress", True) and atoms.pbc.all() and "stress" in getattr(calc, "implemented_properties",
+                                                                                   ()):
+                stress = np.asarray(atoms.get_stress(voigt=False), dtype=np.float64)
+        if not (np.isfinite(energy) and np.isfinite(forces).all() and (stress is None or np.isfinite(stress).all())):
+            raise OracleFailure("the oracle returned a non-finite energy, force or stress")
+        record: dict[str, Any] = {"type": "label", "id": item["id"], "energy": energy, "forces": forces.tolist(),
+                                  "seconds": time.perf_counter() - start}
+        if stress is not None:
+            record["stress"] = stress.tolist()
+        return record
+    except BaseException as err:  # noqa: BLE001 - every failure of the oracle is data for the journal
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        if key is not None:  # a calculator that failed may hold a broken state: build a fresh one next time
+            _CALCULATORS.pop(key, None)
+        kind = "timeout" if isinstance(err, OracleTimeout) else _classify(err)
+        return {"type": "failure", "id": item["id"], "kind": kind,
+                "error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}",
+                "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------------ executors
+class SerialExecutor(cf.Executor):
+    """Runs each call at submission, in this process (debugging, tests, oracles that are threads already)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        future: cf.Future = cf.Future()
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - delivered through the future, as any executor does
+            future.set_exception(err)
+        return future
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel end this worker when the loop dies (``kill -9`` included), so no orphaned
+    worker keeps computing — or holding cores — after its run is gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):  # not Linux: orphans end at their next read from the closed queue
+        pass
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    """Worker start-up: thread counts before any numerical library is imported; Ctrl-C is the parent's."""
+    _die_with_parent(parent)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def open_executor(config: ExecutorConfig) -> Iterator[cf.Executor]:
+    """The configured executor, shut down on exit (a distributed client is closed too)."""
+    if config.kind == "serial":
+        yield SerialExecutor()
+        return
+    if config.kind == "thread":
+        with cf.ThreadPoolExecutor(max_workers=config.workers) as pool:
+            yield pool
+        return
+    if config.kind == "process":
+        # spawn: a fresh interpreter per worker, never a fork of a process holding torch's thread pools
+        pool = cf.ProcessPoolExecutor(max_workers=config.workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(config.threads_per_worker, os.getpid()))
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                if process.is_alive():  # a call that outlived its timeout: end our own worker
+                    process.terminate()
+        return
+    if config.kind == "dask":
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ConfigError("executor.kind: dask needs dask.distributed: pip install 'dask[distributed]'") from None
+        client = Client(config.address) if config.address else Client(n_workers=config.workers,
+                                                                       threads_per_worker=1, processes=True)
+        try:
+            yield client.get_executor()
+        finally:
+            client.close()
+        return
+    factory = import_object(str(config.factory))
+    executor = factory(**config.factory_kwargs)
+    if not hasattr(executor, "submit"):
+        raise ConfigError(f"executor.factory {config.factory!r} returned {type(executor).__name__}, not an Executor")
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=False)
+
+
+def label(items: Iterable[dict[str, Any]], spec: dict[str, Any], executor: cf.Executor,
+          on_result: Callable[[dict[str, Any]], None], poll: float = 0.5, grace: float = TIMEOUT_GRACE) -> None:
+    """Submit every item; hand each result to ``on_result`` the moment it arrives (in the caller's thread).
+
+    A call still running ``grace`` s past the oracle's timeout is reported as a ``timeout``
+    failure and no longer waited for; a worker that died (segfault, out of memory) fails its calls.
+    """
+    futures = {executor.submit(compute, spec, item): item for item in items}
+    pending = set(futures)
+    running_since: dict[cf.Future, float] = {}
+    limit = spec.get("timeout")
+    while pending:
+        done, pending = cf.wait(pending, timeout=poll, return_when=cf.FIRST_COMPLETED)
+        for future in done:
+            item = futures[future]
+            try:
+                result = future.result()
+            except Exception as err:  # noqa: BLE001 - the worker itself failed, not the oracle
+                result = {"type": "failure", "id": item["id"], "kind": "worker",
+                          "error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}", "seconds": None}
+            on_result(result)
+        if limit:
+            now = time.monotonic()
+            for future in list(pending):
+                if future.running():
+                    started = running_since.setdefault(future, now)
+                    if now - started > limit + grace:
+                        future.cancel()
+                        pending.discard(future)
+                        on_result({"type": "failure", "id": futures[future]["id"], "kind": "timeout",
+                                   "error": f"no result {limit + grace:g} s after the call started",
+                                   "seconds": now - started})

@@ -1,0 +1,84 @@
+"""Oracle calls: labels come back as data; exceptions, unconverged SCF and timeouts are failures, not crashes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import numpy as np
+import pytest
+from ase.build import bulk, molecule
+from ase.calculators.emt import EMT
+
+from equiforce.active.journal import atoms_to_json
+from equiforce.active.oracle import SerialExecutor, compute, import_object, label
+
+EMT_SPEC = {"calculator": "ase.calculators.emt:EMT", "kwargs": {}, "timeout": 30, "stress": True}
+
+
+def flaky(**kwargs):
+    return {"calculator": "tests.active_helpers:FlakyEMT", "kwargs": kwargs, "timeout": 30, "stress": True}
+
+
+def item(ident: str, atoms=None) -> dict:
+    """A distinct structure per id (a calculator would return cached results for an identical one)."""
+    if atoms is None:
+        atoms = bulk("Cu", cubic=True)
+        atoms.rattle(0.05, seed=sum(map(ord, ident)))
+    return {"id": ident, "atoms": atoms_to_json(atoms)}
+
+
+def test_label_matches_the_calculator_with_stress_for_periodic_cells():
+    atoms = bulk("Cu", cubic=True)
+    atoms.rattle(0.05, seed=1)
+    record = compute(EMT_SPEC, item("a", atoms))
+    assert record["type"] == "label" and record["id"] == "a"
+    atoms.calc = EMT()
+    assert record["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-12)
+    np.testing.assert_allclose(record["forces"], atoms.get_forces(), atol=1e-12)
+    np.testing.assert_allclose(record["stress"], atoms.get_stress(voigt=False), atol=1e-12)
+
+
+def test_failures_are_classified_and_returned():
+    failed = compute(flaky(), item("r001-0001"))
+    assert failed["type"] == "failure" and failed["kind"] == "exception" and "deliberate" in failed["error"]
+    scf = compute(flaky(), item("r001-0002"))
+    assert scf["kind"] == "scf"
+    assert compute(flaky(), item("r001-0003"))["type"] == "label"
+
+
+def test_timeout_in_the_worker_is_a_failure():
+    record = compute({**flaky(slow_suffix="9", sleep=5.0), "timeout": 0.3}, item("r001-0009"))
+    assert record["type"] == "failure" and record["kind"] == "timeout"
+    assert record["seconds"] < 3.0
+
+
+def test_label_hands_over_every_result_once_and_goes_on_after_failures():
+    results = []
+    items = [item(f"r001-000{k}") for k in range(6)]
+    label(items, flaky(), SerialExecutor(), results.append)
+    assert sorted(r["id"] for r in results) == [i["id"] for i in items]
+    kinds = {r["id"]: r.get("kind", "ok") for r in results}
+    assert kinds["r001-0001"] == "exception" and kinds["r001-0002"] == "scf" and kinds["r001-0000"] == "ok"
+
+
+def test_a_call_that_never_returns_is_given_up_on():
+    """Threads cannot take SIGALRM: the loop's own deadline records the timeout and moves on."""
+    results = []
+    spec = {**flaky(slow_suffix="7", sleep=1.5), "timeout": 0.1}
+    with cf.ThreadPoolExecutor(max_workers=2) as pool:
+        label([item("r001-0007"), item("r001-0000")], spec, pool, results.append, poll=0.05, grace=0.2)
+    by_id = {r["id"]: r for r in results}
+    assert by_id["r001-0007"]["kind"] == "timeout" and by_id["r001-0000"]["type"] == "label"
+
+
+def test_import_paths():
+    assert import_object("ase.calculators.emt:EMT") is EMT
+    assert import_object("ase.calculators.emt.EMT") is EMT
+
+
+def test_xtb_oracle_on_a_molecule():
+    pytest.importorskip("tblite")
+    record = compute({"calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0},
+                      "timeout": 60, "stress": True}, item("x", molecule("H2O")))
+    assert record["type"] == "label" and "stress" not in record
+    assert record["energy"] < -100 and np.asarray(record["forces"]).shape == (3, 3)
