@@ -157,9 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and simulate a small system end to end")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--system", default="cu-ni", help="demo system (default cu-ni)")
-    p.add_argument("--minutes", type=float, default=None, help="training time budget")
+    p.add_argument("--system", default="ethanol", help="ethanol (default: active learning with GFN2-xTB) or cu-ni "
+                                                       "(EMT data set, training, MD)")
+    p.add_argument("--minutes", type=float, default=None, help="time budget (ethanol: of the learning loop; cu-ni: "
+                                                               "of training)")
     p.set_defaults(func=cmd_demo)
+
+    from equiforce.active.cli import add_parser as add_learn_parser
+
+    add_learn_parser(sub)
     return parser
 
 

@@ -1,0 +1,445 @@
+"""The active-learning loop: label → train → rate → explore → select → label …, resumable from its journal.
+
+Every decision that costs an oracle call is journaled *before* the call (the ``selected`` record with the
+structures themselves) and every result the moment it arrives (``label`` / ``failure``), so the state of
+a run is a pure function of its journal plus the training checkpoints on disk.  Resuming replays the
+journal: finished calls are never repeated, a selection whose labelling was interrupted is labelled
+(only its missing structures), a round killed mid-training continues from the trainer's checkpoint, and
+a round killed while exploring explores again (nothing from it was labelled yet).
+
+Round ``r`` (from 1) trains on every label of rounds ``< r``; round 0 is the bootstrap (the starting
+structures and randomly displaced copies, labelled before any model exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from equiforce.active.config import LearnConfig, parse_learn_config, read_yaml
+from equiforce.active.display import Display
+from equiforce.active.explore import distort, explore
+from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json
+from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
+from equiforce.active.select import select
+from equiforce.data.structure import Configuration
+from equiforce.errors import ConfigError
+from equiforce.utils.atomic_io import atomic_write_text
+
+CONFIG = "config.yaml"
+FINAL_MODEL = "model.eqf"
+FAULT_ENV = "EQUIFORCE_LEARN_FAULT"
+"""Fault injection for the kill/resume tests: ``POINT:N`` sends SIGKILL to this process the N-th time the
+loop passes POINT (label, train, trained, explore, selected)."""
+
+
+# ------------------------------------------------------------------------------------------------ fault hook
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------ state
+@dataclass
+class RunState:
+    """What the journal says happened (replayed on every start)."""
+
+    selected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)  # id → label or failure record
+    by_type: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # type → round → record
+    stopped: dict[str, Any] | None = None
+    elapsed: float = 0.0
+
+    @classmethod
+    def replay(cls, records: Sequence[dict[str, Any]]) -> RunState:
+        state = cls()
+        for record in records:
+            state.apply(record)
+        return state
+
+    def apply(self, record: dict[str, Any]) -> None:
+        kind = record["type"]
+        if kind == "selected":
+            for item in record["items"]:
+                if item["id"] not in self.selected:
+                    self.order.append(item["id"])
+                self.selected[item["id"]] = {**item, "round": record["round"]}
+        elif kind in ("label", "failure"):
+            self.outcomes.setdefault(record["id"], record)  # the first result counts (never two)
+        elif kind == "stopped":
+            self.stopped = record
+        if "round" in record:
+            self.by_type.setdefault(kind, {})[int(record["round"])] = record
+        if "elapsed" in record:
+            self.elapsed = max(self.elapsed, float(record["elapsed"]))
+
+    def has(self, kind: str, round_: int) -> bool:
+        return round_ in self.by_type.get(kind, {})
+
+    def get(self, kind: str, round_: int) -> dict[str, Any]:
+        return self.by_type[kind][round_]
+
+    @property
+    def calls(self) -> int:
+        """Oracle calls made (labels and failures, validation included)."""
+        return len(self.outcomes)
+
+    def pending(self) -> list[dict[str, Any]]:
+        return [self.selected[i] for i in self.order if i not in self.outcomes]
+
+    def labelled(self, before_round: int, split: str) -> list[Configuration]:
+        out = []
+        for i in self.order:
+            item, result = self.selected[i], self.outcomes.get(i)
+            if item["round"] < before_round and item["split"] == split and result and result["type"] == "label":
+                out.append(to_configuration(item, result))
+        return out
+
+
+def to_configuration(item: dict[str, Any], result: dict[str, Any]) -> Configuration:
+    atoms = atoms_from_json(item["atoms"])
+    return Configuration.from_atoms(atoms, energy=result["energy"], forces=np.asarray(result["forces"]),
+                                    stress=np.asarray(result["stress"]) if "stress" in result else None,
+                                    source=f"oracle:{item['id']}", config_type=item.get("source", "Default"))
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def load_structures(specs: Sequence[str], base: Path | None = None) -> list[Atoms]:
+    """Starting structures from files (every frame) or ``molecule:NAME`` / ``bulk:SYMBOL`` (ase.build)."""
+    from ase.io import read
+
+    out: list[Atoms] = []
+    for spec in specs:
+        kind, _, name = spec.partition(":")
+        if kind == "molecule" and name:
+            from ase.build import molecule
+
+            try:
+                out.append(molecule(name))
+            except KeyError:
+                raise ConfigError(f"start.structures: ase.build.molecule knows no {name!r}") from None
+        elif kind == "bulk" and name:
+            from ase.build import bulk
+
+            try:
+                out.append(bulk(name, cubic=True))
+            except (KeyError, ValueError, RuntimeError) as err:
+                raise ConfigError(f"start.structures: ase.build.bulk({name!r}): {err}") from None
+        else:
+            path = Path(spec)
+            if not path.is_absolute() and base is not None and not path.exists():
+                path = base / path
+            if not path.is_file():
+                raise ConfigError(f"start.structures: {spec} is not a file (nor molecule:NAME / bulk:SYMBOL)")
+            frames = read(str(path), index=":")
+            out.extend(frames if isinstance(frames, list) else [frames])
+    for atoms in out:
+        atoms.calc = None
+    return [Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in out]
+
+
+def absolute_paths(cfg: LearnConfig) -> LearnConfig:
+    """File names made absolute, so a run resumes from any working directory."""
+    start = cfg.start.model_copy(update={
+        "structures": [str(Path(s).resolve()) if Path(s).is_file() else s for s in cfg.start.structures],
+        "data": [p.resolve() for p in cfg.start.data]})
+    report = cfg.report.model_copy(update={"test": cfg.report.test.resolve() if cfg.report.test else None})
+    return cfg.model_copy(update={"start": start, "report": report})
+
+
+def config_digest(cfg: LearnConfig) -> str:
+    text = json.dumps(cfg.model_dump(mode="json", exclude={"directory", "report"}), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+class Learner:
+    """One run: its directory, journal, replayed state and the oracle's executor."""
+
+    def __init__(self, cfg: LearnConfig, directory: Path, progress: bool | None = None) -> None:
+        self.cfg, self.dir = cfg, directory
+        self.journal = Journal(directory / JOURNAL)
+        self.state = RunState.replay(self.journal.records())
+        self.display = Display(progress if progress is not None else cfg.report.progress, cfg.stop.max_oracle_calls)
+        self.starts = load_structures(cfg.start.structures)
+        self.t0, self.before = time.perf_counter(), self.state.elapsed  # active seconds of earlier sessions
+        self.test_set = None
+        if cfg.report.test is not None:
+            from equiforce.data.io import read_configurations
+
+            self.test_set = read_configurations(cfg.report.test)
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def record(self, record: dict[str, Any]) -> None:
+        record.setdefault("elapsed", self.elapsed())
+        self.journal.append(record)
+        self.state.apply(record)
+
+    # -------------------------------------------------------------------------------------------- steps
+    def _split(self, n: int, round_: int) -> list[str]:
+        """Which of a round's ``n`` picks go to validation: a fixed share, at random positions."""
+        f = self.cfg.select.valid_fraction
+        n_valid = int(round(f * n)) if n >= 3 else 0
+        if f > 0 and n >= 3:
+            n_valid = max(n_valid, 1)
+        chosen = set(np.random.default_rng([self.cfg.seed, round_, 17]).permutation(n)[:n_valid].tolist())
+        return ["valid" if k in chosen else "train" for k in range(n)]
+
+    def bootstrap(self) -> None:
+        """Round 0: the starting structures and randomly displaced copies of them."""
+        start = self.cfg.start
+        rng = np.random.default_rng([self.cfg.seed, 0])
+        structures = list(self.starts)
+        for k in range(start.rattle):
+            structures.append(distort(self.starts[k % len(self.starts)], start.rattle_amplitude, start.strain, rng))
+        budget = min(len(structures), self.cfg.stop.max_oracle_calls)
+        structures = structures[:budget]
+        splits = self._split(len(structures), 0)
+        items = [{"id": f"r000-{k:04d}", "atoms": atoms_to_json(a), "split": splits[k],
+                  "source": "start" if k < len(self.starts) else "rattle"} for k, a in enumerate(structures)]
+        self.record({"type": "selected", "round": 0, "items": items})
+        fault_point("selected")
+
+    def label_pending(self, executor: Any) -> None:
+        pending = self.state.pending()
+        if not pending:
+            return
+        self.display.phase(f"labelling {len(pending)} structures")
+        spec = oracle_spec(self.cfg.oracle)
+        requests = [{"id": item["id"], "atoms": item["atoms"]} for item in pending]
+
+        def arrived(result: dict[str, Any]) -> None:
+            if result["id"] in self.state.outcomes:  # a late duplicate (after a timeout): keep the first
+                return
+            self.record(result)
+            self.display.calls(self.state.calls)
+            if result["type"] == "failure":
+                self.display.info(f"oracle failure on {result['id']} ({result['kind']}): {result['error']}")
+            fault_point("label")
+
+        label(requests, spec, executor, arrived)
+
+    def existing_data(self) -> tuple[list[Configuration], list[Configuration]]:
+        if not self.cfg.start.data:
+            return [], []
+        from equiforce.data.io import read_configurations
+        from equiforce.data.stats import split_indices
+
+        configs = [c for path in self.cfg.start.data for c in read_configurations(path)]
+        if len(configs) < 2 or self.cfg.select.valid_fraction == 0:
+            return configs, []
+        train_idx, valid_idx = split_indices(len(configs), self.cfg.select.valid_fraction, self.cfg.seed)
+        return [configs[i] for i in train_idx], [configs[i] for i in valid_idx]
+
+    def train(self, round_: int) -> Path:
+        from equiforce.active.rounds import train_round
+
+        data_train, data_valid = self.existing_data()
+        train = data_train + self.state.labelled(round_, "train")
+        valid = data_valid + self.state.labelled(round_, "valid")
+        previous = self.model_path(round_ - 1) if round_ > 1 else None
+        self.display.phase(f"round {round_}: training on {len(train)} structures ({len(valid)} validation)")
+
+        def epoch(record: dict[str, Any]) -> None:
+            mae = record.get("valid_forces_mae")
+            self.display.phase(f"round {round_}: training, epoch {record['epoch']}"
+                               + (f", valid F MAE {mae:.1f} meV/Å" if mae is not None else ""))
+            fault_point("train")
+
+        path = train_round(self.round_dir(round_), train, valid, self.cfg, previous, self.cfg.seed + round_,
+                           progress=False if self.display.mode != "off" else None, callback=epoch)
+        fault_point("trained")
+        self.record({"type": "trained", "round": round_, "model": str(path.relative_to(self.dir)),
+                     "n_train": len(train), "n_valid": len(valid), "calls": self.state.calls})
+        return path
+
+    def round_dir(self, round_: int) -> Path:
+        return self.dir / "rounds" / f"r{round_:03d}"
+
+    def model_path(self, round_: int) -> Path:
+        return self.round_dir(round_) / "model.eqf"
+
+    def rate(self, round_: int) -> dict[str, Any]:
+        from equiforce.active.rounds import rate
+        from equiforce.models.file import load_model
+
+        model = load_model(self.model_path(round_))
+        data_train, data_valid = self.existing_data()
+        valid = data_valid + self.state.labelled(round_, "valid")
+        record: dict[str, Any] = {"type": "evaluated", "round": round_, "calls": self.state.calls,
+                                  "n_train": len(data_train) + len(self.state.labelled(round_, "train")),
+                                  "valid": rate(model, valid)}
+        if self.test_set:
+            record["test"] = rate(model, self.test_set)
+        # σ vs actual error of the structures this round's model selected before (labelled since)
+        previous = [i for i in self.state.order if self.state.selected[i]["round"] == round_ - 1]
+        pairs = [(self.state.selected[i], self.state.outcomes.get(i)) for i in previous]
+        record["selected_sigma_vs_error"] = [  # max atomic σ vs max atomic |ΔF| (eV/Å)
+            [item["sigma"], float(np.linalg.norm(np.asarray(item["predicted_forces"]) - np.asarray(out["forces"]),
+                                                 axis=-1).max())]
+            for item, out in pairs if out and out["type"] == "label" and "predicted_forces" in item]
+        self.record(record)
+        return record
+
+    def stop_reason(self, round_: int, evaluated: dict[str, Any]) -> str | None:
+        stop = self.cfg.stop
+        mae = (evaluated.get("valid") or {}).get("forces_mae")
+        if stop.target_forces_mae is not None and mae is not None and mae <= stop.target_forces_mae:
+            return f"validation force MAE {mae:.1f} meV/Å ≤ target {stop.target_forces_mae:g}"
+        if self.state.calls >= stop.max_oracle_calls:
+            return f"oracle budget spent ({self.state.calls} of {stop.max_oracle_calls} calls)"
+        if round_ >= stop.max_rounds:
+            return f"max_rounds ({stop.max_rounds}) reached"
+        if stop.wall_time is not None and self.elapsed() >= stop.wall_time:
+            return f"wall time {stop.wall_time:.0f} s spent"
+        return None
+
+    def explore_and_select(self, round_: int, evaluated: dict[str, Any]) -> str | None:
+        """Explore with this round's model; journal the picks (or return why the loop is done)."""
+        from equiforce.active.stability import stability_test
+        from equiforce.models.file import load_model
+
+        cfg = self.cfg
+        import torch
+
+        dtype = torch.float32 if cfg.explore.dtype == "float32" else torch.float64
+        from equiforce.evaluate import resolve_device
+
+        model = load_model(self.model_path(round_), device=resolve_device(cfg.training.device), dtype=dtype)
+        reference = (evaluated.get("valid") or {}).get("mean_max_force_sigma") or 0.0
+        threshold = cfg.explore.sigma_stop or (cfg.explore.sigma_stop_factor * reference if reference > 0 else 1.0)
+        labelled = self.state.labelled(round_ + 1, "train")
+        seeds = list(self.starts)
+        if cfg.explore.restart_from == "labelled":
+            seeds += [c.to_atoms() for c in labelled]
+        rng = np.random.default_rng([cfg.seed, round_, 1])
+        self.display.phase(f"round {round_}: exploring ({len(cfg.explore.temperatures) * cfg.explore.replicas} "
+                           f"replicas × {cfg.explore.steps} steps, σ stop {threshold:.3g} eV/Å)")
+        found = explore(model, seeds, cfg.explore, threshold, rng, rattle_seeds=seeds)
+        fault_point("explore")
+        explored = {"type": "explored", "round": round_, **found.md}
+        self.record(explored)
+        if cfg.stop.target_sigma is not None and found.md["sigma_p95_ev_a"] <= cfg.stop.target_sigma:
+            p95 = found.md["sigma_p95_ev_a"]
+            return f"explored σ (95th percentile {p95:.3g} eV/Å) ≤ target {cfg.stop.target_sigma:g}"
+        if cfg.stop.stable_md_ps is not None and found.md["sigma_stopped"] == 0:
+            self.display.phase(f"round {round_}: no replica crossed σ; checking {cfg.stop.stable_md_ps:g} ps at "
+                               f"{cfg.stop.stable_md_temperature:g} K")
+            result = stability_test(model, self.starts, cfg.stop.stable_md_temperature, cfg.stop.stable_md_ps,
+                                    cfg.stop.stable_md_replicas, timestep_fs=cfg.explore.timestep_fs,
+                                    seed=cfg.seed + round_)
+            self.record({"type": "stability", "round": round_, **result})
+            if result["all_stable"]:
+                return f"MD stable for {cfg.stop.stable_md_ps:g} ps at {cfg.stop.stable_md_temperature:g} K"
+        budget = min(cfg.select.per_round, cfg.stop.max_oracle_calls - self.state.calls)
+        train_desc = None
+        if cfg.select.strategy in ("uncertainty_fps", "fps") and labelled:
+            from equiforce.active.explore import evaluate_candidates
+
+            train_desc = evaluate_candidates(model, [c.to_atoms() for c in labelled])[0].descriptors
+        picks = select(found.candidates, budget, cfg.select.strategy, training=train_desc,
+                       sigma_min=cfg.select.sigma_min_factor * reference, sigma_max=cfg.select.sigma_max_factor
+                       * reference if reference > 0 else np.inf, min_distance=cfg.select.min_distance,
+                       pool_factor=cfg.select.pool_factor, rng=rng)
+        if not picks:
+            return "no candidate left to label (every explored structure is outside the σ window)"
+        splits = self._split(len(picks), round_)
+        items = [{"id": f"r{round_:03d}-{k:04d}", "atoms": atoms_to_json(found.structures[i]), "split": splits[k],
+                  "source": found.sources[i], "sigma": float(found.candidates.sigma[i]),
+                  "predicted_forces": np.round(found.predicted_forces[i], 6).tolist()}
+                 for k, i in enumerate(picks)]
+        window = [cfg.select.sigma_min_factor * reference, cfg.select.sigma_max_factor * reference]
+        self.record({"type": "selected", "round": round_, "items": items, "sigma_window": window})
+        fault_point("selected")
+        return None
+
+    # -------------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        from equiforce.active.report import write_report
+
+        cfg = self.cfg
+        if self.state.stopped is None:
+            check_oracle(cfg.oracle)
+            with self.display, open_executor(cfg.executor) as executor:
+                if not self.state.has("selected", 0):
+                    self.bootstrap()
+                self.label_pending(executor)
+                round_ = 1
+                while True:
+                    if not self.state.has("trained", round_):
+                        self.train(round_)
+                    evaluated = self.state.get("evaluated", round_) if self.state.has("evaluated", round_) \
+                        else self.rate(round_)
+                    self.display.round_done(round_, evaluated, self.state.calls)
+                    write_report(self.dir, self.journal.records(), cfg, plots=False)
+                    reason = self.stop_reason(round_, evaluated)
+                    if reason is None and not self.state.has("selected", round_):
+                        reason = self.explore_and_select(round_, evaluated)
+                    if reason is not None:
+                        self.record({"type": "stopped", "round": round_, "reason": reason, "calls": self.state.calls})
+                        break
+                    self.label_pending(executor)
+                    round_ += 1
+        last = int(self.state.stopped["round"])
+        final = self.dir / FINAL_MODEL
+        tmp = final.with_suffix(".eqf.tmp")
+        shutil.copyfile(self.model_path(last), tmp)
+        os.replace(tmp, final)
+        summary = write_report(self.dir, self.journal.records(), cfg)
+        self.journal.close()
+        return summary
+
+
+def prepare(config: LearnConfig | None, config_path: Path | None, resume: Path | None) -> tuple[LearnConfig, Path]:
+    """The config and run directory of a new or resumed run (the config is kept in the run directory)."""
+    if resume is not None:
+        path = resume / CONFIG
+        if not (resume / JOURNAL).exists() or not path.exists():
+            raise ConfigError(f"{resume} is not an equiforce learn run directory (no {JOURNAL} / {CONFIG})")
+        cfg = parse_learn_config(read_yaml(path), str(path))
+        return cfg.model_copy(update={"directory": resume}), resume
+    assert config is not None
+    config = absolute_paths(config)
+    directory = Path(config.directory)
+    if (directory / JOURNAL).exists():
+        kept = parse_learn_config(read_yaml(directory / CONFIG), str(directory / CONFIG))
+        if config_digest(kept) != config_digest(config):
+            raise ConfigError(f"{directory} holds a run with a different config ({config_path}); resume it with "
+                              f"`equiforce learn --resume {directory}` or choose another `directory`")
+        return config, directory
+    directory.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    atomic_write_text(directory / CONFIG, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return config, directory
+
+
+def learn(config: LearnConfig | None = None, *, config_path: str | os.PathLike | None = None,
+          resume: str | os.PathLike | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Run (or resume) an active-learning loop; returns the report's summary."""
+    cfg, directory = prepare(config, Path(config_path) if config_path else None, Path(resume) if resume else None)
+    return Learner(cfg, directory, progress).run()

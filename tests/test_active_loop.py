@@ -1,0 +1,95 @@
+"""`equiforce learn` end to end on EMT: rounds, report, a model with σ, failures skipped, resume is free."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import yaml
+
+from equiforce.active.config import parse_learn_config
+from equiforce.active.journal import read_journal
+from equiforce.active.loop import learn
+from equiforce.cli import main
+from equiforce.models.file import load_model
+from equiforce.uq.base import UQModel
+from tests.active_helpers import tiny_config
+from tests.uq_helpers import single_thread  # noqa: F401 - one thread for tiny models
+
+
+def calls_in(log) -> list[str]:
+    return [json.loads(line)["id"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_learn_end_to_end_on_emt(tmp_path, capsys):
+    log = tmp_path / "calls.jsonl"
+    oracle = {"name": "custom", "calculator": "tests.active_helpers:CountingEMT", "kwargs": {"log": str(log)}}
+    config = tiny_config(tmp_path / "run", oracle=oracle, executor={"kind": "process", "workers": 2})
+    path = tmp_path / "learn.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["learn", str(path), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    for name in ("journal.jsonl", "config.yaml", "report.md", "summary.json", "model.eqf", "learning_curve.png",
+                 "sigma_vs_error.png", "md_stability.png", "rounds/r001/model.eqf", "rounds/r002/train/best.eqf"):
+        assert (run / name).is_file(), name
+    records = read_journal(run / "journal.jsonl")
+    labels = [r["id"] for r in records if r["type"] == "label"]
+    selected = [i["id"] for r in records if r["type"] == "selected" for i in r["items"]]
+    assert sorted(labels) == sorted(selected) == sorted(calls_in(log))  # each selected structure labelled once
+    assert [r["round"] for r in records if r["type"] == "trained"] == [1, 2, 3]
+    assert next(r for r in records if r["type"] == "stopped")["reason"].startswith("max_rounds")
+    explored = [r for r in records if r["type"] == "explored"]
+    assert explored and all(r["candidates"] > 0 for r in explored)
+    model = load_model(run / "model.eqf")
+    assert isinstance(model, UQModel) and model.elements == [29]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["oracle_calls"] == len(labels) and len(summary["rounds"]) == 3
+    assert summary["rounds"][-1]["valid_f_mae"] > 0
+    assert "| 3 |" in (run / "report.md").read_text()
+    assert "oracle calls" in capsys.readouterr().out
+
+    # a finished run resumed (or rerun with the same config) makes no oracle call and trains nothing
+    n_calls = len(calls_in(log))
+    assert main(["learn", "--resume", str(run), "--no-progress"]) == 0
+    assert main(["learn", str(path), "--no-progress"]) == 0
+    assert len(calls_in(log)) == n_calls
+    assert len(read_journal(run / "journal.jsonl")) == len(records)
+    # the same directory with another config is refused
+    config["select"]["per_round"] = 5
+    path.write_text(yaml.safe_dump(config))
+    assert main(["learn", str(path), "--no-progress"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_oracle_failures_are_recorded_and_skipped(tmp_path):
+    oracle = {"name": "custom", "calculator": "tests.active_helpers:FlakyEMT",
+              "kwargs": {"fail_suffix": "3", "scf_suffix": "5"}}
+    cfg = parse_learn_config(tiny_config(tmp_path / "run", oracle=oracle, stop={"max_rounds": 2}))
+    summary = learn(cfg, progress=False)
+    records = read_journal(tmp_path / "run" / "journal.jsonl")
+    failures = {r["id"]: r["kind"] for r in records if r["type"] == "failure"}
+    assert failures and all(i.endswith(("3", "5")) for i in failures)
+    assert Counter(failures.values()).keys() <= {"exception", "scf"}
+    assert summary["failures"] == dict(Counter(failures.values()))
+    trained = [r for r in records if r["type"] == "trained"]
+    labels = sum(r["type"] == "label" for r in records)
+    assert len(trained) == 2 and trained[-1]["n_train"] + trained[-1]["n_valid"] == labels  # failures skipped
+    assert summary["finished"]
+
+
+def test_budget_of_oracle_calls_is_never_exceeded(tmp_path):
+    cfg = parse_learn_config(tiny_config(tmp_path / "run", stop={"max_oracle_calls": 11, "max_rounds": 10}))
+    summary = learn(cfg, progress=False)
+    assert summary["oracle_calls"] == 11
+    assert "oracle budget" in summary["stopped"]
+
+
+@pytest.mark.parametrize("method", ["ensemble"])
+def test_ensemble_rounds_warm_start_each_member(tmp_path, method):
+    cfg = parse_learn_config(tiny_config(tmp_path / "run", uq={"method": method, "members": 2},
+                                         stop={"max_rounds": 2}))
+    learn(cfg, progress=False)
+    model = load_model(tmp_path / "run" / "model.eqf")
+    assert type(model).__name__ == "EnsemblePotential" and model.n_members == 2
+    assert (tmp_path / "run" / "rounds" / "r002" / "m1" / "best.eqf").is_file()
