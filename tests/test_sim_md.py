@@ -244,3 +244,18 @@ def test_cuda_run_matches_cpu():
     for b in range(2):
         np.testing.assert_allclose(gpu.atoms[b].positions, ref.atoms[b].positions, atol=1e-8)
     assert np.isfinite(cpu.thermo[-1]["etot"])
+
+
+def test_uncertainty_model_and_sigma_stop_in_batched_npt():
+    """An ensemble (equiforce.uq) runs in the native engine, stress included, and its σ hook flags systems."""
+    from equiforce.uq.ensemble import EnsemblePotential
+    from equiforce.uq.stop import sigma_stop
+
+    ensemble = EnsemblePotential.from_members([make_model("L1-corr3", seed=s) for s in range(3)])
+    systems = [molecule("CH3CH2OH"), bulk("Cu", "fcc", a=3.6, cubic=True)]
+    loose = run_md(ensemble, [a.copy() for a in systems], ensemble="npt", steps=3, seed=0,
+                   stop_when=sigma_stop(forces=1e6))
+    assert loose.stopped_step.tolist() == [-1, -1]
+    strict = run_md(ensemble, [a.copy() for a in systems], ensemble="npt", steps=3, seed=0,
+                    stop_when=sigma_stop(forces=1e-9))
+    assert strict.stopped_step.tolist() == [1, 1]
