@@ -38,13 +38,14 @@ class FlakyEMT(EMT):
     sleeps ``sleep`` s on ``slow_suffix``."""
 
     def __init__(self, fail_suffix: str = "1", scf_suffix: str = "2", slow_suffix: str = "", sleep: float = 0.0,
-                 **kwargs: Any) -> None:
+                 fail_all: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.fail_all = fail_all
         self.fail_suffix, self.scf_suffix, self.slow_suffix, self.sleep = fail_suffix, scf_suffix, slow_suffix, sleep
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         ident = str(atoms.info.get("equiforce_id", ""))
-        if self.fail_suffix and ident.endswith(self.fail_suffix):
+        if self.fail_all or (self.fail_suffix and ident.endswith(self.fail_suffix)):
             raise RuntimeError(f"deliberate failure on {ident}")
         if self.scf_suffix and ident.endswith(self.scf_suffix):
             raise RuntimeError("SCF did not converge in 250 iterations")

@@ -78,6 +78,15 @@ def test_oracle_failures_are_recorded_and_skipped(tmp_path):
     assert summary["finished"]
 
 
+def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
+    oracle = {"name": "custom", "calculator": "tests.active_helpers:FlakyEMT", "kwargs": {"fail_all": True}}
+    path = tmp_path / "learn.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", oracle=oracle)))
+    assert main(["learn", str(path), "--no-progress"]) == 2
+    assert "all failed" in capsys.readouterr().err
+    assert len(read_journal(tmp_path / "run" / "journal.jsonl")) == 1 + 8  # the selection and 8 failures
+
+
 def test_budget_of_oracle_calls_is_never_exceeded(tmp_path):
     cfg = parse_learn_config(tiny_config(tmp_path / "run", stop={"max_oracle_calls": 11, "max_rounds": 10}))
     summary = learn(cfg, progress=False)

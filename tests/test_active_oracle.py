@@ -82,3 +82,20 @@ def test_xtb_oracle_on_a_molecule():
                       "timeout": 60, "stress": True}, item("x", molecule("H2O")))
     assert record["type"] == "label" and "stress" not in record
     assert record["energy"] < -100 and np.asarray(record["forces"]).shape == (3, 3)
+
+
+def test_pyscf_oracle_labels_a_molecule_and_reports_an_unconverged_scf():
+    pytest.importorskip("pyscf")
+    from ase.units import Bohr, Hartree
+
+    spec = {"calculator": "equiforce.active.pyscf_calc:PySCFCalculator",
+            "kwargs": {"xc": "PBE", "basis": "sto-3g", "density_fit": False, "grids_level": 1}, "timeout": 120,
+            "stress": True}
+    water = molecule("H2O")
+    record = compute(spec, item("w", water))
+    assert record["type"] == "label"
+    assert -76.0 * Hartree < record["energy"] < -74.0 * Hartree
+    forces = np.asarray(record["forces"])
+    assert forces.shape == (3, 3) and np.abs(forces.sum(0)).max() < 1e-3 * Hartree / Bohr  # no net force
+    failed = compute({**spec, "kwargs": {**spec["kwargs"], "max_cycle": 1}}, item("w2", water))
+    assert failed["type"] == "failure" and failed["kind"] == "scf"

@@ -69,3 +69,10 @@ def test_unseen_elements_infinite_sigma_are_never_picked():
     sigma = np.array([np.inf, 0.4, 0.3])
     cands = Candidates(sigma=sigma, descriptors=np.eye(3), min_distance=np.ones(3))
     assert 0 not in select(cands, 3, "uncertainty_fps")
+
+
+def test_broken_molecules_are_never_picked():
+    sigma = np.array([0.9, 0.8, 0.7])
+    cands = Candidates(sigma=sigma, descriptors=np.eye(3), min_distance=np.ones(3),
+                       bond_deviation=np.array([1.2, 0.1, 0.2]))
+    assert sorted(select(cands, 3, "uncertainty_fps", max_bond_deviation=0.5)) == [1, 2]

@@ -125,7 +125,7 @@ class ExploreConfig(_Section):
     sample_every: int = Field(20, ge=1, description="steps between candidate snapshots")
     sigma_stop: float | None = Field(None, gt=0, description="eV/Å: freeze a replica when its max force σ "
                                                              "exceeds this (default: sigma_stop_factor × the "
-                                                             "validation mean force σ)")
+                                                             "validation median of the max force σ)")
     sigma_stop_factor: float = Field(4.0, gt=1)
     restart_from: Literal["start", "labelled"] = Field(
         "labelled", description="replicas start from the starting structures, or from random labelled ones")
@@ -151,10 +151,13 @@ class SelectConfig(_Section):
                                        "farthest-point sampling in descriptor space")
     pool_factor: float = Field(3.0, ge=1)
     sigma_min_factor: float = Field(1.0, ge=0, description="skip candidates with max force σ below this × the "
-                                                           "validation mean force σ (already known)")
-    sigma_max_factor: float = Field(25.0, gt=0, description="skip candidates above this × the validation mean "
+                                                           "validation median max force σ (known)")
+    sigma_max_factor: float = Field(25.0, gt=0, description="skip candidates above this × the validation median "
                                                             "(broken geometries)")
     min_distance: float = Field(0.5, gt=0, description="Å: candidates with a closer pair of atoms are skipped")
+    max_bond_deviation: float | None = Field(0.5, gt=0, description="Å, molecules: candidates with a bond this much "
+                                                                    "longer or shorter than at the start are skipped "
+                                                                    "(and MD replicas frozen); null: no check")
     valid_fraction: float = Field(0.15, ge=0, lt=1, description="share of each round's labels kept for "
                                                                 "validation and calibration")
 

@@ -23,6 +23,7 @@ from equiforce.active.select import Candidates
 from equiforce.data import keys as K
 from equiforce.data.graph import collate, config_to_graph
 from equiforce.data.structure import Configuration
+from equiforce.sim.analysis.structure import BondCriterion
 from equiforce.sim.md import MolecularDynamics, make_integrator
 from equiforce.sim.state import SimState, maxwell_boltzmann
 from equiforce.uq.stop import max_force_sigma, sigma_stop
@@ -51,7 +52,7 @@ def distort(atoms: Atoms, amplitude: float, strain: float, rng: np.random.Genera
 
 
 def _md(model: torch.nn.Module, seeds: Sequence[Atoms], cfg: ExploreConfig, threshold: float, rng: np.random.Generator,
-        device: torch.device) -> tuple[list[Atoms], list[str], dict[str, Any]]:
+        device: torch.device, bonds: BondCriterion | None) -> tuple[list[Atoms], list[str], dict[str, Any]]:
     systems, temperatures = [], []
     for temperature in cfg.temperatures:
         for _ in range(cfg.replicas):
@@ -66,7 +67,14 @@ def _md(model: torch.nn.Module, seeds: Sequence[Atoms], cfg: ExploreConfig, thre
     maxwell_boltzmann(state, temps, generator=generator, remove_com=False)
     integrator = make_integrator("nvt", cfg.timestep_fs, temps, friction_per_fs=cfg.friction_per_fs,
                                  generator=generator)
-    md = MolecularDynamics(model, integrator, stop_when=sigma_stop(forces=threshold), stop_mode="freeze")
+    uncertain = sigma_stop(forces=threshold)
+    broken = bonds.stop_when() if bonds is not None else None
+
+    def stop_when(state: SimState, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        flag = uncertain(state, outputs)
+        return flag | broken(state, outputs) if broken is not None else flag
+
+    md = MolecularDynamics(model, integrator, stop_when=stop_when, stop_mode="freeze")
     frames: list[Atoms] = []
     sources: list[str] = []
     was_frozen = np.zeros(len(systems), dtype=bool)
@@ -143,10 +151,15 @@ def evaluate_candidates(model: torch.nn.Module, structures: Sequence[Atoms], bat
 
 
 def explore(model: torch.nn.Module, seeds: Sequence[Atoms], cfg: ExploreConfig, threshold: float,
-            rng: np.random.Generator, rattle_seeds: Sequence[Atoms] | None = None) -> Exploration:
-    """MD candidates from ``seeds`` and distorted copies of ``rattle_seeds`` (default ``seeds``), rated by ``model``."""
+            rng: np.random.Generator, rattle_seeds: Sequence[Atoms] | None = None,
+            bonds: BondCriterion | None = None) -> Exploration:
+    """MD candidates from ``seeds`` and distorted copies of ``rattle_seeds`` (default ``seeds``), rated by ``model``.
+
+    With ``bonds`` (molecules) a replica is also frozen when a bond breaks, and each candidate gets its
+    largest bond-length deviation.
+    """
     device = next(model.parameters()).device
-    frames, sources, stats = _md(model, seeds, cfg, threshold, rng, device)
+    frames, sources, stats = _md(model, seeds, cfg, threshold, rng, device, bonds)
     pool = list(rattle_seeds or seeds)
     lo, hi = min(cfg.rattle_amplitude), max(cfg.rattle_amplitude)
     for _ in range(cfg.rattle):
@@ -154,6 +167,8 @@ def explore(model: torch.nn.Module, seeds: Sequence[Atoms], cfg: ExploreConfig, 
         frames.append(distort(pool[int(rng.integers(len(pool)))], amplitude, cfg.strain, rng))
         sources.append(f"rattle:{amplitude:.3f}")
     candidates, forces = evaluate_candidates(model, frames)
+    if bonds is not None:
+        candidates.bond_deviation = np.array([float(bonds.deviation(a.positions)) for a in frames])
     stats["candidates"] = len(frames)
     finite = candidates.sigma[np.isfinite(candidates.sigma)]
     stats["sigma_p95_ev_a"] = float(np.percentile(finite, 95)) if finite.size else float("nan")

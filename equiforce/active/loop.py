@@ -34,7 +34,7 @@ from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
 from equiforce.data.structure import Configuration
-from equiforce.errors import ConfigError
+from equiforce.errors import ConfigError, EquiforceError
 from equiforce.utils.atomic_io import atomic_write_text
 
 CONFIG = "config.yaml"
@@ -262,6 +262,9 @@ class Learner:
         train = data_train + self.state.labelled(round_, "train")
         valid = data_valid + self.state.labelled(round_, "valid")
         previous = self.model_path(round_ - 1) if round_ > 1 else None
+        if not train:
+            raise EquiforceError(f"no labelled structure to train round {round_} on: {self.state.calls} oracle calls, "
+                                 f"all failed (see the failure records in {self.journal.path})")
         self.display.phase(f"round {round_}: training on {len(train)} structures ({len(valid)} validation)")
 
         def epoch(record: dict[str, Any]) -> None:
@@ -320,8 +323,9 @@ class Learner:
 
     def explore_and_select(self, round_: int, evaluated: dict[str, Any]) -> str | None:
         """Explore with this round's model; journal the picks (or return why the loop is done)."""
-        from equiforce.active.stability import stability_test
+        from equiforce.active.stability import same_molecule, stability_test
         from equiforce.models.file import load_model
+        from equiforce.sim.analysis.structure import BondCriterion
 
         cfg = self.cfg
         import torch
@@ -330,7 +334,9 @@ class Learner:
         from equiforce.evaluate import resolve_device
 
         model = load_model(self.model_path(round_), device=resolve_device(cfg.training.device), dtype=dtype)
-        reference = (evaluated.get("valid") or {}).get("mean_max_force_sigma") or 0.0
+        valid = evaluated.get("valid") or {}
+        # the median: one broken structure in the validation set must not move every threshold
+        reference = valid.get("median_max_force_sigma", valid.get("mean_max_force_sigma")) or 0.0
         threshold = cfg.explore.sigma_stop or (cfg.explore.sigma_stop_factor * reference if reference > 0 else 1.0)
         labelled = self.state.labelled(round_ + 1, "train")
         seeds = list(self.starts)
@@ -339,7 +345,11 @@ class Learner:
         rng = np.random.default_rng([cfg.seed, round_, 1])
         self.display.phase(f"round {round_}: exploring ({len(cfg.explore.temperatures) * cfg.explore.replicas} "
                            f"replicas × {cfg.explore.steps} steps, σ stop {threshold:.3g} eV/Å)")
-        found = explore(model, seeds, cfg.explore, threshold, rng, rattle_seeds=seeds)
+        bonds = None
+        if cfg.select.max_bond_deviation is not None and same_molecule(self.starts):
+            bonds = BondCriterion(self.starts[0].numbers, np.stack([a.positions for a in self.starts]),
+                                  threshold=cfg.select.max_bond_deviation)
+        found = explore(model, seeds, cfg.explore, threshold, rng, rattle_seeds=seeds, bonds=bonds)
         fault_point("explore")
         explored = {"type": "explored", "round": round_, **found.md}
         self.record(explored)
@@ -364,7 +374,8 @@ class Learner:
         picks = select(found.candidates, budget, cfg.select.strategy, training=train_desc,
                        sigma_min=cfg.select.sigma_min_factor * reference, sigma_max=cfg.select.sigma_max_factor
                        * reference if reference > 0 else np.inf, min_distance=cfg.select.min_distance,
-                       pool_factor=cfg.select.pool_factor, rng=rng)
+                       pool_factor=cfg.select.pool_factor, max_bond_deviation=cfg.select.max_bond_deviation or np.inf,
+                       rng=rng)
         if not picks:
             return "no candidate left to label (every explored structure is outside the σ window)"
         splits = self._split(len(picks), round_)

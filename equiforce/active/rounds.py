@@ -119,6 +119,7 @@ def rate(model: UQModel, configs: Sequence[Configuration], device: torch.device 
             "energy_per_atom_mae": 1000.0 * float(e_err.mean()) if e_err.size else None,
             "mean_force_sigma": float(np.mean(forces["sigma"])) if forces["sigma"].size else None,
             "mean_max_force_sigma": float(max_sigma.mean()),
+            "median_max_force_sigma": float(np.median(max_sigma)),
             "spearman": spearman(forces["struct_sigma"], forces["struct_error"]),
             "struct_sigma": [float(x) for x in forces["struct_sigma"]],
             "struct_error": [float(x) for x in forces["struct_error"]]}

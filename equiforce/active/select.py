@@ -22,6 +22,7 @@ class Candidates:
     sigma: np.ndarray  # [C] max atomic force σ (eV/Å)
     descriptors: np.ndarray  # [C, D] per-structure mean invariant features
     min_distance: np.ndarray  # [C] closest pair of atoms (Å)
+    bond_deviation: np.ndarray | None = None  # [C] molecules: largest bond-length change from the start (Å)
 
     def __len__(self) -> int:
         return int(self.sigma.shape[0])
@@ -76,18 +77,21 @@ def standardize(descriptors: np.ndarray, reference: np.ndarray | None = None) ->
 
 def select(candidates: Candidates, n: int, strategy: str = "uncertainty_fps", *, training: np.ndarray | None = None,
            sigma_min: float = 0.0, sigma_max: float = np.inf, min_distance: float = 0.5, pool_factor: float = 3.0,
-           rng: np.random.Generator | None = None) -> list[int]:
+           max_bond_deviation: float = np.inf, rng: np.random.Generator | None = None) -> list[int]:
     """Indices of at most ``n`` candidates to label.
 
     ``training`` are the labelled structures' descriptors (FPS starts from them).  Candidates with a pair
-    of atoms closer than ``min_distance`` or σ outside ``[sigma_min, sigma_max]`` are skipped (σ = inf:
-    an element never seen, always skipped).  When fewer than ``n`` candidates are inside the window the
-    rest are filled with the most uncertain ones below ``sigma_min`` (never above ``sigma_max``), so a
-    round's budget is used while anything is left to learn.
+    of atoms closer than ``min_distance``, a bond stretched by more than ``max_bond_deviation`` (a broken
+    molecule: labelling it teaches chemistry the potential will never be asked for) or σ outside
+    ``[sigma_min, sigma_max]`` are skipped (σ = inf: an element never seen, always skipped).  When fewer
+    than ``n`` candidates are inside the window the rest are filled with the most uncertain ones below
+    ``sigma_min`` (never above ``sigma_max``), so a round's budget is used while anything is left to learn.
     """
     rng = rng or np.random.default_rng(0)
     sigma = np.asarray(candidates.sigma, dtype=np.float64)
     sane = (candidates.min_distance >= min_distance) & np.isfinite(sigma) & (sigma <= sigma_max)
+    if candidates.bond_deviation is not None:
+        sane &= candidates.bond_deviation <= max_bond_deviation
     if strategy == "random":
         pool = np.flatnonzero(sane)
         return sorted(rng.choice(pool, size=min(n, len(pool)), replace=False).tolist())
