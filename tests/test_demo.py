@@ -37,5 +37,5 @@ def test_unknown_demo_system_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_default_demo_budget(tmp_path):
     """The full `make demo` job (minutes long): finishes and learns EMT to useful accuracy."""
-    summary = run_demo(tmp_path / "demo")
+    summary = run_demo(tmp_path / "demo", system="cu-ni")
     assert summary["test"]["forces_mae"] < 150.0

@@ -108,10 +108,18 @@ def run_cu_ni(out: Path, minutes: float = 4.0, seed: int = 0, n_train: int = 240
     return summary
 
 
-DEMOS: dict[str, DemoFn] = {"cu-ni": run_cu_ni}
+def run_ethanol(out: Path, **kwargs: Any) -> dict[str, Any]:
+    """Active learning of ethanol with GFN2-xTB (see :mod:`equiforce.demo.ethanol`)."""
+    from equiforce.demo.ethanol import run_ethanol as run
+
+    return run(out, **kwargs)
 
 
-def run_demo(out: str | Path = "runs/demo", system: str = "cu-ni", **kwargs: Any) -> dict[str, Any]:
+DEMOS: dict[str, DemoFn] = {"ethanol": run_ethanol, "cu-ni": run_cu_ni}
+DEFAULT_DEMO = "ethanol"
+
+
+def run_demo(out: str | Path = "runs/demo", system: str = DEFAULT_DEMO, **kwargs: Any) -> dict[str, Any]:
     """Run the demo named ``system`` into ``out`` and print its summary table."""
     if system not in DEMOS:
         raise ConfigError(f"unknown demo system {system!r}; choose from {sorted(DEMOS)}")

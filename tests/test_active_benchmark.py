@@ -1,0 +1,35 @@
+"""benchmarks/active_vs_random.py: the calls_ratio arithmetic (the runs themselves take tens of minutes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tblite")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "active_vs_random.py"
+spec = importlib.util.spec_from_file_location("active_vs_random", SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def curve(*points):
+    return [{"calls": c, "f_mae_mev_a": m} for c, m in points]
+
+
+def test_random_error_at_max_calls_is_interpolated_log_log():
+    random = curve((100, 400.0), (300, 200.0), (600, 100.0))
+    assert bench.interpolate_mae(random, 300) == pytest.approx(200.0)
+    assert bench.interpolate_mae(random, 424.26) == pytest.approx(141.42, rel=1e-3)  # geometric mean point
+    assert bench.interpolate_mae(random, 900) == pytest.approx(100.0)  # flat beyond the end
+
+
+def test_calls_to_reach_takes_the_first_crossing():
+    al = curve((50, 300.0), (100, 150.0), (200, 90.0), (300, 110.0))
+    assert bench.calls_to_reach(al, 150.0) == pytest.approx(100.0)
+    t = math.log(150 / 120) / math.log(150 / 90)  # how far from 150 towards 90 the target lies, in log
+    assert bench.calls_to_reach(al, 120.0) == pytest.approx(100 * 2**t)
+    assert bench.calls_to_reach(al, 400.0) == 50.0
+    assert bench.calls_to_reach(al, 50.0) is None
