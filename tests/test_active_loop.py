@@ -87,6 +87,28 @@ def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
     assert len(read_journal(tmp_path / "run" / "journal.jsonl")) == 1 + 8  # the selection and 8 failures
 
 
+def test_existing_data_joins_the_training_set_without_oracle_calls(tmp_path):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from equiforce.data.io import write_extxyz
+    from equiforce.data.structure import Configuration
+
+    configs = []
+    for k in range(10):
+        atoms = bulk("Cu", cubic=True)
+        atoms.rattle(0.08, seed=100 + k)
+        atoms.calc = EMT()
+        configs.append(Configuration.from_atoms(atoms.copy(), energy=atoms.get_potential_energy(),
+                                                forces=atoms.get_forces()))
+    write_extxyz(configs, tmp_path / "old.xyz")
+    cfg = parse_learn_config(tiny_config(tmp_path / "run", start={"data": [str(tmp_path / "old.xyz")]},
+                                         stop={"max_rounds": 1}))
+    summary = learn(cfg, progress=False)
+    trained = next(r for r in read_journal(tmp_path / "run" / "journal.jsonl") if r["type"] == "trained")
+    assert summary["oracle_calls"] == 8 and trained["n_train"] + trained["n_valid"] == 18
+
+
 def test_budget_of_oracle_calls_is_never_exceeded(tmp_path):
     cfg = parse_learn_config(tiny_config(tmp_path / "run", stop={"max_oracle_calls": 11, "max_rounds": 10}))
     summary = learn(cfg, progress=False)

@@ -205,6 +205,8 @@ class LearnConfig(_Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     e0s: Literal["fit"] | dict[int, float] = Field("fit", description="per-element reference energies")
     seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch threads of the loop process (training, MD); small "
+                                                        "molecules on a few shared cores run fastest with 1")
     directory: Path = Field(Path("runs/learn"), description="the run directory (journal, rounds, report)")
 
     @field_validator("first_round_max_time", mode="before")

@@ -186,6 +186,7 @@ class Learner:
         self.starts = load_structures(cfg.start.structures)
         self.t0, self.before = time.perf_counter(), self.state.elapsed  # active seconds of earlier sessions
         self.test_set = None
+        self._existing: tuple[list[Configuration], list[Configuration]] | None = None
         if cfg.report.test is not None:
             from equiforce.data.io import read_configurations
 
@@ -244,6 +245,12 @@ class Learner:
         label(requests, spec, executor, arrived)
 
     def existing_data(self) -> tuple[list[Configuration], list[Configuration]]:
+        """``start.data`` split into train/validation (read once; not oracle calls)."""
+        if self._existing is None:
+            self._existing = self._read_existing()
+        return self._existing
+
+    def _read_existing(self) -> tuple[list[Configuration], list[Configuration]]:
         if not self.cfg.start.data:
             return [], []
         from equiforce.data.io import read_configurations
@@ -453,4 +460,8 @@ def learn(config: LearnConfig | None = None, *, config_path: str | os.PathLike |
           resume: str | os.PathLike | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) an active-learning loop; returns the report's summary."""
     cfg, directory = prepare(config, Path(config_path) if config_path else None, Path(resume) if resume else None)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     return Learner(cfg, directory, progress).run()
