@@ -137,3 +137,14 @@ def test_bond_criterion_flags_broken_molecule():
     state = SimState.from_atoms([ethanol, Atoms(ethanol.numbers, stretched), ethanol])
     flags = criterion.stop_when()(state, {})
     assert flags.tolist() == [False, True, False]
+    # reference frames of a tumbling molecule: bonds from distances, not from a blurred mean geometry
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(20):
+        turned = ethanol.copy()
+        turned.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COM")
+        turned.positions += rng.normal(0, 3.0, 3)
+        frames.append(turned.positions)
+    tumbling = BondCriterion(ethanol.numbers, np.array(frames))
+    np.testing.assert_array_equal(tumbling.pairs, criterion.pairs)
+    np.testing.assert_allclose(tumbling.lengths, criterion.lengths, atol=1e-10)

@@ -46,8 +46,8 @@ def learn_config(out: Path, test_path: Path, loop_minutes: float, seed: int, pro
         "stop": {"max_oracle_calls": 500, "max_rounds": 30, "wall_time": 60.0 * loop_minutes},
         "report": {"test": str(test_path), "progress": progress},
         "seed": seed,
-        # one thread: on 2 cores shared with the oracle workers (and here with other jobs) two OpenMP threads
-        # made training ~20x slower in a measurement (5 epochs in 60 s instead of 115)
+        # one thread: a 9-atom molecule gains nothing from intra-op threads, and the 2 cores are shared with
+        # the oracle workers (measured runs used OMP_NUM_THREADS=1)
         "threads": 1,
         "directory": str(out / "learn"),
     }

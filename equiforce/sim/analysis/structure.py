@@ -100,20 +100,22 @@ def histogram_distance(h_a: np.ndarray, h_b: np.ndarray, r: np.ndarray) -> float
 class BondCriterion:
     """Fu et al.'s stability test: a trajectory has failed once some bond deviates from its reference length
     by more than ``threshold`` Å.  Bonds are pairs closer than the sum of ASE's covalent radii × ``scale`` in
-    the reference geometry; reference lengths are averaged over the reference frames.
+    most reference frames; reference lengths are their mean distances.  Only distances are used, so frames
+    of a molecule that rotates or drifts are fine.
     """
 
     def __init__(self, numbers: np.ndarray, reference_positions: np.ndarray, threshold: float = 0.5,
-                 scale: float = 1.2) -> None:
+                 scale: float = 1.2, max_frames: int = 2000) -> None:
         reference = np.asarray(reference_positions, dtype=np.float64)
         if reference.ndim == 2:
             reference = reference[None]
+        reference = reference[:: max(1, len(reference) // max_frames)]
         radii = np.asarray(natural_cutoffs(Atoms(numbers=numbers), mult=scale))
-        mean = reference.mean(0)
         i, j = np.triu_indices(len(numbers), k=1)
-        bonded = np.linalg.norm(mean[j] - mean[i], axis=-1) < radii[i] + radii[j]
+        distances = np.linalg.norm(reference[:, j] - reference[:, i], axis=-1)  # [F, pairs]
+        bonded = (distances < radii[i] + radii[j]).mean(0) > 0.5
         self.pairs = np.stack([i[bonded], j[bonded]])
-        self.lengths = np.linalg.norm(reference[:, self.pairs[1]] - reference[:, self.pairs[0]], axis=-1).mean(0)
+        self.lengths = distances[:, bonded].mean(0)
         self.threshold = threshold
         self.n_atoms = len(numbers)
 
