@@ -52,6 +52,10 @@ class ErrorMetrics:
         if K.STRESS in pred:
             self._add("stress", pred[K.STRESS], batch[K.STRESS], batch[K.HAS_STRESS])
 
+    def reduce_sums(self, reduce) -> None:
+        """Replace the accumulated sums by ``reduce(sums)`` (e.g. an all-reduce over training processes)."""
+        self._sums = {name: reduce(value) for name, value in sorted(self._sums.items())}
+
     def compute(self) -> dict[str, float]:
         """``{quantity}_mae`` and ``{quantity}_rmse`` in :data:`UNITS` for each quantity with labels."""
         out: dict[str, float] = {}

@@ -37,6 +37,7 @@ from equiforce.evaluate import evaluate, resolve_device, run_batches
 from equiforce.models.file import load_model, save_model
 from equiforce.models.potential import Potential, build_model
 from equiforce.models.spec import ModelSpec
+from equiforce.train import distributed
 from equiforce.train.batching import make_batches
 from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.train.config import ModelConfig, TrainConfig, TrainingConfig, format_validation_error
@@ -195,13 +196,17 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(training.device), DTYPES[training.dtype]
+    ranks = distributed.setup(device.type)
+    device = distributed.device_for(ranks, device)
     restore_dtype_mode = _apply_dtype_mode(training.dtype)
     try:
-        return _fit(model, train_graphs, valid_graphs, training, out, device, dtype, resume=resume,
-                    checkpoint_every=checkpoint_every, progress=progress, extra=dict(extra or {}),
-                    epoch_callback=epoch_callback)
+        result = _fit(model, train_graphs, valid_graphs, training, out, device, dtype, ranks, resume=resume,
+                      checkpoint_every=checkpoint_every, progress=progress if ranks.main else False,
+                      extra=dict(extra or {}), epoch_callback=epoch_callback)
     finally:
         restore_dtype_mode()
+    distributed.barrier(ranks)  # other ranks read rank 0's model files only once they are written
+    return result
 
 
 def _stage_two_weights(training: TrainingConfig) -> dict[str, float]:
@@ -213,9 +218,16 @@ def _stage_two_weights(training: TrainingConfig) -> dict[str, float]:
 
 
 def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph], training: TrainingConfig,
-         out: Path, device: torch.device, dtype: torch.dtype, *, resume: bool, checkpoint_every: int,
-         progress: bool | None, extra: dict[str, Any], epoch_callback: EpochCallback | None) -> dict[str, Any]:
+         out: Path, device: torch.device, dtype: torch.dtype, ranks: distributed.Ranks, *, resume: bool,
+         checkpoint_every: int, progress: bool | None, extra: dict[str, Any],
+         epoch_callback: EpochCallback | None) -> dict[str, Any]:
     model = model.to(device=device, dtype=dtype)
+    net: torch.nn.Module = model
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
     optimizer = build_optimizer(model, training)
     schedule = build_schedule(training)
     ema = EMA(model, training.ema_decay) if training.ema_decay > 0 else None
@@ -245,8 +257,9 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
         _set_rng_state(generator, ckpt["rng"])
         state.update(ckpt["progress"])
         resumed_from = state["epoch"]
-        _truncate_log(log_path, state["epoch"])
-    else:
+        if ranks.main:
+            _truncate_log(log_path, state["epoch"])
+    elif ranks.main:
         log_path.unlink(missing_ok=True)
     if state["stage"] == 2:
         weights = _stage_two_weights(training)
@@ -254,6 +267,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             weights["energy"], weights["forces"], weights["stress"])
 
     def checkpoint() -> None:
+        if not ranks.main:
+            return
         eval_model = ema.model if ema is not None else model
         save_model(eval_model, out / LAST_MODEL, extra={**extra, "training": {"epoch": state["epoch"]}})
         save_checkpoint(ckpt_path, {
@@ -262,17 +277,21 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             "schedule": schedule.state_dict(), "progress": state, "rng": _rng_state(generator),
             "training": training.model_dump(mode="json"), "extra": extra})
 
-    def progress_at(epoch_float: float, now: float, epoch_start: float) -> float:
+    def progress_at(epoch_float: float, in_epoch: float) -> float:
+        """Training progress after ``in_epoch`` seconds of the current epoch (on rank 0's clock)."""
         done = epoch_float / training.epochs
         if training.max_time is not None:
-            done = max(done, (state["elapsed"] + now - epoch_start) / training.max_time)
+            done = max(done, (state["elapsed"] + in_epoch) / training.max_time)
         return min(done, 1.0)
 
-    def out_of_time(epoch_start: float) -> bool:
+    def out_of_time(in_epoch: float) -> bool:
         budget = training.max_time
-        return budget is not None and state["elapsed"] + (time.perf_counter() - epoch_start) >= budget
+        return budget is not None and state["elapsed"] + in_epoch >= budget
 
-    if state["stopped_early"] or state["epoch"] >= training.epochs or out_of_time(time.perf_counter()):
+    def clock(epoch_start: float) -> float:
+        return distributed.shared_clock(time.perf_counter() - epoch_start, ranks, device)
+
+    if state["stopped_early"] or state["epoch"] >= training.epochs or out_of_time(0.0):
         return _result(state, out, resumed_from)
 
     def labelled(graphs: Sequence[Graph], key: str) -> bool:
@@ -281,6 +300,10 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     train_forces = training.forces_weight > 0 and labelled(train_graphs, K.HAS_FORCES)
     train_stress = training.stress_weight > 0 and labelled(train_graphs, K.HAS_STRESS)
     valid_forces = labelled(valid_graphs, K.HAS_FORCES)
+    valid_stress = labelled(valid_graphs, K.HAS_STRESS)
+    n_valid = len(valid_graphs)
+    if ranks.active and len(valid_graphs) >= ranks.world:  # each rank validates its share; sums are reduced
+        valid_graphs = list(valid_graphs)[ranks.rank::ranks.world]
     # the data set is moved to the device once; batches are assembled there without host round trips
     train_graphs = [to_device(g, device, dtype) for g in train_graphs]
     valid_graphs = [to_device(g, device, dtype) for g in valid_graphs]
@@ -294,36 +317,37 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
         for epoch in range(state["epoch"] + 1, training.epochs + 1):
             start = time.perf_counter()
             if (training.stage_two is not None and state["stage"] == 1
-                    and progress_at(epoch - 1, start, start) >= training.stage_two.start):
+                    and progress_at(epoch - 1, 0.0) >= training.stage_two.start):
                 state["stage"] = 2
                 weights = _stage_two_weights(training)
                 loss_fn.energy_weight, loss_fn.forces_weight, loss_fn.stress_weight = (
                     weights["energy"], weights["forces"], weights["stress"])
                 stage_lr = training.stage_two.lr if training.stage_two.lr is not None else 0.1 * training.lr
-                schedule.restart(stage_lr, progress_at(epoch - 1, start, start))
+                schedule.restart(stage_lr, progress_at(epoch - 1, 0.0))
                 if training.select_by == "loss":  # the loss changed meaning: compare stage-two models only
                     state["best_loss"] = math.inf
                 reporter.info(f"stage two from epoch {epoch}: energy weight {weights['energy']:g}, "
                               f"forces weight {weights['forces']:g}, lr {stage_lr:g}")
             model.train()
             order = torch.randperm(n_train, generator=generator).tolist()
-            batches = make_batches(order, training.batch_by, training.batch_size, atom_counts, edge_counts,
-                                   training.max_batch_atoms, training.max_batch_edges)
+            batches = distributed.shard(make_batches(order, training.batch_by, training.batch_size, atom_counts,
+                                                     edge_counts, training.max_batch_atoms, training.max_batch_edges),
+                                        ranks)
             loss_sum = torch.zeros((), dtype=dtype, device=device)
             part_sums: dict[str, torch.Tensor] = {}
             n_seen = 0
-            lr = schedule(state["step"], progress_at(epoch - 1, start, start), epoch - 1)
+            lr = schedule(state["step"], progress_at(epoch - 1, 0.0), epoch - 1)
             first_lr = lr
             for k, chunk in enumerate(batches):
-                now = time.perf_counter()
-                if n_seen and out_of_time(start):  # the budget ends mid-epoch: validate what we have
+                in_epoch = clock(start)
+                if n_seen and out_of_time(in_epoch):  # the budget ends mid-epoch: validate what we have
                     break
-                lr = schedule(state["step"], progress_at(epoch - 1 + k / len(batches), now, start), epoch - 1)
+                lr = schedule(state["step"], progress_at(epoch - 1 + k / len(batches), in_epoch), epoch - 1)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = collate([train_graphs[i] for i in chunk])
                 optimizer.zero_grad(set_to_none=True)
-                pred = model(batch, compute_forces=train_forces, compute_stress=train_stress, create_graph=True)
+                pred = net(batch, compute_forces=train_forces, compute_stress=train_stress, create_graph=True)
                 loss, parts = loss_fn(pred, batch)
                 loss.backward()
                 if training.clip_grad is not None:
@@ -336,6 +360,12 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                 n_seen += len(chunk)
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value * len(chunk)
+            if ranks.active:  # every rank reports the whole epoch
+                loss_sum = distributed.all_sum(loss_sum, ranks)
+                part_sums = {k: distributed.all_sum(torch.as_tensor(v, device=device), ranks)
+                             for k, v in part_sums.items()}
+                n_seen = int(distributed.all_sum(torch.tensor(n_seen, device=device), ranks))
+                n_seen = min(n_seen, n_train)  # wrapped-around batches are seen twice, counted once
             record: dict[str, Any] = {"epoch": epoch, "lr": first_lr, "lr_end": lr, "stage": state["stage"],
                                       "train_loss": float(loss_sum) / n_seen}
             record.update({f"train_loss_{k}": float(v) / n_seen for k, v in part_sums.items()})
@@ -346,7 +376,14 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             metrics = ErrorMetrics()
             if valid_graphs:
                 record["valid_loss"] = run_batches(eval_model, valid_graphs, training.valid_batch_size, device,
-                                                   metrics, loss_fn, compute_forces=valid_forces)
+                                                   metrics, loss_fn, compute_forces=valid_forces,
+                                                   compute_stress=valid_stress)
+                if ranks.active and len(valid_graphs) < n_valid:  # sharded: reduce the sums of all ranks
+                    total = torch.tensor([record["valid_loss"] * len(valid_graphs), len(valid_graphs)],
+                                         dtype=torch.float64, device=device)
+                    total = distributed.all_sum(total, ranks)
+                    record["valid_loss"] = float(total[0] / total[1])
+                    metrics.reduce_sums(lambda t: distributed.all_sum(t, ranks))
                 record.update({f"valid_{k}": v for k, v in metrics.compute().items()})
             prefix = "valid_" if valid_graphs else "train_"
             if training.select_by == "loss" or not valid_graphs:
@@ -360,19 +397,21 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                 state.update(best_loss=criterion, best_epoch=epoch, epochs_without_improvement=0,
                              best_metrics={k.removeprefix("valid_"): v for k, v in record.items()
                                            if k.startswith("valid_")})
-                save_model(eval_model, out / BEST_MODEL, extra={**extra, "training": {
-                    "epoch": epoch, "train_loss": record["train_loss"], "valid": state["best_metrics"]}})
+                if ranks.main:
+                    save_model(eval_model, out / BEST_MODEL, extra={**extra, "training": {
+                        "epoch": epoch, "train_loss": record["train_loss"], "valid": state["best_metrics"]}})
             else:
                 state["epochs_without_improvement"] += 1
             patience = training.max_epochs_without_improvement
             state["stopped_early"] = patience is not None and state["epochs_without_improvement"] >= patience
-            record["time"] = time.perf_counter() - start
+            record["time"] = clock(start)
             state["elapsed"] += record["time"]
             record["elapsed"] = state["elapsed"]
             record["configs_per_s"] = n_seen / record["time"]
-            state["out_of_time"] = out_of_time(time.perf_counter())
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            state["out_of_time"] = out_of_time(0.0)
+            if ranks.main:
+                with open(log_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
             if (epoch % checkpoint_every == 0 or epoch == training.epochs or state["stopped_early"]
                     or state["out_of_time"]):
                 checkpoint()
