@@ -109,6 +109,18 @@ def test_existing_data_joins_the_training_set_without_oracle_calls(tmp_path):
     assert summary["oracle_calls"] == 8 and trained["n_train"] + trained["n_valid"] == 18
 
 
+@pytest.mark.parametrize(("stop", "explore", "reason"), [
+    ({"stable_md_ps": 0.004, "stable_md_temperature": 300}, {"sigma_stop": 1e6}, "MD stable for 0.004 ps"),
+    ({"target_sigma": 1e6}, {}, "explored σ"),
+    ({"target_forces_mae": 1e6}, {}, "validation force MAE")])
+def test_stop_criteria(tmp_path, stop, explore, reason):
+    cfg = parse_learn_config(tiny_config(tmp_path / "run", stop=stop, explore=explore))
+    summary = learn(cfg, progress=False)
+    assert summary["stopped"].startswith(reason) and len(summary["rounds"]) == 1
+    if "stable_md_ps" in stop:
+        assert summary["stability"][0]["all_stable"] and summary["stability"][0]["steps"] == 8
+
+
 def test_budget_of_oracle_calls_is_never_exceeded(tmp_path):
     cfg = parse_learn_config(tiny_config(tmp_path / "run", stop={"max_oracle_calls": 11, "max_rounds": 10}))
     summary = learn(cfg, progress=False)
