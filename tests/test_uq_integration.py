@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
-from ase.io import write
 
 import equiforce
 from equiforce.cli import main
 from equiforce.uq.file import save_uq_model
 from equiforce.uq.stop import sigma_stop
 from tests.conftest import make_model
-from tests.uq_helpers import ensemble, labelled, single_thread  # noqa: F401
+from tests.uq_helpers import ensemble, labelled, single_thread, write_labelled  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +68,8 @@ def test_sigma_stop_needs_uncertainty():
 
 
 def test_eval_uq_writes_metrics_and_plots(ensemble_file, tmp_path, capsys):
-    atoms = []
-    for config in labelled(12, seed=4):
-        a = config.to_atoms()
-        a.info["energy"] = config.energy
-        a.arrays["forces"] = config.forces
-        atoms.append(a)
     data = tmp_path / "data.xyz"
-    write(data, atoms, format="extxyz")
+    write_labelled(data, labelled(12, seed=4))
     out = tmp_path / "eval"
     assert main(["eval", str(ensemble_file), str(data), "--uq", "--out", str(out), "--device", "cpu"]) == 0
     report = json.loads((out / "metrics.json").read_text())["uq"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from ase.io import write
 
 import equiforce
 from equiforce.cli import main
@@ -12,7 +11,7 @@ from equiforce.uq.config import load_uq_config
 from equiforce.uq.ensemble import EnsemblePotential
 from equiforce.uq.heads import UQPotential
 from equiforce.uq.train import bootstrap_weights
-from tests.uq_helpers import labelled, single_thread  # noqa: F401
+from tests.uq_helpers import labelled, single_thread, write_labelled  # noqa: F401
 
 MODEL = {"channels": 4, "max_l": 1, "sh_lmax": 1, "correlation": 1, "num_layers": 2, "radial_mlp": [8],
          "cutoff": 4.0, "readout_hidden": 4}
@@ -20,14 +19,8 @@ MODEL = {"channels": 4, "max_l": 1, "sh_lmax": 1, "correlation": 1, "num_layers"
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    atoms = []
-    for config in labelled(36, seed=11):
-        a = config.to_atoms()
-        a.info["energy"] = config.energy
-        a.arrays["forces"] = config.forces
-        atoms.append(a)
     path = tmp_path_factory.mktemp("data") / "train.xyz"
-    write(path, atoms, format="extxyz")
+    write_labelled(path, labelled(36, seed=11))
     return path
 
 

@@ -73,3 +73,16 @@ def ensemble(n_members: int = 3, name: str = "L1-corr3") -> EnsemblePotential:
 
 def batch_of(atoms_list, cutoff: float = 4.0) -> dict[str, torch.Tensor]:
     return collate([config_to_graph(Configuration.from_atoms(a), cutoff) for a in atoms_list])
+
+
+def write_labelled(path, configs) -> None:
+    """Write labelled configurations as extxyz (energy in info, forces in arrays)."""
+    from ase.io import write
+
+    atoms = []
+    for config in configs:
+        a = config.to_atoms()
+        a.info["energy"] = config.energy
+        a.arrays["forces"] = config.forces
+        atoms.append(a)
+    write(path, atoms, format="extxyz")
