@@ -16,7 +16,7 @@ Two parts, one run:
 Every measurement runs in its own process, so peak memory is clean: on CPU the rise of the peak resident set
 (VmHWM) over the resident set just before the timed steps, on CUDA ``torch.cuda.max_memory_allocated``.
 JSON ``rows``: engine, mode, system, natoms, n_systems, device, dtype, ms_per_step, atom_steps_per_s,
-peak_mem_mb_per_atom.
+peak_mem_mb_per_atom; ``failed`` lists measurements that did not finish (e.g. out of memory).
 """
 
 from __future__ import annotations
@@ -157,8 +157,6 @@ def equiforce_row(args: argparse.Namespace, system: str, mode: str, natoms: int 
 
 
 def mace_row(args: argparse.Namespace, natoms: int = 0, xyz: str | None = None):
-    if not MACE_PYTHON.exists():
-        return None
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     command = [str(MACE_PYTHON), str(MACE_SCRIPT), "--device", args.device, "--dtype", args.dtype,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
@@ -208,38 +206,42 @@ def main() -> None:
         return
 
     rows: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []  # e.g. out of memory: the largest size that fits is the last row
     print(HEADER, flush=True)
 
-    def add(row: dict[str, Any] | None, system: str) -> None:
-        if row is not None:
-            row["system"] = system
-            rows.append(row)
-            print(format_row(row), flush=True)
+    def add(row: dict[str, Any] | None, system: str, engine: str = "equiforce", natoms: int = 0) -> None:
+        if row is None:
+            failed.append({"engine": engine, "system": system, "natoms": natoms})
+            print(f"{engine:<10} {system:<8} {natoms:>7} atoms: failed (see stderr)", flush=True)
+            return
+        row["system"] = system
+        rows.append(row)
+        print(format_row(row), flush=True)
 
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     for natoms in sizes:
         actual = 4 * max(1, round((natoms / 4) ** (1 / 3))) ** 3
         if actual > args.max_atoms:
             continue
-        add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu")
-        if not args.no_mace:
-            add(mace_row(args, natoms=natoms), "fcc-Cu")
+        add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu", natoms=actual)
+        if not args.no_mace and MACE_PYTHON.exists():
+            add(mace_row(args, natoms=natoms), "fcc-Cu", "mace", natoms=actual)
     if args.molecules > 0:
         add(equiforce_row(args, "aspirin", "native", count=args.molecules), "aspirin")
         add(equiforce_row(args, "aspirin", "ase"), "aspirin")
-        if not args.no_mace:
+        if not args.no_mace and MACE_PYTHON.exists():
             with tempfile.TemporaryDirectory() as tmp:
                 from ase.io import write
 
                 path = os.path.join(tmp, "aspirin.xyz")
                 write(path, aspirin())
-                add(mace_row(args, xyz=path), "aspirin")
+                add(mace_row(args, xyz=path), "aspirin", "mace")
     print()
     print_table(rows)
     result = {"benchmark": "md_speed", "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device,
               "dtype": args.dtype, "host": platform.node(), "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
-              "model": REFERENCE_SPEC, "rows": rows}
+              "model": REFERENCE_SPEC, "rows": rows, "failed": failed}
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
