@@ -1,9 +1,11 @@
 """The MACE-class equivariant message-passing potential.
 
-Energy is a sum of atomic energies ``E_i = E0[z_i] + shift + scale · Σ_t readout_t(h_i^t)``.  Readouts are
-bias-free and an atom without neighbours has zero features, so an isolated atom's energy is exactly
-``E0 + shift`` (``E0`` when, as with isolated-atom E0s, the shift is zero): dissociation curves end at
-the right limit.  Forces, virial and stress are exact autograd derivatives of that one energy.
+Energy is a sum of atomic energies ``E_i = E0[z_i] + shift · (1 - exp(-n_i)) + scale · Σ_t readout_t(h_i^t)``
+with ``n_i = Σ_j u(r_ij)`` a smooth coordination number (``u`` the cutoff envelope).  Readouts are
+bias-free and an atom without neighbours has zero features and ``n_i = 0``, so an isolated atom's energy
+is exactly its ``E0``: dissociation curves end at the right limit, while the per-atom shift (the mean
+binding energy per atom, which is large with isolated-atom E0s) still normalises every bonded atom.
+Forces, virial and stress are exact autograd derivatives of that one energy.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ class Potential(nn.Module):
         vectors = positions[neighbour] - positions[centre] + offsets
         lengths = torch.linalg.vector_norm(vectors, dim=-1)
         sh = spherical_harmonics(self.spec.sh_lmax, vectors)
-        radial = self.basis(lengths) * self.envelope(lengths).unsqueeze(-1)
+        envelope = self.envelope(lengths)
+        radial = self.basis(lengths) * envelope.unsqueeze(-1)
         onehot = torch.nn.functional.one_hot(species, len(self.spec.elements)).to(positions.dtype)
         h = self.embedding(onehot).unsqueeze(-1)
         atomic = torch.zeros_like(positions[:, 0])
@@ -127,7 +130,10 @@ class Potential(nn.Module):
             h = block(h, sh, radial, edge_index, species, onehot)
             features.append(h)
             atomic = atomic + readout(h[..., 0]).squeeze(-1)
-        node_energy = self.e0[species] + self.energy_shift + self.energy_scale * atomic
+        # the shift applies to bonded atoms only, switched on smoothly by a coordination number
+        coordination = torch.zeros_like(atomic).index_add(0, centre, envelope)
+        node_energy = (self.e0[species] + self.energy_shift * (1.0 - torch.exp(-coordination))
+                       + self.energy_scale * atomic)
         if self.zbl is not None:
             pair = self.zbl(species[centre], species[neighbour], lengths)
             node_energy = node_energy.index_add(0, centre, pair)

@@ -516,9 +516,7 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     valid_graphs = [graph(c) for c in valid]
     stats = dataset_statistics(train_graphs, e0_values)
     scale = float(stats.get("force_rms", 0.0) or 0.0)
-    # with physical (isolated-atom or given) E0s a per-atom shift would move the dissociation limit away
-    # from E0; with fitted E0s it is the small mean residual and helps normalise
-    shift = float(stats.get("energy_shift", 0.0)) if e0s == "fit" else 0.0
+    shift = float(stats.get("energy_shift", 0.0))  # gated by coordination: isolated atoms keep their E0
     spec = ModelSpec(**model_cfg.spec_kwargs(), elements=elements, e0s=e0_values,
                      avg_num_neighbors=max(float(stats["avg_num_neighbors"]), 1e-6),
                      energy_scale=scale if scale > 0 else 1.0, energy_shift=shift)
