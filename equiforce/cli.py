@@ -164,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from equiforce.active.cli import add_parser as add_learn_parser
+    from equiforce.sim.cli_md import add_parser as add_sim_parsers
 
     add_learn_parser(sub)
+    add_sim_parsers(sub)
     return parser
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
@@ -10,16 +9,13 @@ from ase.build import molecule
 from ase.io import read, write
 
 import equiforce
-from equiforce.sim.cli_md import add_parser
+from equiforce.cli import main
 from tests.conftest import make_model
 from tests.sim_models import single_thread  # noqa: F401
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the real entry point: the sub-commands must be registered there
 
 
 def test_md_and_relax_commands(tmp_path):
