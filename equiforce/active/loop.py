@@ -281,7 +281,7 @@ class Learner:
             fault_point("train")
 
         path = train_round(self.round_dir(round_), train, valid, self.cfg, previous, self.cfg.seed + round_,
-                           progress=False if self.display.mode != "off" else None, callback=epoch)
+                           progress=False, callback=epoch)  # epochs are reported through the display
         fault_point("trained")
         self.record({"type": "trained", "round": round_, "model": str(path.relative_to(self.dir)),
                      "n_train": len(train), "n_valid": len(valid), "calls": self.state.calls})
