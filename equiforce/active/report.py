@@ -120,7 +120,11 @@ def plot_sigma_vs_error(records: list[dict[str, Any]], path: Path) -> None:
     axes[1].set_title("selected candidates (max atomic σ vs max |ΔF|)")
     if rounds:
         axes[1].legend(fontsize=7)
+    from matplotlib.ticker import NullFormatter
+
     for ax in axes:
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a log axis
+        ax.yaxis.set_minor_formatter(NullFormatter())
         lo, hi = ax.get_xlim() if ax.has_data() else (1e-3, 1.0)
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
         ax.set_xlabel("predicted σ (eV/Å)")
