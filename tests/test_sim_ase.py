@@ -21,7 +21,7 @@ def test_ase_langevin_md_with_calculator():
     model = make_model("L1-corr3")
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
     atoms.calc = equiforce.Calculator(model)
-    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=300, friction=0.02, rng=np.random.default_rng(0))
+    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=300, friction=0.02, fixcm=False, rng=np.random.default_rng(0))
     dyn.run(10)
     assert np.isfinite(atoms.get_potential_energy())
     assert atoms.get_temperature() > 0
