@@ -47,8 +47,9 @@ class Configuration:
 
     @classmethod
     def from_atoms(cls, atoms: Atoms, **labels) -> Configuration:
-        return cls(numbers=atoms.numbers, positions=atoms.positions, cell=np.asarray(atoms.cell),
-                   pbc=atoms.pbc, **labels)
+        """A copy: later changes to ``atoms`` (the next MD step) cannot alter the configuration."""
+        return cls(numbers=atoms.numbers.copy(), positions=atoms.positions.copy(), cell=np.array(atoms.cell),
+                   pbc=atoms.pbc.copy(), **labels)
 
     def to_atoms(self) -> Atoms:
         return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
