@@ -73,6 +73,8 @@ class Potential(nn.Module):
         self.register_buffer("e0", torch.tensor([spec.e0s.get(z, 0.0) for z in spec.elements], dtype=dtype))
         self.register_buffer("energy_scale", torch.tensor(spec.energy_scale, dtype=dtype))
         self.register_buffer("energy_shift", torch.tensor(spec.energy_shift, dtype=dtype))
+        # per-element correction of the shift, refitted by least squares during training (see refit_shift)
+        self.register_buffer("shift_correction", torch.zeros(n_el, dtype=dtype))
         self.embedding = nn.Linear(n_el, c, bias=False)
         nn.init.normal_(self.embedding.weight, std=1.0)
         self.basis = BesselBasis(spec.cutoff, spec.num_radial)
@@ -111,14 +113,42 @@ class Potential(nn.Module):
         """Per-layer invariant (scalar) node features ``[N, C]`` (for uncertainty and active-learning selection)."""
         return [h[..., 0] for h in self._energy_and_features(graph, graph[K.POSITIONS], graph[K.CELL])[2]]
 
+    def _edges(self, graph: dict[str, torch.Tensor], positions: torch.Tensor, cell: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edge vectors r_j - r_i + S·cell and their lengths."""
+        edge_index = graph[K.EDGE_INDEX]
+        batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(graph[K.NUMBERS])
+        offsets = torch.einsum("ei,eij->ej", graph[K.SHIFTS], cell[batch[edge_index[0]]])
+        vectors = positions[edge_index[1]] - positions[edge_index[0]] + offsets
+        return vectors, torch.linalg.vector_norm(vectors, dim=-1)
+
+    def _gate(self, centre: torch.Tensor, envelope: torch.Tensor, n_atoms: int) -> torch.Tensor:
+        """``1 - exp(-n_i)`` with the smooth coordination ``n_i = Σ_j u(r_ij)``: 0 for an isolated atom."""
+        coordination = torch.zeros(n_atoms, dtype=envelope.dtype, device=envelope.device).index_add(0, centre, envelope)
+        return 1.0 - torch.exp(-coordination)
+
+    @torch.no_grad()
+    def shift_design(self, graph: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, elements]``: Σ of the shift gate over each graph's atoms of each element.
+
+        The energy is linear in the per-element shifts with these coefficients, so the shifts can be refitted
+        by least squares on energy residuals; for bonded atoms the gate is ~1, so that moves energies by
+        per-element constants and forces hardly at all, and isolated atoms stay at exactly E0.
+        """
+        species = self.z_to_index[graph[K.NUMBERS]]
+        _, lengths = self._edges(graph, graph[K.POSITIONS], graph[K.CELL])
+        gate = self._gate(graph[K.EDGE_INDEX][0], self.envelope(lengths), species.shape[0])
+        batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(species)
+        onehot = torch.nn.functional.one_hot(species, len(self.spec.elements)).to(gate.dtype)
+        design = torch.zeros(graph[K.CELL].shape[0], onehot.shape[1], dtype=gate.dtype, device=gate.device)
+        return design.index_add(0, batch, onehot * gate[:, None])
+
     def _energy_and_features(self, graph: dict[str, torch.Tensor], positions: torch.Tensor, cell: torch.Tensor):
         species = self.z_to_index[graph[K.NUMBERS]]
         edge_index = graph[K.EDGE_INDEX]
         batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(species)
         centre, neighbour = edge_index[0], edge_index[1]
-        offsets = torch.einsum("ei,eij->ej", graph[K.SHIFTS], cell[batch[centre]])
-        vectors = positions[neighbour] - positions[centre] + offsets
-        lengths = torch.linalg.vector_norm(vectors, dim=-1)
+        vectors, lengths = self._edges(graph, positions, cell)
         sh = spherical_harmonics(self.spec.sh_lmax, vectors)
         envelope = self.envelope(lengths)
         radial = self.basis(lengths) * envelope.unsqueeze(-1)
@@ -131,8 +161,8 @@ class Potential(nn.Module):
             features.append(h)
             atomic = atomic + readout(h[..., 0]).squeeze(-1)
         # the shift applies to bonded atoms only, switched on smoothly by a coordination number
-        coordination = torch.zeros_like(atomic).index_add(0, centre, envelope)
-        node_energy = (self.e0[species] + self.energy_shift * (1.0 - torch.exp(-coordination))
+        shift = self.energy_shift + self.shift_correction[species]
+        node_energy = (self.e0[species] + shift * self._gate(centre, envelope, species.shape[0])
                        + self.energy_scale * atomic)
         if self.zbl is not None:
             pair = self.zbl(species[centre], species[neighbour], lengths)

@@ -185,6 +185,9 @@ class TrainingConfig(_Section):
     stage_two: StageTwoConfig | None = Field(None, description="late phase with a higher energy weight")
     select_by: Literal[SELECT_BY] = Field(  # type: ignore[valid-type]
         "loss", description="validation quantity that picks best.eqf ('loss' restarts at stage two)")
+    refit_shift: bool = Field(True, description="refit the per-element energy shifts by least squares on the "
+                                                "(EMA) model's energy residuals after every epoch")
+    refit_structures: int = Field(256, ge=1, description="training structures used for that refit")
     clip_grad: float | None = Field(10.0, gt=0, description="max gradient norm; null disables")
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"

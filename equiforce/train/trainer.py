@@ -209,6 +209,35 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     return result
 
 
+@torch.no_grad()
+def refit_shift(eval_model: Potential, models: Sequence[Potential], graphs: Sequence[Graph], batch_size: int) -> None:
+    """Least-squares refit of the per-element energy shifts on ``eval_model``'s per-atom energy residuals.
+
+    With forces dominating the loss, the energy offset of a single-composition data set (where the E0s are
+    not determined) drifts freely and costs accuracy in energies only; refitting the linear part of the
+    model each epoch removes that drift at the price of one energy-only pass over ``graphs``.
+    The correction is added to every model in ``models`` (the trained one and its EMA).
+    """
+    n_el = len(eval_model.spec.elements)
+    dtype = eval_model.shift_correction.dtype
+    device = eval_model.shift_correction.device
+    normal = torch.zeros(n_el, n_el, dtype=torch.float64, device=device)
+    rhs = torch.zeros(n_el, dtype=torch.float64, device=device)
+    was_training = eval_model.training
+    eval_model.eval()
+    for first in range(0, len(graphs), batch_size):
+        batch = collate(graphs[first:first + batch_size])
+        residual = batch[K.ENERGY] - eval_model(batch, compute_forces=False)[K.ENERGY]
+        scale = (batch[K.HAS_ENERGY] * batch[K.WEIGHT]).sqrt() / batch[K.N_ATOMS].to(residual.dtype)
+        design = (eval_model.shift_design(batch) * scale[:, None]).double()
+        normal += design.T @ design
+        rhs += design.T @ (residual * scale).double()
+    eval_model.train(was_training)
+    delta = (torch.linalg.pinv(normal, hermitian=True) @ rhs).to(dtype)
+    for model in models:
+        model.shift_correction += delta
+
+
 def _stage_two_weights(training: TrainingConfig) -> dict[str, float]:
     stage = training.stage_two
     assert stage is not None
@@ -308,6 +337,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     train_graphs = [to_device(g, device, dtype) for g in train_graphs]
     valid_graphs = [to_device(g, device, dtype) for g in valid_graphs]
     n_train = len(train_graphs)
+    with_energy = [g for g in train_graphs if float(g[K.HAS_ENERGY].sum()) > 0]
+    refit_graphs = with_energy[:: max(1, len(with_energy) // training.refit_structures)][: training.refit_structures]
     atom_counts = [int(g[K.POSITIONS].shape[0]) for g in train_graphs]
     edge_counts = [int(g[K.EDGE_INDEX].shape[1]) for g in train_graphs]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -373,6 +404,9 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                 record["partial_epoch"] = n_seen / n_train
 
             eval_model = ema.model if ema is not None else model
+            if training.refit_shift and refit_graphs:
+                refit_shift(eval_model, [model] + ([ema.model] if ema is not None else []), refit_graphs,
+                            training.valid_batch_size)
             metrics = ErrorMetrics()
             if valid_graphs:
                 record["valid_loss"] = run_batches(eval_model, valid_graphs, training.valid_batch_size, device,
