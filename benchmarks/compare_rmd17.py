@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--mace-hidden-irreps", default="128x0e+128x1o")
     p.add_argument("--split-seed", type=int, default=1)
     p.add_argument("--skip-mace", action="store_true", help="reuse an earlier mace.json in the output folder")
+    p.add_argument("--only", choices=["equiforce", "mace"], default=None,
+                   help="run one engine and write its JSON into the output folder (combine later with --skip-mace)")
     p.add_argument("--out", default="runs/compare/results.json")
     args = p.parse_args(argv)
     args.molecule = args.molecule or Path(args.train).stem.replace("rmd17_", "").split("_")[0]
@@ -100,7 +102,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     split_dir = work / "split"
     prepare_split(args, split_dir)
+    if args.only == "mace":
+        run_mace(args, split_dir, work / "mace.json")
+        return
     results = {"equiforce": run_equiforce(args, extra, work / "equiforce.json")}
+    if args.only == "equiforce":
+        return
     mace_out = work / "mace.json"
     results["mace"] = json.loads(mace_out.read_text()) if args.skip_mace else run_mace(args, split_dir, mace_out)
     ratios = {key: results["equiforce"][key] / results["mace"][key] for key, _ in QUANTITIES
