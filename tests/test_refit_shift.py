@@ -67,3 +67,28 @@ def test_refit_is_least_squares_on_per_atom_residuals():
     expected, *_ = np.linalg.lstsq(design[:, used] / n[:, None], offsets.numpy() / n, rcond=None)
     refit_shift(model, [model], graphs, batch_size=4)
     np.testing.assert_allclose(model.shift_correction.numpy()[used], expected, atol=1e-9)
+
+
+def test_single_composition_refit_moves_only_the_composition_direction():
+    """One composition: the design's columns differ only by the gates' tiny variation between structures.
+    Energy noise must not be fitted through that variation (it once gave shifts of tens of eV of opposite sign
+    per element, harmless for the training geometries and ruinous for every other one)."""
+    model = make_model("L1-corr3")
+    atoms_list = []
+    for i in range(24):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.05, seed=100 + i)
+        atoms_list.append(atoms)
+    rng = np.random.default_rng(1)
+    offsets = torch.as_tensor(0.6 + rng.normal(0.0, 0.05, len(atoms_list)))
+    graphs = graphs_with_energies(model, atoms_list, offsets)
+    refit_shift(model, [model], graphs, batch_size=8)
+    used = [model.spec.elements.index(z) for z in (1, 6, 8)]
+    correction = model.shift_correction[used]
+    assert float(correction.abs().max()) < 0.5  # 0.6 eV over 9 atoms: a small, shared shift
+    residual = np.array([float(g[K.ENERGY] - model(collate([g]), compute_forces=False)[K.ENERGY].detach())
+                         for g in graphs])
+    assert abs(residual.mean()) < 0.01  # the common offset is removed
+    dimer = model(collate([atoms_to_graph(Atoms("OO", positions=[[0, 0, 0], [1.2, 0, 0]]), model.cutoff)]),
+                  compute_forces=False)[K.ENERGY]
+    assert abs(float(dimer) - 2 * model.spec.e0s.get(8, 0.0)) < 50.0
