@@ -64,14 +64,15 @@ def cu_box(natoms: int):
     return atoms
 
 
-def aspirin():
+def aspirin(path: str | Path = ASPIRIN):
     from equiforce.data.io import read_configurations
 
-    if not ASPIRIN.is_file():
+    path = Path(path)
+    if not path.is_file():
         from ase.build import molecule
 
         return molecule("CH3CH2OH")  # no rMD17 here: a stand-in molecule, reported under its own size
-    return read_configurations(ASPIRIN)[0].to_atoms()
+    return read_configurations(path)[0].to_atoms()
 
 
 def _sync(device: str) -> None:
@@ -93,7 +94,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.system == "cu":
         systems = [cu_box(args.natoms)]
     else:
-        systems = [aspirin() for _ in range(args.count)]
+        systems = [aspirin(args.aspirin) for _ in range(args.count)]
     elements = sorted({int(z) for a in systems for z in a.numbers})
     torch.manual_seed(0)
     model = build_model(ModelSpec(elements=elements, **REFERENCE_SPEC), dtype).to(args.device).eval()
@@ -152,7 +153,8 @@ def run_child(command: list[str], env: dict[str, str] | None, timeout: float) ->
 def equiforce_row(args: argparse.Namespace, system: str, mode: str, natoms: int = 0, count: int = 1):
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--system", system, "--mode", mode,
                "--natoms", str(natoms), "--count", str(count), "--device", args.device, "--dtype", args.dtype,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--aspirin", args.aspirin]
     return run_child(command, None, args.timeout)
 
 
@@ -191,6 +193,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-mace", action="store_true", help="skip the MACE peer")
+    parser.add_argument("--aspirin", default=str(ASPIRIN), help="rMD17 aspirin file (its first frame is the molecule)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     parser.add_argument("--out", default="md_speed.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -234,7 +237,7 @@ def main() -> None:
                 from ase.io import write
 
                 path = os.path.join(tmp, "aspirin.xyz")
-                write(path, aspirin())
+                write(path, aspirin(args.aspirin))
                 add(mace_row(args, xyz=path), "aspirin", "mace")
     print()
     print_table(rows)
