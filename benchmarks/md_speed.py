@@ -94,7 +94,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.system == "cu":
         systems = [cu_box(args.natoms)]
     else:
-        systems = [aspirin(args.aspirin) for _ in range(args.count)]
+        molecule = aspirin(args.aspirin)  # read the file once, not once per copy
+        systems = [molecule.copy() for _ in range(args.count)]
     elements = sorted({int(z) for a in systems for z in a.numbers})
     torch.manual_seed(0)
     model = build_model(ModelSpec(elements=elements, **REFERENCE_SPEC), dtype).to(args.device).eval()

@@ -237,7 +237,7 @@ def refit_shift(eval_model: Potential, models: Sequence[Potential], graphs: Sequ
         rhs += design.T @ (residual * scale).double()
     eval_model.train(was_training)
     # Only directions the data determine: with one composition the design's columns differ only through the
-    # small per-structure variation of the gates (eigenvalues ~1e-8 of the largest for rMD17/BOTNet ethanol),
+    # small per-structure variation of the gates (eigenvalues ~1e-8 of the largest for BOTNet ethanol),
     # and inverting those turned energy noise into shifts of tens of eV of opposite sign per element, which
     # left bonded structures unchanged but wrecked every geometry with other gates (dimers, H removal).
     delta = (torch.linalg.pinv(normal, rtol=REFIT_RTOL, hermitian=True) @ rhs).to(dtype)
