@@ -48,6 +48,8 @@ def test_learn_end_to_end_on_emt(tmp_path, capsys):
     assert summary["rounds"][-1]["valid_f_mae"] > 0
     assert "| 3 |" in (run / "report.md").read_text()
     assert "oracle calls" in capsys.readouterr().out
+    final = next(r for r in records if r["type"] == "final")  # too few validation structures: the last round
+    assert final["round"] == 3 and "note" in final and summary["final_round"] == 3
 
     # a finished run resumed (or rerun with the same config) makes no oracle call and trains nothing
     n_calls = len(calls_in(log))
@@ -136,3 +138,24 @@ def test_ensemble_rounds_warm_start_each_member(tmp_path, method):
     model = load_model(tmp_path / "run" / "model.eqf")
     assert type(model).__name__ == "EnsemblePotential" and model.n_members == 2
     assert (tmp_path / "run" / "rounds" / "r002" / "m1" / "best.eqf").is_file()
+
+
+@pytest.mark.parametrize("choice", ["best_valid", "last"])
+def test_final_model_is_the_round_with_the_lowest_error_on_the_final_validation_set(tmp_path, choice):
+    run = tmp_path / "run"
+    cfg = parse_learn_config(tiny_config(run, select={"per_round": 4, "valid_fraction": 0.5}, final_model=choice))
+    summary = learn(cfg, progress=False)
+    final = next(r for r in read_journal(run / "journal.jsonl") if r["type"] == "final")
+    assert final["n_valid"] >= 5 and summary["final_round"] == final["round"]
+    if choice == "last":
+        assert final["round"] == 3 and "valid_scores" not in final
+    else:
+        scores = {int(k): v for k, v in final["valid_scores"].items()}
+        assert sorted(scores) == [1, 2, 3]
+        assert final["round"] == max(r for r, v in scores.items() if v == min(scores.values()))
+        assert f"Final model (round {final['round']}" in (run / "report.md").read_text()
+    assert (run / "model.eqf").read_bytes() == (run / f"rounds/r{final['round']:03d}/model.eqf").read_bytes()
+    # the choice is journaled once: resuming the finished run keeps it and adds nothing
+    n_records = len(read_journal(run / "journal.jsonl"))
+    learn(None, resume=run, progress=False)
+    assert len(read_journal(run / "journal.jsonl")) == n_records

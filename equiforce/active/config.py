@@ -204,6 +204,9 @@ class LearnConfig(_Section):
     stop: StopConfig = Field(default_factory=StopConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     e0s: Literal["fit"] | dict[int, float] = Field("fit", description="per-element reference energies")
+    final_model: Literal["best_valid", "last"] = Field(
+        "best_valid", description="model.eqf at the end: the round whose model has the lowest force MAE on the "
+                                  "final (largest) oracle-labelled validation set, or simply the last round's")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch threads of the loop process (training, MD); small "
                                                         "molecules on a few shared cores run fastest with 1")

@@ -39,6 +39,7 @@ from equiforce.utils.atomic_io import atomic_write_text
 
 CONFIG = "config.yaml"
 FINAL_MODEL = "model.eqf"
+MIN_FINAL_VALID = 5  # fewer validation structures than this: keep the last round's model
 FAULT_ENV = "EQUIFORCE_LEARN_FAULT"
 """Fault injection for the kill/resume tests: ``POINT:N`` sends SIGKILL to this process the N-th time the
 loop passes POINT (label, train, trained, explore, selected)."""
@@ -395,6 +396,43 @@ class Learner:
         fault_point("selected")
         return None
 
+    def choose_final(self) -> int:
+        """The round whose model becomes ``model.eqf`` (journaled once, so a resumed run keeps the choice).
+
+        ``best_valid``: every round's model is rated on the final validation set — the largest, and held out
+        from every round's training — and the lowest force MAE (energy MAE without force labels) wins, ties
+        to the later round.  A later round is not always better: a round that learns a new region can lose
+        accuracy elsewhere, and a short per-round budget may not recover it before the loop stops.
+        """
+        if "final" in self.state.by_type:
+            return next(iter(self.state.by_type["final"]))
+        last = int(self.state.stopped["round"])
+        valid = self.existing_data()[1] + self.state.labelled(last + 1, "valid")
+        record: dict[str, Any] = {"type": "final", "round": last, "by": self.cfg.final_model, "n_valid": len(valid)}
+        if self.cfg.final_model == "best_valid" and len(valid) >= MIN_FINAL_VALID and last > 1:
+            from equiforce.active.rounds import rate
+            from equiforce.models.file import load_model
+
+            scores: dict[int, float] = {}
+            for round_ in range(1, last + 1):
+                rated = rate(load_model(self.model_path(round_)), valid)
+                score = rated["forces_mae"] if rated["forces_mae"] is not None else rated["energy_per_atom_mae"]
+                if score is not None and np.isfinite(score):
+                    scores[round_] = float(score)
+            if scores:
+                best = min(scores.values())
+                record["round"] = max(r for r, v in scores.items() if v == best)
+                record["valid_scores"] = {str(r): v for r, v in scores.items()}
+        elif self.cfg.final_model == "best_valid":
+            record["note"] = f"kept the last round: {len(valid)} validation structures (< {MIN_FINAL_VALID})" \
+                if last > 1 else "only one round"
+        self.record(record)
+        if record["round"] != last:
+            self.display.info(f"final model: round {record['round']} (validation force MAE "
+                               f"{record['valid_scores'][str(record['round'])]:.1f} meV/Å; last round "
+                               f"{record['valid_scores'].get(str(last), float('nan')):.1f})")
+        return int(record["round"])
+
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         from equiforce.active.report import write_report
@@ -422,10 +460,10 @@ class Learner:
                         break
                     self.label_pending(executor)
                     round_ += 1
-        last = int(self.state.stopped["round"])
+        chosen = self.choose_final()
         final = self.dir / FINAL_MODEL
         tmp = final.with_suffix(".eqf.tmp")
-        shutil.copyfile(self.model_path(last), tmp)
+        shutil.copyfile(self.model_path(chosen), tmp)
         os.replace(tmp, final)
         summary = write_report(self.dir, self.journal.records(), cfg)
         self.journal.close()

@@ -191,11 +191,17 @@ def write_report(directory: Path, records: list[dict[str, Any]], cfg: Any = None
              f"{sum(failures.values())} failures{kinds}), {oracle_seconds:.0f} s of oracle time",
              f"- status: {status}",
              f"- wall time (active, over all sessions): {summary['elapsed_s'] / 60:.1f} min", ""]
+    final = next((r for r in reversed(records) if r["type"] == "final"), None)
+    summary["final_round"] = int(final["round"]) if final else None
     if rows:
-        last = rows[-1]
-        lines.append(f"Final model (round {last['round']}, `model.eqf`): validation force MAE "
-                     f"{_fmt(last['valid_f_mae'])} meV/Å" + (f", test force MAE {_fmt(last['test_f_mae'])} meV/Å"
-                                                             if last.get("test_f_mae") is not None else "") + ".")
+        chosen = next((row for row in rows if final and row["round"] == final["round"]), rows[-1])
+        why = ""
+        if final and final.get("valid_scores"):
+            why = (f" — chosen as the lowest force MAE on the final {final['n_valid']} validation structures: "
+                   f"{_fmt(final['valid_scores'][str(final['round'])])} meV/Å")
+        lines.append(f"Final model (round {chosen['round']}, `model.eqf`){why}; in its round: validation force MAE "
+                     f"{_fmt(chosen['valid_f_mae'])} meV/Å" + (f", test force MAE {_fmt(chosen['test_f_mae'])} meV/Å"
+                                                               if chosen.get("test_f_mae") is not None else "") + ".")
         lines += ["", *markdown_table(rows), ""]
         lines += ["![error vs oracle calls](learning_curve.png)", "![sigma vs error](sigma_vs_error.png)",
                   "![MD stability](md_stability.png)", ""]
