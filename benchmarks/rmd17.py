@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("channels", "max_l", "sh_lmax", "correlation", "num_layers", "cutoff"):
         if getattr(args, key) is not None:
             model_cfg[key] = getattr(args, key)
+    if args.product_branches is not None:
+        model_cfg["product_branches"] = args.product_branches
+    if args.element_messages is not None:
+        model_cfg["element_messages"] = args.element_messages
     work = Path(args.work_dir or f"runs/rmd17/{molecule}")
     result = train_configs(train_set, valid_set, model_cfg, training_settings(args), work, e0s="fit",
                            resume=False, progress=False if args.quiet else None)
@@ -145,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     for key, kind in (("channels", int), ("max-l", int), ("sh-lmax", int), ("correlation", int),
                       ("num-layers", int), ("cutoff", float)):
         p.add_argument(f"--{key}", type=kind, default=None, help="override the preset")
+    p.add_argument("--product-branches", type=int, default=None, help="override the preset (see ModelSpec)")
+    p.add_argument("--element-messages", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the preset: element-dependent channel mixing of the first layer's atomic basis")
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=50)

@@ -23,7 +23,7 @@ def outputs(model, atoms, stress=False):
     return {k: v.detach() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("name", ["L1-corr3", "L2-corr2-zbl"])
+@pytest.mark.parametrize("name", ["L1-corr3", "L2-corr2-zbl", "L1-corr3-branches"])
 def test_round_trip_is_bit_identical(tmp_path, name):
     model = make_model(name)
     path = equiforce.save_model(model, tmp_path / "model.eqf", extra={"note": "test"})

@@ -37,8 +37,10 @@ class InteractionBlock(nn.Module):
         self.linear_up = IrrepsLinear(c, c, lmax_in)
         self.conv = EdgeTensorProduct(lmax_in, spec.sh_lmax, lmax_msg)
         self.radial = RadialMLP([spec.num_radial, *spec.radial_mlp, self.conv.num_paths * c])
-        self.linear_message = IrrepsLinear(c, c, lmax_msg)
-        self.product = SymmetricProduct(lmax_msg, lmax_out, spec.correlation, c, n_el)
+        self.element_messages = first and spec.element_messages
+        self.linear_message = (ElementIrrepsLinear(c, c, lmax_msg, n_el) if self.element_messages
+                               else IrrepsLinear(c, c, lmax_msg))
+        self.product = SymmetricProduct(lmax_msg, lmax_out, spec.correlation, c, n_el, spec.product_branches)
         self.linear_out = IrrepsLinear(c, c, lmax_out)
         self.skip_dim = irreps_dim(min(lmax_in, lmax_out))
         self.skip = None if first else ElementIrrepsLinear(c, c, min(lmax_in, lmax_out), n_el)
@@ -50,7 +52,7 @@ class InteractionBlock(nn.Module):
         messages = self.conv(h_up[neighbour], sh, self.radial(radial))
         a = torch.zeros((h.shape[0],) + messages.shape[1:], dtype=messages.dtype, device=messages.device)
         a = a.index_add(0, centre, messages) / self.avg_num_neighbors
-        a = self.linear_message(a)
+        a = self.linear_message(a, onehot) if self.element_messages else self.linear_message(a)
         out = self.linear_out(self.product(a, onehot))
         if self.skip is not None:
             skip = self.skip(h[..., : self.skip_dim], onehot)

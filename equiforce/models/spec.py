@@ -26,6 +26,11 @@ class ModelSpec(BaseModel):
     energy_scale: float = Field(1.0, gt=0, description="scale of the network's atomic energies, eV")
     energy_shift: float = Field(0.0, description="per-atom shift added after the E0s, eV")
     zbl: bool = Field(False, description="add a ZBL short-range repulsion prior")
+    product_branches: int = Field(1, ge=1, le=8, description="independent iterations summed in the many-body "
+                                                              "product (rank of its weight factorisation)")
+    element_messages: bool = Field(False, description="first layer: mix the channels of the atomic basis with "
+                                                      "weights that depend on the centre's element (as MACE's "
+                                                      "first interaction block does)")
 
     @field_validator("elements")
     @classmethod
