@@ -47,7 +47,7 @@ from equiforce.active.loop import learn  # noqa: E402
 from equiforce.active.reference import cached_md_set  # noqa: E402
 from equiforce.active.rounds import rate, train_round  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
-from equiforce.demo.ethanol import ORACLE, learn_config  # noqa: E402
+from equiforce.demo.ethanol import ORACLE, learn_config, train_reference  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
@@ -118,13 +118,9 @@ def random_arm(args: argparse.Namespace, test: list[Configuration], pool: list[C
 def reference_model(args: argparse.Namespace, test: list[Configuration], pool: list[Configuration]) -> dict[str, Any]:
     """A model trained from scratch on ``--reference-frames`` random pool frames."""
     from equiforce.evaluate import evaluate
-    from equiforce.train.trainer import train_configs
 
-    config = learn_config(args.workdir, Path("unused"), loop_minutes=1e6, seed=args.seed, progress=False)
-    training = {**config["training"], "max_time": args.reference_time}
     frames = [pool[i] for i in np.random.default_rng(args.seed + 2).permutation(len(pool))[:args.reference_frames]]
-    result = train_configs(frames, None, config["model"], training, args.workdir / "reference", valid_fraction=0.05,
-                           resume=True, progress=False)
+    result = train_reference(frames, args.workdir / "reference", args.reference_time, args.seed)
     metrics = evaluate(load_model(result["best_model"]), test, device="cpu")
     return {"frames": len(frames), "training_s": args.reference_time, "f_mae_mev_a": metrics["forces_mae"],
             "epochs": result["epochs"]}

@@ -31,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from equiforce.active.config import load_learn_config  # noqa: E402
 from equiforce.active.reference import cached_md_set  # noqa: E402
 from equiforce.data.io import read_configurations  # noqa: E402
-from equiforce.demo.ethanol import ORACLE, learn_config  # noqa: E402
+from equiforce.demo.ethanol import ORACLE, train_reference  # noqa: E402
 from equiforce.evaluate import evaluate  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
-from equiforce.train.trainer import train_configs  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
 TEMPERATURES = [300.0, 500.0, 800.0]
@@ -78,10 +77,7 @@ def main() -> None:
                                     per_temperature, interval=40, equilibration=200, seed=args.seed + 202)
     t_data = time.perf_counter() - t0
     frames = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))[:args.frames]]
-    config = learn_config(args.workdir, test_path, loop_minutes=1e6, seed=args.seed, progress=False)
-    training = {**config["training"], "max_time": args.train_time}
-    result = train_configs(frames, None, config["model"], training, args.workdir / "train", valid_fraction=0.05,
-                           resume=True, progress=False)
+    result = train_reference(frames, args.workdir / "train", args.train_time, args.seed)
     t_train = time.perf_counter() - t0 - t_data
 
     demo = evaluate(load_model(model_path), test, device="cpu")

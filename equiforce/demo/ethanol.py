@@ -55,6 +55,20 @@ def learn_config(out: Path, test_path: Path, loop_minutes: float, seed: int, pro
     }
 
 
+def train_reference(frames: list, directory: Path, train_seconds: float, seed: int = 0) -> dict[str, Any]:
+    """A model with the demo's architecture and training settings, trained from scratch on ``frames``.
+
+    The baseline the loop is judged against (random oracle-MD frames instead of selected ones); 5 % of the
+    frames are held out to pick the best epoch.  Returns the trainer's result (``best_model``, ``epochs``).
+    """
+    from equiforce.train.trainer import train_configs
+
+    config = learn_config(directory, Path("unused"), loop_minutes=1e6, seed=seed, progress=False)
+    training = {**config["training"], "max_time": train_seconds}
+    return train_configs(frames, None, config["model"], training, directory, valid_fraction=0.05, resume=True,
+                         progress=False)
+
+
 def run_ethanol(out: Path, minutes: float = 6.0, seed: int = 0, md_ps: float = 10.0, md_replicas: int = 2,
                 test_frames: int = 40, progress: bool | None = None, round_seconds: float = 40.0,
                 first_round_seconds: float = 60.0, executor: dict[str, Any] | None = None) -> dict[str, Any]:
