@@ -73,3 +73,21 @@ def tiny_config(directory: Path, oracle: dict[str, Any] | None = None, **section
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values} if isinstance(values, dict) else values
     return config
+
+
+class CrashingEMT(EMT):
+    """EMT whose worker process dies (``os._exit``, as a segfault or the OOM killer would) on ids ending in
+    ``crash_suffix``; with ``once_marker`` only the first time (the marker file records that it happened)."""
+
+    def __init__(self, crash_suffix: str = "5", once_marker: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.crash_suffix, self.once_marker = crash_suffix, once_marker
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        ident = str(atoms.info.get("equiforce_id", ""))
+        if ident.endswith(self.crash_suffix):
+            if not self.once_marker or not os.path.exists(self.once_marker):
+                if self.once_marker:
+                    _append(self.once_marker, {"crashed": ident})
+                os._exit(1)
+        super().calculate(atoms, properties, system_changes)

@@ -99,3 +99,31 @@ def test_pyscf_oracle_labels_a_molecule_and_reports_an_unconverged_scf():
     assert forces.shape == (3, 3) and np.abs(forces.sum(0)).max() < 1e-3 * Hartree / Bohr  # no net force
     failed = compute({**spec, "kwargs": {**spec["kwargs"], "max_cycle": 1}}, item("w2", water))
     assert failed["type"] == "failure" and failed["kind"] == "scf"
+
+
+def crashing(**kwargs):
+    return {"calculator": "tests.active_helpers:CrashingEMT", "kwargs": kwargs, "timeout": 30, "stress": True}
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_a_dying_worker_costs_only_its_own_call(tmp_path, once):
+    """A worker killed mid-call breaks the whole process pool: the other calls go to a fresh pool; the call
+    that kills its worker each time is the only failure (and succeeds when it crashed just once)."""
+    from equiforce.active.oracle import RestartablePool
+
+    items = [item(f"r001-000{k}") for k in range(7)]
+    spec = crashing(once_marker=str(tmp_path / "crashed") if once else "")
+    results = []
+    pool = RestartablePool(2, 1)
+    try:
+        label(items, spec, pool, results.append, poll=0.05)
+    finally:
+        pool.shutdown()
+    by_id = {r["id"]: r for r in results}
+    assert sorted(by_id) == [i["id"] for i in items] and len(results) == len(items)
+    others = [r for i, r in by_id.items() if not i.endswith("5")]
+    assert all(r["type"] == "label" for r in others)
+    if once:
+        assert by_id["r001-0005"]["type"] == "label"
+    else:
+        assert by_id["r001-0005"]["type"] == "failure" and by_id["r001-0005"]["kind"] == "worker"

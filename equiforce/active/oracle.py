@@ -29,6 +29,7 @@ from equiforce.active.config import ExecutorConfig, OracleConfig
 from equiforce.active.journal import atoms_from_json
 from equiforce.errors import ConfigError
 
+MAX_ATTEMPTS = 2  # a call taken down by a dying worker is tried once more in a fresh pool
 TIMEOUT_GRACE = 30.0  # s the loop waits past an oracle's own timeout before giving up on a call
 _CALCULATORS: dict[str, Any] = {}  # per worker process: one calculator per oracle spec, reused
 
@@ -161,6 +162,43 @@ class SerialExecutor(cf.Executor):
         return future
 
 
+class RestartablePool(cf.Executor):
+    """A local process pool that can be replaced by a fresh one after a worker died.
+
+    A worker killed mid-call (segfault, the kernel's out-of-memory killer) breaks a
+    :class:`~concurrent.futures.ProcessPoolExecutor` for good: every call in it fails with
+    ``BrokenProcessPool``, the innocent ones too.  :func:`label` calls :meth:`restart` and resubmits them.
+    """
+
+    def __init__(self, workers: int, threads_per_worker: int) -> None:
+        self._args = (workers, threads_per_worker)
+        self.in_flight_limit = workers + 1  # what the pool's own call queue holds
+        self._pool = self._new()
+
+    def _new(self) -> cf.ProcessPoolExecutor:
+        workers, threads = self._args
+        # spawn: a fresh interpreter per worker, never a fork of a process holding torch's thread pools
+        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(threads, os.getpid()))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def restart(self) -> None:
+        self._end(self._pool)
+        self._pool = self._new()
+
+    @staticmethod
+    def _end(pool: cf.ProcessPoolExecutor) -> None:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            if process.is_alive():  # a call that outlived its timeout: end our own worker
+                process.terminate()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._end(self._pool)
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: have the kernel end this worker when the loop dies (``kill -9`` included), so no orphaned
     worker keeps computing — or holding cores — after its run is gone."""
@@ -195,16 +233,11 @@ def open_executor(config: ExecutorConfig) -> Iterator[cf.Executor]:
             yield pool
         return
     if config.kind == "process":
-        # spawn: a fresh interpreter per worker, never a fork of a process holding torch's thread pools
-        pool = cf.ProcessPoolExecutor(max_workers=config.workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(config.threads_per_worker, os.getpid()))
+        pool = RestartablePool(config.workers, config.threads_per_worker)
         try:
             yield pool
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                if process.is_alive():  # a call that outlived its timeout: end our own worker
-                    process.terminate()
         return
     if config.kind == "dask":
         try:
@@ -233,22 +266,60 @@ def label(items: Iterable[dict[str, Any]], spec: dict[str, Any], executor: cf.Ex
     """Submit every item; hand each result to ``on_result`` the moment it arrives (in the caller's thread).
 
     A call still running ``grace`` s past the oracle's timeout is reported as a ``timeout``
-    failure and no longer waited for; a worker that died (segfault, out of memory) fails its calls.
+    failure and no longer waited for.  A worker that died (segfault, out of memory) breaks a process pool
+    and every call in it.  With an executor that can ``restart()`` (the local pool) the calls it took down
+    go to a fresh pool, each at most ``MAX_ATTEMPTS`` times in all, and only a call that kills its worker
+    every time is recorded as a ``worker`` failure.  Such an executor gets at most ``in_flight_limit`` calls
+    at a time (what its workers hold anyway), so a crash takes down no more than those, and each call taken
+    down runs alone on its retry, so a second crash names the culprit and harms no one else.  With an
+    executor that cannot restart, every call in the broken pool is a ``worker`` failure.
     """
-    futures = {executor.submit(compute, spec, item): item for item in items}
-    pending = set(futures)
+    waiting = list(items)[::-1]  # a stack: pop() submits in the given order
+    attempts = {item["id"]: 0 for item in waiting}
+    in_flight_limit = getattr(executor, "in_flight_limit", None)
+    restartable = hasattr(executor, "restart")
+    futures: dict[cf.Future, dict[str, Any]] = {}
+    pending: set[cf.Future] = set()
     running_since: dict[cf.Future, float] = {}
     limit = spec.get("timeout")
+    suspects: set[str] = set()  # calls a dying worker took down: each runs alone, so a repeat names the culprit
+
+    def top_up() -> None:
+        while waiting and (in_flight_limit is None or len(pending) < in_flight_limit):
+            if any(futures[f]["id"] in suspects for f in pending) or (waiting[-1]["id"] in suspects and pending):
+                return
+            item = waiting.pop()
+            attempts[item["id"]] += 1
+            future = executor.submit(compute, spec, item)
+            futures[future] = item
+            pending.add(future)
+
+    top_up()
     while pending:
-        done, pending = cf.wait(pending, timeout=poll, return_when=cf.FIRST_COMPLETED)
+        done, still = cf.wait(pending, timeout=poll, return_when=cf.FIRST_COMPLETED)
+        pending.intersection_update(still)
+        broken = False
         for future in done:
             item = futures[future]
             try:
                 result = future.result()
             except Exception as err:  # noqa: BLE001 - the worker itself failed, not the oracle
+                if isinstance(err, cf.BrokenExecutor) and restartable and attempts[item["id"]] < MAX_ATTEMPTS:
+                    waiting.append(item)  # first in line for the fresh pool
+                    suspects.add(item["id"])
+                    broken = True
+                    continue
+                broken |= isinstance(err, cf.BrokenExecutor)
                 result = {"type": "failure", "id": item["id"], "kind": "worker",
                           "error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}", "seconds": None}
             on_result(result)
+        if broken and restartable:
+            executor.restart()
+            for future in pending:  # what the broken pool still held is lost with it
+                waiting.append(futures[future])
+                suspects.add(futures[future]["id"])
+            pending.clear()
+        top_up()
         if limit:
             now = time.monotonic()
             for future in list(pending):
@@ -260,3 +331,4 @@ def label(items: Iterable[dict[str, Any]], spec: dict[str, Any], executor: cf.Ex
                         on_result({"type": "failure", "id": futures[future]["id"], "kind": "timeout",
                                    "error": f"no result {limit + grace:g} s after the call started",
                                    "seconds": now - started})
+            top_up()
