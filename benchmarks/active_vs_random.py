@@ -9,8 +9,8 @@ schedule for both arms:
 * **test set**: frames from oracle-driven Langevin MD at 300, 500 and 800 K (``--test-frames`` per
   temperature), generated once and cached (extxyz, keyed by every parameter);
 * **al**: ``equiforce learn`` with the demo's settings (bootstrap of rattled copies of one geometry, then
-  rounds of uncertainty + FPS selection from batched model MD at 300/600/900 K), ``--per-round`` calls
-  per round, until ``--max-calls``;
+  rounds of batched model MD at 300/500/800 K: half of each round's picks random MD snapshots, half by
+  uncertainty + FPS), ``--per-round`` calls per round, until ``--max-calls``;
 * **random**: the same rounds (same bootstrap size, same calls per round, same warm-started training of
   the same uncertainty-aware model for the same time per round), but each round's new structures are
   drawn at random from a pool of oracle-MD frames at 300–800 K (separate trajectories from the test set).

@@ -76,3 +76,32 @@ def test_broken_molecules_are_never_picked():
     cands = Candidates(sigma=sigma, descriptors=np.eye(3), min_distance=np.ones(3),
                        bond_deviation=np.array([1.2, 0.1, 0.2]))
     assert sorted(select(cands, 3, "uncertainty_fps", max_bond_deviation=0.5)) == [1, 2]
+
+
+def test_random_fraction_draws_plain_samples_from_the_marked_pool_and_fps_avoids_them():
+    points, labels = clusters()
+    sigma = np.full(60, 0.1)
+    sigma[labels == 2] = 0.9  # uncertainty alone would take only cluster 2
+    md = labels != 1  # cluster 1 is "rattled copies": never a random pick
+    cands = Candidates(sigma=sigma, descriptors=points, min_distance=np.ones(60))
+    picked = select(cands, 10, "uncertainty", sigma_min=0.5, random_fraction=0.3, random_pool=md,
+                    rng=np.random.default_rng(3))
+    assert len(picked) == len(set(picked)) == 10
+    hedge, rest = picked[:3], picked[3:]
+    assert all(md[i] for i in hedge)
+    assert all(labels[i] == 2 for i in rest)
+    # with FPS the random picks count as selected: the strategy's two picks go to the other clusters
+    only_cluster0 = labels == 0
+    picked = select(cands, 3, "fps", random_fraction=0.34, random_pool=only_cluster0, rng=np.random.default_rng(0))
+    assert labels[picked[0]] == 0
+    assert sorted(labels[picked[1:]].tolist()) == [1, 2]
+
+
+def test_random_fraction_outside_zero_one_is_an_error():
+    cands = Candidates(sigma=np.ones(3), descriptors=np.eye(3), min_distance=np.ones(3))
+    try:
+        select(cands, 2, "uncertainty_fps", random_fraction=1.0)
+    except ValueError as err:
+        assert "random_fraction" in str(err)
+    else:
+        raise AssertionError("random_fraction=1 accepted")

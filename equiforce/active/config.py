@@ -127,8 +127,11 @@ class ExploreConfig(_Section):
                                                              "exceeds this (default: sigma_stop_factor × the "
                                                              "validation median of the max force σ)")
     sigma_stop_factor: float = Field(4.0, gt=1)
-    restart_from: Literal["start", "labelled"] = Field(
-        "labelled", description="replicas start from the starting structures, or from random labelled ones")
+    restart_from: Literal["start", "labelled", "labelled_md"] = Field(
+        "labelled_md", description="replicas (and random distortions) start from the starting structures plus: "
+                                   "labelled_md, labelled structures that came from MD (not distorted copies, "
+                                   "whose strain 900 K of MD would only add to); labelled, any labelled one; "
+                                   "start, nothing else")
     rattle: int = Field(8, ge=0, description="randomly displaced candidates per round")
     rattle_amplitude: list[float] = Field(default_factory=lambda: [0.03, 0.15], description="Å, range of σ")
     strain: float = Field(0.03, ge=0, description="periodic cells: max random strain of those candidates")
@@ -158,6 +161,9 @@ class SelectConfig(_Section):
     max_bond_deviation: float | None = Field(0.5, gt=0, description="Å, molecules: candidates with a bond this much "
                                                                     "longer or shorter than at the start are skipped "
                                                                     "(and MD replicas frozen); null: no check")
+    random_fraction: float = Field(0.0, ge=0, lt=1, description="share of each round's picks drawn at random from "
+                                                                "the plain MD snapshots (a hedge: uncertainty alone "
+                                                                "spends the budget on the tails of the distribution)")
     valid_fraction: float = Field(0.15, ge=0, lt=1, description="share of each round's labels kept for "
                                                                 "validation and calibration")
 

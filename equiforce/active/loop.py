@@ -350,6 +350,8 @@ class Learner:
         seeds = list(self.starts)
         if cfg.explore.restart_from == "labelled":
             seeds += [c.to_atoms() for c in labelled]
+        elif cfg.explore.restart_from == "labelled_md":
+            seeds += [c.to_atoms() for c in labelled if str(c.config_type).startswith("md:")]
         rng = np.random.default_rng([cfg.seed, round_, 1])
         self.display.phase(f"round {round_}: exploring ({len(cfg.explore.temperatures) * cfg.explore.replicas} "
                            f"replicas × {cfg.explore.steps} steps, σ stop {threshold:.3g} eV/Å)")
@@ -383,7 +385,8 @@ class Learner:
                        sigma_min=cfg.select.sigma_min_factor * reference, sigma_max=cfg.select.sigma_max_factor
                        * reference if reference > 0 else np.inf, min_distance=cfg.select.min_distance,
                        pool_factor=cfg.select.pool_factor, max_bond_deviation=cfg.select.max_bond_deviation or np.inf,
-                       rng=rng)
+                       rng=rng, random_fraction=cfg.select.random_fraction,
+                       random_pool=np.array([s.startswith("md:") for s in found.sources], dtype=bool))
         if not picks:
             return "no candidate left to label (every explored structure is outside the σ window)"
         splits = self._split(len(picks), round_)

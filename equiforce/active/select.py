@@ -77,7 +77,8 @@ def standardize(descriptors: np.ndarray, reference: np.ndarray | None = None) ->
 
 def select(candidates: Candidates, n: int, strategy: str = "uncertainty_fps", *, training: np.ndarray | None = None,
            sigma_min: float = 0.0, sigma_max: float = np.inf, min_distance: float = 0.5, pool_factor: float = 3.0,
-           max_bond_deviation: float = np.inf, rng: np.random.Generator | None = None) -> list[int]:
+           max_bond_deviation: float = np.inf, rng: np.random.Generator | None = None,
+           random_fraction: float = 0.0, random_pool: np.ndarray | None = None) -> list[int]:
     """Indices of at most ``n`` candidates to label.
 
     ``training`` are the labelled structures' descriptors (FPS starts from them).  Candidates with a pair
@@ -86,6 +87,11 @@ def select(candidates: Candidates, n: int, strategy: str = "uncertainty_fps", *,
     ``[sigma_min, sigma_max]`` are skipped (σ = inf: an element never seen, always skipped).  When fewer
     than ``n`` candidates are inside the window the rest are filled with the most uncertain ones below
     ``sigma_min`` (never above ``sigma_max``), so a round's budget is used while anything is left to learn.
+
+    ``random_fraction`` of the ``n`` picks are drawn first, uniformly, from the sane candidates marked in
+    ``random_pool`` (default: all) whatever their σ — plain samples of the explored distribution, which keep
+    the typical structures represented when uncertainty would spend everything on its tails; the strategy
+    then picks the rest (FPS counting the random picks as already selected).
     """
     rng = rng or np.random.default_rng(0)
     sigma = np.asarray(candidates.sigma, dtype=np.float64)
@@ -95,23 +101,34 @@ def select(candidates: Candidates, n: int, strategy: str = "uncertainty_fps", *,
     if strategy == "random":
         pool = np.flatnonzero(sane)
         return sorted(rng.choice(pool, size=min(n, len(pool)), replace=False).tolist())
+    if strategy not in ("uncertainty", "uncertainty_fps", "fps"):
+        raise ValueError(f"unknown selection strategy {strategy!r}")
+    if not 0.0 <= random_fraction < 1.0:
+        raise ValueError(f"random_fraction must be in [0, 1), got {random_fraction}")
+    hedge: list[int] = []
+    n_random = int(round(random_fraction * n))
+    if n_random:
+        eligible = sane if random_pool is None else sane & np.asarray(random_pool, dtype=bool)
+        pool = np.flatnonzero(eligible)
+        hedge = sorted(int(i) for i in rng.choice(pool, size=min(n_random, len(pool)), replace=False))
+        sane = sane.copy()
+        sane[hedge] = False
+        if hedge and strategy != "uncertainty":
+            own = candidates.descriptors[hedge]
+            training = own if training is None or not len(training) else np.concatenate([training, own])
+    n_rest = n - len(hedge)
     window = np.flatnonzero(sane & (sigma >= sigma_min))
     below = np.flatnonzero(sane & (sigma < sigma_min))
     ranked = window[rank_by_uncertainty(sigma[window])]
     if strategy == "uncertainty":
-        picked = ranked[:n].tolist()
+        picked = ranked[:n_rest].tolist()
     else:
-        if strategy == "uncertainty_fps":
-            pool = ranked[: max(n, int(round(pool_factor * n)))]
-        elif strategy == "fps":
-            pool = window
-        else:
-            raise ValueError(f"unknown selection strategy {strategy!r}")
+        pool = ranked[: max(n_rest, int(round(pool_factor * n_rest)))] if strategy == "uncertainty_fps" else window
         picked = []
-        if len(pool):
+        if len(pool) and n_rest:
             points, reference = standardize(candidates.descriptors[pool], training)
-            picked = [int(pool[i]) for i in farthest_point_sampling(points, n, reference, first=0)]
-    if len(picked) < n and len(below):
+            picked = [int(pool[i]) for i in farthest_point_sampling(points, n_rest, reference, first=0)]
+    if len(picked) < n_rest and len(below):
         fill = below[rank_by_uncertainty(sigma[below])]
-        picked += fill[: n - len(picked)].tolist()
-    return [int(i) for i in picked]
+        picked += fill[: n_rest - len(picked)].tolist()
+    return hedge + [int(i) for i in picked]
