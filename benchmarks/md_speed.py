@@ -99,6 +99,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     elements = sorted({int(z) for a in systems for z in a.numbers})
     torch.manual_seed(0)
     model = build_model(ModelSpec(elements=elements, **REFERENCE_SPEC), dtype).to(args.device).eval()
+    model.set_edge_chunk("auto" if args.edge_chunk < 0 else args.edge_chunk or None)
     natoms = sum(len(a) for a in systems)
     cuda = args.device.startswith("cuda")
     if args.mode == "native":
@@ -133,7 +134,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"engine": "equiforce", "mode": args.mode, "natoms": measured,
             "n_systems": len(systems) if args.mode == "native" else 1, "device": args.device, "dtype": args.dtype,
             "ms_per_step": 1e3 * seconds, "atom_steps_per_s": measured / seconds,
-            "peak_mem_mb_per_atom": peak / measured}
+            "peak_mem_mb_per_atom": peak / measured,
+            "edge_chunk": "auto" if args.edge_chunk < 0 else args.edge_chunk or None}
 
 
 def run_child(command: list[str], env: dict[str, str] | None, timeout: float) -> dict[str, Any] | None:
@@ -155,7 +157,7 @@ def equiforce_row(args: argparse.Namespace, system: str, mode: str, natoms: int 
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--system", system, "--mode", mode,
                "--natoms", str(natoms), "--count", str(count), "--device", args.device, "--dtype", args.dtype,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-               "--aspirin", args.aspirin]
+               "--aspirin", args.aspirin, "--edge-chunk", str(args.edge_chunk)]
     return run_child(command, None, args.timeout)
 
 
@@ -196,6 +198,9 @@ def main() -> None:
     parser.add_argument("--no-mace", action="store_true", help="skip the MACE peer")
     parser.add_argument("--aspirin", default=str(ASPIRIN), help="rMD17 aspirin file (its first frame is the molecule)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
+    parser.add_argument("--edge-chunk", type=int, default=-1,
+                        help="equiforce: compute messages this many edges at a time (Potential.set_edge_chunk; "
+                             "0: all at once; -1, the default: the model's automatic choice)")
     parser.add_argument("--out", default="md_speed.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", default="cu", help=argparse.SUPPRESS)

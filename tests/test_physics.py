@@ -201,3 +201,90 @@ def test_isolated_atoms_have_exactly_their_reference_energy(model):
     out = predict(model, [far])
     assert out["energy"][0] == pytest.approx(spec.e0s.get(1, 0.0) + spec.e0s.get(29, 0.0), abs=1e-12)
     assert np.abs(out["forces"]).max() == 0.0
+
+
+def test_bounded_basis_keeps_norms_below_the_bound_and_small_features_alike():
+    from equiforce.models.potential import bound_norm
+
+    torch.manual_seed(0)
+    a = torch.randn(50, 4, 9, dtype=torch.float64) * torch.logspace(-3, 4, 50, dtype=torch.float64)[:, None, None]
+    out = bound_norm(a, 2.0)
+    norms = torch.linalg.vector_norm(out, dim=-1)
+    assert (norms < 2.0).all()
+    small = torch.linalg.vector_norm(a, dim=-1) < 0.02
+    torch.testing.assert_close(out[small], a[small], rtol=1e-4, atol=0.0)
+    # the rescaling is a function of each channel's norm only: direction (so every irrep's orientation) kept
+    cos = (out * a).sum(-1) / (norms * torch.linalg.vector_norm(a, dim=-1))
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+
+
+def test_bounded_basis_limits_the_energy_of_a_squeezed_pair():
+    """Without the bound the many-body product is a polynomial of the atomic basis, and where the radial
+    network sees distances it never saw the energy can grow without limit; with it, bounded (ZBL apart)."""
+    from equiforce.models import ModelSpec, build_model
+
+    base = dict(elements=[1], channels=8, max_l=1, sh_lmax=2, correlation=3, num_layers=2, radial_mlp=[16],
+                cutoff=4.0)
+    energies = {}
+    for bound in (None, 1.0):
+        torch.manual_seed(3)
+        model = build_model(ModelSpec(**base, basis_bound=bound), dtype=torch.float64)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(3.0)  # large weights: a network far from its training data
+        e = []
+        for r in np.linspace(0.2, 3.5, 40):
+            graph = collate([atoms_to_graph(Atoms("H2", positions=[[0, 0, 0], [0, 0, r]]), model.cutoff)])
+            e.append(float(model(graph, compute_forces=False)[K.ENERGY].detach()))
+        energies[bound] = np.abs(np.array(e))
+    assert energies[1.0].max() < 1e-2 * energies[None].max()
+
+
+@pytest.mark.parametrize("name", ["L1-corr3", "L1-corr3-branches"])
+def test_edge_chunks_change_nothing(name):
+    """Messages a few edges at a time (checkpointed) give the same energy, forces, stress and training
+    gradients (the force loss differentiated through the forces) as all edges at once."""
+    from tests.conftest import make_model
+
+    model = make_model(name)
+    graph = collate([atoms_to_graph(alloy_system(), model.cutoff)])
+
+    def run(chunk):
+        model.set_edge_chunk(chunk)
+        out = model(graph, compute_forces=True, compute_stress=True, create_graph=True)
+        loss = out[K.ENERGY].sum() ** 2 + (out[K.FORCES] ** 2).sum()
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        return out, grads
+
+    full, full_grads = run(None)
+    chunked, chunked_grads = run(7)
+    model.set_edge_chunk("auto")
+    assert graph[K.EDGE_INDEX].shape[1] > 3 * 7  # several chunks
+    for key in (K.ENERGY, K.FORCES, K.STRESS):
+        torch.testing.assert_close(chunked[key], full[key], rtol=1e-10, atol=1e-12)
+    for a, b in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        model.set_edge_chunk(0)
+
+
+def test_automatic_edge_chunks_only_for_large_systems_on_cpu_in_evaluation(monkeypatch):
+    import equiforce.models.potential as potential
+    from tests.conftest import make_model
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_model("L1-corr3")  # "auto" by default
+    graph = collate([atoms_to_graph(alloy_system(), model.cutoff)])
+    reference = model(graph)[K.FORCES]
+    assert not calls  # a small system: one pass
+    monkeypatch.setattr(potential, "AUTO_CHUNK_MIN_EDGES", 10)
+    monkeypatch.setattr(potential, "AUTO_EDGE_CHUNK", 9)
+    torch.testing.assert_close(model(graph)[K.FORCES], reference, rtol=1e-10, atol=1e-12)
+    assert calls  # "large": chunked
+    calls.clear()
+    model.train()
+    model(graph)
+    model.eval()
+    assert not calls  # training: one pass unless a chunk is set explicitly

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from equiforce.data import keys as K
@@ -24,6 +25,15 @@ from equiforce.nn.linear import ElementIrrepsLinear, IrrepsLinear
 from equiforce.nn.product import SymmetricProduct
 from equiforce.nn.radial import BesselBasis, PolynomialEnvelope, RadialMLP
 from equiforce.nn.tensor_product import EdgeTensorProduct
+
+AUTO_EDGE_CHUNK = 2048  # edges per chunk on a CPU (measured best of 1024/2048/4096/16384 on 864 Cu atoms)
+AUTO_CHUNK_MIN_EDGES = 8192  # below this (a training batch of small molecules) everything in one pass
+
+
+def bound_norm(a: torch.Tensor, bound: float) -> torch.Tensor:
+    """``a / sqrt(1 + |a|² / bound²)`` per channel, ``|a|`` over the last (irreps) axis: a smooth, rotation-
+    invariant rescaling that leaves small features nearly as they are and keeps every norm below ``bound``."""
+    return a * torch.rsqrt(1.0 + (a * a).sum(-1, keepdim=True) / bound**2)
 
 
 class InteractionBlock(nn.Module):
@@ -38,21 +48,51 @@ class InteractionBlock(nn.Module):
         self.conv = EdgeTensorProduct(lmax_in, spec.sh_lmax, lmax_msg)
         self.radial = RadialMLP([spec.num_radial, *spec.radial_mlp, self.conv.num_paths * c])
         self.element_messages = first and spec.element_messages
+        self.basis_bound = spec.basis_bound
         self.linear_message = (ElementIrrepsLinear(c, c, lmax_msg, n_el) if self.element_messages
                                else IrrepsLinear(c, c, lmax_msg))
         self.product = SymmetricProduct(lmax_msg, lmax_out, spec.correlation, c, n_el, spec.product_branches)
         self.linear_out = IrrepsLinear(c, c, lmax_out)
         self.skip_dim = irreps_dim(min(lmax_in, lmax_out))
         self.skip = None if first else ElementIrrepsLinear(c, c, min(lmax_in, lmax_out), n_el)
+        self.edge_chunk: int | str | None = "auto"  # see Potential.set_edge_chunk (runtime, not in the spec)
+
+    def _messages(self, h_up: torch.Tensor, sh: torch.Tensor, radial: torch.Tensor,
+                  neighbour: torch.Tensor) -> torch.Tensor:
+        return self.conv(h_up[neighbour], sh, self.radial(radial))
+
+    def _atomic_basis(self, h_up: torch.Tensor, sh: torch.Tensor, radial: torch.Tensor, centre: torch.Tensor,
+                      neighbour: torch.Tensor) -> torch.Tensor:
+        """``Σ_j m_ij`` per atom; with ``edge_chunk``, a chunk of edges at a time, recomputed in the backward
+        pass (activation checkpointing), so no tensor of all edges × channels × components is ever held."""
+        chunk = self.edge_chunk
+        num_edges = centre.shape[0]
+        if chunk == "auto":
+            large = num_edges > AUTO_CHUNK_MIN_EDGES and h_up.device.type == "cpu" and not self.training
+            chunk = AUTO_EDGE_CHUNK if large else None
+        if chunk is None or num_edges <= chunk:
+            messages = self._messages(h_up, sh, radial, neighbour)
+            a = torch.zeros((h_up.shape[0],) + messages.shape[1:], dtype=messages.dtype, device=messages.device)
+            return a.index_add(0, centre, messages)
+        a = torch.zeros((h_up.shape[0], h_up.shape[1], self.conv.dim_out), dtype=h_up.dtype, device=h_up.device)
+        for start in range(0, num_edges, chunk):
+            part = slice(start, start + chunk)
+            args = (h_up, sh[part], radial[part], neighbour[part])
+            if torch.is_grad_enabled():
+                messages = torch.utils.checkpoint.checkpoint(self._messages, *args, use_reentrant=False)
+            else:
+                messages = self._messages(*args)
+            a = a.index_add(0, centre[part], messages)
+        return a
 
     def forward(self, h: torch.Tensor, sh: torch.Tensor, radial: torch.Tensor, edge_index: torch.Tensor,
                 species: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         centre, neighbour = edge_index[0], edge_index[1]
         h_up = self.linear_up(h)
-        messages = self.conv(h_up[neighbour], sh, self.radial(radial))
-        a = torch.zeros((h.shape[0],) + messages.shape[1:], dtype=messages.dtype, device=messages.device)
-        a = a.index_add(0, centre, messages) / self.avg_num_neighbors
+        a = self._atomic_basis(h_up, sh, radial, centre, neighbour) / self.avg_num_neighbors
         a = self.linear_message(a, onehot) if self.element_messages else self.linear_message(a)
+        if self.basis_bound is not None:
+            a = bound_norm(a, self.basis_bound)
         out = self.linear_out(self.product(a, onehot))
         if self.skip is not None:
             skip = self.skip(h[..., : self.skip_dim], onehot)
@@ -100,6 +140,20 @@ class Potential(nn.Module):
     @property
     def elements(self) -> list[int]:
         return list(self.spec.elements)
+
+    def set_edge_chunk(self, edges: int | str | None) -> Potential:
+        """Compute messages ``edges`` at a time (``None``: all at once); results are unchanged.
+
+        For large systems: the per-edge tensors of one pass (edges × channels × coupled components) are
+        what fills memory; chunked, with each chunk recomputed in the backward pass, only node-sized
+        tensors and one chunk's are alive at a time, for the cost of computing the messages twice.  On a
+        CPU that is also faster (measured: an 864-atom Cu box at the issue's model size, 1.96 against
+        3.27 s per MD step — the unchunked tensors of ~0.4 GB each are memory traffic, not arithmetic).
+        ``"auto"`` (the default): chunks of ``AUTO_EDGE_CHUNK`` edges on a CPU, in evaluation mode, for
+        more than ``AUTO_CHUNK_MIN_EDGES`` edges; otherwise all at once (GPUs: not yet measured).
+        """
+        set_edge_chunk(self, edges)
+        return self
 
     def check_elements(self, numbers) -> None:
         """Raise :class:`UnknownElementError` naming any element the model was not trained on."""
@@ -214,6 +268,16 @@ class Potential(nn.Module):
                 out[K.STRESS] = torch.where((volume > 0)[:, None, None], d_strain / safe[:, None, None],
                                             torch.zeros_like(d_strain))
         return out
+
+
+def set_edge_chunk(module: nn.Module, edges: int | str | None) -> None:
+    """:meth:`Potential.set_edge_chunk` for every potential inside ``module`` (an ensemble, a model with
+    uncertainty heads, or a plain potential)."""
+    if edges != "auto" and edges is not None and (isinstance(edges, str) or edges < 1):
+        raise ValueError(f"edge chunk must be a positive number of edges, 'auto' or None, got {edges!r}")
+    for block in module.modules():
+        if isinstance(block, InteractionBlock):
+            block.edge_chunk = edges
 
 
 def build_model(spec: ModelSpec | dict, dtype: torch.dtype = torch.float64) -> Potential:

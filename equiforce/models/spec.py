@@ -31,6 +31,12 @@ class ModelSpec(BaseModel):
     element_messages: bool = Field(False, description="first layer: mix the channels of the atomic basis with "
                                                       "weights that depend on the centre's element (as MACE's "
                                                       "first interaction block does)")
+    basis_bound: float | None = Field(None, gt=0, description="bound each channel of the atomic basis before the "
+                                                             "many-body product: A -> A / sqrt(1 + |A|^2 / b^2) "
+                                                             "(|A| over all its irreps; equivariant, smooth, ~A "
+                                                             "for |A| << b), so the polynomial product cannot grow "
+                                                             "without limit where the data say nothing (very short "
+                                                             "distances); null: off")
 
     @field_validator("elements")
     @classmethod

@@ -22,6 +22,10 @@ def _load(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(args.dtype) if args.dtype else None
     model = load_model(args.model, device=device, dtype=dtype)
+    if args.edge_chunk is not None:
+        from equiforce.models.potential import set_edge_chunk
+
+        set_edge_chunk(model, args.edge_chunk or None)
     try:
         structures = read(args.structures, index=args.index)
     except Exception as err:  # noqa: BLE001 - ASE raises many kinds; the user needs the file and the reason
@@ -81,6 +85,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default=":", help="frames to read, ASE slice syntax (default all)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: as saved")
+    p.add_argument("--edge-chunk", type=int, default=None,
+                   help="compute messages this many edges at a time (less memory, same result; 0: all at "
+                        "once; default: automatic, 2048 on a CPU for large systems)")
 
 
 def add_parser(sub) -> None:
