@@ -109,3 +109,18 @@ def test_ensemble_on_cuda_matches_cpu():
     gpu = ensemble.to("cuda")({k: v.to("cuda") for k, v in batch.items()}, compute_stress=True)
     for key in (K.ENERGY, K.FORCES, K.STRESS, UK.FORCES_STD):
         torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-10, rtol=1e-10)
+
+
+def test_edge_chunks_inside_the_vmapped_ensemble_change_nothing():
+    """Checkpointing cannot run under torch.func.vmap: chunks there are plain slices, same result."""
+    from equiforce.models.potential import set_edge_chunk
+    from tests.uq_helpers import batch_of, ensemble, structures
+
+    model = ensemble(3)
+    batch = batch_of(structures(2, periodic=True))
+    full = model(batch, compute_stress=True)
+    set_edge_chunk(model, 5)
+    chunked = model(batch, compute_stress=True)
+    set_edge_chunk(model, "auto")
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(chunked[key], full[key], rtol=1e-10, atol=1e-12)

@@ -67,8 +67,12 @@ class InteractionBlock(nn.Module):
         pass (activation checkpointing), so no tensor of all edges × channels × components is ever held."""
         chunk = self.edge_chunk
         num_edges = centre.shape[0]
+        # inside torch.func.vmap (an ensemble's members in one pass) checkpointing cannot run: chunks there
+        # are plain slices (same result, no memory saved), and "auto" leaves the pass whole
+        vmapped = torch._C._functorch.is_batchedtensor(h_up)
         if chunk == "auto":
-            large = num_edges > AUTO_CHUNK_MIN_EDGES and h_up.device.type == "cpu" and not self.training
+            large = (num_edges > AUTO_CHUNK_MIN_EDGES and h_up.device.type == "cpu" and not self.training
+                     and not vmapped)
             chunk = AUTO_EDGE_CHUNK if large else None
         if chunk is None or num_edges <= chunk:
             messages = self._messages(h_up, sh, radial, neighbour)
@@ -78,7 +82,7 @@ class InteractionBlock(nn.Module):
         for start in range(0, num_edges, chunk):
             part = slice(start, start + chunk)
             args = (h_up, sh[part], radial[part], neighbour[part])
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and not vmapped:
                 messages = torch.utils.checkpoint.checkpoint(self._messages, *args, use_reentrant=False)
             else:
                 messages = self._messages(*args)
