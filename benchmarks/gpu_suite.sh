@@ -10,12 +10,15 @@
 #   3. rMD17 aspirin at the MACE size (128x0e+128x1o, L=3, correlation 3, 2 layers, 5 Å) in float64, batch 5,
 #      for BUDGET_MIN minutes (default 5; the issue's equal-time comparison with MACE uses 7, which needs a
 #      second call: `bash benchmarks/gpu_suite.sh 7 rmd17`).
+#   4. (only with `bash benchmarks/gpu_suite.sh 0 memory`) the largest Cu boxes, messages in chunks of
+#      65,536 edges (Potential.set_edge_chunk): 32k, 108k and 256k atoms, for the issue's 250k-atom target.
 # Results go to $OUT (the device tool brings them back), else runs/bench-gpu.
 #
-# On a CPU it runs too (`DEVICE=cpu bash benchmarks/gpu_suite.sh 0.2`), which is how it is checked here.
+# On a CPU it runs too (`WHL=none DEVICE=cpu PY=.venv/bin/python bash benchmarks/gpu_suite.sh 0.2`; the
+# wheels in .whl are for the device's Python 3.12), which is how it is checked here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHL=.whl
+WHL=${WHL:-.whl}
 DATA=${DATA:-../shared/data}
 
 if [ "${1:-}" = "--prepare" ]; then
@@ -64,4 +67,10 @@ if [ "$ONLY" = all ] || [ "$ONLY" = rmd17 ]; then
     $PY benchmarks/rmd17.py --train "$train" --test "$test" --budget-min "$BUDGET" --device "$DEVICE" \
         --dtype float64 --preset mace128 --quiet --work-dir /tmp/rmd17-aspirin \
         --out "$RESULTS/aspirin_${DEVICE}_${BUDGET}min.json" 2>&1 | grep -v Warning | tail -8
+fi
+if [ "$ONLY" = memory ]; then
+    sizes=$([ "$DEVICE" = cuda ] && echo 32000,108000,256000 || echo 256)
+    chunk=$([ "$DEVICE" = cuda ] && echo 65536 || echo 2048)
+    timeout 500 $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$sizes" --molecules 0 --no-mace --steps 2 \
+        --edge-chunk "$chunk" --timeout 160 --out "$RESULTS/md_speed_chunked.json" 2>&1 | tail -6
 fi
