@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-l", type=int, default=1)
     p.add_argument("--no-zbl", action="store_true", help="no ZBL short-range repulsion prior")
     p.add_argument("--basis-bound", type=float, default=None,
-                   help="bound the atomic basis before the product (ModelSpec.basis_bound; default off)")
+                   help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; "
+                        "default: that of new models, 4)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.model is None:
         train = read_configurations(data / "train.xyz") + read_configurations(data / "isolated_atoms.xyz")
         model_cfg = dict(channels=args.channels, max_l=args.max_l, sh_lmax=3, correlation=3, num_layers=2,
-                         cutoff=5.0, zbl=not args.no_zbl, basis_bound=args.basis_bound)
+                         cutoff=5.0, zbl=not args.no_zbl)
+        if args.basis_bound is not None:  # else the default of new models (ModelConfig)
+            model_cfg["basis_bound"] = args.basis_bound or None
         training = {"epochs": 100000, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 50,
                     "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99, "energy_weight": 1.0,
                     "forces_weight": 100.0, "stage_two": {"start": 0.75, "lr": args.lr / 10, "energy_weight": 1000.0},

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.element_messages is not None:
         model_cfg["element_messages"] = args.element_messages
     if args.basis_bound is not None:
-        model_cfg["basis_bound"] = args.basis_bound
+        model_cfg["basis_bound"] = args.basis_bound or None
     work = Path(args.work_dir or f"runs/rmd17/{molecule}")
     result = train_configs(train_set, valid_set, model_cfg, training_settings(args), work, e0s="fit",
                            resume=False, progress=False if args.quiet else None)
@@ -155,7 +155,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--element-messages", action=argparse.BooleanOptionalAction, default=None,
                    help="override the preset: element-dependent channel mixing of the first layer's atomic basis")
     p.add_argument("--basis-bound", type=float, default=None,
-                   help="bound the atomic basis before the product (see ModelSpec.basis_bound)")
+                   help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; default: "
+                        "that of new models, 4)")
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=50)

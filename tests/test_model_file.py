@@ -101,3 +101,15 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.eqf"]
     np.testing.assert_equal(len(before) > 0, True)
+
+
+def test_new_models_bound_their_basis_while_older_files_load_as_built():
+    """The training configuration switches basis_bound on; ModelSpec's own default (what a file without
+    the key means) stays off, so a model file written before the option existed is rebuilt unchanged."""
+    from equiforce.models import ModelSpec
+    from equiforce.train.config import ModelConfig
+
+    assert ModelConfig().basis_bound == 4.0
+    assert ModelConfig(basis_bound=None).basis_bound is None
+    assert ModelSpec(elements=[1]).basis_bound is None
+    assert ModelSpec.model_validate({"elements": [1, 8], "channels": 4}).basis_bound is None

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from equiforce.errors import ConfigError
 from equiforce.models.spec import ModelSpec
@@ -124,10 +125,22 @@ class _ModelConfigBase(_Section):
         return self.model_dump(exclude={"elements"})
 
 
+NEW_MODEL_DEFAULTS: dict[str, Any] = {"basis_bound": 4.0}
+"""Defaults for models trained from now on that differ from ModelSpec's, whose defaults must stay what
+older model files were written with (a file without the key loads as it was built).  ``basis_bound``: 4
+bounds the atomic basis well above its in-distribution norms (≤ 3.5 for ethanol) and removes the
+10⁵-eV explosions at short range (docs/benchmarks.md); ``null`` switches it off."""
+
+
 def _model_config_class() -> type[_ModelConfigBase]:
     """Mirror ModelSpec's architecture fields so a new ModelSpec field is configurable without edits here."""
-    fields = {name: (info.annotation, info) for name, info in ModelSpec.model_fields.items()
-              if name not in COMPUTED_SPEC_FIELDS}
+    fields = {}
+    for name, info in ModelSpec.model_fields.items():
+        if name in COMPUTED_SPEC_FIELDS:
+            continue
+        if name in NEW_MODEL_DEFAULTS:
+            info = FieldInfo.merge_field_infos(info, default=NEW_MODEL_DEFAULTS[name])
+        fields[name] = (info.annotation, info)
     return create_model("ModelConfig", __base__=_ModelConfigBase, __doc__="Architecture of the potential.",
                         **fields)
 
