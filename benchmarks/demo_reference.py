@@ -4,7 +4,7 @@
     python benchmarks/demo_reference.py --demo runs/demo --frames 1000 --train-time 600 \
         --out runs/demo_reference.json
 
-The active-learning issue's target: the demo's final model (made from one geometry with ~200 oracle calls)
+The active-learning issue's target: the demo's final model (made from one geometry with a few hundred oracle calls)
 has a test force MAE within 2x of a model trained on 1,000 random frames.  The reference frames come
 from GFN2-xTB Langevin MD of ethanol at 300/500/800 K (the distribution of the demo's test set, from
 separate trajectories: another seed), cached; the reference model has the demo's architecture and training

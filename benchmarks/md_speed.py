@@ -99,7 +99,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     elements = sorted({int(z) for a in systems for z in a.numbers})
     torch.manual_seed(0)
     model = build_model(ModelSpec(elements=elements, **REFERENCE_SPEC), dtype).to(args.device).eval()
-    model.set_edge_chunk("auto" if args.edge_chunk < 0 else args.edge_chunk or None)
+    edge_chunk = "auto" if args.edge_chunk < 0 else args.edge_chunk or None
+    model.set_edge_chunk(edge_chunk)
     natoms = sum(len(a) for a in systems)
     cuda = args.device.startswith("cuda")
     if args.mode == "native":
@@ -135,7 +136,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             "n_systems": len(systems) if args.mode == "native" else 1, "device": args.device, "dtype": args.dtype,
             "ms_per_step": 1e3 * seconds, "atom_steps_per_s": measured / seconds,
             "peak_mem_mb_per_atom": peak / measured,
-            "edge_chunk": "auto" if args.edge_chunk < 0 else args.edge_chunk or None}
+            "edge_chunk": edge_chunk}
 
 
 def run_child(command: list[str], env: dict[str, str] | None, timeout: float) -> dict[str, Any] | None:

@@ -40,6 +40,14 @@ class Exploration:
     md: dict[str, Any] = field(default_factory=dict)
 
 
+MD_SOURCE = "md:"  # prefix of the source (and config_type) of a candidate that is an MD snapshot
+
+
+def from_md(source: str) -> bool:
+    """Whether a candidate (or a label made from one) is a plain MD snapshot, not a distorted copy."""
+    return str(source).startswith(MD_SOURCE)
+
+
 def distort(atoms: Atoms, amplitude: float, strain: float, rng: np.random.Generator) -> Atoms:
     """A copy with Gaussian displacements (σ = ``amplitude`` Å) and, for periodic cells, a random strain."""
     out = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
@@ -90,7 +98,7 @@ def _md(model: torch.nn.Module, seeds: Sequence[Atoms], cfg: ExploreConfig, thre
             if was_frozen[b] or not finite[b]:  # a frozen replica's frame was taken when it froze
                 continue
             frames.append(Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc))
-            sources.append(f"md:{temperatures[b]:g}K")
+            sources.append(f"{MD_SOURCE}{temperatures[b]:g}K")
         was_frozen = frozen
         if frozen.all():
             break

@@ -29,7 +29,7 @@ from ase import Atoms
 
 from equiforce.active.config import LearnConfig, parse_learn_config, read_yaml
 from equiforce.active.display import Display
-from equiforce.active.explore import distort, explore
+from equiforce.active.explore import distort, explore, from_md
 from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
@@ -351,7 +351,7 @@ class Learner:
         if cfg.explore.restart_from == "labelled":
             seeds += [c.to_atoms() for c in labelled]
         elif cfg.explore.restart_from == "labelled_md":
-            seeds += [c.to_atoms() for c in labelled if str(c.config_type).startswith("md:")]
+            seeds += [c.to_atoms() for c in labelled if from_md(c.config_type)]
         rng = np.random.default_rng([cfg.seed, round_, 1])
         self.display.phase(f"round {round_}: exploring ({len(cfg.explore.temperatures) * cfg.explore.replicas} "
                            f"replicas × {cfg.explore.steps} steps, σ stop {threshold:.3g} eV/Å)")
@@ -386,7 +386,7 @@ class Learner:
                        * reference if reference > 0 else np.inf, min_distance=cfg.select.min_distance,
                        pool_factor=cfg.select.pool_factor, max_bond_deviation=cfg.select.max_bond_deviation or np.inf,
                        rng=rng, random_fraction=cfg.select.random_fraction,
-                       random_pool=np.array([s.startswith("md:") for s in found.sources], dtype=bool))
+                       random_pool=np.array([from_md(s) for s in found.sources], dtype=bool))
         if not picks:
             return "no candidate left to label (every explored structure is outside the σ window)"
         splits = self._split(len(picks), round_)

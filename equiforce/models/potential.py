@@ -74,15 +74,13 @@ class InteractionBlock(nn.Module):
             large = (num_edges > AUTO_CHUNK_MIN_EDGES and h_up.device.type == "cpu" and not self.training
                      and not vmapped)
             chunk = AUTO_EDGE_CHUNK if large else None
-        if chunk is None or num_edges <= chunk:
-            messages = self._messages(h_up, sh, radial, neighbour)
-            a = torch.zeros((h_up.shape[0],) + messages.shape[1:], dtype=messages.dtype, device=messages.device)
-            return a.index_add(0, centre, messages)
+        step = max(1, num_edges if chunk is None else chunk)
+        checkpointed = step < num_edges and torch.is_grad_enabled() and not vmapped
         a = torch.zeros((h_up.shape[0], h_up.shape[1], self.conv.dim_out), dtype=h_up.dtype, device=h_up.device)
-        for start in range(0, num_edges, chunk):
-            part = slice(start, start + chunk)
+        for start in range(0, num_edges, step):
+            part = slice(start, start + step)
             args = (h_up, sh[part], radial[part], neighbour[part])
-            if torch.is_grad_enabled() and not vmapped:
+            if checkpointed:
                 messages = torch.utils.checkpoint.checkpoint(self._messages, *args, use_reentrant=False)
             else:
                 messages = self._messages(*args)
