@@ -10,8 +10,11 @@ ensemble (one batched pass) and the single-model estimator (NLL heads on member 
 calibrates both on the same held-out 10% of ``--train``, and rates them on every test file and on their
 union (``all``).  Writes JSON ``{"ensemble": {STEM: metrics}, "single": {...}, "cost_ratio_ensemble",
 "cost_ratio_single", "cost": {...}}`` and prints a table.  The test files are only evaluated, never used to
-choose anything.  Cost ratios are median wall times (forward + forces) relative to member 0, both variants
-interleaved in one process with one thread, for a batch of molecules and a ~1,000-atom periodic box.
+choose anything.  Cost ratios are median wall times (forward + forces) relative to member 0, all variants
+interleaved in one process with one thread, for one molecule, a batch of molecules and a ~1,000-atom
+periodic box; the ensemble is timed with its default member pass ("auto", what ``cost_ratio_ensemble``
+reports) and with each pass forced ("batched": one vmap pass; "sequential": members one after the other).
+``--reuse`` evaluates and times the two model files of an earlier run in ``--work-dir`` without training.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from equiforce.data.graph import collate, config_to_graph, to_device  # noqa: E4
 from equiforce.data.io import read_configurations  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.evaluate import resolve_device  # noqa: E402
+from equiforce.models.file import load_model  # noqa: E402
 from equiforce.train.trainer import DTYPES  # noqa: E402
 from equiforce.uq.config import HeadsConfig, UQConfig, UQTrainConfig  # noqa: E402
 from equiforce.uq.file import save_uq_model  # noqa: E402
@@ -85,6 +89,21 @@ def timed(model, batch, repeats: int) -> float:
     return float(np.median(times))
 
 
+class MemberPass:
+    """The ensemble called with one fixed member pass (its default, "auto", is what ``ensemble`` times)."""
+
+    def __init__(self, ensemble, mode: str) -> None:
+        self.ensemble, self.mode = ensemble, mode
+
+    def __call__(self, batch):
+        previous = self.ensemble.member_pass
+        self.ensemble.set_member_pass(self.mode)
+        try:
+            return self.ensemble(batch)
+        finally:
+            self.ensemble.set_member_pass(previous)
+
+
 def cost(models: dict[str, Any], batches: dict[str, dict], repeats: int) -> dict[str, Any]:
     """Median time of each model on each batch, interleaved, one thread; ratios to ``single``."""
     threads = torch.get_num_threads()
@@ -130,8 +149,11 @@ def print_table(results: dict[str, Any]) -> None:
     cost_info = results["cost"]
     for name in COST_CASES:
         ratio = cost_info[name]["ratio"]
-        console.print(f"cost, {name} ({cost_info[name]['n_atoms']} atoms): ensemble {ratio['ensemble']:.2f}x, "
-                      f"single-model {ratio['single']:.2f}x one model (1 thread, median of {cost_info['repeats']})")
+        passes = ", ".join(f"{label.split('_')[1]} {ratio[label]:.2f}x" for label in ratio
+                           if label.startswith("ensemble_"))
+        console.print(f"cost, {name} ({cost_info[name]['n_atoms']} atoms): ensemble {ratio['ensemble']:.2f}x "
+                      f"({passes}), single-model {ratio['single']:.2f}x one model "
+                      f"(1 thread, median of {cost_info['repeats']})")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,21 +172,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"train": str(args.train), "e0s": "isolated" if isolated else "fit"}, "model": MODEL,
         "training": training_settings(args, member_seconds), "output": {"directory": str(work)},
         "uq": uq.model_dump()})
-    t0 = time.perf_counter()
-    paths = train_members(split, config, work, progress=False if args.quiet else None, equal_epochs=True)
-    train_seconds = time.perf_counter() - t0
-    seen = sorted({int(z) for c in [*split.train, *split.valid] for z in c.numbers})
     cutoff = MODEL["cutoff"]
     valid_graphs = [config_to_graph(c, cutoff, dtype) for c in split.valid]
-    ensemble = build_ensemble(paths, valid_graphs, uq, seen, [args.seed + m for m in range(args.members)], device)
-    save_uq_model(ensemble, work / "ensemble.eqf")
-    t0 = time.perf_counter()
-    heads = HeadsConfig(max_time=0.15 * budget)  # its share, whatever the members took
-    single = build_uq_potential(ensemble.member(0).to(device), [config_to_graph(c, cutoff, dtype) for c in split.train],
-                                valid_graphs, method=args.calibration, device=device, seed=args.seed,
-                                **heads.model_dump())
-    heads_seconds = time.perf_counter() - t0
-    save_uq_model(single, work / "single.eqf")
+    if args.reuse:  # the two model files of an earlier run: evaluate and time again, train nothing
+        ensemble, single = (load_model(work / name, device=device) for name in ("ensemble.eqf", "single.eqf"))
+        train_seconds = heads_seconds = 0.0
+    else:
+        t0 = time.perf_counter()
+        paths = train_members(split, config, work, progress=False if args.quiet else None, equal_epochs=True)
+        train_seconds = time.perf_counter() - t0
+        seen = sorted({int(z) for c in [*split.train, *split.valid] for z in c.numbers})
+        ensemble = build_ensemble(paths, valid_graphs, uq, seen, [args.seed + m for m in range(args.members)],
+                                  device)
+        save_uq_model(ensemble, work / "ensemble.eqf")
+        t0 = time.perf_counter()
+        heads = HeadsConfig(max_time=0.15 * budget)  # its share, whatever the members took
+        single = build_uq_potential(ensemble.member(0).to(device),
+                                    [config_to_graph(c, cutoff, dtype) for c in split.train], valid_graphs,
+                                    method=args.calibration, device=device, seed=args.seed, **heads.model_dump())
+        heads_seconds = time.perf_counter() - t0
+        save_uq_model(single, work / "single.eqf")
 
     results: dict[str, Any] = {"ensemble": {}, "single": {}}
     for label, model in (("ensemble", ensemble), ("single", single)):
@@ -188,7 +215,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["sigma_ratio_vs_" + reference] = {
         label: {stem: m["mean_force_sigma"] / results[label][reference]["mean_force_sigma"]
                 for stem, m in results[label].items()} for label in ("ensemble", "single")}
-    results["cost"] = cost({"one_model": member, "ensemble": ensemble, "single": single}, batches, args.repeats)
+    models = {"one_model": member, "ensemble": ensemble, "ensemble_batched": MemberPass(ensemble, "batched"),
+              "ensemble_sequential": MemberPass(ensemble, "sequential"), "single": single}
+    results["cost"] = cost(models, batches, args.repeats)
     results["cost"]["molecule"]["description"] = f"one frame of {Path(args.test[0]).name}"
     results["cost"]["molecules"]["description"] = f"{len(molecules)} frames of {Path(args.test[0]).name}"
     results["cost"]["box"]["description"] = "periodic box of 111 ethanol molecules, 0.79 g/cm³"
@@ -198,7 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "device": str(device), "dtype": args.dtype, "members": args.members, "seed": args.seed, "model": MODEL,
-        "budget_min": args.budget_min, "train_seconds": train_seconds, "heads_seconds": heads_seconds,
+        "budget_min": args.budget_min, "reused_models": args.reuse, "train_seconds": train_seconds,
+        "heads_seconds": heads_seconds,
         "n_train": len(split.train), "n_valid": len(split.valid), "calibration": {
             "ensemble": ensemble.calibration.to_json(), "single": single.calibration.to_json()},
         "wall_seconds": time.perf_counter() - wall,
@@ -227,6 +257,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="timing repeats (medians)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for training")
     p.add_argument("--work-dir", default="runs/uq", help="member checkpoints and the two UQ model files")
+    p.add_argument("--reuse", action="store_true",
+                   help="load ensemble.eqf and single.eqf from --work-dir (an earlier run) instead of training: "
+                        "evaluation and cost only")
     p.add_argument("--quiet", action="store_true")
     return p
 

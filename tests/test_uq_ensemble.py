@@ -26,10 +26,11 @@ def _mixed_batch():
     return batch_of([ethanol, cu, molecule("H2O")])
 
 
+@pytest.mark.parametrize("member_pass", ["batched", "sequential"])
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
-def test_batched_pass_equals_sequential_members(name):
+def test_batched_pass_equals_sequential_members(name, member_pass):
     members = [make_model(name, seed=s) for s in range(3)]
-    ensemble = EnsemblePotential.from_members(members)
+    ensemble = EnsemblePotential.from_members(members).set_member_pass(member_pass)
     batch = _mixed_batch()
     out = ensemble(batch, compute_stress=True, calibrated=False)
     energies, forces, stresses = [], [], []
@@ -111,16 +112,46 @@ def test_ensemble_on_cuda_matches_cpu():
         torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-10, rtol=1e-10)
 
 
-def test_edge_chunks_inside_the_vmapped_ensemble_change_nothing():
-    """Checkpointing cannot run under torch.func.vmap: chunks there are plain slices, same result."""
-    from equiforce.models.potential import set_edge_chunk
+@pytest.mark.parametrize("member_pass", ["batched", "sequential"])
+def test_edge_chunks_inside_the_ensemble_change_nothing(member_pass):
+    """Checkpointing cannot run under torch.func.vmap: chunks there are plain slices; members run one by one
+    checkpoint theirs (recomputed while that member's weights are in place). Same result either way."""
+    from equiforce.models.potential import InteractionBlock, set_edge_chunk
     from tests.uq_helpers import batch_of, ensemble, structures
 
-    model = ensemble(3)
+    model = ensemble(3).set_member_pass(member_pass)
     batch = batch_of(structures(2, periodic=True))
     full = model(batch, compute_stress=True)
     set_edge_chunk(model, 5)
+    blocks = [b for b in model.unregistered_modules()[0].modules() if isinstance(b, InteractionBlock)]
+    assert blocks and all(b.edge_chunk == 5 for b in blocks)  # reaches the members' template
     chunked = model(batch, compute_stress=True)
     set_edge_chunk(model, "auto")
-    for key in ("energy", "forces", "stress"):
+    for key in ("energy", "forces", "stress", "forces_std", "stress_std"):
         torch.testing.assert_close(chunked[key], full[key], rtol=1e-10, atol=1e-12)
+
+
+def test_members_run_one_by_one_exactly_when_a_member_would_chunk():
+    """"auto": the vmapped pass for small graphs; members one after the other (each with checkpointed edge
+    chunks, which vmap cannot run) once a member alone would chunk — with the same results."""
+    from equiforce.models.potential import AUTO_CHUNK_MIN_EDGES, set_edge_chunk
+    from tests.uq_helpers import ensemble, structures
+
+    model = ensemble(3)
+    batch = batch_of(structures(2, periodic=True))
+    edges = int(batch[K.EDGE_INDEX].shape[1])
+    cpu = torch.device("cpu")
+    assert not model._sequential(edges, cpu)
+    assert model._sequential(AUTO_CHUNK_MIN_EDGES + 1, cpu)
+    assert not model._sequential(AUTO_CHUNK_MIN_EDGES + 1, torch.device("cuda"))
+    whole = model.set_member_pass("batched")(batch, compute_stress=True, calibrated=False)
+    model.set_member_pass("auto")
+    set_edge_chunk(model, 7)
+    assert model._sequential(edges, cpu)
+    chunked = model(batch, compute_stress=True, calibrated=False)
+    set_edge_chunk(model, None)
+    assert not model._sequential(edges, cpu)
+    for key in (K.ENERGY, K.FORCES, K.STRESS, UK.FORCES_STD, UK.FORCES_MEMBERS):
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="member pass must be one of"):
+        model.set_member_pass("parallel")

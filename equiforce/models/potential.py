@@ -277,9 +277,13 @@ def set_edge_chunk(module: nn.Module, edges: int | str | None) -> None:
     uncertainty heads, or a plain potential)."""
     if edges != "auto" and edges is not None and (isinstance(edges, str) or edges < 1):
         raise ValueError(f"edge chunk must be a positive number of edges, 'auto' or None, got {edges!r}")
-    for block in module.modules():
-        if isinstance(block, InteractionBlock):
-            block.edge_chunk = edges
+    for sub in module.modules():
+        # an ensemble's member template is deliberately not a submodule (see EnsemblePotential)
+        hidden = sub.unregistered_modules() if hasattr(sub, "unregistered_modules") else []
+        for inner in [sub, *hidden]:
+            for block in inner.modules():
+                if isinstance(block, InteractionBlock):
+                    block.edge_chunk = edges
 
 
 def build_model(spec: ModelSpec | dict, dtype: torch.dtype = torch.float64) -> Potential:

@@ -7,6 +7,10 @@ vmapped over *member-expanded* positions ``[M, N, 3]`` (and strains ``[M, B, 3, 
 come from one ordinary ``autograd.grad`` outside the vmap: member m's energy depends only on its own
 copy, so the gradient of the summed energies gives every member's exact forces at once.
 
+Large systems on a CPU are the exception: there the members run one after the other (``member_pass``,
+"auto"), because a member alone can compute its messages in checkpointed edge chunks, which ``vmap``
+cannot, and the chunked pass is the faster one once the arithmetic, not the per-op overhead, dominates.
+
 Predictions are the member means (still conservative: the mean force is the gradient of the mean
 energy); σ is the members' spread (population standard deviation), calibrated on held-out data.
 """
@@ -23,11 +27,13 @@ from torch.func import functional_call, vmap
 
 from equiforce.data import keys as K
 from equiforce.errors import ModelFileError
-from equiforce.models.potential import Potential, build_model
+from equiforce.models.potential import AUTO_CHUNK_MIN_EDGES, InteractionBlock, Potential, build_model
 from equiforce.models.spec import ModelSpec
 from equiforce.uq import keys as UK
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import Calibration
+
+MEMBER_PASSES = ("auto", "batched", "sequential")
 
 
 class MemberMismatchError(ModelFileError):
@@ -100,6 +106,7 @@ class EnsemblePotential(UQModel):
         # the template carries the non-persistent buffers (index tables) shared by all members; its own
         # weights are never used (every persistent tensor is passed to functional_call)
         object.__setattr__(self, "_template", template.eval())  # not a submodule: no duplicate weights
+        self.member_pass = "auto"
 
     # ------------------------------------------------------------------------------------------- building
     @classmethod
@@ -126,6 +133,32 @@ class EnsemblePotential(UQModel):
         model.load_state_dict({name: t[index] for name, t in self.stacked_state().items()})
         return model.eval()
 
+    def unregistered_modules(self) -> list[nn.Module]:
+        """The member template (holding the runtime settings every member runs with, e.g. edge chunks)."""
+        return [self._template]
+
+    def set_member_pass(self, mode: str) -> EnsemblePotential:
+        """How the members are evaluated: ``"batched"`` (one ``vmap`` pass), ``"sequential"`` (one after the
+        other, each free to use checkpointed edge chunks) or ``"auto"`` (the default: sequential exactly when
+        a member alone would chunk its edges, i.e. large systems on a CPU; measured on a 999-atom box at the
+        benchmark's model size, 1 thread: see docs/uncertainty.md).  Results are the same either way."""
+        if mode not in MEMBER_PASSES:
+            raise ValueError(f"member pass must be one of {', '.join(MEMBER_PASSES)}, got {mode!r}")
+        self.member_pass = mode
+        return self
+
+    def _sequential(self, num_edges: int, device: torch.device) -> bool:
+        """Whether this call runs the members one by one (see :meth:`set_member_pass`)."""
+        if self.member_pass != "auto":
+            return self.member_pass == "sequential"
+        for block in self._template.modules():
+            if isinstance(block, InteractionBlock):
+                chunk = block.edge_chunk
+                if chunk == "auto":
+                    return device.type == "cpu" and num_edges > AUTO_CHUNK_MIN_EDGES
+                return chunk is not None and chunk < num_edges
+        return False
+
     def _apply(self, fn, recurse: bool = True):  # keep the (unregistered) template on the same device/dtype
         super()._apply(fn, recurse)
         self._template._apply(fn, recurse)
@@ -136,6 +169,47 @@ class EnsemblePotential(UQModel):
                 create_graph: bool = False, return_features: bool = False, calibrated: bool = True
                 ) -> dict[str, torch.Tensor]:
         """Member-mean predictions, σ (``energy_std``, ``forces_std``, ``stress_std``) and member outputs."""
+        args = (graph, compute_forces, compute_stress, create_graph, return_features)
+        if self._sequential(int(graph[K.EDGE_INDEX].shape[1]), graph[K.POSITIONS].device):
+            members = self._members_one_by_one(*args)
+        else:
+            members = self._members_batched(*args)
+        energies = members[K.ENERGY]
+        out: dict[str, torch.Tensor] = {K.ENERGY: energies.mean(0), K.NODE_ENERGY: members[K.NODE_ENERGY].mean(0),
+                                        UK.ENERGY_MEMBERS: energies}
+        raw = {"energy": energies.std(0, correction=0)}
+        if return_features:
+            out[K.NODE_FEATURES] = members[K.NODE_FEATURES]
+        if compute_forces:
+            forces = members[K.FORCES]
+            mean = forces.mean(0)
+            out[K.FORCES], out[UK.FORCES_MEMBERS] = mean, forces
+            raw["forces"] = (forces - mean).square().sum(-1).mean(0).sqrt()
+        if compute_stress:
+            out[K.VIRIAL], out[K.STRESS] = members[K.VIRIAL].mean(0), members[K.STRESS].mean(0)
+            raw["stress"] = members[K.STRESS].std(0, correction=0)
+        return self._finish(out, graph, raw, calibrated)
+
+    def _members_one_by_one(self, graph: dict[str, torch.Tensor], compute_forces: bool, compute_stress: bool,
+                            create_graph: bool, return_features: bool) -> dict[str, Any]:
+        """Each member's own full forward (forces and stress inside it, so a checkpointed edge chunk is
+        recomputed while that member's weights are in place); outputs stacked ``[M, ...]``."""
+        member_graph = {**graph, K.POSITIONS: graph[K.POSITIONS].detach()}
+        options = {"compute_forces": compute_forces, "compute_stress": compute_stress, "create_graph": create_graph,
+                   "return_features": return_features}
+        outputs = [functional_call(self._template, {name: t[i] for name, t in self.stacked_state().items()},
+                                   (member_graph,), options) for i in range(self.n_members)]
+        members: dict[str, Any] = {key: torch.stack([o[key] for o in outputs])
+                                   for key in (K.ENERGY, K.NODE_ENERGY, K.FORCES, K.STRESS, K.VIRIAL)
+                                   if key in outputs[0]}
+        if return_features:
+            members[K.NODE_FEATURES] = list(outputs[0][K.NODE_FEATURES])  # member 0's, as in the batched pass
+        return members
+
+    def _members_batched(self, graph: dict[str, torch.Tensor], compute_forces: bool, compute_stress: bool,
+                         create_graph: bool, return_features: bool) -> dict[str, Any]:
+        """All members in one ``vmap`` pass over member-expanded positions; forces/stress by one
+        ``autograd.grad`` outside it (member m's energy depends on its own copy only)."""
         m = self.n_members
         stacked = self.stacked_state()
         positions, cell = graph[K.POSITIONS], graph[K.CELL]
@@ -166,27 +240,21 @@ class EnsemblePotential(UQModel):
             return out[K.ENERGY], out[K.NODE_ENERGY], feats
 
         energies, node_energies, features = vmap(energy_of_member, in_dims=(0, 0, cell_dim))(stacked, pos_in, cell_in)
-        out: dict[str, torch.Tensor] = {K.ENERGY: energies.mean(0), K.NODE_ENERGY: node_energies.mean(0),
-                                        UK.ENERGY_MEMBERS: energies}
-        raw = {"energy": energies.std(0, correction=0)}
+        members: dict[str, Any] = {K.ENERGY: energies, K.NODE_ENERGY: node_energies}
         if return_features:
-            out[K.NODE_FEATURES] = [f[0] for f in features]
+            members[K.NODE_FEATURES] = [f[0] for f in features]
         if inputs:
             grads = torch.autograd.grad(energies.sum(), inputs, create_graph=create_graph, allow_unused=True)
             if compute_forces:
-                forces = -grads[0] if grads[0] is not None else torch.zeros_like(pos_m)
-                mean = forces.mean(0)
-                out[K.FORCES], out[UK.FORCES_MEMBERS] = mean, forces
-                raw["forces"] = (forces - mean).square().sum(-1).mean(0).sqrt()
+                members[K.FORCES] = -grads[0] if grads[0] is not None else torch.zeros_like(pos_m)
             if compute_stress:
                 d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(strain)
                 volume = torch.linalg.det(cell).abs()
                 periodic = (volume > 0)[None, :, None, None]
                 safe = torch.where(volume > 0, volume, torch.ones_like(volume))[None, :, None, None]
-                stress = torch.where(periodic, d_strain / safe, torch.zeros_like(d_strain))
-                out[K.VIRIAL], out[K.STRESS] = -d_strain.mean(0), stress.mean(0)
-                raw["stress"] = stress.std(0, correction=0)
-        return self._finish(out, graph, raw, calibrated)
+                members[K.STRESS] = torch.where(periodic, d_strain / safe, torch.zeros_like(d_strain))
+                members[K.VIRIAL] = -d_strain
+        return members
 
     def descriptors(self, graph: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Member 0's per-layer invariant node features ``[N, C]``."""
