@@ -6,7 +6,8 @@
 #   (git-ignored), so the device call needs no network.
 # On the device (carry .whl):                bash benchmarks/gpu_suite.sh [BUDGET_MIN]
 #   1. the CUDA tests that skip on a CPU-only machine, and the physics suite on the GPU's torch;
-#   2. MD speed: Cu boxes and 1,000 aspirins in one state vs one at a time through ASE (no MACE there);
+#   2. MD speed: Cu boxes, 1,000 aspirins in one state and one aspirin alone, each also with the step captured as
+#      a CUDA graph (--cuda-graph), vs one at a time through ASE (no MACE there);
 #   3. rMD17 aspirin at the MACE size (128x0e+128x1o, L=3, correlation 3, 2 layers, 5 Å) in float64, batch 5,
 #      for BUDGET_MIN minutes (default 5; the equal-time comparison with MACE uses 7, which needs a
 #      second call: `bash benchmarks/gpu_suite.sh 7 rmd17`).
@@ -56,11 +57,13 @@ test=$WHL/data/rmd17_aspirin_test_01.npz
     | tee "$RESULTS/machine.txt"
 
 if [ "$ONLY" = all ]; then
-    $PY -m pytest -q -p no:cacheprovider tests/test_physics.py tests/test_sim_md.py tests/test_uq_ensemble.py \
+    $PY -m pytest -q -p no:cacheprovider tests/test_physics.py tests/test_sim_md.py tests/test_sim_graphed.py \
+        tests/test_uq_ensemble.py \
         2>&1 | tail -3 | tee "$RESULTS/tests.txt"
     sizes=$([ "$DEVICE" = cuda ] && echo 864,4000,16384,32000 || echo 256)
     molecules=$([ "$DEVICE" = cuda ] && echo 1000 || echo 4)
     timeout 240 $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$sizes" --molecules "$molecules" --no-mace \
+        --cuda-graph \
         --timeout 90 --aspirin "$train" --out "$RESULTS/md_speed.json" 2>&1 | tail -12
 fi
 if [ "$ONLY" = all ] || [ "$ONLY" = rmd17 ]; then

@@ -10,8 +10,13 @@ Two parts, one run:
    (128x0e+128x1o, spherical harmonics to 3, correlation 3, 2 layers, 5 Å, random weights): equiforce's
    native NVE step (neighbour list in the skin included) and MACE (mace-torch in its own venv, through ASE's
    VelocityVerlet, ``benchmarks/peers/mace/md_speed_mace.py``) at the same size;
-2. many small molecules (an rMD17 aspirin copied ``--molecules`` times) in one native state, against one
-   molecule at a time through ASE with the equiforce calculator (and with MACE).
+2. many small molecules (an rMD17 aspirin copied ``--molecules`` times) in one native state, one aspirin
+   alone in the native engine, and one molecule at a time through ASE with the equiforce calculator (and
+   with MACE).
+
+``--cuda-graph`` adds, for every native row (Cu boxes up to 4,000 atoms), the same system run by the engine's
+loop with the whole step captured as a CUDA graph (mode ``graph``; :mod:`equiforce.sim.graphed`); its row
+says how many steps were replayed and, if the capture failed, why.
 
 Every measurement runs in its own process, so peak memory is clean: on CPU the rise of the peak resident set
 (VmHWM) over the resident set just before the timed steps, on CUDA ``torch.cuda.max_memory_allocated``.
@@ -43,6 +48,7 @@ from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 MACE_PYTHON = ROOT / "benchmarks" / "peers" / ".venv-mace" / "bin" / "python"
 MACE_SCRIPT = ROOT / "benchmarks" / "peers" / "mace" / "md_speed_mace.py"
 ASPIRIN = ROOT.parent / "shared" / "data" / "rmd17" / "rmd17_aspirin_train_01.npz"
+GRAPH_MAX_ATOMS = 4000  # --cuda-graph rows for Cu boxes up to this size (launches matter little beyond)
 REFERENCE_SPEC = dict(channels=128, max_l=1, sh_lmax=3, correlation=3, num_layers=2, cutoff=5.0,
                       radial_mlp=[64, 64, 64], num_radial=8, avg_num_neighbors=40.0)
 
@@ -88,6 +94,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import equiforce
     from equiforce.sim.evaluator import BatchEvaluator
     from equiforce.sim.integrators import VelocityVerlet
+    from equiforce.sim.md import MolecularDynamics
     from equiforce.sim.state import SimState, maxwell_boltzmann
 
     dtype = getattr(torch, args.dtype)
@@ -103,6 +110,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model.set_edge_chunk(edge_chunk)
     natoms = sum(len(a) for a in systems)
     cuda = args.device.startswith("cuda")
+    info: dict[str, Any] = {}
+    warmup = args.warmup
     if args.mode == "native":
         state = SimState.from_atoms(systems, device=args.device, dtype=dtype)
         maxwell_boltzmann(state, 300.0, generator=torch.Generator(args.device).manual_seed(0))
@@ -112,6 +121,16 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         def step() -> None:
             nonlocal outputs
             outputs = integrator.step(state, outputs, evaluate)
+    elif args.mode == "graph":  # the engine's own loop with the step captured as a CUDA graph
+        state = SimState.from_atoms(systems, device=args.device, dtype=dtype)
+        maxwell_boltzmann(state, 300.0, generator=torch.Generator(args.device).manual_seed(0))
+        md = MolecularDynamics(model, VelocityVerlet(0.5), skin=0.5, cuda_graph=True)
+        quiet = dict(keep_thermo=False, log_interval=10**9, trajectory_interval=10**9)
+        warmup = max(warmup, 5)  # the eager warm-up steps and the capture itself stay out of the timing
+
+        def step() -> None:
+            result = md.run(state, 1, **quiet)
+            info.update(result.info.get("cuda_graph", {}))
     else:
         atoms = systems[0]
         atoms.calc = equiforce.Calculator(model, device=args.device)
@@ -119,7 +138,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
         def step() -> None:
             dyn.run(1)
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
     _sync(args.device)
     if cuda:
@@ -131,12 +150,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     _sync(args.device)
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else max(0.0, rss_mb("VmHWM") - before)
-    measured = natoms if args.mode == "native" else len(systems[0])
-    return {"engine": "equiforce", "mode": args.mode, "natoms": measured,
-            "n_systems": len(systems) if args.mode == "native" else 1, "device": args.device, "dtype": args.dtype,
-            "ms_per_step": 1e3 * seconds, "atom_steps_per_s": measured / seconds,
-            "peak_mem_mb_per_atom": peak / measured,
-            "edge_chunk": edge_chunk}
+    native = args.mode in ("native", "graph")
+    measured = natoms if native else len(systems[0])
+    row = {"engine": "equiforce", "mode": args.mode, "natoms": measured,
+           "n_systems": len(systems) if native else 1, "device": args.device, "dtype": args.dtype,
+           "ms_per_step": 1e3 * seconds, "atom_steps_per_s": measured / seconds,
+           "peak_mem_mb_per_atom": peak / measured, "edge_chunk": edge_chunk}
+    if args.mode == "graph":
+        row["cuda_graph"] = info  # captures, replays, eager steps, and why not captured (None: it was)
+    return row
 
 
 def run_child(command: list[str], env: dict[str, str] | None, timeout: float) -> dict[str, Any] | None:
@@ -202,6 +224,9 @@ def main() -> None:
     parser.add_argument("--edge-chunk", type=int, default=-1,
                         help="equiforce: compute messages this many edges at a time (Potential.set_edge_chunk; "
                              "0: all at once; -1, the default: the model's automatic choice)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time each native row with the step captured as a CUDA graph (mode 'graph', "
+                             "the engine's MolecularDynamics loop; on a CPU the same loop runs eagerly)")
     parser.add_argument("--out", default="md_speed.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", default="cu", help=argparse.SUPPRESS)
@@ -234,10 +259,18 @@ def main() -> None:
         if actual > args.max_atoms:
             continue
         add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu", natoms=actual)
+        if args.cuda_graph and actual <= GRAPH_MAX_ATOMS:
+            add(equiforce_row(args, "cu", "graph", natoms=natoms), "fcc-Cu", natoms=actual)
         if not args.no_mace and MACE_PYTHON.exists():
             add(mace_row(args, natoms=natoms), "fcc-Cu", "mace", natoms=actual)
     if args.molecules > 0:
         add(equiforce_row(args, "aspirin", "native", count=args.molecules), "aspirin")
+        if args.cuda_graph:
+            add(equiforce_row(args, "aspirin", "graph", count=args.molecules), "aspirin")
+        if args.molecules > 1:  # one molecule in the native engine: the launch-bound case
+            add(equiforce_row(args, "aspirin", "native"), "aspirin")
+            if args.cuda_graph:
+                add(equiforce_row(args, "aspirin", "graph"), "aspirin")
         add(equiforce_row(args, "aspirin", "ase"), "aspirin")
         if not args.no_mace and MACE_PYTHON.exists():
             with tempfile.TemporaryDirectory() as tmp:

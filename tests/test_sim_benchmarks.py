@@ -51,9 +51,13 @@ def test_stability_benchmark_smoke(tmp_path):
 def test_md_speed_benchmark_smoke(tmp_path):
     out = tmp_path / "speed.json"
     _run("md_speed.py", "--sizes", "32", "--molecules", "2", "--steps", "1", "--warmup", "0", "--no-mace",
-         "--device", "cpu", "--out", str(out))
+         "--device", "cpu", "--cuda-graph", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["system"], r["mode"]) for r in rows} == {("fcc-Cu", "native"), ("aspirin", "native"),
-                                                        ("aspirin", "ase")}
+    assert sorted((r["system"], r["mode"], r["n_systems"]) for r in rows) == [
+        ("aspirin", "ase", 1), ("aspirin", "graph", 1), ("aspirin", "graph", 2), ("aspirin", "native", 1),
+        ("aspirin", "native", 2), ("fcc-Cu", "graph", 1), ("fcc-Cu", "native", 1)]
+    for row in rows:
+        if row["mode"] == "graph":  # on a CPU the graphed loop runs eagerly, and says so
+            assert row["cuda_graph"]["replays"] == 0 and row["cuda_graph"]["eager_steps"] >= 6
     for row in rows:
         assert row["engine"] == "equiforce" and row["atom_steps_per_s"] > 0 and row["peak_mem_mb_per_atom"] >= 0

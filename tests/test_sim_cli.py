@@ -30,6 +30,12 @@ def test_md_and_relax_commands(tmp_path):
     assert len(read(out / "final.extxyz", index=":")) == 2
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert (out / "trajectory.h5").stat().st_size > 0
+    graphed = tmp_path / "md-graph"  # the step through the CUDA-graph runner (eager on a CPU): same trajectory
+    assert _main(["md", str(model), str(tmp_path / "in.extxyz"), "--steps", "4", "--device", "cpu", "--out",
+                  str(graphed), "--no-progress", "--seed", "0", "--cuda-graph"]) == 0
+    assert json.loads((graphed / "summary.json").read_text())["cuda_graph"]["eager_steps"] == 4
+    for a, b in zip(read(out / "final.extxyz", index=":"), read(graphed / "final.extxyz", index=":")):
+        assert abs(a.positions - b.positions).max() < 1e-9
     status = _main(["relax", str(model), str(tmp_path / "in.extxyz"), "--steps", "3", "--device", "cpu",
                     "--out", str(tmp_path / "relaxed.extxyz")])
     assert status in (0, 1)

@@ -34,9 +34,15 @@ def _per_system(value: float | torch.Tensor, state: SimState) -> torch.Tensor:
 
 
 class Integrator:
-    """Base: the time step in ASE units and whether forces need the stress too."""
+    """Base: the time step in ASE units and whether forces need the stress too.
+
+    ``carried`` names the tensor attributes a step reads and replaces (e.g. CSVR's ``heat``): a step captured
+    as a CUDA graph (:mod:`equiforce.sim.graphed`) keeps them in static buffers.  :meth:`prepare` turns
+    scalar settings into device tensors once, so that a step creates no tensor from host values.
+    """
 
     needs_stress = False
+    carried: tuple[str, ...] = ()
 
     def __init__(self, timestep_fs: float) -> None:
         if timestep_fs <= 0:
@@ -54,6 +60,9 @@ class Integrator:
 
     def step(self, state: SimState, outputs: Outputs, evaluate: Evaluate) -> Outputs:
         raise NotImplementedError
+
+    def prepare(self, state: SimState) -> None:
+        """Per-system settings as ``[B]`` tensors on the state's device (called before a step is captured)."""
 
     def conserved_correction(self) -> torch.Tensor | float:
         """[B] energy the thermostat/barostat has taken out (add to the total energy to get a constant)."""
@@ -79,6 +88,9 @@ class Langevin(Integrator):
         super().__init__(timestep_fs)
         self.temperature_K, self.friction = temperature_K, float(friction_per_fs) / units.fs
         self.generator = generator
+
+    def prepare(self, state: SimState) -> None:
+        self.temperature_K = _per_system(self.temperature_K, state)
 
     def step(self, state: SimState, outputs: Outputs, evaluate: Evaluate) -> Outputs:
         self.kick(state, outputs, 0.5)
@@ -117,11 +129,18 @@ class CSVR(Integrator):
         self.generator = generator
         self.heat: torch.Tensor | None = None
 
+    carried = ("heat",)
+
+    def prepare(self, state: SimState) -> None:
+        self.temperature_K = _per_system(self.temperature_K, state)
+        if self.heat is None:
+            self.heat = torch.zeros(state.n_systems, dtype=state.dtype, device=state.device)
+
     def thermostat(self, state: SimState, fraction: float) -> None:
         dof = state.dof
         kinetic = state.kinetic_energy()
         target = 0.5 * dof * KB * _per_system(self.temperature_K, state)
-        c = torch.exp(torch.as_tensor(-fraction * self.dt / self.tau, dtype=state.dtype, device=state.device))
+        c = math.exp(-fraction * self.dt / self.tau)
         r1 = torch.randn(state.n_systems, generator=self.generator, dtype=state.dtype, device=state.device)
         rest = _sum_of_squared_normals(state, (dof - 1).round().long(), self.generator)
         ratio = target / (dof * kinetic.clamp_min(1e-300))
@@ -179,6 +198,10 @@ class StochasticCellRescaling(CSVR):
         self.pressure_bar = pressure_bar
         self.tau_p = float(tau_p_fs) * units.fs
         self.beta = float(compressibility_per_bar) / units.bar  # Å³/eV
+
+    def prepare(self, state: SimState) -> None:
+        super().prepare(state)
+        self.pressure_bar = _per_system(self.pressure_bar, state)
 
     def before_forces(self, state: SimState, outputs: Outputs) -> Outputs:
         volume = state.volume()

@@ -80,9 +80,14 @@ class MolecularDynamics:
 
     def __init__(self, model: nn.Module, integrator: Integrator, skin: float = 0.5,
                  stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
-                 neighbor_check_interval: int | str = "auto") -> None:
+                 neighbor_check_interval: int | str = "auto", cuda_graph: bool = False) -> None:
+        """``cuda_graph=True`` runs each step through :class:`~equiforce.sim.graphed.GraphedStep`: on a CUDA
+        device the whole step is captured once and replayed (for small systems, where launches dominate);
+        elsewhere it runs eagerly through the same buffers.  Same results either way."""
         if stop_mode not in ("freeze", "flag"):
             raise ValueError("stop_mode must be 'freeze' or 'flag'")
+        self.cuda_graph = bool(cuda_graph)
+        self._graphed = None
         self.integrator = integrator
         self.evaluate = BatchEvaluator(model, skin=skin, check_interval=neighbor_check_interval)
         self.stop_when, self.stop_mode = stop_when, stop_mode
@@ -136,18 +141,27 @@ class MolecularDynamics:
 
             if not continued:  # a continued run recorded this state when the previous one ended
                 record()
+            graphed = self._graphed_step() if self.cuda_graph else None
+            if graphed is not None:
+                self.integrator.prepare(state)
             t0 = time.perf_counter()
             for _ in range(steps):
-                previous = (state.positions, state.momenta, state.cell)
-                outputs = self.integrator.step(state, outputs, self.evaluate)
-                state.step += 1
+                if graphed is not None:
+                    check = (state.step + 1 - start_step) % self.stop_check_interval == 0
+                    outputs, (frozen, stopped_step, nonfinite_step) = graphed.step(
+                        state, outputs, (frozen, stopped_step, nonfinite_step), check)
+                    state.step += 1
+                else:
+                    previous = (state.positions, state.momenta, state.cell)
+                    outputs = self.integrator.step(state, outputs, self.evaluate)
+                    state.step += 1
+                    if (state.step - start_step) % self.stop_check_interval == 0:
+                        frozen, stopped_step, nonfinite_step = self._check_stops(state, outputs, frozen,
+                                                                                 stopped_step, nonfinite_step)
+                    state.positions = torch.where(frozen[state.system, None], previous[0], state.positions)
+                    state.momenta = torch.where(frozen[state.system, None], previous[1], state.momenta)
+                    state.cell = torch.where(frozen[:, None, None], previous[2], state.cell)
                 done = state.step - start_step
-                if done % self.stop_check_interval == 0:
-                    frozen, stopped_step, nonfinite_step = self._check_stops(state, outputs, frozen, stopped_step,
-                                                                             nonfinite_step)
-                state.positions = torch.where(frozen[state.system, None], previous[0], state.positions)
-                state.momenta = torch.where(frozen[state.system, None], previous[1], state.momenta)
-                state.cell = torch.where(frozen[:, None, None], previous[2], state.cell)
                 last = done == steps
                 if last or done % log_interval == 0 or done % trajectory_interval == 0:
                     record(final=last)
@@ -158,10 +172,20 @@ class MolecularDynamics:
             wall = time.perf_counter() - t0
         self._last = (self._key(state), outputs)
         self.frozen, self.stopped_step, self.nonfinite_step = frozen, stopped_step, nonfinite_step
+        info: dict[str, Any] = {"model_calls": self.evaluate.calls}
+        if self._graphed is not None:
+            info["cuda_graph"] = self._graphed.info()
         return MDResult(state=state, thermo=thermo, stopped_step=stopped_step.cpu().numpy(),
                         nonfinite_step=nonfinite_step.cpu().numpy(), steps=state.step - start_step,
-                        wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds,
-                        info={"model_calls": self.evaluate.calls})
+                        wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds, info=info)
+
+    def _graphed_step(self):
+        """The captured-step runner, kept across calls of :meth:`run` (so a run in chunks captures once)."""
+        if self._graphed is None:
+            from equiforce.sim.graphed import GraphedStep
+
+            self._graphed = GraphedStep(self)
+        return self._graphed
 
     @staticmethod
     def _key(state: SimState) -> tuple:
@@ -177,14 +201,17 @@ class MolecularDynamics:
         return self.integrator.evaluate(state, self.evaluate), False
 
     def _check_stops(self, state: SimState, outputs: Outputs, frozen: torch.Tensor, stopped_step: torch.Tensor,
-                     nonfinite_step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     nonfinite_step: torch.Tensor, step: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Freeze/flag systems; ``step`` (a device counter inside a captured step) defaults to ``state.step``."""
+        now = state.step if step is None else step
         finite = torch.isfinite(state.positions).all(-1) & torch.isfinite(outputs[K.FORCES]).all(-1)
         bad = state.per_system((~finite).to(state.dtype)) > 0
-        nonfinite_step = torch.where(bad & (nonfinite_step < 0), state.step, nonfinite_step)
+        nonfinite_step = torch.where(bad & (nonfinite_step < 0), now, nonfinite_step)
         frozen = frozen | bad
         if self.stop_when is not None:
             flag = self.stop_when(state, outputs).to(device=state.device, dtype=torch.bool).reshape(-1)
-            stopped_step = torch.where(flag & (stopped_step < 0), state.step, stopped_step)
+            stopped_step = torch.where(flag & (stopped_step < 0), now, stopped_step)
             if self.stop_mode == "freeze":
                 frozen = frozen | flag
         return frozen, stopped_step, nonfinite_step
@@ -225,14 +252,15 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
            trajectory: str | os.PathLike | None = None, trajectory_interval: int = 100,
            log: str | os.PathLike | None = None, log_interval: int = 100, progress: bool = False,
            stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
-           precision: str = "float64", keep_thermo: bool = True) -> MDResult:
+           precision: str = "float64", keep_thermo: bool = True, cuda_graph: bool = False) -> MDResult:
     """Run MD on ASE structures, all systems batched into one state.
 
     Momenta already set on the structures are used; otherwise they are drawn from Maxwell–Boltzmann at
     ``initial_temperature_K`` (default ``temperature_K``).  Ensembles: ``nve``, ``nvt`` (Langevin BAOAB),
     ``nvt-csvr`` (Bussi) and ``npt`` (stochastic cell rescaling + CSVR; ``pressure_bar``).  Conserving
     ensembles remove the centre-of-mass momentum and count ``3N − 3`` degrees of freedom.  Trajectories go to
-    ``.h5``/``.extxyz``/``.traj`` and the thermo log to ``.csv``/``.jsonl`` (by suffix).
+    ``.h5``/``.extxyz``/``.traj`` and the thermo log to ``.csv``/``.jsonl`` (by suffix).  ``cuda_graph``: see
+    :class:`MolecularDynamics` (``stop_when`` must then be tensor operations only).
     """
     if isinstance(atoms_list, Atoms):
         atoms_list = [atoms_list]
@@ -254,6 +282,6 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
     integrator = make_integrator(ensemble, timestep_fs, temperature, friction_per_fs, tau_fs, pressure_bar,
                                  tau_p_fs, compressibility_per_bar, generator)
     md = MolecularDynamics(model, integrator, skin=skin, stop_when=stop_when, stop_mode=stop_mode,
-                           stop_check_interval=stop_check_interval)
+                           stop_check_interval=stop_check_interval, cuda_graph=cuda_graph)
     return md.run(state, steps, trajectory=trajectory, trajectory_interval=trajectory_interval, log=log,
                   log_interval=log_interval, progress=progress, precision=precision, keep_thermo=keep_thermo)

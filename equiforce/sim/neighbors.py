@@ -239,8 +239,13 @@ class VerletNeighborList:
         return sigma_min * (self.cutoff + self.skin) - 2.0 * max_disp - self.cutoff
 
     def update(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, ptr: torch.Tensor,
-               system: torch.Tensor, velocities: torch.Tensor | None = None, dt: float | None = None) -> bool:
-        """Rebuild if needed; returns whether it did.  ``velocities`` and ``dt`` enable adaptive checks."""
+               system: torch.Tensor, velocities: torch.Tensor | None = None, dt: float | None = None,
+               lookahead: int = 0) -> bool:
+        """Rebuild if needed; returns whether it did.  ``velocities`` and ``dt`` enable adaptive checks.
+
+        ``lookahead`` k (needs ``velocities`` and ``dt``): the list must also hold for the positions k steps
+        ahead — for a caller that checks before a step whose forces it cannot check itself (a CUDA graph).
+        Each step may use up ``4·v_max·dt`` of the margin (a pair's two atoms, velocities doubling)."""
         if self.edge_index is None or self._ref_positions.shape != positions.shape:
             self.build(positions, cell, pbc, ptr)
             return True
@@ -248,18 +253,20 @@ class VerletNeighborList:
             self._countdown -= 1
             return False
         margin = self.margin(positions, cell, system).min()
-        if self.check_interval == "auto" and velocities is not None and dt is not None:
+        adaptive = self.check_interval == "auto" or lookahead > 0
+        if adaptive and velocities is not None and dt is not None:
             vmax = torch.linalg.vector_norm(velocities.detach(), dim=-1).max()
             margin_value, vmax_value = torch.stack([margin, vmax.to(margin.dtype)]).tolist()
         else:
             margin_value, vmax_value = float(margin), 0.0
+        per_step = 4.0 * vmax_value * (dt or 0.0)
+        margin_value -= lookahead * per_step
         if margin_value <= 0:
             self.build(positions, cell, pbc, ptr)
             return True
         if self.check_interval == "auto":
-            if vmax_value > 0 and dt:
-                steps = int(margin_value / (4.0 * vmax_value * dt))
-                self._countdown = max(0, min(self.max_interval, steps) - 1)
+            if per_step > 0:
+                self._countdown = max(0, min(self.max_interval, int(margin_value / per_step)) - 1)
         else:
             self._countdown = int(self.check_interval) - 1
         return False

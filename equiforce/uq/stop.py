@@ -44,7 +44,7 @@ def sigma_stop(forces: float | None = None, energy_per_atom: float | None = None
         if energy_per_atom is not None:
             if UK.ENERGY_STD not in outputs:
                 raise KeyError("sigma_stop needs a model with uncertainty: its outputs carry no 'energy_std'")
-            n_atoms = torch.bincount(state.system, minlength=n_systems).to(outputs[UK.ENERGY_STD].dtype)
+            n_atoms = state.n_atoms.to(outputs[UK.ENERGY_STD].dtype)  # not bincount: it syncs with the host
             flag = flag | (outputs[UK.ENERGY_STD] / n_atoms > energy_per_atom)
         return flag
 
