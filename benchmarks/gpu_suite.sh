@@ -13,6 +13,9 @@
 #      second call: `bash benchmarks/gpu_suite.sh 7 rmd17`).
 #   4. (only with `bash benchmarks/gpu_suite.sh 0 memory`) the largest Cu boxes, messages in chunks of
 #      65,536 edges (Potential.set_edge_chunk): 32k, 108k and 256k atoms, for the 250k-atom target.
+#   5. (only with `MODEL=... bash benchmarks/gpu_suite.sh 0 stability`) 8 x 100 ps of aspirin at 500 K in
+#      float64 with the step captured as a CUDA graph, then 10 ps of NVE, from a model the rmd17 step trained
+#      (its work directory comes back under $OUT/rmd17-aspirin; carry best.eqf into the next call).
 # Results go to $OUT (the device tool brings them back), else runs/bench-gpu.
 #
 # On a CPU it runs too (`WHL=none DEVICE=cpu PY=.venv/bin/python bash benchmarks/gpu_suite.sh 0.2`; the
@@ -68,8 +71,17 @@ if [ "$ONLY" = all ]; then
 fi
 if [ "$ONLY" = all ] || [ "$ONLY" = rmd17 ]; then
     $PY benchmarks/rmd17.py --train "$train" --test "$test" --budget-min "$BUDGET" --device "$DEVICE" \
-        --dtype float64 --preset mace128 --quiet --work-dir /tmp/rmd17-aspirin \
+        --dtype float64 --preset mace128 --quiet --work-dir "$RESULTS/rmd17-aspirin" \
         --out "$RESULTS/aspirin_${DEVICE}_${BUDGET}min.json" 2>&1 | grep -v Warning | tail -8
+fi
+if [ "$ONLY" = stability ]; then
+    # MODEL: a trained aspirin model carried to the device (e.g. the rmd17 step's rmd17-aspirin/best.eqf,
+    # copied under runs/ and named in `carry`); STAB_PS: trajectory length (the issue's 100 ps by default)
+    model=${MODEL:-runs/bench-gpu/rmd17-aspirin/best.eqf}
+    [ -f "$model" ] || { echo "no model at $model: run the rmd17 step first and carry its best.eqf"; exit 1; }
+    timeout 560 $PY benchmarks/stability.py --model "$model" --data "$test" --trajectories 8 \
+        --time-ps "${STAB_PS:-100}" --nve-ps 10 --temperature 500 --timestep-fs 0.5 --device "$DEVICE" \
+        --dtype float64 --cuda-graph --out "$RESULTS/stability_aspirin.json" 2>&1 | tail -12
 fi
 if [ "$ONLY" = memory ]; then
     sizes=$([ "$DEVICE" = cuda ] && echo 32000,108000,256000 || echo 256)

@@ -41,7 +41,8 @@ class GraphedStep:
 
     ``capture``: ``None`` captures on CUDA devices and runs eagerly elsewhere; ``False`` always eagerly
     (through the same static buffers).  ``warmup`` eager steps precede the first capture (CUDA libraries
-    initialise lazily, which must not happen during a capture); they are real steps of the run.
+    initialise lazily, which must not happen during a capture), and each variant of the step (with and
+    without stop checks) runs eagerly once before its own capture; these are real steps of the run.
     """
 
     def __init__(self, md: MolecularDynamics, capture: bool | None = None, warmup: int = 3) -> None:
@@ -52,6 +53,7 @@ class GraphedStep:
         self.captures = 0
         self.replays = 0
         self.eager_steps = 0
+        self._eager_runs = {True: 0, False: 0}
         self.reason: str | None = None  # why steps run eagerly, when capture was wanted
         self._buffers: dict[str, torch.Tensor] = {}
         self._outputs: Outputs = {}
@@ -185,7 +187,10 @@ class GraphedStep:
             self.graphs.clear()
             self._inputs = inputs
         wants_graph = self.capture is not False and state.device.type == "cuda" and self.reason is None
-        if wants_graph and check not in self.graphs and self.eager_steps >= self.warmup:
+        # each variant (with / without stop checks) runs eagerly at least once before its capture, so that
+        # first-call work of a stop hook (caches built on the host) never happens inside a capture
+        warm = self.eager_steps >= self.warmup and self._eager_runs[check] > 0
+        if wants_graph and check not in self.graphs and warm:
             self._capture(state, check)
             if self.reason is not None:
                 warnings.warn(f"MD step not captured as a CUDA graph ({self.reason}); running it eagerly",
@@ -194,16 +199,18 @@ class GraphedStep:
         if graph is not None:
             graph.replay()
             self.replays += 1
-        elif wants_graph and self.eager_steps < self.warmup:  # warm up on a side stream, as capture wants
+        elif wants_graph and not warm:  # warm up on a side stream, as capture wants
             side = torch.cuda.Stream(device=state.device)
             side.wait_stream(torch.cuda.current_stream(state.device))
             with torch.cuda.stream(side):
                 self._body(state, check)
             torch.cuda.current_stream(state.device).wait_stream(side)
             self.eager_steps += 1
+            self._eager_runs[check] += 1
         else:
             self._body(state, check)
             self.eager_steps += 1
+            self._eager_runs[check] += 1
         evaluator.calls += 1
         self._step_shadow = state.step + 1
         return self._outputs, tuple(self._flags)

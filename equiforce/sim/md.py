@@ -174,10 +174,15 @@ class MolecularDynamics:
         self.frozen, self.stopped_step, self.nonfinite_step = frozen, stopped_step, nonfinite_step
         info: dict[str, Any] = {"model_calls": self.evaluate.calls}
         if self._graphed is not None:
-            info["cuda_graph"] = self._graphed.info()
+            info["cuda_graph"] = self.graph_info
         return MDResult(state=state, thermo=thermo, stopped_step=stopped_step.cpu().numpy(),
                         nonfinite_step=nonfinite_step.cpu().numpy(), steps=state.step - start_step,
                         wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds, info=info)
+
+    @property
+    def graph_info(self) -> dict[str, Any] | None:
+        """Captures, replays, eager steps and (if capture failed) why — None without ``cuda_graph``."""
+        return self._graphed.info() if self._graphed is not None else None
 
     def _graphed_step(self):
         """The captured-step runner, kept across calls of :meth:`run` (so a run in chunks captures once)."""
