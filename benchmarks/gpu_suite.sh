@@ -66,7 +66,7 @@ if [ "$ONLY" = all ]; then
     sizes=$([ "$DEVICE" = cuda ] && echo 864,4000,16384,32000 || echo 256)
     molecules=$([ "$DEVICE" = cuda ] && echo 1000 || echo 4)
     timeout 240 $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$sizes" --molecules "$molecules" --no-mace \
-        --cuda-graph \
+        --cuda-graph --molecule-steps 200 \
         --timeout 90 --aspirin "$train" --out "$RESULTS/md_speed.json" 2>&1 | tail -12
 fi
 if [ "$ONLY" = all ] || [ "$ONLY" = rmd17 ]; then
