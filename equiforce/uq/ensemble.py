@@ -197,8 +197,9 @@ class EnsemblePotential(UQModel):
         member_graph = {**graph, K.POSITIONS: graph[K.POSITIONS].detach()}
         options = {"compute_forces": compute_forces, "compute_stress": compute_stress, "create_graph": create_graph,
                    "return_features": return_features}
-        outputs = [functional_call(self._template, {name: t[i] for name, t in self.stacked_state().items()},
-                                   (member_graph,), options) for i in range(self.n_members)]
+        stacked = self.stacked_state()
+        outputs = [functional_call(self._template, {name: t[i] for name, t in stacked.items()}, (member_graph,),
+                                   options) for i in range(self.n_members)]
         members: dict[str, Any] = {key: torch.stack([o[key] for o in outputs])
                                    for key in (K.ENERGY, K.NODE_ENERGY, K.FORCES, K.STRESS, K.VIRIAL)
                                    if key in outputs[0]}
