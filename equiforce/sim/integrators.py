@@ -33,6 +33,15 @@ def _per_system(value: float | torch.Tensor, state: SimState) -> torch.Tensor:
     return torch.as_tensor(value, dtype=state.dtype, device=state.device).expand(state.n_systems).clone()
 
 
+def _setting(value: float | torch.Tensor, state: SimState) -> torch.Tensor:
+    """A per-system setting as a ``[B]`` device tensor — the same object when it already is one, so that a
+    captured step (which reads it by address) stays valid across runs."""
+    if (isinstance(value, torch.Tensor) and value.shape == (state.n_systems,) and value.dtype == state.dtype
+            and value.device == state.device):
+        return value
+    return _per_system(value, state)
+
+
 class Integrator:
     """Base: the time step in ASE units and whether forces need the stress too.
 
@@ -90,7 +99,7 @@ class Langevin(Integrator):
         self.generator = generator
 
     def prepare(self, state: SimState) -> None:
-        self.temperature_K = _per_system(self.temperature_K, state)
+        self.temperature_K = _setting(self.temperature_K, state)
 
     def step(self, state: SimState, outputs: Outputs, evaluate: Evaluate) -> Outputs:
         self.kick(state, outputs, 0.5)
@@ -132,7 +141,7 @@ class CSVR(Integrator):
     carried = ("heat",)
 
     def prepare(self, state: SimState) -> None:
-        self.temperature_K = _per_system(self.temperature_K, state)
+        self.temperature_K = _setting(self.temperature_K, state)
         if self.heat is None:
             self.heat = torch.zeros(state.n_systems, dtype=state.dtype, device=state.device)
 
@@ -201,7 +210,7 @@ class StochasticCellRescaling(CSVR):
 
     def prepare(self, state: SimState) -> None:
         super().prepare(state)
-        self.pressure_bar = _per_system(self.pressure_bar, state)
+        self.pressure_bar = _setting(self.pressure_bar, state)
 
     def before_forces(self, state: SimState, outputs: Outputs) -> Outputs:
         volume = state.volume()
