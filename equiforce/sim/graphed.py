@@ -177,11 +177,13 @@ class GraphedStep:
         md = self.md
         evaluator = md.evaluate
         self._adopt(state, outputs, flags)
-        rebuilt = evaluator.neighbors.update(state.positions, state.cell, state.pbc, state.ptr, state.system,
-                                             velocities=state.velocities, dt=md.integrator.dt, lookahead=1)
+        neighbors = evaluator.neighbors
+        velocities = state.velocities if neighbors.due else None  # no kernel at all between tests
+        rebuilt = neighbors.update(state.positions, state.cell, state.pbc, state.ptr, state.system,
+                                   velocities=velocities, dt=md.integrator.dt, lookahead=1)
         # a graph reads the tensors it was captured with: new edges (a rebuild), or any other input the
         # step reads but does not carry (atom data, an integrator setting changed between runs), recapture
-        inputs = (evaluator.neighbors.edge_index, evaluator.neighbors.shifts, *self._fixed_inputs(state))
+        inputs = (neighbors.edge_index, neighbors.shifts, *self._fixed_inputs(state))
         if rebuilt or self._inputs is None or len(inputs) != len(self._inputs) or any(
                 a is not b for a, b in zip(inputs, self._inputs)):
             self.graphs.clear()

@@ -238,6 +238,11 @@ class VerletNeighborList:
         sigma_min = torch.linalg.svdvals(deform)[:, -1]
         return sigma_min * (self.cutoff + self.skin) - 2.0 * max_disp - self.cutoff
 
+    @property
+    def due(self) -> bool:
+        """Whether the next :meth:`update` tests the list (else it only counts down: no device work)."""
+        return self.edge_index is None or self._countdown <= 0
+
     def update(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, ptr: torch.Tensor,
                system: torch.Tensor, velocities: torch.Tensor | None = None, dt: float | None = None,
                lookahead: int = 0) -> bool:
