@@ -61,19 +61,24 @@ class InteractionBlock(nn.Module):
                   neighbour: torch.Tensor) -> torch.Tensor:
         return self.conv(h_up[neighbour], sh, self.radial(radial))
 
+    def chunk_size(self, num_edges: int, device: torch.device, vmapped: bool = False) -> int | None:
+        """Edges per chunk for a pass over ``num_edges`` edges (``None``: all at once) — what ``edge_chunk``
+        means here, also for an ensemble deciding how to run its members."""
+        chunk = self.edge_chunk
+        if chunk == "auto":
+            large = num_edges > AUTO_CHUNK_MIN_EDGES and device.type == "cpu" and not self.training and not vmapped
+            chunk = AUTO_EDGE_CHUNK if large else None
+        return chunk if chunk is not None and chunk < num_edges else None
+
     def _atomic_basis(self, h_up: torch.Tensor, sh: torch.Tensor, radial: torch.Tensor, centre: torch.Tensor,
                       neighbour: torch.Tensor) -> torch.Tensor:
         """``Σ_j m_ij`` per atom; with ``edge_chunk``, a chunk of edges at a time, recomputed in the backward
         pass (activation checkpointing), so no tensor of all edges × channels × components is ever held."""
-        chunk = self.edge_chunk
         num_edges = centre.shape[0]
         # inside torch.func.vmap (an ensemble's members in one pass) checkpointing cannot run: chunks there
         # are plain slices (same result, no memory saved), and "auto" leaves the pass whole
         vmapped = torch._C._functorch.is_batchedtensor(h_up)
-        if chunk == "auto":
-            large = (num_edges > AUTO_CHUNK_MIN_EDGES and h_up.device.type == "cpu" and not self.training
-                     and not vmapped)
-            chunk = AUTO_EDGE_CHUNK if large else None
+        chunk = self.chunk_size(num_edges, h_up.device, vmapped)
         step = max(1, num_edges if chunk is None else chunk)
         checkpointed = step < num_edges and torch.is_grad_enabled() and not vmapped
         a = torch.zeros((h_up.shape[0], h_up.shape[1], self.conv.dim_out), dtype=h_up.dtype, device=h_up.device)

@@ -81,7 +81,11 @@ class BatchEvaluator:
     def __call__(self, state: SimState, compute_stress: bool = False, dt: float | None = None) -> Outputs:
         self.neighbors.update(state.positions, state.cell, state.pbc, state.ptr, state.system,
                               velocities=state.velocities if dt is not None else None, dt=dt)
-        graph = state_graph(state, *self.edges(state))
-        out = self.model(graph, compute_forces=True, compute_stress=compute_stress)
         self.calls += 1
+        return self.on_edges(state, *self.edges(state), compute_stress=compute_stress)
+
+    def on_edges(self, state: SimState, edge_index: torch.Tensor, shifts: torch.Tensor,
+                 compute_stress: bool = False) -> Outputs:
+        """The model on given edges: no neighbour-list upkeep (a captured MD step's evaluation)."""
+        out = self.model(state_graph(state, edge_index, shifts), compute_forces=True, compute_stress=compute_stress)
         return {key: value.detach() for key, value in out.items() if isinstance(value, torch.Tensor)}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from equiforce.sim.evaluator import Outputs, state_graph
+from equiforce.sim.evaluator import Outputs
 from equiforce.sim.state import SimState
 
 if TYPE_CHECKING:
@@ -121,30 +121,21 @@ class GraphedStep:
     # ------------------------------------------------------------------------------------------- the step
     def _evaluate(self, state: SimState, compute_stress: bool = False, dt: float | None = None) -> Outputs:
         """The model on the current (fixed) neighbour list: no rebuild check, no trimming, no host sync."""
-        evaluator = self.md.evaluate
-        graph = state_graph(state, evaluator.neighbors.edge_index, evaluator.neighbors.shifts)
-        out = evaluator.model(graph, compute_forces=True, compute_stress=compute_stress)
-        return {key: value.detach() for key, value in out.items() if isinstance(value, torch.Tensor)}
+        neighbors = self.md.evaluate.neighbors
+        return self.md.evaluate.on_edges(state, neighbors.edge_index, neighbors.shifts, compute_stress)
 
     def _body(self, state: SimState, check: bool) -> None:
         """One step from the buffers back into the buffers (what a capture records)."""
         md = self.md
-        previous = tuple(self._buffers[name] for name in STATE_FIELDS)
-        outputs = md.integrator.step(state, self._outputs, self._evaluate)
         self._step.add_(1)
-        frozen, stopped, nonfinite = self._flags
-        if check:
-            frozen, stopped, nonfinite = md._check_stops(state, outputs, frozen, stopped, nonfinite, self._step)
-        keep = frozen[state.system, None]
-        new = (torch.where(keep, previous[0], state.positions), torch.where(keep, previous[1], state.momenta),
-               torch.where(frozen[:, None, None], previous[2], state.cell))
-        for name, value in zip(STATE_FIELDS, new):
-            self._buffers[name].copy_(value)
+        outputs, flags = md._advance(state, self._outputs, tuple(self._flags), self._evaluate, check, self._step)
+        for name in STATE_FIELDS:
+            self._buffers[name].copy_(getattr(state, name))
         for name in md.integrator.carried:
             self._buffers["integrator." + name].copy_(getattr(md.integrator, name))
         for key, value in outputs.items():
             self._outputs[key].copy_(value)
-        for buffer, flag in zip(self._flags, (frozen, stopped, nonfinite)):
+        for buffer, flag in zip(self._flags, flags):
             if buffer is not flag:
                 buffer.copy_(flag)
         self._point_at_buffers(state)

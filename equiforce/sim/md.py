@@ -152,15 +152,10 @@ class MolecularDynamics:
                         state, outputs, (frozen, stopped_step, nonfinite_step), check)
                     state.step += 1
                 else:
-                    previous = (state.positions, state.momenta, state.cell)
-                    outputs = self.integrator.step(state, outputs, self.evaluate)
                     state.step += 1
-                    if (state.step - start_step) % self.stop_check_interval == 0:
-                        frozen, stopped_step, nonfinite_step = self._check_stops(state, outputs, frozen,
-                                                                                 stopped_step, nonfinite_step)
-                    state.positions = torch.where(frozen[state.system, None], previous[0], state.positions)
-                    state.momenta = torch.where(frozen[state.system, None], previous[1], state.momenta)
-                    state.cell = torch.where(frozen[:, None, None], previous[2], state.cell)
+                    check = (state.step - start_step) % self.stop_check_interval == 0
+                    outputs, (frozen, stopped_step, nonfinite_step) = self._advance(
+                        state, outputs, (frozen, stopped_step, nonfinite_step), self.evaluate, check)
                 done = state.step - start_step
                 last = done == steps
                 if last or done % log_interval == 0 or done % trajectory_interval == 0:
@@ -204,6 +199,22 @@ class MolecularDynamics:
         if last is not None and all(a is b and va == vb for (a, va), (b, vb) in zip(last[0], self._key(state))):
             return last[1], True
         return self.integrator.evaluate(state, self.evaluate), False
+
+    def _advance(self, state: SimState, outputs: Outputs, flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 evaluate, check: bool, step: torch.Tensor | None = None
+                 ) -> tuple[Outputs, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One integrator step, the stop checks (when ``check``), and frozen systems put back where they were
+        — the step of the ordinary loop and of a captured one (``step``: its device counter)."""
+        previous = (state.positions, state.momenta, state.cell)
+        outputs = self.integrator.step(state, outputs, evaluate)
+        if check:
+            flags = self._check_stops(state, outputs, *flags, step)
+        frozen = flags[0]
+        keep = frozen[state.system, None]
+        state.positions = torch.where(keep, previous[0], state.positions)
+        state.momenta = torch.where(keep, previous[1], state.momenta)
+        state.cell = torch.where(frozen[:, None, None], previous[2], state.cell)
+        return outputs, flags
 
     def _check_stops(self, state: SimState, outputs: Outputs, frozen: torch.Tensor, stopped_step: torch.Tensor,
                      nonfinite_step: torch.Tensor, step: torch.Tensor | None = None

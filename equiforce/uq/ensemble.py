@@ -27,7 +27,7 @@ from torch.func import functional_call, vmap
 
 from equiforce.data import keys as K
 from equiforce.errors import ModelFileError
-from equiforce.models.potential import AUTO_CHUNK_MIN_EDGES, InteractionBlock, Potential, build_model
+from equiforce.models.potential import InteractionBlock, Potential, build_model
 from equiforce.models.spec import ModelSpec
 from equiforce.uq import keys as UK
 from equiforce.uq.base import UQModel
@@ -151,13 +151,8 @@ class EnsemblePotential(UQModel):
         """Whether this call runs the members one by one (see :meth:`set_member_pass`)."""
         if self.member_pass != "auto":
             return self.member_pass == "sequential"
-        for block in self._template.modules():
-            if isinstance(block, InteractionBlock):
-                chunk = block.edge_chunk
-                if chunk == "auto":
-                    return device.type == "cpu" and num_edges > AUTO_CHUNK_MIN_EDGES
-                return chunk is not None and chunk < num_edges
-        return False
+        return any(block.chunk_size(num_edges, device) is not None for block in self._template.modules()
+                   if isinstance(block, InteractionBlock))
 
     def _apply(self, fn, recurse: bool = True):  # keep the (unregistered) template on the same device/dtype
         super()._apply(fn, recurse)
