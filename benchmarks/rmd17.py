@@ -70,7 +70,7 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
             "forces_weight": args.forces_weight,
             "stage_two": {"start": args.stage_two, "lr": args.lr / 10, "energy_weight": args.stage_two_energy_weight},
             "select_by": "loss", "clip_grad": 10.0, "seed": args.seed, "device": args.device, "dtype": args.dtype,
-            "max_time": args.budget_min * 60.0}
+            "max_time": args.budget_min * 60.0, "compile": args.compile}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "valid": result["valid"], "epochs": round(sum(r.get("partial_epoch", 1.0) for r in records), 3),
         "best_epoch": result["best_epoch"], "configs_per_s": seen / train_seconds,
         "epochs_per_min": 60.0 * len(records) / train_seconds, "train_s": train_seconds, "test_s": t_test,
+        "compiled": bool(records[-1].get("compiled", False)), "compile_s": records[-1].get("compile_s", 0.0),
+        **({"compile_error": records[-1]["compile_error"]} if "compile_error" in records[-1] else {}),
         "wall_s": time.perf_counter() - start, "budget_min": args.budget_min, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(), "threads": torch.get_num_threads(), "dtype": args.dtype, "preset": args.preset,
@@ -165,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--forces-weight", type=float, default=100.0)
     p.add_argument("--stage-two", type=float, default=0.75, help="progress fraction where stage two starts")
     p.add_argument("--stage-two-energy-weight", type=float, default=1000.0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compiled training step (training.compile; its one-off compilation counts against the "
+                        "budget)")
     p.add_argument("--max-epochs", type=int, default=100000)
     p.add_argument("--n-train", type=int, default=950)
     p.add_argument("--n-valid", type=int, default=50)

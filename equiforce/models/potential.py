@@ -79,7 +79,10 @@ class InteractionBlock(nn.Module):
         # are plain slices (same result, no memory saved), and "auto" leaves the pass whole
         vmapped = torch._C._functorch.is_batchedtensor(h_up)
         chunk = self.chunk_size(num_edges, h_up.device, vmapped)
-        step = max(1, num_edges if chunk is None else chunk)
+        if chunk is None:  # one pass, without a Python loop over the edge count (traceable with symbolic sizes)
+            a = torch.zeros((h_up.shape[0], h_up.shape[1], self.conv.dim_out), dtype=h_up.dtype, device=h_up.device)
+            return a.index_add(0, centre, self._messages(h_up, sh, radial, neighbour))
+        step = max(1, chunk)
         checkpointed = step < num_edges and torch.is_grad_enabled() and not vmapped
         a = torch.zeros((h_up.shape[0], h_up.shape[1], self.conv.dim_out), dtype=h_up.dtype, device=h_up.device)
         for start in range(0, num_edges, step):

@@ -206,6 +206,12 @@ class TrainingConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: Literal["float64", "float32", "tf32"] = Field(
         "float64", description="tf32: float32 weights with TensorFloat-32 matmuls on recent NVIDIA GPUs")
+    compile: bool = Field(False, description="trace energy → forces (→ stress) once and compile it with "
+                                             "torch.compile (see equiforce.train.compiled): faster steps after a "
+                                             "one-off compilation of about a minute; worth it for runs of more "
+                                             "than a few minutes")
+    compile_backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor", description="torch.compile backend; aot_eager checks the trace without generating code")
     max_epochs_without_improvement: int | None = Field(None, ge=1, description="early stopping patience")
     max_time: float | None = Field(None, gt=0, description="wall-clock budget in seconds (or '90s', '10m', '1.5h'); "
                                    "training stops mid-epoch when it is spent, then validates and saves")

@@ -40,6 +40,7 @@ from equiforce.models.spec import ModelSpec
 from equiforce.train import distributed
 from equiforce.train.batching import make_batches
 from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
+from equiforce.train.compiled import CompiledForces
 from equiforce.train.config import ModelConfig, TrainConfig, TrainingConfig, format_validation_error
 from equiforce.train.ema import EMA
 from equiforce.train.loss import WeightedLoss
@@ -258,11 +259,13 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
          checkpoint_every: int, progress: bool | None, extra: dict[str, Any],
          epoch_callback: EpochCallback | None) -> dict[str, Any]:
     model = model.to(device=device, dtype=dtype)
-    net: torch.nn.Module = model
+    # the module whose forward gives energies/forces/stress for the loss: the model, or its compiled graph
+    core: torch.nn.Module = CompiledForces(model, training.compile_backend) if training.compile else model
+    net: torch.nn.Module = core
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        net = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
     optimizer = build_optimizer(model, training)
     schedule = build_schedule(training)
@@ -449,6 +452,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             state["elapsed"] += record["time"]
             record["elapsed"] = state["elapsed"]
             record["configs_per_s"] = n_seen / record["time"]
+            if isinstance(core, CompiledForces):
+                record.update(core.report())
             state["out_of_time"] = out_of_time(0.0)
             if ranks.main:
                 with open(log_path, "a", encoding="utf-8") as handle:

@@ -1,0 +1,135 @@
+"""The compiled training step (``training.compile``): the same energies, forces, stress and — the point of
+the exercise — the same weight gradients of a force/stress loss as the uncompiled model, for batches of
+other sizes than the traced one, in training, and a clean fallback when compilation fails."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+from equiforce.data import atoms_to_graph, collate
+from equiforce.data import keys as K
+from equiforce.data.structure import Configuration
+from equiforce.train.compiled import CompiledForces
+from equiforce.train.trainer import train_configs
+from tests.conftest import make_model
+from tests.test_physics import alloy_system, molecule_system
+
+
+def _batches() -> list[dict[str, torch.Tensor]]:
+    """Batches of different numbers of graphs, atoms and edges (the first one is traced)."""
+    return [collate([atoms_to_graph(molecule_system(s), 4.0) for s in (0, 1, 2)]),
+            collate([atoms_to_graph(molecule_system(3), 4.0), atoms_to_graph(molecule("CH4"), 4.0)]),
+            collate([atoms_to_graph(molecule_system(s), 4.0) for s in range(4, 9)])]
+
+
+def _gradients(module, model, batch, stress: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    pred = module(batch, compute_forces=True, compute_stress=stress, create_graph=True)
+    loss = pred[K.FORCES].square().sum() + pred[K.ENERGY].square().sum()
+    if stress:
+        loss = loss + pred[K.STRESS].square().sum()
+    loss.backward()
+    return {k: v.detach() for k, v in pred.items()}, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["L1-corr3", "L2-corr2-zbl"])
+def test_weight_gradients_of_the_force_loss_match_the_model(name):
+    """The trace must keep the second-order path (autograd's saved outputs appear as ``detach``)."""
+    model = make_model(name).train()
+    compiled = CompiledForces(model, backend="aot_eager")
+    for batch in _batches():
+        ref_pred, ref_grads = _gradients(model, model, batch, stress=False)
+        pred, grads = _gradients(compiled, model, batch, stress=False)
+        for key in (K.ENERGY, K.FORCES):
+            torch.testing.assert_close(pred[key], ref_pred[key], rtol=1e-10, atol=1e-10)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert compiled.removed_detach > 0  # the model has exp/rsqrt/SiLU: the trace did carry such detaches
+    assert compiled.report()["compiled"] is True
+
+
+def test_stress_and_its_weight_gradients_match_on_periodic_cells():
+    model = make_model("L1-corr3").train()
+    compiled = CompiledForces(model, backend="aot_eager")
+    for sizes in ([(1, 1, 1), (1, 1, 2)], [(2, 1, 1)], [(1, 1, 1), (1, 2, 1), (1, 1, 1)]):
+        batch = collate([atoms_to_graph(alloy_system(seed=k, size=s), 4.0) for k, s in enumerate(sizes)])
+        ref_pred, ref_grads = _gradients(model, model, batch, stress=True)
+        pred, grads = _gradients(compiled, model, batch, stress=True)
+        for key in (K.ENERGY, K.FORCES, K.STRESS):
+            torch.testing.assert_close(pred[key], ref_pred[key], rtol=1e-10, atol=1e-10)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_inductor_compiles_a_step_that_matches_the_model():
+    """The real backend (C++ code generation on a CPU), float32, two batch sizes without recompiling."""
+    model = make_model("L1-corr3", dtype=torch.float32).train()
+    compiled = CompiledForces(model)
+    for batch in _batches()[:2]:
+        batch = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in batch.items()}
+        ref_pred, ref_grads = _gradients(model, model, batch, stress=False)
+        pred, grads = _gradients(compiled, model, batch, stress=False)
+        torch.testing.assert_close(pred[K.FORCES], ref_pred[K.FORCES], rtol=1e-4, atol=1e-5)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    assert compiled.report()["compiled"] is True and compiled.compile_seconds > 0
+
+
+def _configs(n: int, seed: int) -> list[Configuration]:
+    """Rattled ethanols with smooth made-up labels (a harmonic pull to the equilibrium geometry)."""
+    base = molecule("CH3CH2OH")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        atoms = base.copy()
+        atoms.positions += rng.normal(0.0, 0.08, atoms.positions.shape)
+        disp = atoms.positions - base.positions
+        out.append(Configuration(numbers=atoms.numbers, positions=atoms.positions, energy=float((disp**2).sum()),
+                                 forces=-2.0 * disp, source="harmonic", frame=i))
+    return out
+
+
+def _train(tmp_path, compile_: bool | None, backend: str = "aot_eager") -> tuple[list[dict], dict]:
+    model = dict(channels=8, radial_mlp=[16], num_layers=2, max_l=1, sh_lmax=2, correlation=2, cutoff=4.0)
+    training = dict(epochs=3, batch_size=4, lr=0.01, dtype="float64", device="cpu", seed=3)
+    if compile_ is not None:
+        training.update(compile=compile_, compile_backend=backend)
+    result = train_configs(_configs(14, 1), _configs(4, 2), model, training, tmp_path, resume=False,
+                           progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return records, result
+
+
+def test_compiled_training_follows_the_uncompiled_run(tmp_path):
+    eager, _ = _train(tmp_path / "eager", None)
+    compiled, _ = _train(tmp_path / "compiled", True)
+    assert [r["train_loss"] for r in compiled] == pytest.approx([r["train_loss"] for r in eager], rel=1e-8)
+    assert [r["valid_forces_mae"] for r in compiled] == pytest.approx([r["valid_forces_mae"] for r in eager],
+                                                                      rel=1e-8)
+    assert all(r["compiled"] for r in compiled) and compiled[0]["compile_s"] > 0
+    assert "compiled" not in eager[0]
+
+
+def test_a_failed_compilation_trains_on_uncompiled_and_says_why(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager, _ = _train(tmp_path / "eager", None)
+    with pytest.warns(RuntimeWarning, match="compilation failed"):
+        records, _ = _train(tmp_path / "fallback", True, backend="inductor")
+    assert [r["train_loss"] for r in records] == pytest.approx([r["train_loss"] for r in eager], rel=1e-10)
+    assert records[-1]["compiled"] is False and "no C++ compiler here" in records[-1]["compile_error"]
+
+
+def test_a_batch_without_graph_indices_is_refused():
+    compiled = CompiledForces(make_model("L1-corr3"), backend="aot_eager")
+    batch = atoms_to_graph(molecule_system(0), 4.0)
+    batch.pop(K.BATCH, None)
+    with pytest.raises(KeyError, match="collated batch"):
+        compiled(batch)
