@@ -9,13 +9,16 @@
 #   2. MD speed: Cu boxes, 1,000 aspirins in one state and one aspirin alone, each also with the step captured as
 #      a CUDA graph (--cuda-graph), vs one at a time through ASE (no MACE there);
 #   3. rMD17 aspirin at the MACE size (128x0e+128x1o, L=3, correlation 3, 2 layers, 5 Å) in float64, batch 5,
-#      for BUDGET_MIN minutes (default 5; the equal-time comparison with MACE uses 7, which needs a
+#      with the compiled training step (rmd17.py's default; its JSON says whether it compiled), for BUDGET_MIN
+#      minutes (default 5; the equal-time comparison with MACE uses 7, which needs a
 #      second call: `bash benchmarks/gpu_suite.sh 7 rmd17`).
 #   4. (only with `bash benchmarks/gpu_suite.sh 0 memory`) the largest Cu boxes, messages in chunks of
 #      65,536 edges (Potential.set_edge_chunk): 32k, 108k and 256k atoms, for the 250k-atom target.
 #   5. (only with `MODEL=... bash benchmarks/gpu_suite.sh 0 stability`) 8 x 100 ps of aspirin at 500 K in
 #      float64 with the step captured as a CUDA graph, then 10 ps of NVE, from a model the rmd17 step trained
 #      (its work directory comes back under $OUT/rmd17-aspirin; carry best.eqf into the next call).
+#   6. (only with `bash benchmarks/gpu_suite.sh 0 compile`) MD speed with the model traced and compiled
+#      (md_speed.py --compile: 864 and 4,000 Cu atoms, 1,000 aspirins, one aspirin; compilation untimed).
 # Results go to $OUT (the device tool brings them back), else runs/bench-gpu.
 #
 # On a CPU it runs too (`WHL=none DEVICE=cpu PY=.venv/bin/python bash benchmarks/gpu_suite.sh 0.2`; the
@@ -61,7 +64,7 @@ test=$WHL/data/rmd17_aspirin_test_01.npz
 
 if [ "$ONLY" = all ]; then
     $PY -m pytest -q -p no:cacheprovider tests/test_physics.py tests/test_sim_md.py tests/test_sim_graphed.py \
-        tests/test_uq_ensemble.py \
+        tests/test_uq_ensemble.py tests/test_compiled.py \
         2>&1 | tail -3 | tee "$RESULTS/tests.txt"
     sizes=$([ "$DEVICE" = cuda ] && echo 864,4000,16384,32000 || echo 256)
     molecules=$([ "$DEVICE" = cuda ] && echo 1000 || echo 4)
@@ -73,6 +76,13 @@ if [ "$ONLY" = all ] || [ "$ONLY" = rmd17 ]; then
     $PY benchmarks/rmd17.py --train "$train" --test "$test" --budget-min "$BUDGET" --device "$DEVICE" \
         --dtype float64 --preset mace128 --quiet --work-dir "$RESULTS/rmd17-aspirin" \
         --out "$RESULTS/aspirin_${DEVICE}_${BUDGET}min.json" 2>&1 | grep -v Warning | tail -8
+fi
+if [ "$ONLY" = compile ]; then
+    sizes=$([ "$DEVICE" = cuda ] && echo 864,4000 || echo 256)
+    molecules=$([ "$DEVICE" = cuda ] && echo 1000 || echo 4)
+    timeout 560 $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$sizes" --molecules "$molecules" --no-mace \
+        --compile --molecule-steps 200 --timeout 200 --aspirin "$train" --out "$RESULTS/md_speed_compiled.json" \
+        2>&1 | tail -12
 fi
 if [ "$ONLY" = stability ]; then
     # MODEL: a trained aspirin model carried to the device (e.g. the rmd17 step's rmd17-aspirin/best.eqf,

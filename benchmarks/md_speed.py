@@ -16,7 +16,10 @@ Two parts, one run:
 
 ``--cuda-graph`` adds, for every native row (Cu boxes up to 4,000 atoms), the same system run by the engine's
 loop with the whole step captured as a CUDA graph (mode ``graph``; :mod:`equiforce.sim.graphed`); its row
-says how many steps were replayed and, if the capture failed, why.
+says how many steps were replayed and, if the capture failed, why.  ``--compile`` adds, for every native
+row, the same run with the model's energy → forces traced and ``torch.compile``'d (mode ``compiled``;
+:mod:`equiforce.models.compiled`); the compilation happens in the first evaluation, outside the timing, and
+its seconds are in the row (``compile_s``).
 
 Every measurement runs in its own process, so peak memory is clean: on CPU the rise of the peak resident set
 (VmHWM) over the resident set just before the timed steps, on CUDA ``torch.cuda.max_memory_allocated``.
@@ -112,12 +115,17 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.device.startswith("cuda")
     info: dict[str, Any] = {}
     warmup = args.warmup
-    if args.mode in ("native", "graph"):
+    if args.mode in ("native", "graph", "compiled"):
         state = SimState.from_atoms(systems, device=args.device, dtype=dtype)
         maxwell_boltzmann(state, 300.0, generator=torch.Generator(args.device).manual_seed(0))
-    if args.mode == "native":
-        integrator, evaluate = VelocityVerlet(0.5), BatchEvaluator(model, skin=0.5)
-        outputs = integrator.evaluate(state, evaluate)
+    if args.mode in ("native", "compiled"):
+        integrator = VelocityVerlet(0.5)
+        evaluate = BatchEvaluator(model, skin=0.5, compile=args.mode == "compiled")
+        start = time.perf_counter()
+        outputs = integrator.evaluate(state, evaluate)  # compiles, for mode "compiled" (outside the timing)
+        if args.mode == "compiled":
+            info["compile_s"] = time.perf_counter() - start
+            info["compiled"] = evaluate.forward.report()
 
         def steps(count: int) -> None:
             nonlocal outputs
@@ -149,12 +157,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     _sync(args.device)
     seconds = (time.perf_counter() - start) / timed
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else max(0.0, rss_mb("VmHWM") - before)
-    native = args.mode in ("native", "graph")
+    native = args.mode in ("native", "graph", "compiled")
     measured = natoms if native else len(systems[0])
     row = {"engine": "equiforce", "mode": args.mode, "natoms": measured,
            "n_systems": len(systems) if native else 1, "device": args.device, "dtype": args.dtype,
            "ms_per_step": 1e3 * seconds, "atom_steps_per_s": measured / seconds,
            "peak_mem_mb_per_atom": peak / measured, "edge_chunk": edge_chunk}
+    if args.mode == "compiled":
+        row.update(info)
     if args.mode == "graph":
         row["cuda_graph"] = info  # captures, replays, eager steps, and why not captured (None: it was)
     return row
@@ -230,6 +240,9 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time each native row with the step captured as a CUDA graph (mode 'graph', "
                              "the engine's MolecularDynamics loop; on a CPU the same loop runs eagerly)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each native row with the model traced and torch.compile'd (mode "
+                             "'compiled', equiforce.models.compiled; the compilation stays out of the timing)")
     parser.add_argument("--out", default="md_speed.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", default="cu", help=argparse.SUPPRESS)
@@ -262,16 +275,22 @@ def main() -> None:
         if actual > args.max_atoms:
             continue
         add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu", natoms=actual)
+        if args.compile:
+            add(equiforce_row(args, "cu", "compiled", natoms=natoms), "fcc-Cu", natoms=actual)
         if args.cuda_graph and actual <= GRAPH_MAX_ATOMS:
             add(equiforce_row(args, "cu", "graph", natoms=natoms), "fcc-Cu", natoms=actual)
         if not args.no_mace and MACE_PYTHON.exists():
             add(mace_row(args, natoms=natoms), "fcc-Cu", "mace", natoms=actual)
     if args.molecules > 0:
         add(equiforce_row(args, "aspirin", "native", count=args.molecules), "aspirin")
+        if args.compile:
+            add(equiforce_row(args, "aspirin", "compiled", count=args.molecules), "aspirin")
         if args.cuda_graph:
             add(equiforce_row(args, "aspirin", "graph", count=args.molecules), "aspirin")
         if args.molecules > 1:  # one molecule in the native engine: the launch-bound case
             add(equiforce_row(args, "aspirin", "native"), "aspirin")
+            if args.compile:
+                add(equiforce_row(args, "aspirin", "compiled"), "aspirin")
             if args.cuda_graph:
                 add(equiforce_row(args, "aspirin", "graph"), "aspirin")
         add(equiforce_row(args, "aspirin", "ase"), "aspirin")

@@ -54,7 +54,8 @@ def run_nvt(model, state: SimState, criterion: BondCriterion, args: argparse.Nam
     """Batched NVT until every trajectory failed or the time is up; h(r) counts of the intact parts."""
     integrator = Langevin(args.timestep_fs, args.temperature, args.friction_per_fs, generator=generator)
     md = MolecularDynamics(model, integrator, skin=args.skin, stop_when=criterion.stop_when(),
-                           stop_check_interval=args.check_every, cuda_graph=args.cuda_graph)
+                           stop_check_interval=args.check_every, cuda_graph=args.cuda_graph,
+                           compile=args.compile)
     steps = int(round(args.time_ps * 1000 / args.timestep_fs))
     sample = max(1, int(round(args.sample_fs / args.timestep_fs)))
     counts = np.zeros(N_BINS)
@@ -78,7 +79,8 @@ def run_nvt(model, state: SimState, criterion: BondCriterion, args: argparse.Nam
 def run_nve(model, state: SimState, args: argparse.Namespace, criterion: BondCriterion) -> dict[str, Any]:
     """NVE from the given state; drift = |slope of E_total(t)| per atom, over trajectories that stay intact."""
     md = MolecularDynamics(model, VelocityVerlet(args.timestep_fs), skin=args.skin, stop_when=criterion.stop_when(),
-                           stop_check_interval=args.check_every, cuda_graph=args.cuda_graph)
+                           stop_check_interval=args.check_every, cuda_graph=args.cuda_graph,
+                           compile=args.compile)
     steps = int(round(args.nve_ps * 1000 / args.timestep_fs))
     every = max(1, steps // 200)
     result = md.run(state, steps, log_interval=every, trajectory_interval=10**9)
@@ -118,6 +120,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--cuda-graph", action="store_true",
                         help="capture each MD step as a CUDA graph (equiforce.sim.graphed; same trajectories)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the model through one traced, torch.compile'd graph (equiforce.models.compiled)")
     args = parser.parse_args()
     if args.nve_ps is None:
         args.nve_ps = min(10.0, args.time_ps)
@@ -165,6 +169,7 @@ def main() -> None:
         "thermostat": f"Langevin BAOAB, friction {args.friction_per_fs}/fs",
         "bond_threshold_A": args.bond_threshold, "bonds": int(criterion.pairs.shape[1]),
         "hr_distance": hr, **nve, "device": args.device, "dtype": args.dtype, "cuda_graph": md.graph_info,
+        "compile": args.compile,
         "wall_time_s": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M"),
         "host": platform.node(), "seed": args.seed,
     }

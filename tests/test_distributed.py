@@ -27,31 +27,36 @@ from tests.test_train import emt_frames
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
-def config(path: Path, data: Path, out: Path, batch_size: int) -> Path:
+def config(path: Path, data: Path, out: Path, batch_size: int, compiled: bool = False) -> Path:
+    training = {"epochs": 3, "batch_size": batch_size, "lr": 0.01, "device": "cpu", "seed": 5,
+                "scheduler": "cosine", "warmup_steps": 2}
+    if compiled:  # the traced step under DDP (aot_eager: the trace and its gradients, without code generation)
+        training.update(compile=True, compile_backend="aot_eager")
     path.write_text(yaml.safe_dump({
         "data": {"train": str(data), "valid_fraction": 0.2},
         "model": {"channels": 8, "radial_mlp": [16], "num_layers": 2, "max_l": 1, "sh_lmax": 2, "correlation": 2,
                   "cutoff": 4.0},
-        "training": {"epochs": 3, "batch_size": batch_size, "lr": 0.01, "device": "cpu", "seed": 5,
-                     "scheduler": "cosine", "warmup_steps": 2},
+        "training": training,
         "output": {"directory": str(out)}}))
     return path
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="no torchrun")
-def test_two_ranks_equal_one_process_with_the_union_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_ranks_equal_one_process_with_the_union_batch(tmp_path, compiled):
     data = tmp_path / "train.xyz"
     write(data, emt_frames(20, seed=4), format="extxyz")  # 16 train / 4 valid, all 4-atom cells
     single = train(load_config(config(tmp_path / "one.yaml", data, tmp_path / "one", 4)), progress=False)
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "equiforce.cli", "train",
-               str(config(tmp_path / "two.yaml", data, tmp_path / "two", 2)), "--no-progress"]
+               str(config(tmp_path / "two.yaml", data, tmp_path / "two", 2, compiled)), "--no-progress"]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]  # one writer
+    assert all(r.get("compiled", False) == compiled for r in records)
     ones = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(records, ones):
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-8)

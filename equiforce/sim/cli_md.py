@@ -50,7 +50,7 @@ def cmd_md(args: argparse.Namespace) -> int:
                     pressure_bar=args.pressure, tau_p_fs=args.tau_p, compressibility_per_bar=args.compressibility,
                     seed=args.seed, device=device, trajectory=trajectory, trajectory_interval=args.every,
                     log=out / "thermo.csv", log_interval=args.log_every, progress=not args.no_progress,
-                    keep_thermo=False, cuda_graph=args.cuda_graph)
+                    keep_thermo=False, cuda_graph=args.cuda_graph, compile=args.compile)
     from ase.io import write
 
     write(out / "final.extxyz", result.atoms)
@@ -115,6 +115,9 @@ def add_parser(sub) -> None:
                    help="capture each MD step as a CUDA graph and replay it (small systems on a GPU, where kernel "
                         "launches dominate; same results; falls back to ordinary steps, with a warning, if the "
                         "step cannot be captured)")
+    p.add_argument("--compile", action="store_true",
+                   help="energies and forces through one traced, torch.compile'd graph (plain potentials; a "
+                        "one-off compilation of about a minute; for long runs)")
     p.set_defaults(func=cmd_md)
 
     p = sub.add_parser("relax", help="FIRE relaxation of every structure in a file (batched)")

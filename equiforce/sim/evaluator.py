@@ -51,8 +51,20 @@ class BatchEvaluator:
     """
 
     def __init__(self, model: nn.Module, skin: float = 0.5, check_interval: int | str = "auto",
-                 trim: bool | None = None) -> None:
+                 trim: bool | None = None, compile: bool | str = False) -> None:
+        """``compile=True``: energies and forces through one traced, compiled graph
+        (:class:`~equiforce.models.compiled.CompiledForces`; plain potentials only, no edge chunks); a
+        string names the ``torch.compile`` backend (default "inductor")."""
         self.model = model
+        self.forward: nn.Module = model
+        if compile:
+            from equiforce.models.compiled import CompiledForces
+            from equiforce.models.potential import Potential
+
+            if not isinstance(model, Potential):
+                raise ValueError(f"compile needs a plain potential, not a {type(model).__name__} (ensembles and "
+                                 "uncertainty heads run uncompiled)")
+            self.forward = CompiledForces(model, compile if isinstance(compile, str) else "inductor")
         self.neighbors = VerletNeighborList(float(model.cutoff), skin=skin, check_interval=check_interval)
         self.calls = 0
         self.trim = trim
@@ -87,5 +99,5 @@ class BatchEvaluator:
     def on_edges(self, state: SimState, edge_index: torch.Tensor, shifts: torch.Tensor,
                  compute_stress: bool = False) -> Outputs:
         """The model on given edges: no neighbour-list upkeep (a captured MD step's evaluation)."""
-        out = self.model(state_graph(state, edge_index, shifts), compute_forces=True, compute_stress=compute_stress)
+        out = self.forward(state_graph(state, edge_index, shifts), compute_forces=True, compute_stress=compute_stress)
         return {key: value.detach() for key, value in out.items() if isinstance(value, torch.Tensor)}

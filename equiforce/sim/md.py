@@ -80,16 +80,18 @@ class MolecularDynamics:
 
     def __init__(self, model: nn.Module, integrator: Integrator, skin: float = 0.5,
                  stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
-                 neighbor_check_interval: int | str = "auto", cuda_graph: bool = False) -> None:
+                 neighbor_check_interval: int | str = "auto", cuda_graph: bool = False,
+                 compile: bool | str = False) -> None:
         """``cuda_graph=True`` runs each step through :class:`~equiforce.sim.graphed.GraphedStep`: on a CUDA
         device the whole step is captured once and replayed (for small systems, where launches dominate);
-        elsewhere it runs eagerly through the same buffers.  Same results either way."""
+        elsewhere it runs eagerly through the same buffers.  Same results either way.  ``compile=True``:
+        the model's energy → forces through one traced, compiled graph (see :class:`BatchEvaluator`)."""
         if stop_mode not in ("freeze", "flag"):
             raise ValueError("stop_mode must be 'freeze' or 'flag'")
         self.cuda_graph = bool(cuda_graph)
         self._graphed = None
         self.integrator = integrator
-        self.evaluate = BatchEvaluator(model, skin=skin, check_interval=neighbor_check_interval)
+        self.evaluate = BatchEvaluator(model, skin=skin, check_interval=neighbor_check_interval, compile=compile)
         self.stop_when, self.stop_mode = stop_when, stop_mode
         self.stop_check_interval = max(1, int(stop_check_interval))
         self.frozen: torch.Tensor | None = None  # [B] kept across runs, so a run may be done in chunks
@@ -268,7 +270,8 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
            trajectory: str | os.PathLike | None = None, trajectory_interval: int = 100,
            log: str | os.PathLike | None = None, log_interval: int = 100, progress: bool = False,
            stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
-           precision: str = "float64", keep_thermo: bool = True, cuda_graph: bool = False) -> MDResult:
+           precision: str = "float64", keep_thermo: bool = True, cuda_graph: bool = False,
+           compile: bool | str = False) -> MDResult:
     """Run MD on ASE structures, all systems batched into one state.
 
     Momenta already set on the structures are used; otherwise they are drawn from Maxwell–Boltzmann at
@@ -276,7 +279,7 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
     ``nvt-csvr`` (Bussi) and ``npt`` (stochastic cell rescaling + CSVR; ``pressure_bar``).  Conserving
     ensembles remove the centre-of-mass momentum and count ``3N − 3`` degrees of freedom.  Trajectories go to
     ``.h5``/``.extxyz``/``.traj`` and the thermo log to ``.csv``/``.jsonl`` (by suffix).  ``cuda_graph``: see
-    :class:`MolecularDynamics` (``stop_when`` must then be tensor operations only).
+    :class:`MolecularDynamics` (``stop_when`` must then be tensor operations only); so is ``compile``.
     """
     if isinstance(atoms_list, Atoms):
         atoms_list = [atoms_list]
@@ -298,6 +301,6 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
     integrator = make_integrator(ensemble, timestep_fs, temperature, friction_per_fs, tau_fs, pressure_bar,
                                  tau_p_fs, compressibility_per_bar, generator)
     md = MolecularDynamics(model, integrator, skin=skin, stop_when=stop_when, stop_mode=stop_mode,
-                           stop_check_interval=stop_check_interval, cuda_graph=cuda_graph)
+                           stop_check_interval=stop_check_interval, cuda_graph=cuda_graph, compile=compile)
     return md.run(state, steps, trajectory=trajectory, trajectory_interval=trajectory_interval, log=log,
                   log_interval=log_interval, progress=progress, precision=precision, keep_thermo=keep_thermo)

@@ -207,7 +207,7 @@ class TrainingConfig(_Section):
     dtype: Literal["float64", "float32", "tf32"] = Field(
         "float64", description="tf32: float32 weights with TensorFloat-32 matmuls on recent NVIDIA GPUs")
     compile: bool = Field(False, description="trace energy → forces (→ stress) once and compile it with "
-                                             "torch.compile (see equiforce.train.compiled): faster steps after a "
+                                             "torch.compile (see equiforce.models.compiled): faster steps after a "
                                              "one-off compilation of about a minute; worth it for runs of more "
                                              "than a few minutes")
     compile_backend: Literal["inductor", "aot_eager"] = Field(

@@ -34,13 +34,13 @@ from equiforce.data.graph import Graph, collate, config_to_graph, to_device
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError
 from equiforce.evaluate import evaluate, resolve_device, run_batches
+from equiforce.models.compiled import CompiledForces
 from equiforce.models.file import load_model, save_model
 from equiforce.models.potential import Potential, build_model
 from equiforce.models.spec import ModelSpec
 from equiforce.train import distributed
 from equiforce.train.batching import make_batches
 from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
-from equiforce.train.compiled import CompiledForces
 from equiforce.train.config import ModelConfig, TrainConfig, TrainingConfig, format_validation_error
 from equiforce.train.ema import EMA
 from equiforce.train.loss import WeightedLoss

@@ -109,13 +109,20 @@ class CompiledForces(nn.Module):
         return traced
 
     def forward(self, batch: dict[str, Tensor], compute_forces: bool = True, compute_stress: bool = False,
-                create_graph: bool = True) -> dict[str, Tensor]:
+                create_graph: bool = False) -> dict[str, Tensor]:
+        """``create_graph=True`` (training): outputs differentiable in the weights.  ``False`` (simulation,
+        the default as for :class:`Potential`): the graph runs without autograd (an inference graph that
+        saves nothing for a backward pass), and the outputs are plain tensors."""
+        if not create_graph and torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.forward(batch, compute_forces, compute_stress, create_graph)
         missing = [key for key in INPUT_KEYS if key not in batch]
         if missing:
             raise KeyError(f"a compiled training step needs a collated batch; missing {missing}")
         if self.error is not None:
-            return self.model(batch, compute_forces=compute_forces, compute_stress=compute_stress,
-                              create_graph=True)
+            with torch.enable_grad():  # the model's forces are autograd derivatives even in inference
+                return self.model(batch, compute_forces=compute_forces, compute_stress=compute_stress,
+                                  create_graph=create_graph)
         key = (bool(compute_forces), bool(compute_stress))
         inputs = [batch[name] for name in INPUT_KEYS]
         state = (list(self.model.parameters()), list(self.model.buffers()))

@@ -1,6 +1,7 @@
-"""The compiled training step (``training.compile``): the same energies, forces, stress and — the point of
-the exercise — the same weight gradients of a force/stress loss as the uncompiled model, for batches of
-other sizes than the traced one, in training, and a clean fallback when compilation fails."""
+"""The traced and compiled model (``training.compile``, the MD engine's ``compile``): the same energies,
+forces, stress and — the point of the exercise — the same weight gradients of a force/stress loss as the
+uncompiled model, for batches of other sizes than the traced one, in training and in MD, and a clean
+fallback when compilation fails."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from ase.build import molecule
+from ase.build import bulk, molecule
 
 from equiforce.data import atoms_to_graph, collate
 from equiforce.data import keys as K
 from equiforce.data.structure import Configuration
-from equiforce.train.compiled import CompiledForces
+from equiforce.models.compiled import CompiledForces
+from equiforce.sim.md import MolecularDynamics, run_md
 from equiforce.train.trainer import train_configs
 from tests.conftest import make_model
 from tests.test_physics import alloy_system, molecule_system
@@ -66,12 +68,14 @@ def test_stress_and_its_weight_gradients_match_on_periodic_cells():
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-def test_inductor_compiles_a_step_that_matches_the_model():
-    """The real backend (C++ code generation on a CPU), float32, two batch sizes without recompiling."""
-    model = make_model("L1-corr3", dtype=torch.float32).train()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_inductor_compiles_a_step_that_matches_the_model(device):
+    """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes."""
+    model = make_model("L1-corr3", dtype=torch.float32).train().to(device)
     compiled = CompiledForces(model)
     for batch in _batches()[:2]:
-        batch = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in batch.items()}
+        batch = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
         ref_pred, ref_grads = _gradients(model, model, batch, stress=False)
         pred, grads = _gradients(compiled, model, batch, stress=False)
         torch.testing.assert_close(pred[K.FORCES], ref_pred[K.FORCES], rtol=1e-4, atol=1e-5)
@@ -133,3 +137,34 @@ def test_a_batch_without_graph_indices_is_refused():
     batch.pop(K.BATCH, None)
     with pytest.raises(KeyError, match="collated batch"):
         compiled(batch)
+
+
+def test_md_through_the_compiled_model_follows_the_uncompiled_trajectory():
+    """NVT on two molecules of different sizes, float64: neighbour-list rebuilds change the edge count."""
+    model = make_model("L1-corr3")
+    systems = [molecule_system(0), molecule("CH4")]
+    runs = [run_md(model, systems, ensemble="nvt", temperature_K=800, timestep_fs=0.5, steps=30, seed=4,
+                   skin=0.1, compile="aot_eager" if compiled else False) for compiled in (False, True)]
+    for eager, compiled in zip(*(r.atoms for r in runs)):
+        np.testing.assert_allclose(compiled.positions, eager.positions, atol=1e-9)
+        np.testing.assert_allclose(compiled.get_momenta(), eager.get_momenta(), atol=1e-9)
+    assert runs[1].neighbor_builds > 1
+
+
+def test_npt_stress_through_the_compiled_model():
+    model = make_model("L1-corr3")
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cell.rattle(0.05, seed=1)
+    runs = [run_md(model, cell, ensemble="npt", temperature_K=300, pressure_bar=1000.0, timestep_fs=1.0, steps=10,
+                   seed=2, compile="aot_eager" if compiled else False) for compiled in (False, True)]
+    np.testing.assert_allclose(runs[1].atoms[0].cell.array, runs[0].atoms[0].cell.array, atol=1e-9)
+    np.testing.assert_allclose(runs[1].atoms[0].positions, runs[0].atoms[0].positions, atol=1e-9)
+
+
+def test_inference_outputs_are_plain_tensors_and_only_potentials_compile():
+    model = make_model("L1-corr3")
+    compiled = CompiledForces(model, backend="aot_eager")
+    out = compiled(_batches()[0], compute_forces=True)
+    assert not out[K.FORCES].requires_grad and not out[K.ENERGY].requires_grad
+    with pytest.raises(ValueError, match="plain potential"):
+        MolecularDynamics(torch.nn.ModuleList([model]), None, compile=True)
