@@ -16,7 +16,9 @@ the force loss with the uncompiled model's to round-off.
 
 Sizes: the trace keeps atoms, edges and graphs symbolic (without "duck" sizing, so two sizes that happen
 to be equal in the first batch are not assumed equal), and the compiled graph is marked dynamic in them,
-so batches of other sizes reuse it.  Edge chunking (``set_edge_chunk``) is off inside the trace.
+so batches of other sizes reuse it.  A batch of one graph (an MD run of one system) has a trace of its own.
+Edge chunking (``set_edge_chunk``) is off inside the trace.  Should compiling or running the graph fail,
+the model runs uncompiled from then on, with a warning and the reason in :meth:`CompiledForces.report`.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class CompiledForces(nn.Module):
         super().__init__()
         self.model = model
         self.backend = backend
-        self._graphs: dict[tuple[bool, bool], Callable[..., tuple[Tensor, ...]]] = {}
+        self._graphs: dict[tuple[bool, bool, bool], Callable[..., tuple[Tensor, ...]]] = {}
         self.compile_seconds = 0.0  # tracing, and the first call of each graph (where compilation happens)
         self.removed_detach = 0
         self.error: str | None = None  # why compilation failed (then every call runs the model as it is)
@@ -123,25 +125,27 @@ class CompiledForces(nn.Module):
             with torch.enable_grad():  # the model's forces are autograd derivatives even in inference
                 return self.model(batch, compute_forces=compute_forces, compute_stress=compute_stress,
                                   create_graph=create_graph)
-        key = (bool(compute_forces), bool(compute_stress))
+        # a batch of one graph gets its own trace: sizes of 1 are specialised, and the model sums its energy
+        # instead of scattering it (see Potential), so neither kind of graph may serve the other
+        key = (bool(compute_forces), bool(compute_stress), int(batch[K.CELL].shape[0]) == 1)
         inputs = [batch[name] for name in INPUT_KEYS]
         state = (list(self.model.parameters()), list(self.model.buffers()))
-        if key in self._graphs:
-            values = self._graphs[key](*state, *inputs)
-        else:
-            start = time.perf_counter()
-            try:
-                self._graphs[key] = torch.compile(self._trace(batch, *key), backend=self.backend, dynamic=None)
+        start = time.perf_counter()
+        first = key not in self._graphs
+        try:
+            if first:
+                self._graphs[key] = torch.compile(self._trace(batch, *key[:2]), backend=self.backend, dynamic=None)
                 for name, tensor in zip(INPUT_KEYS, inputs):
                     torch._dynamo.maybe_mark_dynamic(tensor, DYNAMIC_DIMS[name])
-                values = self._graphs[key](*state, *inputs)
-            except Exception as err:  # no compiler, an unsupported operator: train on, uncompiled, and say why
-                self.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
-                self._graphs.clear()
-                warnings.warn(f"training.compile: compilation failed, training continues uncompiled ({self.error})",
-                              RuntimeWarning, stacklevel=2)
-                return self.forward(batch, compute_forces, compute_stress, create_graph)
-            finally:
+            values = self._graphs[key](*state, *inputs)
+        except Exception as err:  # no compiler, an unsupported operator: carry on uncompiled, and say why
+            self.error = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            self._graphs.clear()
+            warnings.warn(f"compile: compilation failed, continuing uncompiled ({self.error})", RuntimeWarning,
+                          stacklevel=2)
+            return self.forward(batch, compute_forces, compute_stress, create_graph)
+        finally:
+            if first:
                 self.compile_seconds += time.perf_counter() - start
         names = [K.ENERGY] + ([K.FORCES] if compute_forces else []) + ([K.VIRIAL, K.STRESS] if compute_stress
                                                                          else [])

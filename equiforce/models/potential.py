@@ -234,6 +234,8 @@ class Potential(nn.Module):
             pair = self.zbl(species[centre], species[neighbour], lengths)
             node_energy = node_energy.index_add(0, centre, pair)
         num_graphs = graph[K.CELL].shape[0]
+        if num_graphs == 1:  # a plain sum (Inductor's CPU code for an index_add into one element fails)
+            return node_energy.sum(0, keepdim=True), node_energy, features
         energy = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
         energy = energy.index_add(0, batch, node_energy)
         return energy, node_energy, features
