@@ -68,21 +68,34 @@ def test_stress_and_its_weight_gradients_match_on_periodic_cells():
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
-def test_inductor_compiles_a_step_that_matches_the_model(device):
-    """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes and a single graph
-    (which has its own trace: Inductor's CPU code for an index_add into one element once failed here)."""
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+def _check_inductor(device: str, batches: list[dict[str, torch.Tensor]], traces: int) -> None:
     model = make_model("L1-corr3", dtype=torch.float32).train().to(device)
     compiled = CompiledForces(model)
-    for batch in _batches()[:2] + [collate([atoms_to_graph(molecule_system(9), 4.0)])]:
+    for batch in batches:
         batch = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
         ref_pred, ref_grads = _gradients(model, model, batch, stress=False)
         pred, grads = _gradients(compiled, model, batch, stress=False)
         torch.testing.assert_close(pred[K.FORCES], ref_pred[K.FORCES], rtol=1e-4, atol=1e-5)
         for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
-    assert compiled.report()["compiled"] is True and compiled.compile_seconds > 0 and len(compiled._graphs) == 2
+    assert compiled.report()["compiled"] is True and compiled.compile_seconds > 0
+    assert len(compiled._graphs) == traces
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_inductor_compiles_a_step_that_matches_the_model(device):
+    """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes, one trace."""
+    _check_inductor(device, _batches()[:2], traces=1)
+
+
+@pytest.mark.slow  # a cold Inductor compile of a second trace: ~80 s on 2 cores
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_inductor_compiles_a_single_graph_batch(device):
+    """A one-graph batch has its own trace (Inductor's CPU code for an index_add into one element failed)."""
+    _check_inductor(device, [collate([atoms_to_graph(molecule_system(9), 4.0)])], traces=1)
 
 
 def _configs(n: int, seed: int) -> list[Configuration]:
