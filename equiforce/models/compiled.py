@@ -55,7 +55,8 @@ def strip_detach(graph_module: torch.fx.GraphModule) -> int:
 
 class CompiledForces(nn.Module):
     """Calls like :class:`Potential` (``batch → {energy, forces[, virial, stress]}``), differentiable in the
-    weights, through one traced and compiled graph per combination of ``compute_forces``/``compute_stress``.
+    weights, through one traced and compiled graph per combination of ``compute_forces``/``compute_stress``
+    and of one graph or several in the batch.
 
     The live parameters and buffers are inputs of the graph on every call, so optimiser steps, EMA and
     refitted energy shifts are seen without retracing.  ``backend`` is ``torch.compile``'s ("inductor";
@@ -69,7 +70,7 @@ class CompiledForces(nn.Module):
         self._graphs: dict[tuple[bool, bool, bool], Callable[..., tuple[Tensor, ...]]] = {}
         self.compile_seconds = 0.0  # tracing, and the first call of each graph (where compilation happens)
         self.removed_detach = 0
-        self.error: str | None = None  # why compilation failed (then every call runs the model as it is)
+        self.error: str | None = None  # why compiling or running a graph failed (then the model runs as it is)
 
     def report(self) -> dict[str, object]:
         """For the training log: whether steps run compiled, the one-off cost, and a failure's reason."""
@@ -120,7 +121,7 @@ class CompiledForces(nn.Module):
                 return self.forward(batch, compute_forces, compute_stress, create_graph)
         missing = [key for key in INPUT_KEYS if key not in batch]
         if missing:
-            raise KeyError(f"a compiled training step needs a collated batch; missing {missing}")
+            raise KeyError(f"a compiled model needs a collated batch; missing {missing}")
         if self.error is not None:
             with torch.enable_grad():  # the model's forces are autograd derivatives even in inference
                 return self.model(batch, compute_forces=compute_forces, compute_stress=compute_stress,
