@@ -70,7 +70,8 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
             "forces_weight": args.forces_weight,
             "stage_two": {"start": args.stage_two, "lr": args.lr / 10, "energy_weight": args.stage_two_energy_weight},
             "select_by": "loss", "clip_grad": 10.0, "seed": args.seed, "device": args.device, "dtype": args.dtype,
-            "max_time": args.budget_min * 60.0, "compile": args.compile}
+            "max_time": args.budget_min * 60.0, "compile": args.compile,
+            "refit_structures": args.refit_structures}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled training step (training.compile; its one-off compilation counts against the "
                         "budget)")
+    p.add_argument("--refit-structures", type=int, default=256,
+                   help="training structures of the per-epoch energy-shift refit (training.refit_structures)")
     p.add_argument("--max-epochs", type=int, default=100000)
     p.add_argument("--n-train", type=int, default=950)
     p.add_argument("--n-valid", type=int, default=50)
