@@ -14,12 +14,20 @@ by more than ``--bond-threshold`` (0.5 Å); it is then frozen and the others go 
   parts of the runs and of the reference data (0 ≤ d ≤ 2; 500 bins over 0–10 Å as in Fu et al.);
 * ``nve_drift_mev_atom_ps``: from the final NVT states, ``--nve-ps`` of NVE; the slope of a linear fit of the
   total energy, per atom, averaged over the trajectories that stayed intact (also its maximum).
+
+Long runs survive interruption: every ``--checkpoint-ps`` of NVT the state, the stop flags, the thermostat's
+random stream and the h(r) counts go atomically to ``OUT.checkpoint.safetensors`` (``--checkpoint``), and
+``--resume`` continues from there with the same trajectories (settings and model checked against the
+checkpoint; only ``--time-ps`` may change).  ``--stop-after-ps`` / ``--max-wall-min`` end an invocation early
+with a checkpoint (a job's time limit); the NVE part restarts from the end of NVT if interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import platform
 import sys
 import time
@@ -34,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from equiforce.data.io import read_configurations  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.sim.analysis.structure import BondCriterion, distance_histogram, histogram_distance  # noqa: E402
+from equiforce.sim.checkpoint import load_md_checkpoint, save_md_checkpoint  # noqa: E402
 from equiforce.sim.integrators import Langevin, VelocityVerlet  # noqa: E402
 from equiforce.sim.md import MolecularDynamics  # noqa: E402
 from equiforce.sim.state import SimState, maxwell_boltzmann  # noqa: E402
@@ -50,19 +59,32 @@ def _progress(total: int, label: str):
 
 
 def run_nvt(model, state: SimState, criterion: BondCriterion, args: argparse.Namespace,
-            generator: torch.Generator) -> tuple[MolecularDynamics, np.ndarray]:
-    """Batched NVT until every trajectory failed or the time is up; h(r) counts of the intact parts."""
+            generator: torch.Generator, counts: np.ndarray, flags: dict[str, torch.Tensor] | None = None,
+            checkpoint=None) -> tuple[MolecularDynamics, np.ndarray, bool]:
+    """Batched NVT until every trajectory failed or the time is up; h(r) counts of the intact parts.
+
+    Continues from ``state.step`` (a resumed run) with ``counts`` and ``flags`` from the checkpoint;
+    ``checkpoint(md, counts)`` is called every ``--checkpoint-ps``.  Returns whether the NVT part finished
+    (False: stopped early by ``--stop-after-ps`` / ``--max-wall-min``, to be resumed)."""
     integrator = Langevin(args.timestep_fs, args.temperature, args.friction_per_fs, generator=generator)
     md = MolecularDynamics(model, integrator, skin=args.skin, stop_when=criterion.stop_when(),
                            stop_check_interval=args.check_every, cuda_graph=args.cuda_graph,
                            compile=args.compile)
+    if flags:
+        md.restore_flags(flags, state)
     steps = int(round(args.time_ps * 1000 / args.timestep_fs))
     sample = max(1, int(round(args.sample_fs / args.timestep_fs)))
-    counts = np.zeros(N_BINS)
+    # checkpoints and early stops fall on h(r) samples, so a resumed run samples exactly where one run would
+    every = sample * max(1, int(round(args.checkpoint_ps * 1000 / args.timestep_fs / sample)))
+    halt = steps
+    if args.stop_after_ps is not None:
+        halt = min(steps, sample * math.ceil(args.stop_after_ps * 1000 / args.timestep_fs / sample))
+    deadline = None if args.max_wall_min is None else time.perf_counter() + 60.0 * args.max_wall_min
     bar, task = _progress(steps, "NVT")
     with bar:
-        done = 0
-        while done < steps:
+        done = state.step
+        bar.update(task, completed=done)
+        while done < halt:
             chunk = min(sample, steps - done)
             md.run(state, chunk, keep_thermo=False, log_interval=10**9, trajectory_interval=10**9)
             done += chunk
@@ -73,7 +95,13 @@ def run_nvt(model, state: SimState, criterion: BondCriterion, args: argparse.Nam
             bar.update(task, completed=done)
             if not bool(intact.any()):
                 break
-    return md, counts
+            out_of_time = deadline is not None and time.perf_counter() > deadline
+            if checkpoint is not None and (done % every == 0 or done >= halt or out_of_time) and done < steps:
+                checkpoint(md, counts)
+            if out_of_time:
+                break
+    finished = done >= steps or not bool((~md.frozen).any())
+    return md, counts, finished
 
 
 def run_nve(model, state: SimState, args: argparse.Namespace, criterion: BondCriterion) -> dict[str, Any]:
@@ -99,6 +127,24 @@ def run_nve(model, state: SimState, args: argparse.Namespace, criterion: BondCri
             "nve_trajectories": len(drifts), "nve_ps": args.nve_ps}
 
 
+RUN_DEFINING = ("data", "trajectories", "temperature", "timestep_fs", "friction_per_fs", "bond_threshold",
+                "sample_fs", "check_every", "skin", "max_reference", "seed", "dtype")
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint (the model by content)."""
+    digest = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()
+    return {"model_sha256": digest, **{key: getattr(args, key) for key in RUN_DEFINING}}
+
+
+def check_same_run(saved: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
+    """A checkpoint continues only the run that wrote it (``--time-ps`` may grow, nothing else may change)."""
+    changed = [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in settings.items()
+               if saved.get(key) != value]
+    if changed:
+        raise SystemExit(f"{path} belongs to another run: " + "; ".join(changed))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -122,12 +168,31 @@ def main() -> None:
                         help="capture each MD step as a CUDA graph (equiforce.sim.graphed; same trajectories)")
     parser.add_argument("--compile", action="store_true",
                         help="the model through one traced, torch.compile'd graph (equiforce.models.compiled)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="NVT checkpoint file (default: next to --out, OUT.checkpoint.safetensors)")
+    parser.add_argument("--checkpoint-ps", type=float, default=1.0, help="simulated time between checkpoints")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint when there is one (same settings, checked)")
+    parser.add_argument("--stop-after-ps", type=float, default=None,
+                        help="end this invocation after this much NVT time, with a checkpoint to --resume from")
+    parser.add_argument("--max-wall-min", type=float, default=None,
+                        help="end this invocation (with a checkpoint) once this wall time has passed")
     args = parser.parse_args()
     if args.nve_ps is None:
         args.nve_ps = min(10.0, args.time_ps)
+    checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".checkpoint.safetensors"))
 
     started = time.perf_counter()
     dtype = getattr(torch, args.dtype)
+    settings = run_settings(args)
+    resumed = None
+    if args.resume and checkpoint_path.exists():
+        resumed = load_md_checkpoint(checkpoint_path, device=args.device, dtype=dtype)
+        check_same_run(resumed.meta.get("settings", {}), settings, checkpoint_path)
+        print(f"resuming from {checkpoint_path} at {resumed.state.step * args.timestep_fs / 1000:.3f} ps "
+              f"({resumed.meta.get('phase')})")
+    elif checkpoint_path.exists():
+        raise SystemExit(f"{checkpoint_path} exists: pass --resume to continue that run, or remove it")
     model = load_model(args.model, device=args.device, dtype=dtype)
     configs = read_configurations(args.data, require_energy=False)  # only the geometries are used
     numbers = configs[0].numbers
@@ -140,10 +205,33 @@ def main() -> None:
     r, h_ref = distance_histogram(ref_frames, R_MAX, N_BINS)
 
     starts = rng.choice(len(configs), size=args.trajectories, replace=len(configs) < args.trajectories)
-    state = SimState.from_atoms([configs[i].to_atoms() for i in starts], device=args.device, dtype=dtype)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    maxwell_boltzmann(state, args.temperature, generator=generator, remove_com=False)
-    md, counts = run_nvt(model, state, criterion, args, generator)
+    previous_wall = 0.0
+    if resumed is None:
+        state = SimState.from_atoms([configs[i].to_atoms() for i in starts], device=args.device, dtype=dtype)
+        maxwell_boltzmann(state, args.temperature, generator=generator, remove_com=False)
+        counts, flags, phase = np.zeros(N_BINS), None, "nvt"
+    else:
+        state, flags, phase = resumed.state, resumed.flags, resumed.meta.get("phase", "nvt")
+        counts = resumed.arrays["hr_counts"].double().numpy().copy()
+        previous_wall = float(resumed.meta.get("wall_time_s", 0.0))
+        if resumed.generator_state is not None:
+            generator.set_state(resumed.generator_state)
+
+    def checkpoint(md: MolecularDynamics, counts: np.ndarray, phase: str = "nvt") -> None:
+        meta = {"settings": settings, "phase": phase, "wall_time_s": previous_wall + time.perf_counter() - started}
+        save_md_checkpoint(checkpoint_path, state, md.flags, generator, {"hr_counts": torch.from_numpy(counts)}, meta)
+
+    if phase == "nvt":
+        md, counts, finished = run_nvt(model, state, criterion, args, generator, counts, flags, checkpoint)
+        if not finished:
+            print(f"stopped at {state.step * args.timestep_fs / 1000:.3f} ps of {args.time_ps} ps; "
+                  f"continue with --resume (checkpoint {checkpoint_path})")
+            return
+        checkpoint(md, counts, phase="nve")  # the NVE part is short: it restarts from here if interrupted
+    else:
+        md = MolecularDynamics(model, VelocityVerlet(args.timestep_fs))
+        md.restore_flags(flags, state)
 
     dt_ps = args.timestep_fs / 1000.0
     stopped = md.stopped_step.cpu().numpy()
@@ -170,10 +258,12 @@ def main() -> None:
         "bond_threshold_A": args.bond_threshold, "bonds": int(criterion.pairs.shape[1]),
         "hr_distance": hr, **nve, "device": args.device, "dtype": args.dtype, "cuda_graph": md.graph_info,
         "compile": args.compile,
-        "wall_time_s": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "wall_time_s": previous_wall + time.perf_counter() - started, "resumed": resumed is not None,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "host": platform.node(), "seed": args.seed,
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    checkpoint_path.unlink(missing_ok=True)  # the result is written: nothing left to resume
     width = max(len(k) for k in result)
     for key in ("trajectories", "stable", "mean_time_to_failure_ps", "hr_distance", "nve_drift_mev_atom_ps",
                 "nve_drift_max_mev_atom_ps", "device", "dtype", "wall_time_s"):

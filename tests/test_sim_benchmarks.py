@@ -24,7 +24,7 @@ def _run(script: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_stability_benchmark_smoke(tmp_path):
+def _stability_inputs(tmp_path: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     spec = ModelSpec(elements=[1, 6, 8], channels=4, max_l=1, correlation=2, num_layers=2, radial_mlp=[8],
                      cutoff=4.0, avg_num_neighbors=8.0)
@@ -35,8 +35,13 @@ def test_stability_benchmark_smoke(tmp_path):
         atoms.rattle(0.02, seed=seed)
         frames.append(atoms)
     write(tmp_path / "ref.extxyz", frames)
+    return model_path, tmp_path / "ref.extxyz"
+
+
+def test_stability_benchmark_smoke(tmp_path):
+    model_path, data = _stability_inputs(tmp_path)
     out = tmp_path / "stability.json"
-    _run("stability.py", "--model", str(model_path), "--data", str(tmp_path / "ref.extxyz"), "--out", str(out),
+    _run("stability.py", "--model", str(model_path), "--data", str(data), "--out", str(out),
          "--trajectories", "3", "--time-ps", "0.004", "--nve-ps", "0.002", "--temperature", "100",
          "--sample-fs", "1", "--check-every", "1", "--device", "cpu")
     result = json.loads(out.read_text())
@@ -45,6 +50,40 @@ def test_stability_benchmark_smoke(tmp_path):
     assert result["trajectories"] == 3 and 0 <= result["stable"] <= 3
     assert 0 < result["mean_time_to_failure_ps"] <= 0.004
     assert result["bonds"] == 8
+
+
+def test_stability_benchmark_resumes_the_same_run(tmp_path):
+    """Stopped part-way (as a killed job would be, from its last checkpoint) and resumed, the run gives the
+    result of one uninterrupted run: same trajectories, same h(r) samples, and the checkpoint is gone."""
+    model_path, data = _stability_inputs(tmp_path)
+    common = ["--model", str(model_path), "--data", str(data), "--trajectories", "2", "--time-ps", "0.006",
+              "--nve-ps", "0.002", "--temperature", "300", "--sample-fs", "1", "--check-every", "1",
+              "--checkpoint-ps", "0.002", "--device", "cpu", "--dtype", "float64"]
+    whole, parts = tmp_path / "whole.json", tmp_path / "parts.json"
+    _run("stability.py", *common, "--out", str(whole))
+    _run("stability.py", *common, "--out", str(parts), "--stop-after-ps", "0.003")
+    checkpoint = tmp_path / "parts.checkpoint.safetensors"
+    assert checkpoint.exists() and not parts.exists()
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stability.py"), *common, "--out", str(parts)],
+                           capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin"})
+    assert again.returncode != 0 and "--resume" in again.stderr  # never silently overwritten
+    _run("stability.py", *common, "--out", str(parts), "--resume")
+    a, b = json.loads(whole.read_text()), json.loads(parts.read_text())
+    assert b["resumed"] and not a["resumed"] and not checkpoint.exists()
+    assert a["time_to_failure_ps"] == b["time_to_failure_ps"] and a["stable"] == b["stable"]
+    assert b["hr_distance"] == pytest.approx(a["hr_distance"], rel=1e-9)
+    assert b["nve_drift_mev_atom_ps"] == pytest.approx(a["nve_drift_mev_atom_ps"], rel=1e-6)
+
+
+def test_stability_checkpoint_of_another_run_is_refused(tmp_path):
+    model_path, data = _stability_inputs(tmp_path)
+    common = ["--model", str(model_path), "--data", str(data), "--trajectories", "2", "--time-ps", "0.004",
+              "--sample-fs", "1", "--device", "cpu", "--out", str(tmp_path / "s.json"), "--stop-after-ps", "0.001"]
+    _run("stability.py", *common)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stability.py"), *common, "--resume",
+                           "--temperature", "400"], capture_output=True, text=True, timeout=600,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode != 0 and "temperature (500.0 there, 400.0 now)" in done.stderr
 
 
 @pytest.mark.slow

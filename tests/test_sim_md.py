@@ -259,3 +259,45 @@ def test_uncertainty_model_and_sigma_stop_in_batched_npt():
     strict = run_md(ensemble, [a.copy() for a in systems], ensemble="npt", steps=3, seed=0,
                     stop_when=sigma_stop(forces=1e-9))
     assert strict.stopped_step.tolist() == [1, 1]
+
+
+def test_checkpoint_continues_a_langevin_run_exactly(tmp_path):
+    """A run split by a checkpoint (state, stop flags, thermostat stream) equals the run in one piece."""
+    from equiforce.sim.checkpoint import load_md_checkpoint, save_md_checkpoint
+
+    model = make_model("L1-corr3")
+    atoms = [molecule("CH3CH2OH"), molecule("H2O")]
+
+    def fresh():
+        state = SimState.from_atoms(atoms)
+        generator = torch.Generator().manual_seed(3)
+        maxwell_boltzmann(state, 300.0, generator=generator)
+        stop = lambda s, out: torch.tensor([False, True])  # noqa: E731 — the water is frozen at the first check
+        md = MolecularDynamics(model, Langevin(0.5, 300.0, 0.02, generator=generator), stop_when=stop)
+        return state, generator, md
+
+    state, _, md = fresh()
+    md.run(state, 10, keep_thermo=False)
+    whole = state.positions.clone()
+
+    state, generator, md = fresh()
+    md.run(state, 4, keep_thermo=False)
+    save_md_checkpoint(tmp_path / "md.ckpt", state, md.flags, generator, {"counts": torch.arange(3.0)}, {"k": 1})
+    loaded = load_md_checkpoint(tmp_path / "md.ckpt")
+    assert loaded.state.step == 4 and loaded.meta == {"k": 1} and loaded.arrays["counts"].tolist() == [0, 1, 2]
+    _, generator, md = fresh()
+    generator.set_state(loaded.generator_state)
+    md.restore_flags(loaded.flags, loaded.state)
+    assert md.frozen.tolist() == [False, True] and md.stopped_step.tolist() == [-1, 1]
+    md.run(loaded.state, 6, keep_thermo=False)
+    torch.testing.assert_close(loaded.state.positions, whole, rtol=0, atol=1e-12)
+
+
+def test_checkpoint_that_is_not_one_is_a_clear_error(tmp_path):
+    from equiforce.errors import DataError
+    from equiforce.sim.checkpoint import load_md_checkpoint
+
+    bad = tmp_path / "junk.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="junk.safetensors"):
+        load_md_checkpoint(bad)

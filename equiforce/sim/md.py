@@ -105,6 +105,21 @@ class MolecularDynamics:
         self.stopped_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
         self.nonfinite_step = torch.full((b,), -1, dtype=torch.long, device=state.device)
 
+    @property
+    def flags(self) -> dict[str, torch.Tensor | None]:
+        """``frozen``, ``stopped_step`` and ``nonfinite_step`` (for a checkpoint: see ``equiforce.sim.checkpoint``)."""
+        return {"frozen": self.frozen, "stopped_step": self.stopped_step, "nonfinite_step": self.nonfinite_step}
+
+    def restore_flags(self, flags: dict[str, torch.Tensor], state: SimState) -> None:
+        """Continue from a checkpoint's flags (systems frozen there stay frozen, with their stop steps)."""
+        self.reset_flags(state)
+        for name, value in flags.items():
+            current = getattr(self, name)
+            if value.shape != current.shape:
+                raise ValueError(f"checkpoint flag {name!r} has shape {tuple(value.shape)}, the state needs "
+                                 f"{tuple(current.shape)}")
+            setattr(self, name, value.to(device=current.device, dtype=current.dtype))
+
     def run(self, state: SimState, steps: int, trajectory: str | os.PathLike | TrajectoryWriter | None = None,
             trajectory_interval: int = 100, log: str | os.PathLike | None = None, log_interval: int = 100,
             progress: bool = False, keep_thermo: bool = True, precision: str = "float64") -> MDResult:
