@@ -45,6 +45,7 @@ from equiforce.sim.analysis.structure import BondCriterion, distance_histogram, 
 from equiforce.sim.checkpoint import load_md_checkpoint, save_md_checkpoint  # noqa: E402
 from equiforce.sim.integrators import Langevin, VelocityVerlet  # noqa: E402
 from equiforce.sim.md import MolecularDynamics  # noqa: E402
+from equiforce.sim.resumable import check_settings  # noqa: E402
 from equiforce.sim.state import SimState, maxwell_boltzmann  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
@@ -137,14 +138,6 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"model_sha256": digest, **{key: getattr(args, key) for key in RUN_DEFINING}}
 
 
-def check_same_run(saved: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
-    """A checkpoint continues only the run that wrote it (``--time-ps`` may grow, nothing else may change)."""
-    changed = [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in settings.items()
-               if saved.get(key) != value]
-    if changed:
-        raise SystemExit(f"{path} belongs to another run: " + "; ".join(changed))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -188,7 +181,10 @@ def main() -> None:
     resumed = None
     if args.resume and checkpoint_path.exists():
         resumed = load_md_checkpoint(checkpoint_path, device=args.device, dtype=dtype)
-        check_same_run(resumed.meta.get("settings", {}), settings, checkpoint_path)
+        try:  # a checkpoint continues only the run that wrote it (--time-ps may grow, nothing else may change)
+            check_settings(resumed.meta.get("settings", {}), settings, checkpoint_path)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
         print(f"resuming from {checkpoint_path} at {resumed.state.step * args.timestep_fs / 1000:.3f} ps "
               f"({resumed.meta.get('phase')})")
     elif checkpoint_path.exists():

@@ -6,10 +6,14 @@ Every structure in the file (extxyz or any ASE format) becomes one system of a b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 from equiforce.errors import ConfigError, DataError
+from equiforce.utils.atomic_io import atomic_write_text
+
+CHECKPOINT = "checkpoint.safetensors"
 
 
 def _load(args: argparse.Namespace):
@@ -41,26 +45,38 @@ def cmd_md(args: argparse.Namespace) -> int:
 
     if args.ensemble not in ENSEMBLES:
         raise ConfigError(f"unknown ensemble {args.ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
-    model, structures, device = _load(args)
     out = Path(args.out)
+    checkpoint = out / CHECKPOINT
+    if args.resume and not checkpoint.exists():
+        raise ConfigError(f"--resume: no checkpoint {checkpoint} (written with --checkpoint-every N)")
+    if checkpoint.exists() and not args.resume:
+        raise ConfigError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    if args.resume and args.format == "traj":
+        raise ConfigError("--resume needs an h5 or extxyz trajectory (an ASE .traj file cannot be cut back)")
+    model, structures, device = _load(args)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = out / f"trajectory.{args.format}"
+    resumable = args.checkpoint_every > 0 or args.resume
+    tag = {"model_sha256": hashlib.sha256(Path(args.model).read_bytes()).hexdigest()} if resumable else None
     result = run_md(model, structures, ensemble=args.ensemble, temperature_K=args.temperature,
                     timestep_fs=args.timestep, steps=args.steps, friction_per_fs=args.friction, tau_fs=args.tau,
                     pressure_bar=args.pressure, tau_p_fs=args.tau_p, compressibility_per_bar=args.compressibility,
                     seed=args.seed, device=device, trajectory=trajectory, trajectory_interval=args.every,
                     log=out / "thermo.csv", log_interval=args.log_every, progress=not args.no_progress,
-                    keep_thermo=False, cuda_graph=args.cuda_graph, compile=args.compile)
+                    keep_thermo=False, cuda_graph=args.cuda_graph, compile=args.compile,
+                    checkpoint=checkpoint if resumable else None,
+                    checkpoint_interval=args.checkpoint_every or 10_000, resume=args.resume, checkpoint_tag=tag)
     from ase.io import write
 
     write(out / "final.extxyz", result.atoms)
     rate = result.steps * sum(len(a) for a in structures) / max(result.wall_time_s, 1e-9)
-    summary = {"systems": len(structures), "steps": result.steps, "wall_time_s": result.wall_time_s,
+    summary = {"systems": len(structures), "steps": result.steps, "total_steps": result.state.step,
+               "resumed": bool(result.info.get("resumed", False)), "wall_time_s": result.wall_time_s,
                "atom_steps_per_s": rate, "neighbor_builds": result.neighbor_builds,
                "nonfinite_systems": [int(b) for b in (result.nonfinite_step >= 0).nonzero()[0]]}
     if "cuda_graph" in result.info:
         summary["cuda_graph"] = result.info["cuda_graph"]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"{result.steps} steps of {len(structures)} system(s) in {result.wall_time_s:.1f} s "
           f"({rate:.3g} atom-steps/s); wrote {trajectory}, {out / 'thermo.csv'}, {out / 'final.extxyz'}")
     return 0
@@ -118,6 +134,12 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="energies and forces through one traced, torch.compile'd graph (plain potentials; a "
                         "one-off compilation of about a minute; for long runs)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (OUT/checkpoint.safetensors; rounded up to a multiple of "
+                        "--every and --log-every; 0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its checkpoint (same settings, model and structures; "
+                        "--steps counts from the original start, so a larger value extends a finished run)")
     p.set_defaults(func=cmd_md)
 
     p = sub.add_parser("relax", help="FIRE relaxation of every structure in a file (batched)")

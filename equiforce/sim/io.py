@@ -52,16 +52,27 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class AseTrajectoryWriter(TrajectoryWriter):
     """extxyz or ``.traj`` through ASE, with energy, forces and (periodic) stress attached to each frame."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, resume_at: int | None = None) -> None:
+        """``resume_at``: continue a file cut back to this :meth:`position` (a resumed run; extxyz only)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.suffix == ".traj":
+            if resume_at is not None:
+                raise ValueError(f"{self.path}: an ASE .traj trajectory cannot be continued after a checkpoint; "
+                                 "use .h5 or .extxyz for resumable runs")
             from ase.io.trajectory import Trajectory
 
             self._traj = Trajectory(str(self.path), "w")
         else:
             self._traj = None
-            self.path.write_text("")
+            if resume_at is None:
+                self.path.write_text("")
+            else:
+                _cut_back(self.path, resume_at)
+
+    def position(self) -> int | None:
+        """Bytes written so far (extxyz), where a resumed run continues; ``None`` for ``.traj``."""
+        return None if self._traj is not None else self.path.stat().st_size
 
     def write(self, state: SimState, outputs: dict[str, torch.Tensor], time_ps: float) -> None:
         frames = state.to_atoms()
@@ -86,6 +97,16 @@ class AseTrajectoryWriter(TrajectoryWriter):
             self._traj.close()
 
 
+def _cut_back(path: Path, size: int) -> None:
+    """Truncate ``path`` to ``size`` bytes: what a checkpoint saw written (later lines belong to steps that
+    will be run again).  A file shorter than that was not written by the checkpointed run."""
+    if not path.exists() or path.stat().st_size < size:
+        have = path.stat().st_size if path.exists() else "no file"
+        raise ValueError(f"{path}: has {have} bytes, the checkpoint saw {size}; it is not that run's output")
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
 def read_system_frames(path: str | os.PathLike, system: int = 0) -> list[Atoms]:
     """Frames of one system from an extxyz/.traj trajectory written by :class:`AseTrajectoryWriter`."""
     from ase.io import read
@@ -96,14 +117,34 @@ def read_system_frames(path: str | os.PathLike, system: int = 0) -> list[Atoms]:
 class HDF5TrajectoryWriter(TrajectoryWriter):
     """Append-only HDF5 trajectory (needs ``h5py``); ``precision`` float32 halves the file size."""
 
-    def __init__(self, path: str | os.PathLike, precision: str = "float64") -> None:
+    def __init__(self, path: str | os.PathLike, precision: str = "float64", resume_at: int | None = None) -> None:
+        """``resume_at``: continue the file with its first ``resume_at`` frames kept (a resumed run)."""
         import h5py
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.path, "w")
         self._dtype = np.dtype(precision)
         self._initialised = False
+        if resume_at is None:
+            self._file = h5py.File(self.path, "w")
+            return
+        if not self.path.exists():
+            raise ValueError(f"{self.path}: missing; the checkpoint saw {resume_at} frames written")
+        self._file = h5py.File(self.path, "a")
+        frames = self.position()
+        if frames < resume_at:
+            self._file.close()
+            raise ValueError(f"{self.path}: has {frames} frames, the checkpoint saw {resume_at}; it is not that "
+                             "run's output")
+        if "step" in self._file:
+            for name in ("positions", "momenta", "forces", "cell", "energy", "step", "time_ps"):
+                self._file[name].resize(resume_at, axis=0)
+            self._dtype = self._file["positions"].dtype
+            self._initialised = True
+
+    def position(self) -> int:
+        """Frames written so far (where a resumed run continues)."""
+        return int(self._file["step"].shape[0]) if "step" in self._file else 0
 
     def _create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         chunk = (1,) + shape if int(np.prod(shape, dtype=np.int64)) > 0 else None
@@ -168,26 +209,44 @@ def read_hdf5_system(path: str | os.PathLike, system: int = 0) -> list[Atoms]:
     return frames
 
 
-def open_trajectory(path: str | os.PathLike, precision: str = "float64") -> TrajectoryWriter:
-    """A writer chosen by file suffix: ``.h5``/``.hdf5``, ``.xyz``/``.extxyz`` or ``.traj``."""
+def open_trajectory(path: str | os.PathLike, precision: str = "float64",
+                    resume_at: int | None = None) -> TrajectoryWriter:
+    """A writer chosen by file suffix: ``.h5``/``.hdf5``, ``.xyz``/``.extxyz`` or ``.traj``; ``resume_at``
+    continues a file from a writer's earlier ``position()`` (a run resumed from a checkpoint)."""
     suffix = Path(path).suffix.lower()
     if suffix in HDF5_SUFFIXES:
-        return HDF5TrajectoryWriter(path, precision)
+        return HDF5TrajectoryWriter(path, precision, resume_at)
     if suffix in ASE_SUFFIXES:
-        return AseTrajectoryWriter(path)
+        return AseTrajectoryWriter(path, resume_at)
     raise ValueError(f"unknown trajectory format {suffix!r} for {path}: use .h5, .extxyz, .xyz or .traj")
 
 
 class ThermoLog:
     """One row per system per record (``.csv`` or ``.jsonl``), flushed each time so a crash keeps the log."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, resume_at: int | None = None) -> None:
+        """``resume_at``: continue a log cut back to this :meth:`position` (a run resumed from a checkpoint)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.suffix.lower() not in {".csv", ".jsonl"}:
             raise ValueError(f"thermo log must be .csv or .jsonl, got {self.path}")
-        self._handle = open(self.path, "w", encoding="utf-8", newline="")
         self._writer: csv.DictWriter | None = None
+        if resume_at is None:
+            self._handle = open(self.path, "w", encoding="utf-8", newline="")
+            return
+        _cut_back(self.path, resume_at)
+        header = ""
+        if self.path.suffix.lower() == ".csv" and resume_at > 0:
+            with open(self.path, encoding="utf-8", newline="") as handle:
+                header = handle.readline()
+        self._handle = open(self.path, "a", encoding="utf-8", newline="")
+        if header:  # the columns are already there: go on below them
+            self._writer = csv.DictWriter(self._handle, fieldnames=next(csv.reader([header])))
+
+    def position(self) -> int:
+        """Bytes written so far (where a resumed run continues)."""
+        self._handle.flush()
+        return self._handle.tell()
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:

@@ -121,9 +121,13 @@ class MolecularDynamics:
             setattr(self, name, value.to(device=current.device, dtype=current.dtype))
 
     def run(self, state: SimState, steps: int, trajectory: str | os.PathLike | TrajectoryWriter | None = None,
-            trajectory_interval: int = 100, log: str | os.PathLike | None = None, log_interval: int = 100,
-            progress: bool = False, keep_thermo: bool = True, precision: str = "float64") -> MDResult:
-        """Advance ``state`` in place by ``steps`` steps (fewer if every system is frozen)."""
+            trajectory_interval: int = 100, log: str | os.PathLike | ThermoLog | None = None,
+            log_interval: int = 100, progress: bool = False, keep_thermo: bool = True, precision: str = "float64",
+            record_start: bool = True) -> MDResult:
+        """Advance ``state`` in place by ``steps`` steps (fewer if every system is frozen).
+
+        A writer or log passed as an object stays open (a run in chunks); ``record_start=False`` skips the
+        record of the starting state (a run resumed from a checkpoint, whose output already holds it)."""
         self.evaluate.check(state)
         dt_ps = self.integrator.dt / (1000 * units.fs)
         b = state.n_systems
@@ -138,9 +142,10 @@ class MolecularDynamics:
             if trajectory is not None:
                 writer = trajectory if isinstance(trajectory, TrajectoryWriter) else open_trajectory(trajectory,
                                                                                                        precision)
-                stack.callback(writer.close)
-            logger = ThermoLog(log) if log is not None else None
-            if logger is not None:
+                if writer is not trajectory:  # a writer handed in belongs to the caller (a run in chunks)
+                    stack.callback(writer.close)
+            logger = log if isinstance(log, ThermoLog) or log is None else ThermoLog(log)
+            if logger is not None and logger is not log:
                 stack.callback(logger.close)
             bar = _progress(stack, steps) if progress else None
 
@@ -156,7 +161,7 @@ class MolecularDynamics:
                     if logger is not None:
                         logger.write(rows)
 
-            if not continued:  # a continued run recorded this state when the previous one ended
+            if not continued and record_start:  # a continued run recorded this state when the previous one ended
                 record()
             graphed = self._graphed_step() if self.cuda_graph else None
             if graphed is not None:
@@ -286,7 +291,9 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
            log: str | os.PathLike | None = None, log_interval: int = 100, progress: bool = False,
            stop_when: StopFn | None = None, stop_mode: str = "freeze", stop_check_interval: int = 1,
            precision: str = "float64", keep_thermo: bool = True, cuda_graph: bool = False,
-           compile: bool | str = False) -> MDResult:
+           compile: bool | str = False, checkpoint: str | os.PathLike | None = None,
+           checkpoint_interval: int = 10_000, resume: bool = False,
+           checkpoint_tag: dict[str, Any] | None = None) -> MDResult:
     """Run MD on ASE structures, all systems batched into one state.
 
     Momenta already set on the structures are used; otherwise they are drawn from Maxwell–Boltzmann at
@@ -295,6 +302,12 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
     ensembles remove the centre-of-mass momentum and count ``3N − 3`` degrees of freedom.  Trajectories go to
     ``.h5``/``.extxyz``/``.traj`` and the thermo log to ``.csv``/``.jsonl`` (by suffix).  ``cuda_graph``: see
     :class:`MolecularDynamics` (``stop_when`` must then be tensor operations only); so is ``compile``.
+
+    ``checkpoint``: a file (safetensors) written every ``checkpoint_interval`` steps (rounded up to a multiple
+    of the trajectory and log intervals); with ``resume=True`` and that file present, the run continues from
+    it — ``steps`` counts from the original start, the trajectory (``.h5``/``.extxyz``) and the log are cut
+    back to the checkpoint and continued, and the settings (plus ``checkpoint_tag``, e.g. the model file's
+    digest) must match.  :mod:`equiforce.sim.resumable` has the details.
     """
     if isinstance(atoms_list, Atoms):
         atoms_list = [atoms_list]
@@ -302,20 +315,43 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
     state = SimState.from_atoms(atoms_list, device=device, dtype=model_dtype(model))
     temperature = torch.as_tensor(temperature_K, dtype=state.dtype, device=state.device).expand(state.n_systems)
     generator = None
-    if seed is not None:
+    if checkpoint is not None:
+        from equiforce.sim import resumable
+
+        generator = resumable.new_generator(state.device, seed)
+    elif seed is not None:
         generator = torch.Generator(device=state.device)
         generator.manual_seed(int(seed))
     conserving = ensemble.lower() not in ("nvt", "nvt-langevin")
-    has_momenta = any(np.any(a.get_momenta() != 0) for a in atoms_list)
-    if has_momenta:
-        if conserving:
-            state.remove_com_momentum()
-    else:
-        initial = temperature if initial_temperature_K is None else initial_temperature_K
-        maxwell_boltzmann(state, initial, generator=generator, remove_com=conserving)
     integrator = make_integrator(ensemble, timestep_fs, temperature, friction_per_fs, tau_fs, pressure_bar,
                                  tau_p_fs, compressibility_per_bar, generator)
     md = MolecularDynamics(model, integrator, skin=skin, stop_when=stop_when, stop_mode=stop_mode,
                            stop_check_interval=stop_check_interval, cuda_graph=cuda_graph, compile=compile)
+    resumed = None
+    if checkpoint is not None:
+        settings = {"ensemble": ensemble.lower(), "timestep_fs": timestep_fs, "temperature_K": temperature.tolist(),
+                    "friction_per_fs": friction_per_fs, "tau_fs": tau_fs, "pressure_bar": pressure_bar,
+                    "tau_p_fs": tau_p_fs, "compressibility_per_bar": compressibility_per_bar,
+                    "structures": resumable.structure_digest(state), "dtype": str(state.dtype).split(".")[-1],
+                    **(checkpoint_tag or {})}
+        if resume and os.path.exists(checkpoint):
+            from equiforce.sim.checkpoint import load_md_checkpoint
+
+            resumed = load_md_checkpoint(checkpoint, device=state.device, dtype=state.dtype)
+            resumable.check_settings(resumed.meta.get("settings", {}), settings, checkpoint)
+            state = resumed.state
+    if resumed is None:
+        has_momenta = any(np.any(a.get_momenta() != 0) for a in atoms_list)
+        if has_momenta:
+            if conserving:
+                state.remove_com_momentum()
+        else:
+            initial = temperature if initial_temperature_K is None else initial_temperature_K
+            maxwell_boltzmann(state, initial, generator=generator, remove_com=conserving)
+    if checkpoint is not None:
+        return resumable.run_resumable(md, state, steps, checkpoint, checkpoint_interval, settings, resumed,
+                                       trajectory=trajectory, trajectory_interval=trajectory_interval, log=log,
+                                       log_interval=log_interval, progress=progress, keep_thermo=keep_thermo,
+                                       precision=precision)
     return md.run(state, steps, trajectory=trajectory, trajectory_interval=trajectory_interval, log=log,
                   log_interval=log_interval, progress=progress, precision=precision, keep_thermo=keep_thermo)

@@ -1,0 +1,123 @@
+"""An MD run that survives being killed: chunks of steps, a checkpoint after each, and resumption.
+
+The run is cut into chunks of ``interval`` steps (a multiple of the trajectory and log intervals, so the
+chunks' records fall exactly where one uninterrupted run would put them).  After each chunk the state, the
+stop flags, the thermostat's random stream and carried quantities, and how far the trajectory and the
+thermo log had been written go to one checkpoint file (:mod:`equiforce.sim.checkpoint`, atomic).  A resumed
+run cuts the trajectory and the log back to that point — what was written after it belongs to steps that
+are run again — and continues the same trajectories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from equiforce.sim.checkpoint import MDCheckpoint, save_md_checkpoint
+from equiforce.sim.io import ThermoLog, open_trajectory
+from equiforce.sim.state import SimState
+
+
+def structure_digest(state: SimState) -> str:
+    """Identifies the systems of a run (their atoms and sizes) for the resume check."""
+    data = state.numbers.cpu().numpy().tobytes() + state.ptr.cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_settings(saved: dict[str, Any], settings: dict[str, Any], path: str | os.PathLike) -> None:
+    """A checkpoint continues only the run that wrote it (the total number of steps may change)."""
+    changed = [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in settings.items()
+               if saved.get(key) != value]
+    if changed:
+        raise ValueError(f"{path}: the checkpoint belongs to another run: " + "; ".join(changed))
+
+
+def restore(md, resumed: MDCheckpoint) -> None:
+    """Put a checkpoint's flags, random stream and carried quantities back into ``md`` and its integrator."""
+    md.restore_flags(resumed.flags, resumed.state)
+    integrator = md.integrator
+    generator = getattr(integrator, "generator", None)
+    if resumed.generator_state is not None:
+        if generator is None:
+            raise ValueError("the checkpoint holds a random stream but the integrator has no generator")
+        generator.set_state(resumed.generator_state)
+    for name in integrator.carried:
+        if f"integrator.{name}" in resumed.arrays:
+            value = resumed.arrays[f"integrator.{name}"]
+            setattr(integrator, name, value.to(device=resumed.state.device, dtype=resumed.state.dtype))
+
+
+def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, interval: int,
+                  settings: dict[str, Any], resumed: MDCheckpoint | None = None,
+                  trajectory: str | os.PathLike | None = None, trajectory_interval: int = 100,
+                  log: str | os.PathLike | None = None, log_interval: int = 100, progress: bool = False,
+                  keep_thermo: bool = True, precision: str = "float64"):
+    """Run ``md`` until ``state.step == steps`` (counted from the run's start), checkpointing to ``path``.
+
+    ``resumed``: the loaded checkpoint to continue (its state is ``state``); ``settings`` are stored with each
+    checkpoint for :func:`check_settings`.  Returns an :class:`~equiforce.sim.md.MDResult` for this part.
+    """
+    from equiforce.sim.md import MDResult
+
+    if interval < 1:
+        raise ValueError(f"checkpoint interval must be at least one step, got {interval}")
+    unit = math.lcm(trajectory_interval if trajectory is not None else 1, log_interval if log is not None else 1)
+    interval = unit * math.ceil(interval / unit)
+    meta = resumed.meta if resumed is not None else {}
+    if resumed is not None:
+        restore(md, resumed)
+    writer = (open_trajectory(trajectory, precision, resume_at=meta.get("trajectory_at") if resumed else None)
+              if trajectory is not None else None)
+    logger = ThermoLog(log, resume_at=meta.get("log_at") if resumed else None) if log is not None else None
+    generator = getattr(md.integrator, "generator", None)
+    start_step, thermo, wall = state.step, [], 0.0
+    result = None
+    try:
+        while state.step < steps:
+            chunk = min(interval, steps - state.step)
+            result = md.run(state, chunk, trajectory=writer, trajectory_interval=trajectory_interval, log=logger,
+                            log_interval=log_interval, progress=progress, keep_thermo=keep_thermo,
+                            precision=precision, record_start=resumed is None)
+            thermo.extend(result.thermo)
+            wall += result.wall_time_s
+            carried = {f"integrator.{name}": getattr(md.integrator, name) for name in md.integrator.carried
+                       if getattr(md.integrator, name, None) is not None}
+            save_md_checkpoint(path, state, md.flags, generator, carried, {
+                "settings": settings, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "trajectory_at": writer.position() if writer is not None else None,
+                "log_at": logger.position() if logger is not None else None})
+            if bool(md.frozen.all()):
+                break
+    finally:
+        if writer is not None:
+            writer.close()
+        if logger is not None:
+            logger.close()
+    if result is None:  # nothing left to run: the checkpoint already holds the last step
+        b = state.n_systems
+        none = np.full(b, -1)
+        stopped = md.stopped_step.cpu().numpy() if md.stopped_step is not None else none
+        nonfinite = md.nonfinite_step.cpu().numpy() if md.nonfinite_step is not None else none
+        return MDResult(state=state, thermo=[], stopped_step=stopped, nonfinite_step=nonfinite, steps=0,
+                        wall_time_s=0.0, neighbor_builds=0, info={"resumed": True, "checkpoint": str(Path(path))})
+    return MDResult(state=state, thermo=thermo, stopped_step=result.stopped_step,
+                    nonfinite_step=result.nonfinite_step, steps=state.step - start_step, wall_time_s=wall,
+                    neighbor_builds=result.neighbor_builds,
+                    info={**result.info, "resumed": resumed is not None, "checkpoint": str(Path(path))})
+
+
+def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator whose state a checkpoint can hold (seeded at random when no seed is given)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
