@@ -25,7 +25,6 @@ with a checkpoint (a job's time limit); the NVE part restarts from the end of NV
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -42,12 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from equiforce.data.io import read_configurations  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.sim.analysis.structure import BondCriterion, distance_histogram, histogram_distance  # noqa: E402
-from equiforce.sim.checkpoint import load_md_checkpoint, save_md_checkpoint  # noqa: E402
+from equiforce.sim.checkpoint import MDCheckpoint, load_md_checkpoint, save_md_checkpoint  # noqa: E402
 from equiforce.sim.integrators import Langevin, VelocityVerlet  # noqa: E402
 from equiforce.sim.md import MolecularDynamics  # noqa: E402
-from equiforce.sim.resumable import check_settings  # noqa: E402
+from equiforce.sim.resumable import check_settings, restore  # noqa: E402
 from equiforce.sim.state import SimState, maxwell_boltzmann  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+from equiforce.utils.digest import file_sha256  # noqa: E402
 
 R_MAX, N_BINS = 10.0, 500
 
@@ -60,19 +60,19 @@ def _progress(total: int, label: str):
 
 
 def run_nvt(model, state: SimState, criterion: BondCriterion, args: argparse.Namespace,
-            generator: torch.Generator, counts: np.ndarray, flags: dict[str, torch.Tensor] | None = None,
+            generator: torch.Generator, counts: np.ndarray, resumed: MDCheckpoint | None = None,
             checkpoint=None) -> tuple[MolecularDynamics, np.ndarray, bool]:
     """Batched NVT until every trajectory failed or the time is up; h(r) counts of the intact parts.
 
-    Continues from ``state.step`` (a resumed run) with ``counts`` and ``flags`` from the checkpoint;
+    Continues from ``state.step`` (a resumed run) with ``counts``, flags and random stream from ``resumed``;
     ``checkpoint(md, counts)`` is called every ``--checkpoint-ps``.  Returns whether the NVT part finished
     (False: stopped early by ``--stop-after-ps`` / ``--max-wall-min``, to be resumed)."""
     integrator = Langevin(args.timestep_fs, args.temperature, args.friction_per_fs, generator=generator)
     md = MolecularDynamics(model, integrator, skin=args.skin, stop_when=criterion.stop_when(),
                            stop_check_interval=args.check_every, cuda_graph=args.cuda_graph,
                            compile=args.compile)
-    if flags:
-        md.restore_flags(flags, state)
+    if resumed is not None:
+        restore(md, resumed)
     steps = int(round(args.time_ps * 1000 / args.timestep_fs))
     sample = max(1, int(round(args.sample_fs / args.timestep_fs)))
     # checkpoints and early stops fall on h(r) samples, so a resumed run samples exactly where one run would
@@ -134,8 +134,7 @@ RUN_DEFINING = ("data", "trajectories", "temperature", "timestep_fs", "friction_
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint (the model by content)."""
-    digest = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()
-    return {"model_sha256": digest, **{key: getattr(args, key) for key in RUN_DEFINING}}
+    return {"model_sha256": file_sha256(args.model), **{key: getattr(args, key) for key in RUN_DEFINING}}
 
 
 def main() -> None:
@@ -206,20 +205,18 @@ def main() -> None:
     if resumed is None:
         state = SimState.from_atoms([configs[i].to_atoms() for i in starts], device=args.device, dtype=dtype)
         maxwell_boltzmann(state, args.temperature, generator=generator, remove_com=False)
-        counts, flags, phase = np.zeros(N_BINS), None, "nvt"
+        counts, phase = np.zeros(N_BINS), "nvt"
     else:
-        state, flags, phase = resumed.state, resumed.flags, resumed.meta.get("phase", "nvt")
+        state, phase = resumed.state, resumed.meta.get("phase", "nvt")
         counts = resumed.arrays["hr_counts"].double().numpy().copy()
         previous_wall = float(resumed.meta.get("wall_time_s", 0.0))
-        if resumed.generator_state is not None:
-            generator.set_state(resumed.generator_state)
 
     def checkpoint(md: MolecularDynamics, counts: np.ndarray, phase: str = "nvt") -> None:
         meta = {"settings": settings, "phase": phase, "wall_time_s": previous_wall + time.perf_counter() - started}
         save_md_checkpoint(checkpoint_path, state, md.flags, generator, {"hr_counts": torch.from_numpy(counts)}, meta)
 
     if phase == "nvt":
-        md, counts, finished = run_nvt(model, state, criterion, args, generator, counts, flags, checkpoint)
+        md, counts, finished = run_nvt(model, state, criterion, args, generator, counts, resumed, checkpoint)
         if not finished:
             print(f"stopped at {state.step * args.timestep_fs / 1000:.3f} ps of {args.time_ps} ps; "
                   f"continue with --resume (checkpoint {checkpoint_path})")
@@ -227,7 +224,7 @@ def main() -> None:
         checkpoint(md, counts, phase="nve")  # the NVE part is short: it restarts from here if interrupted
     else:
         md = MolecularDynamics(model, VelocityVerlet(args.timestep_fs))
-        md.restore_flags(flags, state)
+        md.restore_flags(resumed.flags, state)
 
     dt_ps = args.timestep_fs / 1000.0
     stopped = md.stopped_step.cpu().numpy()

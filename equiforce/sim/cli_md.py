@@ -6,12 +6,12 @@ Every structure in the file (extxyz or any ASE format) becomes one system of a b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
 from equiforce.errors import ConfigError, DataError
 from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.digest import file_sha256
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -57,7 +57,7 @@ def cmd_md(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trajectory = out / f"trajectory.{args.format}"
     resumable = args.checkpoint_every > 0 or args.resume
-    tag = {"model_sha256": hashlib.sha256(Path(args.model).read_bytes()).hexdigest()} if resumable else None
+    tag = {"model_sha256": file_sha256(args.model)} if resumable else None
     result = run_md(model, structures, ensemble=args.ensemble, temperature_K=args.temperature,
                     timestep_fs=args.timestep, steps=args.steps, friction_per_fs=args.friction, tau_fs=args.tau,
                     pressure_bar=args.pressure, tau_p_fs=args.tau_p, compressibility_per_bar=args.compressibility,

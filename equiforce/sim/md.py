@@ -21,6 +21,8 @@ from ase import Atoms, units
 from torch import nn
 
 from equiforce.data import keys as K
+from equiforce.sim import resumable
+from equiforce.sim.checkpoint import load_md_checkpoint
 from equiforce.sim.evaluator import BatchEvaluator, Outputs, model_device, model_dtype
 from equiforce.sim.integrators import CSVR, Integrator, Langevin, StochasticCellRescaling, VelocityVerlet, pressure
 from equiforce.sim.io import ThermoLog, TrajectoryWriter, open_trajectory
@@ -314,14 +316,8 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
     device = device or str(model_device(model))
     state = SimState.from_atoms(atoms_list, device=device, dtype=model_dtype(model))
     temperature = torch.as_tensor(temperature_K, dtype=state.dtype, device=state.device).expand(state.n_systems)
-    generator = None
-    if checkpoint is not None:
-        from equiforce.sim import resumable
-
-        generator = resumable.new_generator(state.device, seed)
-    elif seed is not None:
-        generator = torch.Generator(device=state.device)
-        generator.manual_seed(int(seed))
+    # a checkpointed run needs its own random stream (seeded at random without a seed) to save and restore
+    generator = resumable.new_generator(state.device, seed) if checkpoint is not None or seed is not None else None
     conserving = ensemble.lower() not in ("nvt", "nvt-langevin")
     integrator = make_integrator(ensemble, timestep_fs, temperature, friction_per_fs, tau_fs, pressure_bar,
                                  tau_p_fs, compressibility_per_bar, generator)
@@ -335,8 +331,6 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
                     "structures": resumable.structure_digest(state), "dtype": str(state.dtype).split(".")[-1],
                     **(checkpoint_tag or {})}
         if resume and os.path.exists(checkpoint):
-            from equiforce.sim.checkpoint import load_md_checkpoint
-
             resumed = load_md_checkpoint(checkpoint, device=state.device, dtype=state.dtype)
             resumable.check_settings(resumed.meta.get("settings", {}), settings, checkpoint)
             state = resumed.state

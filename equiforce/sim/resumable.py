@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from equiforce.sim.checkpoint import MDCheckpoint, save_md_checkpoint
@@ -78,10 +77,9 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
     logger = ThermoLog(log, resume_at=meta.get("log_at") if resumed else None) if log is not None else None
     generator = getattr(md.integrator, "generator", None)
     start_step, thermo, wall = state.step, [], 0.0
-    result = None
     try:
-        while state.step < steps:
-            chunk = min(interval, steps - state.step)
+        while True:  # at least one call: a run with nothing left still reports its state
+            chunk = max(0, min(interval, steps - state.step))
             result = md.run(state, chunk, trajectory=writer, trajectory_interval=trajectory_interval, log=logger,
                             log_interval=log_interval, progress=progress, keep_thermo=keep_thermo,
                             precision=precision, record_start=resumed is None)
@@ -93,20 +91,13 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
                 "settings": settings, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "trajectory_at": writer.position() if writer is not None else None,
                 "log_at": logger.position() if logger is not None else None})
-            if bool(md.frozen.all()):
+            if state.step >= steps or bool(md.frozen.all()):
                 break
     finally:
         if writer is not None:
             writer.close()
         if logger is not None:
             logger.close()
-    if result is None:  # nothing left to run: the checkpoint already holds the last step
-        b = state.n_systems
-        none = np.full(b, -1)
-        stopped = md.stopped_step.cpu().numpy() if md.stopped_step is not None else none
-        nonfinite = md.nonfinite_step.cpu().numpy() if md.nonfinite_step is not None else none
-        return MDResult(state=state, thermo=[], stopped_step=stopped, nonfinite_step=nonfinite, steps=0,
-                        wall_time_s=0.0, neighbor_builds=0, info={"resumed": True, "checkpoint": str(Path(path))})
     return MDResult(state=state, thermo=thermo, stopped_step=result.stopped_step,
                     nonfinite_step=result.nonfinite_step, steps=state.step - start_step, wall_time_s=wall,
                     neighbor_builds=result.neighbor_builds,

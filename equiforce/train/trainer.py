@@ -14,7 +14,6 @@ checkpoint ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from equiforce.train.loss import WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
 from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.digest import file_sha256
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "best.eqf"
@@ -505,14 +505,6 @@ def resolve_e0s(e0s: str | dict[int, float], configs: Sequence[Configuration], e
     return {z: values[z] for z in elements}
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration] | None,
                   model_cfg: ModelConfig | dict[str, Any], training_cfg: TrainingConfig | dict[str, Any],
                   output_dir: str | os.PathLike, *, e0s: str | dict[int, float] = "fit",
@@ -610,7 +602,7 @@ def train(config: TrainConfig, *, progress: bool | None = None,
     train_set = read_configurations(data.train, **keys)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
     test_set = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
-    extra = {"data": {"train": str(data.train), "train_sha256": _sha256(data.train)},
+    extra = {"data": {"train": str(data.train), "train_sha256": file_sha256(data.train)},
              "config": config.model_dump(mode="json")}
     result = train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
                            e0s=data.e0s, valid_fraction=data.valid_fraction, split_seed=data.split_seed,
