@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_cfg["product_branches"] = args.product_branches
     if args.element_messages is not None:
         model_cfg["element_messages"] = args.element_messages
+    if args.separate_paths is not None:
+        model_cfg["separate_paths"] = args.separate_paths
     if args.basis_bound is not None:
         model_cfg["basis_bound"] = args.basis_bound or None
     work = Path(args.work_dir or f"runs/rmd17/{molecule}")
@@ -157,6 +159,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--product-branches", type=int, default=None, help="override the preset (see ModelSpec)")
     p.add_argument("--element-messages", action=argparse.BooleanOptionalAction, default=None,
                    help="override the preset: element-dependent channel mixing of the first layer's atomic basis")
+    p.add_argument("--separate-paths", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the preset: keep the convolution's paths apart until the message's channel "
+                        "mixing (ModelSpec.separate_paths, as MACE)")
     p.add_argument("--basis-bound", type=float, default=None,
                    help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; default: "
                         "that of new models, 4)")

@@ -45,12 +45,13 @@ class InteractionBlock(nn.Module):
         lmax_msg = spec.message_lmax
         self.avg_num_neighbors = spec.avg_num_neighbors
         self.linear_up = IrrepsLinear(c, c, lmax_in)
-        self.conv = EdgeTensorProduct(lmax_in, spec.sh_lmax, lmax_msg)
+        self.conv = EdgeTensorProduct(lmax_in, spec.sh_lmax, lmax_msg, spec.separate_paths)
         self.radial = RadialMLP([spec.num_radial, *spec.radial_mlp, self.conv.num_paths * c])
         self.element_messages = first and spec.element_messages
         self.basis_bound = spec.basis_bound
-        self.linear_message = (ElementIrrepsLinear(c, c, lmax_msg, n_el) if self.element_messages
-                               else IrrepsLinear(c, c, lmax_msg))
+        c_msg = c * self.conv.copies
+        self.linear_message = (ElementIrrepsLinear(c_msg, c, lmax_msg, n_el) if self.element_messages
+                               else IrrepsLinear(c_msg, c, lmax_msg))
         self.product = SymmetricProduct(lmax_msg, lmax_out, spec.correlation, c, n_el, spec.product_branches)
         self.linear_out = IrrepsLinear(c, c, lmax_out)
         self.skip_dim = irreps_dim(min(lmax_in, lmax_out))
@@ -70,6 +71,11 @@ class InteractionBlock(nn.Module):
             chunk = AUTO_EDGE_CHUNK if large else None
         return chunk if chunk is not None and chunk < num_edges else None
 
+    def _zero_basis(self, h_up: torch.Tensor) -> torch.Tensor:
+        """An all-zero atomic basis ``[N, C * copies, D_msg]`` to sum the messages into."""
+        shape = (h_up.shape[0], h_up.shape[1] * self.conv.copies, self.conv.dim_out)
+        return torch.zeros(shape, dtype=h_up.dtype, device=h_up.device)
+
     def _atomic_basis(self, h_up: torch.Tensor, sh: torch.Tensor, radial: torch.Tensor, centre: torch.Tensor,
                       neighbour: torch.Tensor) -> torch.Tensor:
         """``Σ_j m_ij`` per atom; with ``edge_chunk``, a chunk of edges at a time, recomputed in the backward
@@ -80,11 +86,10 @@ class InteractionBlock(nn.Module):
         vmapped = torch._C._functorch.is_batchedtensor(h_up)
         chunk = self.chunk_size(num_edges, h_up.device, vmapped)
         if chunk is None:  # one pass, without a Python loop over the edge count (traceable with symbolic sizes)
-            a = torch.zeros((h_up.shape[0], h_up.shape[1], self.conv.dim_out), dtype=h_up.dtype, device=h_up.device)
-            return a.index_add(0, centre, self._messages(h_up, sh, radial, neighbour))
+            return self._zero_basis(h_up).index_add(0, centre, self._messages(h_up, sh, radial, neighbour))
         step = max(1, chunk)
         checkpointed = step < num_edges and torch.is_grad_enabled() and not vmapped
-        a = torch.zeros((h_up.shape[0], h_up.shape[1], self.conv.dim_out), dtype=h_up.dtype, device=h_up.device)
+        a = self._zero_basis(h_up)
         for start in range(0, num_edges, step):
             part = slice(start, start + step)
             args = (h_up, sh[part], radial[part], neighbour[part])

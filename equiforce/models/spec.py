@@ -31,6 +31,10 @@ class ModelSpec(BaseModel):
     element_messages: bool = Field(False, description="first layer: mix the channels of the atomic basis with "
                                                       "weights that depend on the centre's element (as MACE's "
                                                       "first interaction block does)")
+    separate_paths: bool = Field(False, description="keep the convolution's coupling paths apart until the "
+                                                    "message's channel mixing (as MACE does), which then mixes "
+                                                    "channels and paths together; off: the paths' terms are "
+                                                    "summed per channel first")
     basis_bound: float | None = Field(None, gt=0, description="bound each channel of the atomic basis before the "
                                                              "many-body product: A -> A / sqrt(1 + |A|^2 / b^2) "
                                                              "(|A| over all its irreps; equivariant, smooth, ~A "

@@ -23,7 +23,8 @@ from equiforce.nn.irreps import block, clebsch_gordan, coupling_paths, irreps_di
 
 
 class EdgeTensorProduct(nn.Module):
-    """Message ``m_e,c = Σ_p w_e,c,p · (h_e,c ⊗ Y_e)_p`` with per-edge, per-channel path weights.
+    """Message ``m_e,c = Σ_p w_e,c,p · (h_e,c ⊗ Y_e)_p`` with per-edge, per-channel path weights
+    (or, with ``separate_paths``, the terms of that sum side by side: ``[E, C * copies, D_out]``).
 
     ``h`` [E, C, (l_in+1)^2] are neighbour features, ``Y`` [E, (l_sh+1)^2] spherical harmonics of the
     edge (shared by all channels), ``w`` [E, C * paths] (channel-major) from the radial MLP.
@@ -33,12 +34,27 @@ class EdgeTensorProduct(nn.Module):
     edge, so the channel work is one batched ``[C, Q] @ [Q, D_out]`` matmul per edge.
     """
 
-    def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int) -> None:
+    def __init__(self, lmax_in: int, lmax_sh: int, lmax_out: int, separate_paths: bool = False) -> None:
         super().__init__()
         self.paths = coupling_paths(lmax_in, lmax_sh, lmax_out)  # ordered by l1 (contiguous per l1)
         self.num_paths = len(self.paths)
         self.dim_in, self.dim_sh, self.dim_out = irreps_dim(lmax_in), irreps_dim(lmax_sh), irreps_dim(lmax_out)
         cg = clebsch_gordan(lmax_in, lmax_sh, lmax_out)  # [P, D1, D2, D3]
+        # separate_paths: every path that ends in degree l3 gets its own copy of the output block (as in
+        # MACE, whose next linear map mixes channels and paths together) instead of all being summed into
+        # one; ``copies`` blocks per channel, a degree with fewer paths leaves its last copies zero.
+        # Scaled by sqrt(copies): the next linear map's 1/sqrt(channels * copies) then leaves the features
+        # at the scale of the summed form (which its initialisation and the basis bound were tuned for).
+        self.copies = 1
+        if separate_paths:
+            into = [sum(1 for path in self.paths if path[2] == l3) for l3 in range(lmax_out + 1)]
+            self.copies = max(into)
+            spread = torch.zeros(self.num_paths, cg.shape[1], cg.shape[2], self.copies, cg.shape[3], dtype=cg.dtype)
+            seen = [0] * (lmax_out + 1)
+            for p, (_, _, l3) in enumerate(self.paths):
+                spread[p, :, :, seen[l3]] = cg[p] * self.copies**0.5
+                seen[l3] += 1
+            cg = spread.reshape(self.num_paths, cg.shape[1], cg.shape[2], self.copies * cg.shape[3])
         # for each input degree l1: the contiguous range of its paths
         self.l1_groups: list[tuple[int, int, int]] = []
         rows = []
@@ -51,13 +67,13 @@ class EdgeTensorProduct(nn.Module):
             for p in ps:
                 for i in range(block(l1).start, block(l1).stop):
                     rows.append(cg[p, i])  # [D2, D3]
-        coupling = torch.stack(rows, dim=0)  # [Q, D2, D3], q ordered (l1, path, component)
+        coupling = torch.stack(rows, dim=0)  # [Q, D2, copies * D3], q ordered (l1, path, component)
         self.num_q = coupling.shape[0]
         self.register_buffer("cg", coupling.permute(1, 0, 2).reshape(self.dim_sh, -1).to(torch.get_default_dtype()))
 
     def forward(self, h: torch.Tensor, sh: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         num_edges, channels, _ = h.shape
-        coupling = (sh @ self.cg).view(num_edges, self.num_q, self.dim_out)
+        coupling = (sh @ self.cg).view(num_edges, self.num_q, self.copies * self.dim_out)
         w = weights.view(num_edges, channels, self.num_paths)
         parts = []
         for l1, p0, p1 in self.l1_groups:
@@ -65,7 +81,8 @@ class EdgeTensorProduct(nn.Module):
             width = (p1 - p0) * (2 * l1 + 1)
             parts.append((w[:, :, p0:p1, None] * hl[:, :, None, :]).reshape(num_edges, channels, width))
         hw = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [E, C, Q]
-        return torch.bmm(hw, coupling)
+        out = torch.bmm(hw, coupling)  # [E, C, copies * D3]
+        return out if self.copies == 1 else out.view(num_edges, channels * self.copies, self.dim_out)
 
 
 def _sparse_coupling(lmax_1: int, lmax_2: int, lmax_out: int, symmetric: bool
