@@ -81,8 +81,7 @@ class EdgeTensorProduct(nn.Module):
             width = (p1 - p0) * (2 * l1 + 1)
             parts.append((w[:, :, p0:p1, None] * hl[:, :, None, :]).reshape(num_edges, channels, width))
         hw = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [E, C, Q]
-        out = torch.bmm(hw, coupling)  # [E, C, copies * D3]
-        return out if self.copies == 1 else out.view(num_edges, channels * self.copies, self.dim_out)
+        return torch.bmm(hw, coupling).view(num_edges, channels * self.copies, self.dim_out)
 
 
 def _sparse_coupling(lmax_1: int, lmax_2: int, lmax_out: int, symmetric: bool
