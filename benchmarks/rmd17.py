@@ -4,7 +4,7 @@
         --test ../shared/data/rmd17/rmd17_aspirin_test_01.npz --budget-min 10 --device cuda --out aspirin.json
 
 Prints a table and writes JSON with the errors (meV, meV/Å), epochs, configurations/s, wall time, device
-and parameter count.  The split is fixed by ``--seed`` so peers (``benchmarks/peers/mace``) train on the
+and parameter count.  The split is fixed by ``--split-seed`` so peers (``benchmarks/peers/mace``) train on the
 very same 950/50 structures (``--split-out`` writes them as extxyz for that purpose).
 """
 

@@ -8,25 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from ase.build import molecule
-from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
+
+from tests.emt_ethanol import emt_ethanols
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("spearman_struct", "spearman_atom", "miscalibration_area", "nll", "mean_force_sigma", "mean_force_error")
-
-
-def _labelled(count: int, rattle: float, seed: int):
-    frames = []
-    for n in range(count):
-        atoms = molecule("CH3CH2OH")
-        atoms.rattle(rattle, seed=seed + n)
-        atoms.calc = EMT()
-        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
-        frames.append(atoms)
-    return frames
 
 
 def _run(*args: str) -> None:
@@ -36,9 +23,9 @@ def _run(*args: str) -> None:
 
 
 def test_uq_benchmark_trains_rates_times_and_reuses(tmp_path):
-    write(tmp_path / "train.extxyz", _labelled(110, 0.05, 0))
-    write(tmp_path / "test_md.extxyz", _labelled(6, 0.05, 100))
-    write(tmp_path / "test_far.extxyz", _labelled(6, 0.25, 200))
+    write(tmp_path / "train.extxyz", emt_ethanols(110, 0.05, 0))
+    write(tmp_path / "test_md.extxyz", emt_ethanols(6, 0.05, 100))
+    write(tmp_path / "test_far.extxyz", emt_ethanols(6, 0.25, 200))
     common = ["--train", str(tmp_path / "train.extxyz"), "--test", str(tmp_path / "test_md.extxyz"),
               str(tmp_path / "test_far.extxyz"), "--members", "2", "--repeats", "1", "--batch-size", "8",
               "--device", "cpu", "--work-dir", str(tmp_path / "work"), "--quiet"]
