@@ -12,7 +12,7 @@ from equiforce.active.config import parse_learn_config
 from equiforce.active.journal import read_journal
 from equiforce.active.loop import learn
 from equiforce.cli import main
-from equiforce.models.file import load_model
+from equiforce.models.file import load_model, read_header
 from equiforce.uq.base import UQModel
 from tests.active_helpers import tiny_config
 from tests.uq_helpers import single_thread  # noqa: F401 - one thread for tiny models
@@ -48,6 +48,11 @@ def test_learn_end_to_end_on_emt(tmp_path, capsys):
     assert summary["rounds"][-1]["valid_f_mae"] > 0
     assert "| 3 |" in (run / "report.md").read_text()
     assert "oracle calls" in capsys.readouterr().out
+    for r in (1, 2, 3):  # the early rounds calibrate on the few validation labels they have, and say so
+        info = read_header(run / "rounds" / f"r{r:03d}" / "model.eqf")["extra"]["active_learning"]
+        expected = info["n_valid"] if info["n_valid"] >= 3 else info["n_train"]
+        assert info["calibrated_on"] == ("valid" if info["n_valid"] >= 3 else "train")
+        assert info["calibration_structures"] == expected
     final = next(r for r in records if r["type"] == "final")  # too few validation structures: the last round
     assert final["round"] == 3 and "note" in final and summary["final_round"] == 3
 

@@ -58,3 +58,15 @@ def test_bootstrap_weights_are_multinomial_counts():
     configs = list(labelled(12, seed=1))
     weights = [c.weight for c in bootstrap_weights(configs, seed=3)]
     assert sum(weights) == len(configs) and all(w == int(w) >= 0 for w in weights) and 0 in weights
+
+
+def test_too_small_calibration_split_fails_before_any_training(tmp_path, data_file, capsys):
+    """36 structures × 0.1 leaves 4 to calibrate on: refused at once, naming the key, with nothing trained."""
+    config = _config(tmp_path, data_file, {"method": "ensemble", "members": 2})
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["valid_fraction"] = 0.1
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train-uq", str(config), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "at least 10 held-out structures" in err and "data.valid_fraction" in err
+    assert not (tmp_path / "run" / "members").exists()

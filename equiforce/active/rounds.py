@@ -77,7 +77,9 @@ def train_round(directory: Path, train: Sequence[Configuration], valid: Sequence
     device = resolve_device(cfg.training.device)
     dtype = DTYPES[cfg.training.dtype]
     uq = cfg.uq
-    calibration_set = list(valid) if len(valid) >= 3 else list(train)  # tiny first rounds: in-sample, noted
+    # The loop's first rounds have few validation labels: it calibrates on what it has (in-sample below 3)
+    # instead of stopping at train-uq's minimum of 10, and the model file says which and how many.
+    calibration_set = list(valid) if len(valid) >= 3 else list(train)
     if uq.method == "heads":
         backbone = _train_one(directory / "train", train, valid, cfg, _previous_members(previous, 1)[0], seed,
                               progress, callback)
@@ -97,7 +99,8 @@ def train_round(directory: Path, train: Sequence[Configuration], valid: Sequence
               min_structures=min(MIN_STRUCTURES, len(calibration_set)))
     path = directory / MODEL
     save_uq_model(model, path, extra={"active_learning": {"n_train": len(train), "n_valid": len(valid),
-                                                          "calibrated_on": "valid" if len(valid) >= 3 else "train"}})
+                                                          "calibrated_on": "valid" if len(valid) >= 3 else "train",
+                                                          "calibration_structures": len(calibration_set)}})
     return path
 
 

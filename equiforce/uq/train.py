@@ -25,6 +25,7 @@ from equiforce.errors import DataError
 from equiforce.models.file import load_model
 from equiforce.models.potential import Potential
 from equiforce.uq.base import UQModel
+from equiforce.uq.calibration import MIN_STRUCTURES, CalibrationError
 from equiforce.uq.config import UQConfig, UQTrainConfig
 from equiforce.uq.ensemble import EnsemblePotential
 from equiforce.uq.file import save_uq_model
@@ -54,8 +55,16 @@ def split_data(train: Sequence[Configuration], valid: Sequence[Configuration] | 
             raise DataError("uncertainty needs held-out structures to calibrate on: set data.valid or "
                             "data.valid_fraction > 0")
         train_idx, valid_idx = split_indices(len(rest), valid_fraction, split_seed)
-        return Split([rest[i] for i in train_idx], [rest[i] for i in valid_idx], isolated)
-    return Split(rest, [c for c in valid if not is_isolated_atom(c)], isolated)
+        split = Split([rest[i] for i in train_idx], [rest[i] for i in valid_idx], isolated)
+        where = f"data.valid_fraction {valid_fraction:g} of {len(rest)} structures"
+    else:
+        split = Split(rest, [c for c in valid if not is_isolated_atom(c)], isolated)
+        where = f"data.valid ({valid[0].source})" if valid else "data.valid (empty)"
+    # checked before any training: calibration would refuse it only after every member had trained
+    if len(split.valid) < MIN_STRUCTURES:
+        raise CalibrationError(f"calibration needs at least {MIN_STRUCTURES} held-out structures; {where} gives "
+                               f"{len(split.valid)}: raise data.valid_fraction or give a larger data.valid")
+    return split
 
 
 def bootstrap_weights(configs: Sequence[Configuration], seed: int) -> list[Configuration]:
