@@ -62,6 +62,12 @@ def test_learn_end_to_end_on_emt(tmp_path, capsys):
     assert main(["learn", str(path), "--no-progress"]) == 0
     assert len(calls_in(log)) == n_calls
     assert len(read_journal(run / "journal.jsonl")) == len(records)
+    # the report alone is rebuilt from the journal and the config the run kept
+    (run / "report.md").unlink()
+    assert main(["learn", "--report", str(run)]) == 0
+    assert "oracle: custom" in (run / "report.md").read_text()
+    assert main(["learn", str(path), "--report", str(run)]) == 2
+    assert "takes no CONFIG" in capsys.readouterr().err
     # the same directory with another config is refused
     config["select"]["per_round"] = 5
     path.write_text(yaml.safe_dump(config))

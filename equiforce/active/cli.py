@@ -16,12 +16,17 @@ def cmd_learn(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     if args.report is not None:
         from equiforce.active.journal import JOURNAL, read_journal
+        from equiforce.active.loop import CONFIG
         from equiforce.active.report import write_report
 
+        if args.config is not None or args.resume is not None:
+            raise ConfigError("--report DIR takes no CONFIG or --resume: it reports the run kept in DIR")
         directory = Path(args.report)
         if not (directory / JOURNAL).exists():
             raise ConfigError(f"{directory} has no {JOURNAL}: not an equiforce learn run directory")
-        summary = write_report(directory, read_journal(directory / JOURNAL))
+        # the config the run kept (oracle name etc. for report.md); a run directory without one still reports
+        kept = load_learn_config(directory / CONFIG) if (directory / CONFIG).exists() else None
+        summary = write_report(directory, read_journal(directory / JOURNAL), kept)
     elif args.resume is not None:
         if args.config is not None:
             raise ConfigError("give either CONFIG or --resume DIR (a resumed run uses the config kept in DIR)")

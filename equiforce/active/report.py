@@ -183,7 +183,7 @@ def write_report(directory: Path, records: list[dict[str, Any]], cfg: Any = None
         plot_sigma_vs_error(records, directory / pngs["sigma_vs_error"])
         plot_md_stability(rows, directory / pngs["md_stability"])
     summary["plots"] = pngs if rows and (directory / pngs["learning_curve"]).exists() else {}
-    oracle = cfg.oracle.name if cfg is not None else "?"
+    oracle = cfg.oracle.name if cfg is not None else "unknown (no config kept in the run directory)"
     kinds = (": " + ", ".join(f"{k} {v}" for k, v in failures.items())) if failures else ""
     status = f"stopped: {stopped['reason']}" if stopped else "running (or interrupted; resume with --resume)"
     lines = ["# equiforce learn: active-learning run", "",
