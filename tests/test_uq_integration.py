@@ -67,6 +67,31 @@ def test_sigma_stop_needs_uncertainty():
         run_md(make_model("L1-corr3"), [molecule("H2O")], ensemble="nve", steps=1, stop_when=sigma_stop(forces=0.1))
 
 
+def test_md_command_stops_on_sigma(ensemble_file, tmp_path, capsys):
+    """``equiforce md --stop-sigma``: the more uncertain system is frozen at once, the other runs on."""
+    from ase.io import read, write
+
+    systems = [molecule("H2O"), molecule("CH3CH2OH")]
+    calc = equiforce.Calculator(ensemble_file)
+    sigma = [float(np.max(calc.get_property("forces_std", a.copy()))) for a in systems]
+    threshold = float(np.sqrt(sigma[0] * sigma[1]))
+    low, high = int(np.argmin(sigma)), int(np.argmax(sigma))
+    assert sigma[high] > 1.2 * sigma[low]
+    write(tmp_path / "in.extxyz", systems)
+    out = tmp_path / "md"
+    common = ["md", str(ensemble_file), str(tmp_path / "in.extxyz"), "--ensemble", "nve", "--temperature", "10",
+              "--timestep", "0.1", "--steps", "3", "--device", "cpu", "--seed", "0", "--no-progress"]
+    assert main([*common, "--out", str(out), "--stop-sigma", str(threshold)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sigma_stopped"] == {str(high): 1} and summary["stop_mode"] == "freeze"
+    assert "σ threshold crossed by 1 of 2" in capsys.readouterr().out
+    start, final = read(tmp_path / "in.extxyz", index=":"), read(out / "final.extxyz", index=":")
+    assert np.abs(final[low].positions - start[low].positions).max() > 0
+    plain = equiforce.save_model(make_model("L1-corr3"), tmp_path / "plain.eqf")
+    assert main(["md", str(plain), *common[2:], "--out", str(tmp_path / "p"), "--stop-sigma", "0.1"]) == 2
+    assert "need a model with uncertainty" in capsys.readouterr().err
+
+
 def test_eval_uq_writes_metrics_and_plots(ensemble_file, tmp_path, capsys):
     data = tmp_path / "data.xyz"
     write_labelled(data, labelled(12, seed=4))

@@ -54,6 +54,7 @@ def cmd_md(args: argparse.Namespace) -> int:
     if args.resume and args.format == "traj":
         raise ConfigError("--resume needs an h5 or extxyz trajectory (an ASE .traj file cannot be cut back)")
     model, structures, device = _load(args)
+    stop_when = _sigma_stop(args, model)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = out / f"trajectory.{args.format}"
     resumable = args.checkpoint_every > 0 or args.resume
@@ -65,7 +66,8 @@ def cmd_md(args: argparse.Namespace) -> int:
                     log=out / "thermo.csv", log_interval=args.log_every, progress=not args.no_progress,
                     keep_thermo=False, cuda_graph=args.cuda_graph, compile=args.compile,
                     checkpoint=checkpoint if resumable else None,
-                    checkpoint_interval=args.checkpoint_every or 10_000, resume=args.resume, checkpoint_tag=tag)
+                    checkpoint_interval=args.checkpoint_every or 10_000, resume=args.resume, checkpoint_tag=tag,
+                    stop_when=stop_when, stop_mode=args.stop_mode, stop_check_interval=args.stop_check_every)
     from ase.io import write
 
     write(out / "final.extxyz", result.atoms)
@@ -74,12 +76,33 @@ def cmd_md(args: argparse.Namespace) -> int:
                "resumed": bool(result.info.get("resumed", False)), "wall_time_s": result.wall_time_s,
                "atom_steps_per_s": rate, "neighbor_builds": result.neighbor_builds,
                "nonfinite_systems": [int(b) for b in (result.nonfinite_step >= 0).nonzero()[0]]}
+    if stop_when is not None:  # which systems crossed the σ threshold, and at which step
+        summary["sigma_stopped"] = {str(int(b)): int(result.stopped_step[b])
+                                    for b in (result.stopped_step >= 0).nonzero()[0]}
+        summary["stop_mode"] = args.stop_mode
     if "cuda_graph" in result.info:
         summary["cuda_graph"] = result.info["cuda_graph"]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"{result.steps} steps of {len(structures)} system(s) in {result.wall_time_s:.1f} s "
           f"({rate:.3g} atom-steps/s); wrote {trajectory}, {out / 'thermo.csv'}, {out / 'final.extxyz'}")
+    if stop_when is not None:
+        verb = "frozen" if args.stop_mode == "freeze" else "flagged"
+        print(f"σ threshold crossed by {len(summary['sigma_stopped'])} of {len(structures)} system(s) ({verb}; "
+              f"first steps in {out / 'summary.json'})")
     return 0
+
+
+def _sigma_stop(args: argparse.Namespace, model):
+    """The σ stop hook the options ask for (None without them); refuses a model that carries no uncertainty."""
+    if args.stop_sigma is None and args.stop_sigma_energy is None:
+        return None
+    from equiforce.uq.base import UQModel
+    from equiforce.uq.stop import sigma_stop
+
+    if not isinstance(model, UQModel):
+        raise ConfigError(f"--stop-sigma/--stop-sigma-energy need a model with uncertainty; {args.model} is a "
+                          "plain potential (train one with `equiforce train-uq`)")
+    return sigma_stop(forces=args.stop_sigma, energy_per_atom=args.stop_sigma_energy)
 
 
 def cmd_relax(args: argparse.Namespace) -> int:
@@ -134,6 +157,13 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="energies and forces through one traced, torch.compile'd graph (plain potentials; a "
                         "one-off compilation of about a minute; for long runs)")
+    p.add_argument("--stop-sigma", type=float, default=None, metavar="EV_PER_A",
+                   help="stop a system once its largest per-atom force σ exceeds this (a model with uncertainty)")
+    p.add_argument("--stop-sigma-energy", type=float, default=None, metavar="EV_PER_ATOM",
+                   help="stop a system once its energy σ per atom exceeds this")
+    p.add_argument("--stop-mode", default="freeze", choices=["freeze", "flag"],
+                   help="freeze: a stopped system stops moving while the others go on; flag: record and go on")
+    p.add_argument("--stop-check-every", type=int, default=1, help="steps between σ checks")
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="steps between checkpoints (OUT/checkpoint.safetensors; rounded up to a multiple of "
                         "--every and --log-every; 0: none)")
