@@ -28,12 +28,23 @@ QUANTITIES = (("e_mae_mev", "E MAE meV"), ("f_mae_mev_a", "F MAE meV/Å"), ("e_r
               ("model_params", "params"))
 
 
-def prepare_split(args: argparse.Namespace, split_dir: Path) -> None:
+def split_sizes(extra: list[str]) -> tuple[int, int]:
+    """The train/valid sizes equiforce will use (``--n-train``/``--n-valid`` after ``--``, else 950/50), so the
+    split written for the peer is the very same one."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--n-train", type=int, default=950)
+    p.add_argument("--n-valid", type=int, default=50)
+    known, _ = p.parse_known_args(extra)
+    return known.n_train, known.n_valid
+
+
+def prepare_split(args: argparse.Namespace, split_dir: Path, extra: list[str]) -> None:
     from rmd17 import split, write_split
 
     from equiforce.data.io import read_configurations
 
-    train, valid = split(read_configurations(args.train, require_forces=True), 950, 50, args.split_seed)
+    n_train, n_valid = split_sizes(extra)
+    train, valid = split(read_configurations(args.train, require_forces=True), n_train, n_valid, args.split_seed)
     write_split(train, split_dir / "train.xyz")
     write_split(valid, split_dir / "valid.xyz")
     write_split(read_configurations(args.test, require_forces=True), split_dir / "test.xyz")
@@ -101,7 +112,7 @@ def main() -> None:
     work = out.parent / out.stem
     work.mkdir(parents=True, exist_ok=True)
     split_dir = work / "split"
-    prepare_split(args, split_dir)
+    prepare_split(args, split_dir, extra)
     if args.only == "mace":
         run_mace(args, split_dir, work / "mace.json")
         return

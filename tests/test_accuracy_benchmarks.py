@@ -13,7 +13,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.io import write
+from ase.io import read, write
 
 import equiforce
 from equiforce.models import ModelSpec, build_model
@@ -61,15 +61,17 @@ def test_rmd17_benchmark_writes_the_issue_keys(tmp_path):
 
 
 def test_compare_rmd17_combines_both_engines_with_ratios(tmp_path):
-    """``--only equiforce`` then ``--skip-mace`` with the peer's JSON in place: one table, ratios in the JSON."""
+    """``--only equiforce`` then ``--skip-mace`` with the peer's JSON in place: one table, ratios in the JSON; the
+    split written for the peer has the sizes given to equiforce after ``--``."""
     train, test = tmp_path / "rmd17_ethanol_train_01.npz", tmp_path / "rmd17_ethanol_test_01.npz"
-    _write_rmd17(train, emt_ethanols(1000, rattle=0.03))
+    _write_rmd17(train, emt_ethanols(12, rattle=0.03))
     _write_rmd17(test, emt_ethanols(4, seed=5000))
     out = tmp_path / "cmp" / "ethanol.json"
     common = ["--train", str(train), "--test", str(test), "--budget-min", "2", "--device", "cpu", "--out", str(out)]
     _run("compare_rmd17.py", *common, "--only", "equiforce", "--", *TINY_MODEL)
     work = out.parent / out.stem
-    assert (work / "split" / "train.xyz").exists() and (work / "equiforce.json").exists()
+    assert len(read(work / "split" / "train.xyz", index=":")) == 8 and len(read(work / "split" / "valid.xyz", ":")) == 2
+    assert (work / "equiforce.json").exists()
     peer = {"e_mae_mev": 10.0, "f_mae_mev_a": 20.0, "e_rmse_mev": 12.0, "f_rmse_mev_a": 25.0, "epochs": 3,
             "configs_per_s": 5.0, "model_params": 1000}
     (work / "mace.json").write_text(json.dumps(peer))
