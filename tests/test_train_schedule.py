@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
+import yaml
 from ase.io import write
 from safetensors.torch import load_file
 
 from equiforce.data import keys as K
 from equiforce.errors import ConfigError
+from equiforce.models.file import load_model
 from equiforce.train.batching import make_batches, pack_batches
 from equiforce.train.config import load_config, parse_config
 from equiforce.train.loss import WeightedLoss
@@ -124,3 +126,48 @@ def test_time_budget_stops_mid_epoch_and_saves(data_dir, tmp_path):
     assert result["out_of_time"] and result["epochs"] < 1000
     assert (out / "best.eqf").is_file() and (out / "checkpoint.safetensors").is_file()
     assert train(config, progress=False)["epochs"] == result["epochs"]  # a spent budget trains no more
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(data_dir, tmp_path):
+    """With a learning rate too small to move float64 weights, the validation loss never improves after
+    epoch 1: training stops after exactly ``patience`` more epochs, checkpointed, and says so."""
+    out = tmp_path / "run"
+    config = load_config(write_config(tmp_path / "c.yaml", data_dir, out, epochs=50, lr=1e-30,
+                                      max_epochs_without_improvement=3))
+    result = train(config, progress=False)
+    assert result["stopped_early"] and result["epochs"] == 4 and result["best_epoch"] == 1
+    assert (out / "checkpoint.safetensors").is_file()
+    assert train(config, progress=False)["epochs"] == 4  # resumed: an early-stopped run stays stopped
+
+
+@pytest.mark.parametrize("clip", [0.5, None])
+def test_gradient_clipping_uses_the_configured_norm(data_dir, tmp_path, monkeypatch, clip):
+    calls = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return original(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train(load_config(write_config(tmp_path / "c.yaml", data_dir, tmp_path / "run", epochs=1, clip_grad=clip)),
+          progress=False)
+    assert calls == ([clip] * 4 if clip is not None else [])  # 16 training structures in batches of 4
+
+
+def test_separate_validation_file_is_used_as_given(data_dir, tmp_path):
+    path = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "run", epochs=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["valid"] = str(data_dir / "test.xyz")
+    path.write_text(yaml.safe_dump(raw))
+    result = train(load_config(path), progress=False)
+    assert result["n_train"] == 20 and result["n_valid"] == 4  # no structure moved out of train.xyz
+
+
+def test_tf32_trains_in_float32_and_restores_the_matmul_flags(data_dir, tmp_path):
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    result = train(load_config(write_config(tmp_path / "c.yaml", data_dir, tmp_path / "run", epochs=1,
+                                            dtype="tf32")), progress=False)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    model = load_model(result["best_model"])
+    assert next(model.parameters()).dtype == torch.float32
