@@ -104,3 +104,39 @@ def test_single_model_cost_is_measured(uq_model):
             times[label].append(time.perf_counter() - start)
             assert torch.isfinite(out[K.FORCES]).all()
     print(f"heads / plain (8 ethanols, tiny model): {np.median(times['heads']) / np.median(times['plain']):.2f}x")
+
+
+def test_quantity_with_too_few_labels_stays_uncalibrated_with_a_warning(uq_model, caplog):
+    """12 calibration structures, 4 of them periodic with stress: forces and energy are calibrated, stress is
+    left as it is (documented fallback) and the log says why."""
+    import copy
+    import logging
+
+    model = copy.deepcopy(uq_model)
+    with caplog.at_level(logging.WARNING):
+        cal = calibrate(model, graphs(labelled(12, seed=4, periodic=True)))
+    assert cal.fitted("forces") and cal.fitted("energy") and not cal.fitted("stress")
+    assert "stress σ left uncalibrated: only 4 calibration structures have stress" in caplog.text
+
+
+def test_heads_trained_without_stress_give_no_stress_sigma():
+    import dataclasses
+
+    from ase.build import bulk
+
+    from equiforce.sim.calculator import Calculator
+
+    backbone = make_model("L1-corr3", seed=0)
+    no_stress = [dataclasses.replace(c, stress=None) for c in labelled(12, seed=1, periodic=True)]
+    assert any(c.pbc.any() for c in no_stress)  # periodic cells, but not one stress label
+    model = build_uq_potential(backbone, graphs(no_stress), graphs(labelled(12, seed=2)), steps=5, n_heads=2,
+                               hidden=4)
+    assert not model.heads.stress_trained
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.rattle(0.03, seed=1)
+    out = model(batch_of([cu]), compute_stress=True)
+    assert K.STRESS in out and UK.STRESS_STD not in out
+    cu.calc = Calculator(model)
+    cu.get_stress()
+    assert "stress" in cu.calc.results and "stress_std" not in cu.calc.results
+    assert cu.calc.results["forces_std"].shape == (len(cu),)
