@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import time
@@ -91,3 +93,19 @@ class CrashingEMT(EMT):
                     _append(self.once_marker, {"crashed": ident})
                 os._exit(1)
         super().calculate(atoms, properties, system_changes)
+
+
+EXECUTOR_EVENTS: list[str] = []
+
+
+@contextlib.contextmanager
+def managed_threads(workers: int = 2):
+    """An executor factory in the context-manager form (as the documented SLURM recipe): records its exit."""
+    EXECUTOR_EVENTS.append("enter")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        yield pool
+    EXECUTOR_EVENTS.append("exit")
+
+
+def not_an_executor():
+    return object()

@@ -127,3 +127,34 @@ def test_a_dying_worker_costs_only_its_own_call(tmp_path, once):
         assert by_id["r001-0005"]["type"] == "label"
     else:
         assert by_id["r001-0005"]["type"] == "failure" and by_id["r001-0005"]["kind"] == "worker"
+
+
+@pytest.mark.parametrize("kind, extra", [("thread", {"workers": 2}),
+                                         ("custom", {"factory": "concurrent.futures:ThreadPoolExecutor",
+                                                     "factory_kwargs": {"max_workers": 2}}),
+                                         ("custom", {"factory": "tests.active_helpers:managed_threads"})])
+def test_thread_and_custom_executors_label_everything(kind, extra):
+    from equiforce.active.config import ExecutorConfig
+    from equiforce.active.oracle import open_executor
+    from tests.active_helpers import EXECUTOR_EVENTS
+
+    EXECUTOR_EVENTS.clear()
+    results = []
+    items = [item(f"r001-000{k}") for k in (0, 3, 4, 5)]
+    with open_executor(ExecutorConfig(kind=kind, **extra)) as executor:
+        assert hasattr(executor, "submit")
+        label(items, flaky(), executor, results.append, poll=0.05)
+    assert sorted(r["id"] for r in results) == [i["id"] for i in items]
+    assert all(r["type"] == "label" for r in results)
+    if extra.get("factory", "").endswith("managed_threads"):
+        assert EXECUTOR_EVENTS == ["enter", "exit"]  # the factory's context closed what it started
+
+
+def test_a_factory_returning_no_executor_is_refused_by_name():
+    from equiforce.active.config import ExecutorConfig
+    from equiforce.active.oracle import open_executor
+    from equiforce.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not_an_executor.*neither an Executor nor a context manager"):
+        with open_executor(ExecutorConfig(kind="custom", factory="tests.active_helpers:not_an_executor")):
+            pass

@@ -75,7 +75,8 @@ class ExecutorConfig(_Section):
     workers: int = Field(2, ge=1, description="process/thread: number of parallel oracle calls")
     threads_per_worker: int = Field(1, ge=1, description="process: OMP/MKL threads in each worker")
     address: str | None = Field(None, description="dask: scheduler address (default: a local cluster)")
-    factory: str | None = Field(None, description="custom: 'package.module:function' returning an Executor")
+    factory: str | None = Field(None, description="custom: 'package.module:function' returning an Executor, or a "
+                                                  "context manager yielding one (closed when the loop ends)")
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

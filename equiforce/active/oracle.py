@@ -31,7 +31,15 @@ from equiforce.errors import ConfigError
 
 MAX_ATTEMPTS = 2  # a call taken down by a dying worker is tried once more in a fresh pool
 TIMEOUT_GRACE = 30.0  # s the loop waits past an oracle's own timeout before giving up on a call
-_CALCULATORS: dict[str, Any] = {}  # per worker process: one calculator per oracle spec, reused
+# one calculator per oracle spec, reused — per worker thread: an ASE calculator holds the atoms and results of
+# its current call, so threads of a `kind: thread` pool sharing one would mix their structures' labels
+_LOCAL = threading.local()
+
+
+def _calculators() -> dict[str, Any]:
+    if not hasattr(_LOCAL, "calculators"):
+        _LOCAL.calculators = {}
+    return _LOCAL.calculators
 
 
 class OracleFailure(RuntimeError):
@@ -79,9 +87,10 @@ def check_oracle(config: OracleConfig) -> None:
 
 def _calculator(spec: dict[str, Any]) -> Any:
     key = json.dumps({"c": spec["calculator"], "k": spec["kwargs"]}, sort_keys=True, default=str)
-    if key not in _CALCULATORS:
-        _CALCULATORS[key] = import_object(spec["calculator"])(**spec["kwargs"])
-    return _CALCULATORS[key], key
+    calculators = _calculators()
+    if key not in calculators:
+        calculators[key] = import_object(spec["calculator"])(**spec["kwargs"])
+    return calculators[key], key
 
 
 @contextlib.contextmanager
@@ -141,7 +150,7 @@ def compute(spec: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
         if isinstance(err, KeyboardInterrupt | SystemExit):
             raise
         if key is not None:  # a calculator that failed may hold a broken state: build a fresh one next time
-            _CALCULATORS.pop(key, None)
+            _calculators().pop(key, None)
         kind = "timeout" if isinstance(err, OracleTimeout) else _classify(err)
         return {"type": "failure", "id": item["id"], "kind": kind,
                 "error": f"{type(err).__name__}: {' '.join(str(err).split())[:500]}",
@@ -252,13 +261,23 @@ def open_executor(config: ExecutorConfig) -> Iterator[cf.Executor]:
             client.close()
         return
     factory = import_object(str(config.factory))
-    executor = factory(**config.factory_kwargs)
-    if not hasattr(executor, "submit"):
-        raise ConfigError(f"executor.factory {config.factory!r} returned {type(executor).__name__}, not an Executor")
-    try:
+    made = factory(**config.factory_kwargs)
+    if hasattr(made, "submit"):  # an Executor: shut down on exit
+        try:
+            yield made
+        finally:
+            made.shutdown(wait=False)
+        return
+    if not (hasattr(made, "__enter__") and hasattr(made, "__exit__")):
+        raise ConfigError(f"executor.factory {config.factory!r} returned {type(made).__name__}, neither an Executor "
+                          "nor a context manager yielding one")
+    # a context manager (e.g. a @contextlib.contextmanager generator): it owns what it started — a cluster, a
+    # client — and closes it on exit, however the loop ends
+    with made as executor:
+        if not hasattr(executor, "submit"):
+            raise ConfigError(f"executor.factory {config.factory!r} yielded {type(executor).__name__}, not an "
+                              "Executor")
         yield executor
-    finally:
-        executor.shutdown(wait=False)
 
 
 def label(items: Iterable[dict[str, Any]], spec: dict[str, Any], executor: cf.Executor,
