@@ -24,7 +24,11 @@ its seconds are in the row (``compile_s``).
 Every measurement runs in its own process, so peak memory is clean: on CPU the rise of the peak resident set
 (VmHWM) over the resident set just before the timed steps, on CUDA ``torch.cuda.max_memory_allocated``.
 JSON ``rows``: engine, mode, system, natoms, n_systems, device, dtype, ms_per_step, atom_steps_per_s,
-peak_mem_mb_per_atom; ``failed`` lists measurements that did not finish (e.g. out of memory).
+peak_mem_mb_per_atom; ``failed`` lists measurements that did not finish (e.g. out of memory) and why.
+
+``--ramp`` finds the largest box that fits: after the listed sizes it keeps growing the Cu box (about
+``--ramp-factor`` times the atoms each time) until equiforce's step fails or runs past ``--timeout``, asking
+MACE at each size until MACE fails; JSON ``largest_fit`` holds each engine's largest box that ran.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,19 +173,42 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def run_child(command: list[str], env: dict[str, str] | None, timeout: float) -> dict[str, Any] | None:
-    """Run a measurement process; its last stdout line is the JSON row (None when it failed or timed out)."""
+def run_child(command: list[str], env: dict[str, str] | None, timeout: float) -> dict[str, Any]:
+    """Run a measurement process; its last stdout line is the JSON row, or ``{"error": why}`` when it failed
+    (out of memory, killed, an exception) or ran past ``timeout``."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         print(f"  timed out: {' '.join(command[-8:])}", file=sys.stderr)
-        return None
+        return {"error": f"timed out after {timeout:g} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         print(f"  failed ({done.returncode}): {' | '.join(tail)}", file=sys.stderr)
-        return None
+        return {"error": f"exit {done.returncode}: {' | '.join(tail)[-300:]}"}
     return json.loads(lines[-1])
+
+
+def cu_sizes(listed: list[int], ramp: bool, max_atoms: int, factor: float = 2.0) -> Iterator[int]:
+    """The Cu boxes to measure: the listed atom counts, then (``ramp``) ever larger boxes — about ``factor`` times
+    the atoms each, never the same box twice — up to ``max_atoms``; the caller stops the ramp at the first
+    failure."""
+    def box(natoms: float) -> int:
+        return max(1, round((natoms / 4) ** (1 / 3)))
+
+    last = 0
+    for natoms in listed:
+        if 4 * box(natoms) ** 3 <= max_atoms:
+            last = max(last, box(natoms))
+            yield natoms
+    if not ramp:
+        return
+    n = max(last, 1)
+    while True:
+        n = max(n + 1, box(factor * 4 * n**3))
+        if 4 * n**3 > max_atoms:
+            return
+        yield 4 * n**3
 
 
 def equiforce_row(args: argparse.Namespace, system: str, mode: str, natoms: int = 0, count: int = 1):
@@ -220,6 +248,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="256,864", help="comma-separated Cu atom counts (4 n³ each)")
     parser.add_argument("--max-atoms", type=int, default=1_000_000, help="skip Cu boxes larger than this")
+    parser.add_argument("--ramp", action="store_true",
+                        help="after --sizes, keep doubling the Cu box until equiforce's step fails (out of memory) "
+                             "or runs past --timeout: JSON 'largest_fit' is the largest box that ran")
+    parser.add_argument("--ramp-factor", type=float, default=2.0, help="growth in atoms per ramp step")
     parser.add_argument("--molecules", type=int, default=32, help="aspirins in one native state (0: skip)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--molecule-steps", type=int, default=0,
@@ -258,27 +290,34 @@ def main() -> None:
     failed: list[dict[str, Any]] = []  # e.g. out of memory: the largest size that fits is the last row
     print(HEADER, flush=True)
 
-    def add(row: dict[str, Any] | None, system: str, engine: str = "equiforce", natoms: int = 0) -> None:
-        if row is None:
-            failed.append({"engine": engine, "system": system, "natoms": natoms})
-            print(f"{engine:<10} {system:<8} {natoms:>7} atoms: failed (see stderr)", flush=True)
-            return
+    def add(row: dict[str, Any], system: str, engine: str = "equiforce", natoms: int = 0) -> bool:
+        if "error" in row:
+            failed.append({"engine": engine, "system": system, "natoms": natoms, "error": row["error"]})
+            print(f"{engine:<10} {system:<8} {natoms:>7} atoms: failed ({row['error'][:80]})", flush=True)
+            return False
         row["system"] = system
         rows.append(row)
         print(format_row(row), flush=True)
+        return True
 
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    for natoms in sizes:
+    listed = [int(s) for s in args.sizes.split(",") if s.strip()]
+    largest_fit: dict[str, Any] = {"equiforce": None, "mace": None}
+    mace_fits = not args.no_mace and MACE_PYTHON.exists()
+    for natoms in cu_sizes(listed, args.ramp, args.max_atoms, args.ramp_factor):
         actual = 4 * max(1, round((natoms / 4) ** (1 / 3))) ** 3
-        if actual > args.max_atoms:
-            continue
-        add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu", natoms=actual)
+        fits = add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu", natoms=actual)
+        if fits:
+            largest_fit["equiforce"] = max(largest_fit["equiforce"] or 0, actual)
         if args.compile:
             add(equiforce_row(args, "cu", "compiled", natoms=natoms), "fcc-Cu", natoms=actual)
         if args.cuda_graph and actual <= GRAPH_MAX_ATOMS:
             add(equiforce_row(args, "cu", "graph", natoms=natoms), "fcc-Cu", natoms=actual)
-        if not args.no_mace and MACE_PYTHON.exists():
-            add(mace_row(args, natoms=natoms), "fcc-Cu", "mace", natoms=actual)
+        if mace_fits:  # once MACE has failed at a size it is not asked for larger ones
+            mace_fits = add(mace_row(args, natoms=natoms), "fcc-Cu", "mace", natoms=actual)
+            if mace_fits:
+                largest_fit["mace"] = max(largest_fit["mace"] or 0, actual)
+        if args.ramp and not fits:
+            break  # the ramp ends at equiforce's first failure
     if args.molecules > 0:
         add(equiforce_row(args, "aspirin", "native", count=args.molecules), "aspirin")
         if args.compile:
@@ -305,6 +344,8 @@ def main() -> None:
               "dtype": args.dtype, "host": platform.node(), "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
               "model": REFERENCE_SPEC, "rows": rows, "failed": failed}
+    if args.ramp:
+        result["largest_fit"] = largest_fit  # largest Cu box each engine ran (None: not one)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

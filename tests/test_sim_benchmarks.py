@@ -100,3 +100,30 @@ def test_md_speed_benchmark_smoke(tmp_path):
             assert row["cuda_graph"]["replays"] == 0 and row["cuda_graph"]["eager_steps"] >= 6
     for row in rows:
         assert row["engine"] == "equiforce" and row["atom_steps_per_s"] > 0 and row["peak_mem_mb_per_atom"] >= 0
+
+
+def _md_speed_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("md_speed_bench", ROOT / "benchmarks" / "md_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_md_speed_ramp_grows_the_box_until_the_cap():
+    cu_sizes = _md_speed_module().cu_sizes
+    assert list(cu_sizes([256, 864], False, 10**6)) == [256, 864]
+    ramp = list(cu_sizes([256, 864], True, 20_000))
+    assert ramp[:2] == [256, 864] and ramp[2:] == [2048, 4000, 8788, 16384]  # 4 n³, ~2× the atoms each step
+    assert list(cu_sizes([864], True, 864)) == [864]
+    assert list(cu_sizes([], True, 300)) == [32, 108, 256]  # from the smallest box when nothing is listed
+
+
+def test_md_speed_ramp_records_the_largest_box_that_ran(tmp_path):
+    out = tmp_path / "speed.json"
+    _run("md_speed.py", "--sizes", "32", "--ramp", "--max-atoms", "108", "--molecules", "0", "--steps", "1",
+         "--warmup", "0", "--no-mace", "--device", "cpu", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [r["natoms"] for r in result["rows"]] == [32, 108]
+    assert result["largest_fit"] == {"equiforce": 108, "mace": None} and result["failed"] == []
