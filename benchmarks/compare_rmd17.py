@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 PEER_PYTHON = HERE / "peers" / ".venv-mace" / "bin" / "python"
 QUANTITIES = (("e_mae_mev", "E MAE meV"), ("f_mae_mev_a", "F MAE meV/Å"), ("e_rmse_mev", "E RMSE meV"),
               ("f_rmse_mev_a", "F RMSE meV/Å"), ("epochs", "epochs"), ("configs_per_s", "configs/s"),
-              ("model_params", "params"))
+              ("train_configs_per_s", "step configs/s"), ("model_params", "params"))
 
 
 def split_sizes(extra: list[str]) -> tuple[int, int]:
@@ -82,10 +82,12 @@ def table(results: dict[str, dict], title: str) -> None:
     t.add_column("engine")
     for _, label in QUANTITIES:
         t.add_column(label, justify="right")
-    for engine, r in results.items():
-        t.add_row(engine, *(f"{r[key]:,.2f}" if isinstance(r[key], float) else f"{r[key]:,}" for key, _ in QUANTITIES))
+    for engine, r in results.items():  # results of older runs may lack a column: "-"
+        t.add_row(engine, *("-" if r.get(key) is None else f"{r[key]:,.2f}" if isinstance(r[key], float)
+                            else f"{r[key]:,}" for key, _ in QUANTITIES))
     eq, mace = results["equiforce"], results["mace"]
-    t.add_row("equiforce / mace", *(f"{eq[k] / mace[k]:.2f}x" if mace[k] else "-" for k, _ in QUANTITIES))
+    t.add_row("equiforce / mace", *(f"{eq[k] / mace[k]:.2f}x" if mace.get(k) and eq.get(k) is not None else "-"
+                                    for k, _ in QUANTITIES))
     Console().print(t)
 
 
@@ -122,7 +124,7 @@ def main() -> None:
     mace_out = work / "mace.json"
     results["mace"] = json.loads(mace_out.read_text()) if args.skip_mace else run_mace(args, split_dir, mace_out)
     ratios = {key: results["equiforce"][key] / results["mace"][key] for key, _ in QUANTITIES
-              if results["mace"].get(key)}
+              if results["mace"].get(key) and results["equiforce"].get(key) is not None}
     table(results, f"rMD17 {args.molecule}: {args.budget_min:g} min on {args.device} ({args.dtype})")
     out.write_text(json.dumps({**results, "ratios": ratios, "command": " ".join(sys.argv)}, indent=2) + "\n")
 

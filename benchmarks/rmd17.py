@@ -109,14 +109,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     seen = sum(args.n_train * r.get("partial_epoch", 1.0) for r in records)
     train_seconds = sum(r["time"] for r in records)
+    step_seconds = sum(r.get("train_time", r["time"]) for r in records)
+    epochs = sum(r.get("partial_epoch", 1.0) for r in records)  # the last one may be cut by the budget
     report = {
         "engine": "equiforce", "molecule": molecule, "train_file": str(args.train), "test_file": str(args.test),
         "n_train": len(train_set), "n_valid": len(valid_set), "n_test": test["n_configs"],
         "e_mae_mev": test["energy_mae"], "e_rmse_mev": test["energy_rmse"],
         "f_mae_mev_a": test["forces_mae"], "f_rmse_mev_a": test["forces_rmse"],
-        "valid": result["valid"], "epochs": round(sum(r.get("partial_epoch", 1.0) for r in records), 3),
+        "valid": result["valid"], "epochs": round(epochs, 3),
         "best_epoch": result["best_epoch"], "configs_per_s": seen / train_seconds,
-        "epochs_per_min": 60.0 * len(records) / train_seconds, "train_s": train_seconds, "test_s": t_test,
+        "train_configs_per_s": seen / step_seconds,
+        "epochs_per_min": 60.0 * epochs / train_seconds, "train_s": train_seconds, "test_s": t_test,
         "compiled": bool(records[-1].get("compiled", False)), "compile_s": records[-1].get("compile_s", 0.0),
         **({"compile_error": records[-1]["compile_error"]} if "compile_error" in records[-1] else {}),
         "wall_s": time.perf_counter() - start, "budget_min": args.budget_min, "device": str(device),

@@ -410,6 +410,9 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             record: dict[str, Any] = {"epoch": epoch, "lr": first_lr, "lr_end": lr, "stage": state["stage"],
                                       "train_loss": float(loss_sum) / n_seen}
             record.update({f"train_loss_{k}": float(v) / n_seen for k, v in part_sums.items()})
+            # the training steps alone (float() above waited for the device): what peers report as throughput;
+            # "time" below adds the shift refit, validation and saving the best model
+            record["train_time"] = clock(start)
             if n_seen < n_train:
                 record["partial_epoch"] = n_seen / n_train
 

@@ -131,6 +131,7 @@ def main() -> None:
     model = torch.load(model_path, map_location="cpu", weights_only=False)
     report = {"engine": "mace", "mace_version": __import__("mace").__version__, "molecule": args.molecule,
               **metrics, "epochs": timing["epochs"], "configs_per_s": n_train * timing["epochs"] /
+              max(timing["train_s"], 1e-9), "train_configs_per_s": n_train * timing["epochs"] /
               max(timing["train_s"], 1e-9), "train_s": timing["train_s"], "loop_s": timing.get("loop_s"),
               "test_s": time.perf_counter() - t_test, "wall_s": time.perf_counter() - start, "run_train_s": wall,
               "device": args.device, "dtype": args.dtype, "hidden_irreps": args.hidden_irreps,
