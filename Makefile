@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# torchsim: so `make test` runs the torch-sim adapter's tests (they skip where torch-sim is absent)
+	$(PY) -m pip install -q -e '.[dev,torchsim]'
 	touch $(STAMP)
 
 install: $(STAMP)
