@@ -26,12 +26,17 @@ def _append(path: str, record: dict[str, Any]) -> None:
 class CountingEMT(EMT):
     """EMT that appends ``{"id", "pid"}`` to ``log`` after every finished calculation (durably)."""
 
-    def __init__(self, log: str, **kwargs: Any) -> None:
+    def __init__(self, log: str, sleep: float = 0.0, started_log: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.log = log
+        self.log, self.sleep, self.started_log = log, sleep, started_log
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        if self.started_log:  # which processes began a call (finished or not)
+            _append(self.started_log, {"id": atoms.info.get("equiforce_id"), "pid": os.getpid()})
         super().calculate(atoms, properties, system_changes)
+        time.sleep(self.sleep)  # a slow oracle: calls are still in flight when the loop is killed
+        if atoms.info.get("equiforce_id") == os.environ.get("COUNTING_EMT_HANG_ID"):
+            time.sleep(60)  # one call that would outlive a killed loop by far if its worker were orphaned
         _append(self.log, {"id": atoms.info.get("equiforce_id"), "pid": os.getpid()})
 
 

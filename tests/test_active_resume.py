@@ -26,8 +26,9 @@ from equiforce.models.file import load_model
 from tests.active_helpers import tiny_config
 
 
-def _session(config: dict, resume: str | None, fault: str | None) -> None:
+def _session(config: dict, resume: str | None, fault: str | None, env: dict[str, str] | None = None) -> None:
     torch.set_num_threads(1)
+    os.environ.update(env or {})  # inherited by the oracle's spawned workers
     if fault:
         os.environ[FAULT_ENV] = fault
     else:
@@ -45,8 +46,9 @@ def _session(config: dict, resume: str | None, fault: str | None) -> None:
     os._exit(0)
 
 
-def run_session(config: dict, resume: str | None, fault: str | None = None, kill_after: float | None = None) -> int:
-    process = multiprocessing.get_context("fork").Process(target=_session, args=(config, resume, fault))
+def run_session(config: dict, resume: str | None, fault: str | None = None, kill_after: float | None = None,
+                env: dict[str, str] | None = None) -> int:
+    process = multiprocessing.get_context("fork").Process(target=_session, args=(config, resume, fault, env))
     process.start()
     process.join(timeout=kill_after)
     if kill_after is not None and process.is_alive():
@@ -105,3 +107,40 @@ def test_kill_at_random_points_loses_and_repeats_no_oracle_call(tmp_path, seed):
     assert any(r["type"] == "stopped" for r in records)
     assert [r["round"] for r in records if r["type"] == "trained"] == [1, 2, 3, 4]
     assert load_model(run / "model.eqf").elements == [29]
+
+
+def _alive(pid: int) -> bool:
+    """A process that still runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to see which workers still run")
+def test_kill_9_with_the_process_pool_leaves_no_worker_and_repeats_no_call(tmp_path):
+    """The default executor: ``kill -9`` while two workers label takes the workers down with the loop — the
+    call r000-0002 hangs for a minute in its worker when the loop dies after the third result, and that worker
+    must be gone within seconds — and the resumed run repeats no call whose result reached the journal."""
+    import time
+
+    run, log = tmp_path / "run", tmp_path / "calls.jsonl"
+    oracle = {"name": "custom", "calculator": "tests.active_helpers:CountingEMT",
+              "kwargs": {"log": str(log), "sleep": 0.3, "started_log": str(tmp_path / "started.jsonl")}}
+    config = tiny_config(run, oracle=oracle, executor={"kind": "process", "workers": 2},
+                         stop={"max_rounds": 1, "max_oracle_calls": 100})
+    assert run_session(config, None, fault="label:3", env={"COUNTING_EMT_HANG_ID": "r000-0002"}) == -signal.SIGKILL
+    workers = {c["pid"] for c in map(json.loads, (tmp_path / "started.jsonl").read_text().splitlines())}
+    assert workers and os.getpid() not in workers
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived the killed loop"
+    labelled = {r["id"] for r in read_journal(run / "journal.jsonl") if r["type"] in ("label", "failure")}
+    n_calls = len(logged_calls(log))
+    assert len(labelled) == 3 and "r000-0002" not in labelled
+    assert run_session(config, str(run)) == 0
+    assert not labelled & set(logged_calls(log)[n_calls:]), "a journaled call was repeated"
+    outcomes = [r["id"] for r in read_journal(run / "journal.jsonl") if r["type"] in ("label", "failure")]
+    assert len(outcomes) == len(set(outcomes)) and labelled <= set(outcomes)
