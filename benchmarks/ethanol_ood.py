@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rmd17.write_split for the peer's split
 
 from equiforce.data.io import read_configurations  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
@@ -32,6 +36,8 @@ from equiforce.models.potential import Potential  # noqa: E402
 from equiforce.train.metrics import ErrorMetrics  # noqa: E402
 from equiforce.train.trainer import train_configs  # noqa: E402
 
+PEERS = Path(__file__).resolve().parent / "peers"
+MACE_PYTHON = PEERS / ".venv-mace" / "bin" / "python"
 CURVES = (("test_H_removal", "OH_dist", "O–H distance (Å)"), ("test_norm_mode_874", "displacement",
           "displacement along the 874 cm⁻¹ mode"), ("test_norm_mode_3005", "displacement",
           "displacement along the 3005 cm⁻¹ mode"))
@@ -55,36 +61,101 @@ def predict_energies(model: Potential, configs: list[Configuration], device: tor
     return pred
 
 
-def curve(model: Potential, configs: list[Configuration], key: str, device: torch.device,
-          dissociation: bool = False, isolated: dict[int, float] | None = None) -> dict[str, Any]:
-    """Model vs DFT along one scan.
+@dataclass
+class Scan:
+    """One energy curve: which frames of which file, ordered along ``key``."""
 
-    A ``dissociation`` scan (H removal, dimers) also gets ``far_aligned_mae_mev``: both curves relative to
-    their own value at the largest separation, i.e. the error of the binding curve.  With ``isolated``
-    (atomic number → isolated-atom energy), a dimer curve also reports where each side's far end lies
-    relative to the sum of the isolated atoms: the model sits there by construction (its isolated atoms are
-    exactly the E0s), while the BOTNet dimer scans (open-shell UHF, lowest state found by basin hopping) end
-    below ``isolated_atoms.xyz`` by ~2.0 eV per C and ~3.0 eV per O — an offset that no model trained on
-    these E0s can follow, and that the far-aligned MAE leaves out of the comparison.
+    name: str
+    file: str
+    indices: list[int]  # frames of the file on this curve, in file order
+    key: str
+    label: str
+    dissociation: bool  # H removal and dimers: the far end is the dissociation limit
+
+
+def scans_of(data: Path) -> tuple[list[Scan], dict[str, list[Configuration]]]:
+    """The out-of-distribution scans and the frames of their files."""
+    frames = {f"{stem}.xyz": read_configurations(data / f"{stem}.xyz") for stem, _, _ in CURVES}
+    scans = [Scan(stem, f"{stem}.xyz", list(range(len(frames[f"{stem}.xyz"]))), key, label, stem == "test_H_removal")
+             for stem, key, label in CURVES]
+    frames["test_dimers.xyz"] = dimers = read_configurations(data / "test_dimers.xyz")
+    for kind in sorted({c.config_type for c in dimers}):
+        indices = [i for i, c in enumerate(dimers) if c.config_type == kind]
+        scans.append(Scan(f"dimer_{kind}", "test_dimers.xyz", indices, "distance", f"{kind} separation (Å)", True))
+    return scans, frames
+
+
+def curve_metrics(scan: Scan, configs: list[Configuration], energies: np.ndarray,
+                  isolated: dict[int, float] | None = None) -> dict[str, Any]:
+    """A model's curve against DFT along one scan (``energies``: the model's, for ``configs`` in file order).
+
+    A dissociation scan (H removal, dimers) also gets ``far_aligned_mae_mev``: both curves relative to their
+    own value at the largest separation, i.e. the error of the binding curve.  With ``isolated`` (atomic
+    number → isolated-atom energy), a dimer curve also reports where each side's far end lies relative to the
+    sum of the isolated atoms: a model sits there by construction when its isolated atoms are the E0s, while
+    the BOTNet dimer scans (open-shell UHF, lowest state found by basin hopping) end below
+    ``isolated_atoms.xyz`` by ~2.0 eV per C and ~3.0 eV per O — an offset that no model trained on these E0s
+    can follow, and that the far-aligned MAE leaves out of the comparison.
     """
-    x = np.array([float(c.info[key]) for c in configs])
+    x = np.array([float(c.info[scan.key]) for c in configs])
     order = np.argsort(x)
     ref = np.array([c.energy for c in configs])[order]
-    pred = predict_energies(model, [configs[i] for i in order], device)
+    pred = np.asarray(energies, dtype=float)[order]
     result = {"x": x[order].tolist(), "dft": ref.tolist(), "model": pred.tolist(), "n": len(x),
               "mae_mev": 1000 * float(np.abs(pred - ref).mean()),
               "shape_mae_mev": 1000 * float(np.abs((pred - pred.min()) - (ref - ref.min())).mean()),
               "spurious_minima": spurious_minima(pred, ref), "dft_minima": len(local_minima(ref))}
-    if dissociation:
+    if scan.dissociation:
         result["far_aligned_mae_mev"] = 1000 * float(np.abs((pred - pred[-1]) - (ref - ref[-1])).mean())
-    if isolated is not None:
+    if isolated is not None and scan.name.startswith("dimer_"):
         atoms_sum = sum(isolated[int(z)] for z in configs[order[-1]].numbers)
         result["dft_far_minus_isolated_ev"] = float(ref[-1] - atoms_sum)
         result["model_far_minus_isolated_ev"] = float(pred[-1] - atoms_sum)
     return result
 
 
-def plot(curves: dict[str, dict], labels: dict[str, str], path: Path) -> None:
+def run_mace(args: argparse.Namespace, data: Path, work: Path, scans: list[Scan]) -> dict[str, Any]:
+    """The peer on the same split, budget and device: MACE trained in its own venv on train.xyz (E0s from
+    isolated_atoms.xyz, the 5 % held out by the same seeded split as equiforce), then asked for the energies of
+    every scan's frames.  ``--peer-reuse`` keeps a finished MACE run in the work directory."""
+    from rmd17 import write_split
+
+    from equiforce.data.stats import is_isolated_atom, split_indices
+
+    if not MACE_PYTHON.exists():
+        raise SystemExit(f"MACE peer not installed ({MACE_PYTHON}); run benchmarks/peers/mace/install.sh")
+    work.mkdir(parents=True, exist_ok=True)
+    report = work / "mace.json"
+    if not (args.peer_reuse and report.exists()):
+        rest = [c for c in read_configurations(data / "train.xyz") if not is_isolated_atom(c)]
+        train_idx, valid_idx = split_indices(len(rest), 0.05, 1)  # train_configs' split: same structures
+        split = work / "split"
+        write_split([rest[i] for i in train_idx], split / "train.xyz")
+        write_split([rest[i] for i in valid_idx], split / "valid.xyz")
+        write_split(read_configurations(data / "test_MD.xyz"), split / "test.xyz")
+        isolated = {int(c.numbers[0]): float(c.energy) for c in read_configurations(data / "isolated_atoms.xyz")}
+        command = [str(MACE_PYTHON), str(PEERS / "mace" / "train_rmd17.py"), "--split", str(split),
+                   "--budget-min", str(args.budget_min), "--device", args.device if args.device != "auto" else "cpu",
+                   "--dtype", "float64" if args.dtype == "float64" else "float32",
+                   "--hidden-irreps", args.mace_hidden_irreps, "--e0s", repr(isolated), "--molecule", "ethanol",
+                   "--work-dir", str(work / "run"), "--out", str(report)]
+        print("$", " ".join(command), flush=True)
+        with open(work / "mace.log", "w", encoding="utf-8") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
+                           env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"))
+    trained = json.loads(report.read_text())
+    files = sorted({scan.file for scan in scans})
+    predictions = work / "predictions.json"
+    subprocess.run([str(MACE_PYTHON), str(PEERS / "mace" / "predict.py"), "--model", trained["model_path"],
+                    "--files", *[str(data / f) for f in files], "--device", trained["device"], "--dtype",
+                    trained["dtype"], "--out", str(predictions)], check=True,
+                   env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"))
+    energies = {Path(k).name: np.array(v["energy"]) for k, v in json.loads(predictions.read_text()).items()}
+    return {"train": trained, "energies": energies}
+
+
+def plot(curves: dict[str, dict], labels: dict[str, str], path: Path, peer: dict[str, dict] | None = None,
+         peer_name: str = "MACE") -> None:
     from matplotlib.figure import Figure
 
     names = list(curves)
@@ -97,7 +168,12 @@ def plot(curves: dict[str, dict], labels: dict[str, str], path: Path) -> None:
         ref_min = min(c["dft"])
         ax.plot(c["x"], np.array(c["dft"]) - ref_min, "k-", lw=1.5, label="DFT (PBE)")
         ax.plot(c["x"], np.array(c["model"]) - ref_min, "C1--", lw=1.5, label="equiforce")
-        ax.set_title(f"{name}: MAE {c['mae_mev']:.0f} meV, spurious minima {c['spurious_minima']}", fontsize=8)
+        title = f"{name}: MAE {c['mae_mev']:.0f} meV, spurious minima {c['spurious_minima']}"
+        if peer is not None:
+            ax.plot(peer[name]["x"], np.array(peer[name]["model"]) - ref_min, "C0:", lw=1.5, label=peer_name)
+            title = (f"{name}: MAE {c['mae_mev']:.0f} / {peer[name]['mae_mev']:.0f} meV,\nspurious minima "
+                     f"{c['spurious_minima']} / {peer[name]['spurious_minima']} (equiforce / {peer_name})")
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel(labels[name], fontsize=8)
         ax.set_ylabel("E − min E_DFT (eV)", fontsize=8)
         span = max(c["dft"]) - ref_min
@@ -108,6 +184,27 @@ def plot(curves: dict[str, dict], labels: dict[str, str], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def print_table(title: str, curves: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("curve", "points", "MAE meV", "shape MAE meV", "far-aligned MAE meV", "DFT far − atoms eV",
+                   "spurious minima", "DFT minima"):
+        table.add_column(column, justify="right")
+    for name, c in curves.items():
+        offset = c.get("dft_far_minus_isolated_ev")
+        table.add_row(name, str(c["n"]), f"{c['mae_mev']:.1f}", f"{c['shape_mae_mev']:.1f}",
+                      f"{c['far_aligned_mae_mev']:.1f}" if "far_aligned_mae_mev" in c else "",
+                      "" if offset is None else f"{offset:+.2f}", str(c["spurious_minima"]), str(c["dft_minima"]))
+    Console().print(table)
+
+
+def summary(curves: dict[str, dict]) -> dict[str, dict]:
+    """The per-curve numbers without the curve data."""
+    return {k: {m: v for m, v in c.items() if m not in ("x", "dft", "model")} for k, c in curves.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -128,6 +225,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--work-dir", default="runs/ethanol_ood/train")
     p.add_argument("--model", default=None, help="evaluate this model file instead of training")
     p.add_argument("--out", default="runs/ethanol_ood/results.json")
+    p.add_argument("--peer", choices=["mace"], default=None,
+                   help="also train MACE (benchmarks/peers/.venv-mace) on the same split, budget and device, one "
+                        "after the other, and rate it on the same scans")
+    p.add_argument("--mace-hidden-irreps", default="64x0e+64x1o", help="the peer's size (equiforce's default size)")
+    p.add_argument("--peer-work-dir", default=None,
+                   help="MACE's split, run and predictions (default: OUT's folder/mace)")
+    p.add_argument("--peer-reuse", action="store_true", help="reuse a finished MACE run in the peer work directory")
     args = p.parse_args(argv)
     start = time.perf_counter()
     data, out = Path(args.data), Path(args.out)
@@ -152,46 +256,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_path = args.model
     model = load_model(model_path, device=device)
     test = evaluate(model, read_configurations(data / "test_MD.xyz"), batch_size=50, device=device)
-    curves: dict[str, dict] = {}
-    labels: dict[str, str] = {}
-    for stem, key, label in CURVES:
-        curves[stem] = curve(model, read_configurations(data / f"{stem}.xyz"), key, device,
-                             dissociation=stem == "test_H_removal")
-        labels[stem] = label
     isolated = {int(c.numbers[0]): float(c.energy) for c in read_configurations(data / "isolated_atoms.xyz")}
-    dimers = read_configurations(data / "test_dimers.xyz")
-    for kind in sorted({c.config_type for c in dimers}):
-        name = f"dimer_{kind}"
-        curves[name] = curve(model, [c for c in dimers if c.config_type == kind], "distance", device, True, isolated)
-        labels[name] = f"{kind} separation (Å)"
+    scans, frames = scans_of(data)
+    curves: dict[str, dict] = {}
+    labels = {scan.name: scan.label for scan in scans}
+    for scan in scans:
+        configs = [frames[scan.file][i] for i in scan.indices]
+        curves[scan.name] = curve_metrics(scan, configs, predict_energies(model, configs, device), isolated)
+    peer: dict[str, Any] | None = None
+    if args.peer == "mace":
+        mace = run_mace(args, data, Path(args.peer_work_dir or out.parent / "mace"), scans)
+        peer_curves = {scan.name: curve_metrics(scan, [frames[scan.file][i] for i in scan.indices],
+                                                mace["energies"][scan.file][scan.indices], isolated)
+                       for scan in scans}
+        trained = mace["train"]
+        peer = {"engine": "mace", "mace_version": trained.get("mace_version"),
+                "hidden_irreps": trained.get("hidden_irreps"),
+                "test_MD": {"e_mae_mev": trained["e_mae_mev"], "f_mae_mev_a": trained["f_mae_mev_a"],
+                            "e_rmse_mev": trained["e_rmse_mev"], "f_rmse_mev_a": trained["f_rmse_mev_a"],
+                            "n": trained["n_test"]},
+                "curves": summary(peer_curves), "curve_data": peer_curves,
+                "train": {k: trained.get(k) for k in ("epochs", "train_s", "configs_per_s", "train_configs_per_s",
+                                                      "budget_min", "model_params", "dtype", "device", "date")}}
     plot_path = out.parent / "ethanol_ood_curves.png"
-    plot(curves, labels, plot_path)
+    plot(curves, labels, plot_path, peer["curve_data"] if peer else None)
     report = {"test_MD": {"e_mae_mev": test["energy_mae"], "f_mae_mev_a": test["forces_mae"],
                           "e_rmse_mev": test["energy_rmse"], "f_rmse_mev_a": test["forces_rmse"],
                           "n": test["n_configs"]},
-              "curves": {k: {m: v for m, v in c.items() if m not in ("x", "dft", "model")} for k, c in curves.items()},
-              "curve_data": curves, "plot": str(plot_path), "train": train_info, "device": str(device),
-              "dtype": args.dtype, "budget_min": args.budget_min if args.model is None else None,
-              "model_file": str(model_path),
-              "wall_s": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "curves": summary(curves), "curve_data": curves, "plot": str(plot_path), "train": train_info,
+              "device": str(device), "dtype": args.dtype, "budget_min": args.budget_min if args.model is None else None,
+              "model_file": str(model_path), "wall_s": time.perf_counter() - start,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if peer is not None:
+        report["peer"] = peer
+        report["spurious_minima_total"] = {"equiforce": sum(c["spurious_minima"] for c in curves.values()),
+                                           "mace": sum(c["spurious_minima"] for c in peer_curves.values())}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    from rich.console import Console
-    from rich.table import Table
-
-    trained = f"{args.budget_min:g} min on {device}" if args.model is None else f"{args.model}, on {device}"
-    table = Table(title=f"ethanol OOD ({trained}): test_MD E MAE "
-                        f"{test['energy_mae']:.2f} meV, F MAE {test['forces_mae']:.2f} meV/Å")
-    for column in ("curve", "points", "MAE meV", "shape MAE meV", "far-aligned MAE meV", "DFT far − atoms eV",
-                   "spurious minima", "DFT minima"):
-        table.add_column(column, justify="right")
-    for name, c in curves.items():
-        offset = c.get("dft_far_minus_isolated_ev")
-        table.add_row(name, str(c["n"]), f"{c['mae_mev']:.1f}", f"{c['shape_mae_mev']:.1f}",
-                      f"{c['far_aligned_mae_mev']:.1f}" if "far_aligned_mae_mev" in c else "",
-                      "" if offset is None else f"{offset:+.2f}",
-                      str(c["spurious_minima"]), str(c["dft_minima"]))
-    Console().print(table)
+    trained_how = f"{args.budget_min:g} min on {device}" if args.model is None else f"{args.model}, on {device}"
+    print_table(f"ethanol OOD, equiforce ({trained_how}): test_MD E MAE {test['energy_mae']:.2f} meV, "
+                f"F MAE {test['forces_mae']:.2f} meV/Å", curves)
+    if peer is not None:
+        print_table(f"ethanol OOD, MACE {peer['mace_version']} ({peer['hidden_irreps']}, {args.budget_min:g} min): "
+                    f"test_MD E MAE {peer['test_MD']['e_mae_mev']:.2f} meV, F MAE "
+                    f"{peer['test_MD']['f_mae_mev_a']:.2f} meV/Å", peer_curves)
     print(f"plot: {plot_path}")
     return report
 

@@ -138,3 +138,28 @@ def test_ethanol_ood_reports_curves_and_the_dimer_limit_offsets(tmp_path):
         assert {"mae_mev", "shape_mae_mev", "spurious_minima", "dft_minima"} <= set(c)
         assert ("far_aligned_mae_mev" in c) == (not name.startswith("test_norm_mode"))
     assert "dft_far_minus_isolated_ev" not in result["curves"]["test_H_removal"]
+
+
+MACE_PYTHON = ROOT / "benchmarks" / "peers" / ".venv-mace" / "bin" / "python"
+
+
+@pytest.mark.skipif(not MACE_PYTHON.exists(), reason="the MACE peer venv is not installed "
+                                                     "(benchmarks/peers/mace/install.sh)")
+def test_ethanol_ood_rates_the_mace_peer_on_the_same_scans(tmp_path):
+    data = tmp_path / "ethanol_botnet"
+    _botnet_like(data)
+    write(data / "train.xyz", emt_ethanols(24, seed=300))
+    out = tmp_path / "ood" / "results.json"
+    _run("ethanol_ood.py", "--data", str(data), "--budget-min", "0.05", "--device", "cpu", "--dtype", "float32",
+         "--channels", "8", "--batch-size", "8", "--peer", "mace", "--mace-hidden-irreps", "8x0e+8x1o",
+         "--work-dir", str(tmp_path / "eq"), "--out", str(out))
+    result = json.loads(out.read_text())
+    peer = result["peer"]
+    assert peer["engine"] == "mace" and peer["test_MD"]["n"] == 4 and peer["train"]["epochs"] >= 1
+    assert set(peer["curves"]) == set(result["curves"])
+    for name, c in peer["curves"].items():  # rated exactly as equiforce: same points, same DFT
+        assert c["n"] == result["curves"][name]["n"] and c["dft_minima"] == result["curves"][name]["dft_minima"]
+    assert peer["curve_data"]["dimer_CC"]["dft"] == result["curve_data"]["dimer_CC"]["dft"]
+    assert set(result["spurious_minima_total"]) == {"equiforce", "mace"}
+    # MACE with E0s from the isolated atoms: its dimers also end at their sum beyond the cutoff
+    assert abs(peer["curves"]["dimer_HO"]["model_far_minus_isolated_ev"]) < 1.0

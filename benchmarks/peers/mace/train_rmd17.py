@@ -99,6 +99,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="runs/mace")
     p.add_argument("--molecule", default="rmd17")
+    p.add_argument("--e0s", default="average",
+                   help="MACE's --E0s: 'average' (least squares on the training set, as for rMD17) or a dict "
+                        "'{Z: eV, ...}' of isolated-atom energies")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -110,7 +113,7 @@ def main() -> None:
     sys.argv = ["mace_run_train", f"--name={name}", f"--work_dir={work}", f"--train_file={split / 'train.xyz'}",
                 f"--valid_file={split / 'valid.xyz'}", "--energy_key=REF_energy", "--forces_key=REF_forces",
                 "--model=MACE", f"--hidden_irreps={args.hidden_irreps}", "--r_max=5.0", "--max_ell=3",
-                "--correlation=3", "--num_interactions=2", "--E0s=average", f"--batch_size={args.batch_size}",
+                "--correlation=3", "--num_interactions=2", f"--E0s={args.e0s}", f"--batch_size={args.batch_size}",
                 "--valid_batch_size=10", "--max_num_epochs=100000", "--lr=0.01", "--amsgrad", "--ema",
                 "--ema_decay=0.99", "--swa", "--start_swa=100000", "--swa_lr=0.001", "--energy_weight=1.0",
                 "--forces_weight=100.0", "--swa_energy_weight=1000.0", "--swa_forces_weight=100.0",
@@ -135,7 +138,8 @@ def main() -> None:
               max(timing["train_s"], 1e-9), "train_s": timing["train_s"], "loop_s": timing.get("loop_s"),
               "test_s": time.perf_counter() - t_test, "wall_s": time.perf_counter() - start, "run_train_s": wall,
               "device": args.device, "dtype": args.dtype, "hidden_irreps": args.hidden_irreps,
-              "budget_min": args.budget_min, "model": model_path.name,
+              "budget_min": args.budget_min, "model": model_path.name, "model_path": str(model_path),
+              "e0s": args.e0s,
               "model_params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(json.dumps(report, indent=2))
