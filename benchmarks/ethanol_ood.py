@@ -216,11 +216,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--max-l", type=int, default=1)
     p.add_argument("--no-zbl", action="store_true", help="no ZBL short-range repulsion prior")
+    p.add_argument("--shift-gate", choices=["coordination", "bonds"], default=None,
+                   help="how the per-atom shift switches on (ModelSpec.shift_gate; default: that of new models)")
     p.add_argument("--basis-bound", type=float, default=None,
                    help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; "
                         "default: that of new models, 4)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=5)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compiled training step (training.compile, as rmd17.py; its compilation counts against the "
+                        "budget)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default="runs/ethanol_ood/train")
     p.add_argument("--model", default=None, help="evaluate this model file instead of training")
@@ -243,10 +248,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          cutoff=5.0, zbl=not args.no_zbl)
         if args.basis_bound is not None:  # else the default of new models (ModelConfig)
             model_cfg["basis_bound"] = args.basis_bound or None
+        if args.shift_gate is not None:
+            model_cfg["shift_gate"] = args.shift_gate
         training = {"epochs": 100000, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 50,
                     "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99, "energy_weight": 1.0,
                     "forces_weight": 100.0, "stage_two": {"start": 0.75, "lr": args.lr / 10, "energy_weight": 1000.0},
-                    "device": args.device, "dtype": args.dtype, "seed": args.seed, "max_time": 60 * args.budget_min}
+                    "device": args.device, "dtype": args.dtype, "seed": args.seed, "max_time": 60 * args.budget_min,
+                    "compile": args.compile}
         result = train_configs(train, None, model_cfg, training, args.work_dir, e0s="isolated", valid_fraction=0.05,
                                split_seed=1, resume=False)
         model_path = result["best_model"]

@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_cfg["separate_paths"] = args.separate_paths
     if args.basis_bound is not None:
         model_cfg["basis_bound"] = args.basis_bound or None
+    if args.shift_gate is not None:
+        model_cfg["shift_gate"] = args.shift_gate
     work = Path(args.work_dir or f"runs/rmd17/{molecule}")
     result = train_configs(train_set, valid_set, model_cfg, training_settings(args), work, e0s="fit",
                            resume=False, progress=False if args.quiet else None)
@@ -165,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--separate-paths", action=argparse.BooleanOptionalAction, default=None,
                    help="override the preset: keep the convolution's paths apart until the message's channel "
                         "mixing (ModelSpec.separate_paths, as MACE)")
+    p.add_argument("--shift-gate", choices=["coordination", "bonds"], default=None,
+                   help="how the per-atom shift switches on (ModelSpec.shift_gate; default: that of new models)")
     p.add_argument("--basis-bound", type=float, default=None,
                    help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; default: "
                         "that of new models, 4)")

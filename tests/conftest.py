@@ -19,10 +19,11 @@ MODEL_CONFIGS = {
                          num_layers=3, radial_mlp=[12], cutoff=3.5, zbl=True, envelope_p=5,
                          avg_num_neighbors=6.0, basis_bound=0.5),  # small bound: the squashing is nonlinear here
     # the options that widen the product and the messages (rank-2 product, element-dependent first-layer
-    # messages, paths kept apart until the channel mixing)
+    # messages, paths kept apart until the channel mixing), and the bond-length shift gate with a shift that
+    # matters (Cu/Ni pairs reach past the cutoff's end of the switch: its clamped form is exercised too)
     "L1-corr3-branches": dict(elements=[1, 6, 8, 28, 29], channels=6, max_l=1, sh_lmax=2, correlation=3,
                               num_layers=2, radial_mlp=[12], cutoff=4.0, product_branches=2, element_messages=True,
-                              separate_paths=True, avg_num_neighbors=8.0),
+                              separate_paths=True, avg_num_neighbors=8.0, shift_gate="bonds", energy_shift=-0.8),
 }
 
 

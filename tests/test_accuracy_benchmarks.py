@@ -151,7 +151,7 @@ def test_ethanol_ood_rates_the_mace_peer_on_the_same_scans(tmp_path):
     write(data / "train.xyz", emt_ethanols(24, seed=300))
     out = tmp_path / "ood" / "results.json"
     _run("ethanol_ood.py", "--data", str(data), "--budget-min", "0.05", "--device", "cpu", "--dtype", "float32",
-         "--channels", "8", "--batch-size", "8", "--peer", "mace", "--mace-hidden-irreps", "8x0e+8x1o",
+         "--channels", "8", "--batch-size", "8", "--no-compile", "--peer", "mace", "--mace-hidden-irreps", "8x0e+8x1o",
          "--work-dir", str(tmp_path / "eq"), "--out", str(out))
     result = json.loads(out.read_text())
     peer = result["peer"]

@@ -1,10 +1,12 @@
 """The MACE-class equivariant message-passing potential.
 
-Energy is a sum of atomic energies ``E_i = E0[z_i] + shift · (1 - exp(-n_i)) + scale · Σ_t readout_t(h_i^t)``
-with ``n_i = Σ_j u(r_ij)`` a smooth coordination number (``u`` the cutoff envelope).  Readouts are
-bias-free and an atom without neighbours has zero features and ``n_i = 0``, so an isolated atom's energy
-is exactly its ``E0``: dissociation curves end at the right limit, while the per-atom shift (the mean
-binding energy per atom, which is large with isolated-atom E0s) still normalises every bonded atom.
+Energy is a sum of atomic energies ``E_i = E0[z_i] + shift · g_i + scale · Σ_t readout_t(h_i^t)`` with a
+gate ``g_i`` that is 0 for an atom without neighbours: by default ``g_i = 1 - exp(-n_i)`` with
+``n_i = Σ_j u(r_ij)`` a smooth coordination number (``u`` the cutoff envelope); with ``shift_gate: bonds``,
+``g_i = 1 - Π_j (1 - s_ij)`` with ``s_ij`` a switch on the bond length (relative to the covalent radii).
+Readouts are bias-free and an atom without neighbours has zero features and ``g_i = 0``, so an isolated
+atom's energy is exactly its ``E0``: dissociation curves end at the right limit, while the per-atom shift
+(the mean binding energy per atom, which is large with isolated-atom E0s) still normalises every bonded atom.
 Forces, virial and stress are exact autograd derivatives of that one energy.
 """
 
@@ -26,6 +28,7 @@ from equiforce.nn.product import SymmetricProduct
 from equiforce.nn.radial import BesselBasis, PolynomialEnvelope, RadialMLP
 from equiforce.nn.tensor_product import EdgeTensorProduct
 
+BOND_ON, BOND_OFF = 1.3, 1.8  # shift_gate "bonds": a pair is bonded below 1.3x, unbonded beyond 1.8x (covalent radii)
 AUTO_EDGE_CHUNK = 2048  # edges per chunk on a CPU (measured best of 1024/2048/4096/16384 on 864 Cu atoms)
 AUTO_CHUNK_MIN_EDGES = 8192  # below this (a training batch of small molecules) everything in one pass
 
@@ -150,6 +153,11 @@ class Potential(nn.Module):
                 readout = nn.Linear(c, 1, bias=False)
             self.readouts.append(readout)
         self.zbl = ZBLRepulsion(spec.elements, spec.cutoff) if spec.zbl else None
+        if spec.shift_gate == "bonds":
+            from ase.data import covalent_radii
+
+            self.register_buffer("covalent_radius", torch.tensor([float(covalent_radii[z]) for z in spec.elements],
+                                                                 dtype=dtype), persistent=False)
         self.scalar_norm = 1.0 / math.sqrt(c)
 
     @property
@@ -193,10 +201,23 @@ class Potential(nn.Module):
         vectors = positions[edge_index[1]] - positions[edge_index[0]] + offsets
         return vectors, torch.linalg.vector_norm(vectors, dim=-1)
 
-    def _gate(self, centre: torch.Tensor, envelope: torch.Tensor, n_atoms: int) -> torch.Tensor:
-        """``1 - exp(-n_i)`` with the smooth coordination ``n_i = Σ_j u(r_ij)``: 0 for an isolated atom."""
-        coordination = torch.zeros(n_atoms, dtype=envelope.dtype, device=envelope.device).index_add(0, centre, envelope)
-        return 1.0 - torch.exp(-coordination)
+    def _gate(self, species: torch.Tensor, edge_index: torch.Tensor, lengths: torch.Tensor, envelope: torch.Tensor
+              ) -> torch.Tensor:
+        """The shift's gate per atom: 0 for an isolated atom, ~1 for a bonded one (see ``ModelSpec.shift_gate``)."""
+        centre = edge_index[0]
+        zeros = torch.zeros(species.shape[0], dtype=envelope.dtype, device=envelope.device)
+        if self.spec.shift_gate == "coordination":  # 1 - exp(-n_i), n_i = Σ_j u(r_ij)
+            return 1.0 - torch.exp(-zeros.index_add(0, centre, envelope))
+        # 1 - Π_j (1 - s_ij): "at least one bond", as a sum of logs; s = 1 (a bond) makes the product exactly 0
+        # (the clamp's zero gradient there is also the switch's), s = 0 (no bond) leaves it unchanged
+        bond = self.covalent_radius[species[centre]] + self.covalent_radius[species[edge_index[1]]]
+        # the switch ends inside the cutoff even for very large atoms, so the gate stays smooth when an edge leaves
+        r_off = torch.clamp(BOND_OFF * bond, max=self.cutoff)
+        r_on = r_off * (BOND_ON / BOND_OFF)
+        t = ((lengths - r_on) / (r_off - r_on)).clamp(0.0, 1.0)
+        switch = 1.0 - t**3 * (10.0 - 15.0 * t + 6.0 * t**2)  # smootherstep: C² at both ends
+        log_free = torch.log((1.0 - switch).clamp(min=1e-30))
+        return 1.0 - torch.exp(zeros.index_add(0, centre, log_free))
 
     @torch.no_grad()
     def shift_design(self, graph: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -208,7 +229,7 @@ class Potential(nn.Module):
         """
         species = self.z_to_index[graph[K.NUMBERS]]
         _, lengths = self._edges(graph, graph[K.POSITIONS], graph[K.CELL])
-        gate = self._gate(graph[K.EDGE_INDEX][0], self.envelope(lengths), species.shape[0])
+        gate = self._gate(species, graph[K.EDGE_INDEX], lengths, self.envelope(lengths))
         batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(species)
         onehot = torch.nn.functional.one_hot(species, len(self.spec.elements)).to(gate.dtype)
         design = torch.zeros(graph[K.CELL].shape[0], onehot.shape[1], dtype=gate.dtype, device=gate.device)
@@ -233,7 +254,7 @@ class Potential(nn.Module):
             atomic = atomic + readout(h[..., 0]).squeeze(-1)
         # the shift applies to bonded atoms only, switched on smoothly by a coordination number
         shift = self.energy_shift + self.shift_correction[species]
-        node_energy = (self.e0[species] + shift * self._gate(centre, envelope, species.shape[0])
+        node_energy = (self.e0[species] + shift * self._gate(species, edge_index, lengths, envelope)
                        + self.energy_scale * atomic)
         if self.zbl is not None:
             pair = self.zbl(species[centre], species[neighbour], lengths)

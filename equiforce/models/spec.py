@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -35,6 +37,13 @@ class ModelSpec(BaseModel):
                                                     "message's channel mixing (as MACE does), which then mixes "
                                                     "channels and paths together; off: the paths' terms are "
                                                     "summed per channel first")
+    shift_gate: Literal["coordination", "bonds"] = Field(
+        "coordination", description="how the per-atom shift is switched on: 'coordination': 1 - exp(-n) with n the "
+                                    "sum of the cutoff envelope over all neighbours (reaches out to the cutoff); "
+                                    "'bonds': 1 - prod_j (1 - s_ij), s_ij = 1 for a pair closer than 1.3x the sum "
+                                    "of their covalent radii, 0 beyond 1.8x (smooth in between): exactly 1 for a "
+                                    "bonded atom, 0 for one with no bond, so a stretched dimer or a removed H "
+                                    "loses the shift over bond lengths, not over the whole cutoff")
     basis_bound: float | None = Field(None, gt=0, description="bound each channel of the atomic basis before the "
                                                              "many-body product: A -> A / sqrt(1 + |A|^2 / b^2) "
                                                              "(|A| over all its irreps; equivariant, smooth, ~A "
