@@ -252,7 +252,7 @@ class Potential(nn.Module):
             h = block(h, sh, radial, edge_index, species, onehot)
             features.append(h)
             atomic = atomic + readout(h[..., 0]).squeeze(-1)
-        # the shift applies to bonded atoms only, switched on smoothly by a coordination number
+        # the shift applies to bonded atoms only, switched on smoothly by the gate (ModelSpec.shift_gate)
         shift = self.energy_shift + self.shift_correction[species]
         node_energy = (self.e0[species] + shift * self._gate(species, edge_index, lengths, envelope)
                        + self.energy_scale * atomic)
