@@ -133,7 +133,9 @@ def run_mace(args: argparse.Namespace, data: Path, work: Path, scans: list[Scan]
         write_split([rest[i] for i in train_idx], split / "train.xyz")
         write_split([rest[i] for i in valid_idx], split / "valid.xyz")
         write_split(read_configurations(data / "test_MD.xyz"), split / "test.xyz")
-        isolated = {int(c.numbers[0]): float(c.energy) for c in read_configurations(data / "isolated_atoms.xyz")}
+        present = {int(z) for c in rest for z in c.numbers}  # MACE wants E0s for exactly its elements
+        isolated = {int(c.numbers[0]): float(c.energy) for c in read_configurations(data / "isolated_atoms.xyz")
+                    if int(c.numbers[0]) in present}
         command = [str(MACE_PYTHON), str(PEERS / "mace" / "train_rmd17.py"), "--split", str(split),
                    "--budget-min", str(args.budget_min), "--device", args.device if args.device != "auto" else "cpu",
                    "--dtype", "float64" if args.dtype == "float64" else "float32",

@@ -86,7 +86,7 @@ def test_compare_rmd17_combines_both_engines_with_ratios(tmp_path):
 def _botnet_like(directory: Path) -> dict[str, float]:
     """A miniature of ``ethanol_botnet`` whose dimer scans end 1.5 eV per C below the isolated C atom."""
     directory.mkdir()
-    isolated = {"H": -13.5, "C": -1025.0, "O": -2035.0}
+    isolated = {"H": -13.5, "C": -1025.0, "O": -2035.0, "N": -1479.0}  # N: in the file, never in the data
     atoms_frames = []
     for symbol, energy in isolated.items():
         atoms = Atoms(symbol, positions=[[0.0, 0.0, 0.0]])
