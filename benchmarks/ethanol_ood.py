@@ -114,7 +114,8 @@ def curve_metrics(scan: Scan, configs: list[Configuration], energies: np.ndarray
     return result
 
 
-def run_mace(args: argparse.Namespace, data: Path, work: Path, scans: list[Scan]) -> dict[str, Any]:
+def run_mace(args: argparse.Namespace, data: Path, work: Path, scans: list[Scan], isolated: dict[int, float]
+             ) -> dict[str, Any]:
     """The peer on the same split, budget and device: MACE trained in its own venv on train.xyz (E0s from
     isolated_atoms.xyz, the 5 % held out by the same seeded split as equiforce), then asked for the energies of
     every scan's frames.  ``--peer-reuse`` keeps a finished MACE run in the work directory."""
@@ -134,12 +135,11 @@ def run_mace(args: argparse.Namespace, data: Path, work: Path, scans: list[Scan]
         write_split([rest[i] for i in valid_idx], split / "valid.xyz")
         write_split(read_configurations(data / "test_MD.xyz"), split / "test.xyz")
         present = {int(z) for c in rest for z in c.numbers}  # MACE wants E0s for exactly its elements
-        isolated = {int(c.numbers[0]): float(c.energy) for c in read_configurations(data / "isolated_atoms.xyz")
-                    if int(c.numbers[0]) in present}
+        e0s = {z: e for z, e in isolated.items() if z in present}
         command = [str(MACE_PYTHON), str(PEERS / "mace" / "train_rmd17.py"), "--split", str(split),
                    "--budget-min", str(args.budget_min), "--device", args.device if args.device != "auto" else "cpu",
                    "--dtype", "float64" if args.dtype == "float64" else "float32",
-                   "--hidden-irreps", args.mace_hidden_irreps, "--e0s", repr(isolated), "--molecule", "ethanol",
+                   "--hidden-irreps", args.mace_hidden_irreps, "--e0s", repr(e0s), "--molecule", "ethanol",
                    "--work-dir", str(work / "run"), "--out", str(report)]
         print("$", " ".join(command), flush=True)
         with open(work / "mace.log", "w", encoding="utf-8") as log:
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         curves[scan.name] = curve_metrics(scan, configs, predict_energies(model, configs, device), isolated)
     peer: dict[str, Any] | None = None
     if args.peer == "mace":
-        mace = run_mace(args, data, Path(args.peer_work_dir or out.parent / "mace"), scans)
+        mace = run_mace(args, data, Path(args.peer_work_dir or out.parent / "mace"), scans, isolated)
         peer_curves = {scan.name: curve_metrics(scan, [frames[scan.file][i] for i in scan.indices],
                                                 mace["energies"][scan.file][scan.indices], isolated)
                        for scan in scans}

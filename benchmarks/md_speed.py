@@ -69,10 +69,15 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def box_side(natoms: float) -> int:
+    """Unit cells per edge of the cubic fcc box closest to ``natoms`` atoms (it holds 4 n³)."""
+    return max(1, round((natoms / 4) ** (1 / 3)))
+
+
 def cu_box(natoms: int):
     from ase.build import bulk
 
-    n = max(1, round((natoms / 4) ** (1 / 3)))
+    n = box_side(natoms)
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((n, n, n))
     atoms.rattle(0.05, seed=0)
     return atoms
@@ -193,19 +198,16 @@ def cu_sizes(listed: list[int], ramp: bool, max_atoms: int, factor: float = 2.0)
     """The Cu boxes to measure: the listed atom counts, then (``ramp``) ever larger boxes — about ``factor`` times
     the atoms each, never the same box twice — up to ``max_atoms``; the caller stops the ramp at the first
     failure."""
-    def box(natoms: float) -> int:
-        return max(1, round((natoms / 4) ** (1 / 3)))
-
     last = 0
     for natoms in listed:
-        if 4 * box(natoms) ** 3 <= max_atoms:
-            last = max(last, box(natoms))
+        if 4 * box_side(natoms) ** 3 <= max_atoms:
+            last = max(last, box_side(natoms))
             yield natoms
     if not ramp:
         return
     n = max(last, 1)
     while True:
-        n = max(n + 1, box(factor * 4 * n**3))
+        n = max(n + 1, box_side(factor * 4 * n**3))
         if 4 * n**3 > max_atoms:
             return
         yield 4 * n**3
@@ -224,7 +226,7 @@ def mace_row(args: argparse.Namespace, natoms: int = 0, xyz: str | None = None):
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     command = [str(MACE_PYTHON), str(MACE_SCRIPT), "--device", args.device, "--dtype", args.dtype,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    command += ["--xyz", xyz] if xyz else ["--repeat", str(max(1, round((natoms / 4) ** (1 / 3))))]
+    command += ["--xyz", xyz] if xyz else ["--repeat", str(box_side(natoms))]
     return run_child(command, env, args.timeout)
 
 
@@ -304,7 +306,7 @@ def main() -> None:
     largest_fit: dict[str, Any] = {"equiforce": None, "mace": None}
     mace_fits = not args.no_mace and MACE_PYTHON.exists()
     for natoms in cu_sizes(listed, args.ramp, args.max_atoms, args.ramp_factor):
-        actual = 4 * max(1, round((natoms / 4) ** (1 / 3))) ** 3
+        actual = 4 * box_side(natoms) ** 3
         fits = add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu", natoms=actual)
         if fits:
             largest_fit["equiforce"] = max(largest_fit["equiforce"] or 0, actual)
