@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_cfg["basis_bound"] = args.basis_bound or None
     if args.shift_gate is not None:
         model_cfg["shift_gate"] = args.shift_gate
+    if args.bond_switch is not None:
+        model_cfg["bond_switch"] = list(args.bond_switch)
     work = Path(args.work_dir or f"runs/rmd17/{molecule}")
     result = train_configs(train_set, valid_set, model_cfg, training_settings(args), work, e0s="fit",
                            resume=False, progress=False if args.quiet else None)
@@ -169,6 +171,9 @@ def parser() -> argparse.ArgumentParser:
                         "mixing (ModelSpec.separate_paths, as MACE)")
     p.add_argument("--shift-gate", choices=["coordination", "bonds"], default=None,
                    help="how the per-atom shift switches on (ModelSpec.shift_gate; default: that of new models)")
+    p.add_argument("--bond-switch", type=float, nargs=2, default=None, metavar=("ON", "OFF"),
+                   help="with --shift-gate bonds: where the bond switch starts and ends, in covalent-radius sums "
+                        "(ModelSpec.bond_switch; default 1.3 1.8)")
     p.add_argument("--basis-bound", type=float, default=None,
                    help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; default: "
                         "that of new models, 4)")

@@ -19,7 +19,9 @@ Long runs survive interruption: every ``--checkpoint-ps`` of NVT the state, the 
 random stream and the h(r) counts go atomically to ``OUT.checkpoint.safetensors`` (``--checkpoint``), and
 ``--resume`` continues from there with the same trajectories (settings and model checked against the
 checkpoint; only ``--time-ps`` may change).  ``--stop-after-ps`` / ``--max-wall-min`` end an invocation early
-with a checkpoint (a job's time limit); the NVE part restarts from the end of NVT if interrupted.
+with a checkpoint (a job's time limit) and the progress so far in ``OUT.partial.json`` (``"complete": false``,
+``nvt_ps_done``, the trajectories intact so far and the h(r) distance of the part run); the NVE part restarts
+from the end of NVT if interrupted.  The finished result has ``"complete": true``.
 """
 
 from __future__ import annotations
@@ -128,6 +130,21 @@ def run_nve(model, state: SimState, args: argparse.Namespace, criterion: BondCri
             "nve_trajectories": len(drifts), "nve_ps": args.nve_ps}
 
 
+def nvt_summary(md: MolecularDynamics, counts: np.ndarray, r: np.ndarray, h_ref: np.ndarray, time_ps: float,
+                timestep_fs: float) -> dict[str, Any]:
+    """Stable count, times to failure (an intact trajectory counts ``time_ps``) and h(r) distance so far."""
+    dt_ps = timestep_fs / 1000.0
+    stopped = md.stopped_step.cpu().numpy()
+    nonfinite = md.nonfinite_step.cpu().numpy()
+    failed_at = np.where(stopped >= 0, stopped, np.where(nonfinite >= 0, nonfinite, -1))
+    times = np.where(failed_at >= 0, failed_at * dt_ps, time_ps)
+    # counts hold each sample's density weighted by its frame count: normalise back to ∫ h dr = 1
+    h_sim = counts / (counts.sum() * (r[1] - r[0])) if counts.sum() > 0 else None
+    return {"stable": int((failed_at < 0).sum()), "mean_time_to_failure_ps": float(times.mean()),
+            "time_to_failure_ps": times.tolist(),
+            "hr_distance": histogram_distance(h_sim, h_ref, r) if h_sim is not None else None}
+
+
 RUN_DEFINING = ("data", "trajectories", "temperature", "timestep_fs", "friction_per_fs", "bond_threshold",
                 "sample_fs", "check_every", "skin", "max_reference", "seed", "dtype")
 
@@ -173,6 +190,7 @@ def main() -> None:
     if args.nve_ps is None:
         args.nve_ps = min(10.0, args.time_ps)
     checkpoint_path = Path(args.checkpoint or Path(args.out).with_suffix(".checkpoint.safetensors"))
+    partial_path = Path(args.out).with_suffix(".partial.json")
 
     started = time.perf_counter()
     dtype = getattr(torch, args.dtype)
@@ -218,23 +236,24 @@ def main() -> None:
     if phase == "nvt":
         md, counts, finished = run_nvt(model, state, criterion, args, generator, counts, resumed, checkpoint)
         if not finished:
-            print(f"stopped at {state.step * args.timestep_fs / 1000:.3f} ps of {args.time_ps} ps; "
-                  f"continue with --resume (checkpoint {checkpoint_path})")
+            reached = state.step * args.timestep_fs / 1000
+            so_far = nvt_summary(md, counts, r, h_ref, reached, args.timestep_fs)
+            partial = {"benchmark": "stability", "complete": False, "model": str(args.model), "data": str(args.data),
+                       "trajectories": args.trajectories, "nvt_ps_done": reached, "time_ps": args.time_ps,
+                       **so_far, "temperature_K": args.temperature, "timestep_fs": args.timestep_fs,
+                       "device": args.device, "dtype": args.dtype,
+                       "wall_time_s": previous_wall + time.perf_counter() - started,
+                       "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "seed": args.seed}
+            atomic_write_text(partial_path, json.dumps(partial, indent=2) + "\n")
+            print(f"stopped at {reached:.3f} ps of {args.time_ps} ps, {so_far['stable']} of {args.trajectories} "
+                  f"intact so far (progress in {partial_path}); continue with --resume (checkpoint {checkpoint_path})")
             return
         checkpoint(md, counts, phase="nve")  # the NVE part is short: it restarts from here if interrupted
     else:
         md = MolecularDynamics(model, VelocityVerlet(args.timestep_fs))
         md.restore_flags(resumed.flags, state)
 
-    dt_ps = args.timestep_fs / 1000.0
-    stopped = md.stopped_step.cpu().numpy()
-    nonfinite = md.nonfinite_step.cpu().numpy()
-    failed_at = np.where(stopped >= 0, stopped, np.where(nonfinite >= 0, nonfinite, -1))
-    times = np.where(failed_at >= 0, failed_at * dt_ps, args.time_ps)
-    stable = int((failed_at < 0).sum())
-    # counts hold each sample's density weighted by its frame count: normalise back to ∫ h dr = 1
-    h_sim = counts / (counts.sum() * (r[1] - r[0])) if counts.sum() > 0 else None
-    hr = histogram_distance(h_sim, h_ref, r) if h_sim is not None else None
+    summary = nvt_summary(md, counts, r, h_ref, args.time_ps, args.timestep_fs)
 
     final = state.to_atoms()  # NVE from the intact end states (all of them if none stayed intact)
     keep = torch.nonzero(~md.frozen).squeeze(-1).tolist() or list(range(state.n_systems))
@@ -244,12 +263,11 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "benchmark": "stability", "model": str(args.model), "data": str(args.data),
-        "trajectories": args.trajectories, "stable": stable,
-        "mean_time_to_failure_ps": float(times.mean()), "time_to_failure_ps": times.tolist(),
-        "time_ps": args.time_ps, "temperature_K": args.temperature, "timestep_fs": args.timestep_fs,
+        "complete": True, "trajectories": args.trajectories, **summary, "time_ps": args.time_ps,
+        "temperature_K": args.temperature, "timestep_fs": args.timestep_fs,
         "thermostat": f"Langevin BAOAB, friction {args.friction_per_fs}/fs",
         "bond_threshold_A": args.bond_threshold, "bonds": int(criterion.pairs.shape[1]),
-        "hr_distance": hr, **nve, "device": args.device, "dtype": args.dtype, "cuda_graph": md.graph_info,
+        **nve, "device": args.device, "dtype": args.dtype, "cuda_graph": md.graph_info,
         "compile": args.compile,
         "wall_time_s": previous_wall + time.perf_counter() - started, "resumed": resumed is not None,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -257,6 +275,7 @@ def main() -> None:
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     checkpoint_path.unlink(missing_ok=True)  # the result is written: nothing left to resume
+    partial_path.unlink(missing_ok=True)
     width = max(len(k) for k in result)
     for key in ("trajectories", "stable", "mean_time_to_failure_ps", "hr_distance", "nve_drift_mev_atom_ps",
                 "nve_drift_max_mev_atom_ps", "device", "dtype", "wall_time_s"):

@@ -135,9 +135,31 @@ def test_ethanol_ood_reports_curves_and_the_dimer_limit_offsets(tmp_path):
     # beyond the model's 4 Å cutoff both atoms are isolated: exactly the E0s
     assert cc["model_far_minus_isolated_ev"] == pytest.approx(0.0, abs=1e-6)
     for name, c in result["curves"].items():
-        assert {"mae_mev", "shape_mae_mev", "spurious_minima", "dft_minima"} <= set(c)
+        assert {"mae_mev", "shape_mae_mev", "spurious_minima", "dft_minima", "spurious_minima_deeper_than_kt",
+                "spurious_minima_depth_mev", "spurious_minima_x"} <= set(c)
+        assert len(c["spurious_minima_x"]) == len(c["spurious_minima_depth_mev"]) == c["spurious_minima"]
         assert ("far_aligned_mae_mev" in c) == (not name.startswith("test_norm_mode"))
+    assert set(result["spurious_minima_total"]) == set(result["spurious_minima_deeper_than_kt_total"]) == {"equiforce"}
+    assert result["eval_dtype"] == "float64"
     assert "dft_far_minus_isolated_ev" not in result["curves"]["test_H_removal"]
+
+
+def test_spurious_minima_are_located_and_their_depth_measured():
+    """A false well on the rising side of a dissociation curve and a 0.2-meV ripple on its plateau both count as
+    spurious minima; each gets where it lies and its depth (prominence), which tells them apart."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ethanol_ood import minimum_depths, spurious_minima, spurious_minima_at
+
+    x = np.linspace(0.8, 5.0, 85)
+    dft = 4.0 * (1 - np.exp(-2.0 * (x - 1.1))) ** 2  # a Morse curve: one minimum at 1.1 Å
+    model = np.where(x < 4.0, dft, dft[x < 4.0][-1])  # a model flat beyond 4 Å...
+    model = model - 0.5 * np.exp(-((x - 2.5) / 0.1) ** 2)  # ...with a false well at 2.5 Å
+    model = model + np.where(np.abs(x - 4.5) < 0.03, -2e-4, 0.0)  # and a ripple at 4.5 Å
+    at = spurious_minima_at(model, dft)
+    assert spurious_minima(model, dft) == 2 and x[at] == pytest.approx([2.5, 4.5], abs=0.03)
+    depths = minimum_depths(model, at)
+    assert 0.2 < depths[0] < 0.5 and depths[1] == pytest.approx(2e-4, rel=1e-6)
+    assert len(minimum_depths(dft, spurious_minima_at(dft, dft))) == 0
 
 
 MACE_PYTHON = ROOT / "benchmarks" / "peers" / ".venv-mace" / "bin" / "python"

@@ -17,9 +17,10 @@ from equiforce.models import ModelSpec, build_model
 from equiforce.models.potential import BOND_OFF, BOND_ON
 
 
-def gate_model(gate: str, cutoff: float = 5.0):
+def gate_model(gate: str, cutoff: float = 5.0, switch: tuple[float, float] = (BOND_ON, BOND_OFF)):
     spec = ModelSpec(elements=[1, 6, 8, 55], channels=4, max_l=1, sh_lmax=2, correlation=2, num_layers=2,
-                     radial_mlp=[8], cutoff=cutoff, shift_gate=gate, energy_shift=-4.0, avg_num_neighbors=4.0)
+                     radial_mlp=[8], cutoff=cutoff, shift_gate=gate, energy_shift=-4.0, avg_num_neighbors=4.0,
+                     bond_switch=switch)
     return build_model(spec).eval()
 
 
@@ -45,6 +46,21 @@ def test_bond_gate_switches_over_bond_lengths():
     coordination = gate_model("coordination")
     assert gates(coordination, dimer("C", "C", 2 * bond))[0] > 0.4
     assert gates(model, dimer("C", "C", 2 * bond))[0] == 0.0
+
+
+def test_a_wider_bond_switch_fades_over_its_own_range():
+    """``bond_switch`` moves both ends; the file keeps it (a model rebuilt from its spec switches alike)."""
+    on, off = 1.1, 2.4
+    model = gate_model("bonds", switch=(on, off))
+    bond = covalent_radii[1] + covalent_radii[6]
+    rs = np.linspace(0.8, 4.9, 83)
+    g = np.array([gates(model, dimer("C", "H", r))[0] for r in rs])
+    assert np.all(g[rs <= on * bond] == 1.0) and np.all(g[rs >= off * bond] == 0.0)
+    inside = (rs > on * bond) & (rs < off * bond)
+    assert np.all((g[inside] > 0) & (g[inside] < 1)) and np.all(np.diff(g) <= 1e-12)
+    assert tuple(ModelSpec.model_validate_json(model.spec.model_dump_json()).bond_switch) == (on, off)
+    with pytest.raises(ValueError, match="bond_switch"):
+        ModelSpec(elements=[1], shift_gate="bonds", bond_switch=(1.8, 1.3))
 
 
 def test_bonded_atoms_are_exactly_on_whatever_else_is_near():

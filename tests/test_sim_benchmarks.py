@@ -62,14 +62,19 @@ def test_stability_benchmark_resumes_the_same_run(tmp_path):
     whole, parts = tmp_path / "whole.json", tmp_path / "parts.json"
     _run("stability.py", *common, "--out", str(whole))
     _run("stability.py", *common, "--out", str(parts), "--stop-after-ps", "0.003")
-    checkpoint = tmp_path / "parts.checkpoint.safetensors"
+    checkpoint, partial = tmp_path / "parts.checkpoint.safetensors", tmp_path / "parts.partial.json"
     assert checkpoint.exists() and not parts.exists()
+    progress = json.loads(partial.read_text())  # how far the stopped run got, for a report between invocations
+    assert progress["complete"] is False and progress["nvt_ps_done"] == pytest.approx(0.003)
+    assert progress["trajectories"] == 2 and len(progress["time_to_failure_ps"]) == 2
+    assert 0 < progress["mean_time_to_failure_ps"] <= 0.003 and progress["hr_distance"] is not None
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stability.py"), *common, "--out", str(parts)],
                            capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin"})
     assert again.returncode != 0 and "--resume" in again.stderr  # never silently overwritten
     _run("stability.py", *common, "--out", str(parts), "--resume")
     a, b = json.loads(whole.read_text()), json.loads(parts.read_text())
-    assert b["resumed"] and not a["resumed"] and not checkpoint.exists()
+    assert b["resumed"] and not a["resumed"] and not checkpoint.exists() and not partial.exists()
+    assert a["complete"] is True and b["complete"] is True
     assert a["time_to_failure_ps"] == b["time_to_failure_ps"] and a["stable"] == b["stable"]
     assert b["hr_distance"] == pytest.approx(a["hr_distance"], rel=1e-9)
     assert b["nve_drift_mev_atom_ps"] == pytest.approx(a["nve_drift_mev_atom_ps"], rel=1e-6)

@@ -20,7 +20,7 @@ from torch import nn
 
 from equiforce.data import keys as K
 from equiforce.errors import UnknownElementError
-from equiforce.models.spec import ModelSpec
+from equiforce.models.spec import DEFAULT_BOND_SWITCH, ModelSpec
 from equiforce.models.zbl import ZBLRepulsion
 from equiforce.nn.irreps import irreps_dim, spherical_harmonics
 from equiforce.nn.linear import ElementIrrepsLinear, IrrepsLinear
@@ -28,7 +28,7 @@ from equiforce.nn.product import SymmetricProduct
 from equiforce.nn.radial import BesselBasis, PolynomialEnvelope, RadialMLP
 from equiforce.nn.tensor_product import EdgeTensorProduct
 
-BOND_ON, BOND_OFF = 1.3, 1.8  # shift_gate "bonds": a pair is bonded below 1.3x, unbonded beyond 1.8x (covalent radii)
+BOND_ON, BOND_OFF = DEFAULT_BOND_SWITCH  # shift_gate "bonds" unless ModelSpec.bond_switch says otherwise
 AUTO_EDGE_CHUNK = 2048  # edges per chunk on a CPU (measured best of 1024/2048/4096/16384 on 864 Cu atoms)
 AUTO_CHUNK_MIN_EDGES = 8192  # below this (a training batch of small molecules) everything in one pass
 
@@ -212,8 +212,9 @@ class Potential(nn.Module):
         # (the clamp's zero gradient there is also the switch's), s = 0 (no bond) leaves it unchanged
         bond = self.covalent_radius[species[centre]] + self.covalent_radius[species[edge_index[1]]]
         # the switch ends inside the cutoff even for very large atoms, so the gate stays smooth when an edge leaves
-        r_off = torch.clamp(BOND_OFF * bond, max=self.cutoff)
-        r_on = r_off * (BOND_ON / BOND_OFF)
+        on, off = self.spec.bond_switch
+        r_off = torch.clamp(off * bond, max=self.cutoff)
+        r_on = r_off * (on / off)
         t = ((lengths - r_on) / (r_off - r_on)).clamp(0.0, 1.0)
         switch = 1.0 - t**3 * (10.0 - 15.0 * t + 6.0 * t**2)  # smootherstep: C² at both ends
         log_free = torch.log((1.0 - switch).clamp(min=1e-30))

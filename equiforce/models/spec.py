@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+DEFAULT_BOND_SWITCH = (1.3, 1.8)  # shift_gate "bonds": bonded below 1.3x, unbonded beyond 1.8x the covalent radii
+
 
 class ModelSpec(BaseModel):
     """Hyper-parameters of the MACE-class potential.  Unknown keys are errors."""
@@ -41,9 +43,15 @@ class ModelSpec(BaseModel):
         "coordination", description="how the per-atom shift is switched on: 'coordination': 1 - exp(-n) with n the "
                                     "sum of the cutoff envelope over all neighbours (reaches out to the cutoff); "
                                     "'bonds': 1 - prod_j (1 - s_ij), s_ij = 1 for a pair closer than 1.3x the sum "
-                                    "of their covalent radii, 0 beyond 1.8x (smooth in between): exactly 1 for a "
+                                    "of their covalent radii, 0 beyond 1.8x (bond_switch; smooth in between): "
+                                    "exactly 1 for a "
                                     "bonded atom, 0 for one with no bond, so a stretched dimer or a removed H "
                                     "loses the shift over bond lengths, not over the whole cutoff")
+    bond_switch: tuple[float, float] = Field(
+        DEFAULT_BOND_SWITCH,
+        description="shift_gate 'bonds': where the bond switch starts and ends, in units of the sum of the two "
+                    "covalent radii (on below the first, off beyond the second); a wider range makes the shift "
+                    "fade more gently as a bond breaks")
     basis_bound: float | None = Field(None, gt=0, description="bound each channel of the atomic basis before the "
                                                              "many-body product: A -> A / sqrt(1 + |A|^2 / b^2) "
                                                              "(|A| over all its irreps; equivariant, smooth, ~A "
@@ -59,6 +67,14 @@ class ModelSpec(BaseModel):
         if any(z < 1 or z > 118 for z in value):
             raise ValueError(f"atomic numbers must be in 1..118, got {value}")
         return sorted(set(value))
+
+    @field_validator("bond_switch")
+    @classmethod
+    def _switch_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        on, off = value
+        if not 0 < on < off:
+            raise ValueError(f"bond_switch must be (on, off) with 0 < on < off, got {list(value)}")
+        return value
 
     @model_validator(mode="after")
     def _e0s_known(self) -> ModelSpec:
