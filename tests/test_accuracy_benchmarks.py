@@ -50,8 +50,11 @@ def test_rmd17_benchmark_writes_the_issue_keys(tmp_path):
     _write_rmd17(test, emt_ethanols(5, seed=100))
     out = tmp_path / "result.json"
     _run("rmd17.py", "--train", str(train), "--test", str(test), "--budget-min", "2", "--device", "cpu",
-         "--dtype", "float64", "--out", str(out), "--work-dir", str(tmp_path / "work"), *TINY_MODEL)
+         "--dtype", "float64", "--out", str(out), "--work-dir", str(tmp_path / "work"), *TINY_MODEL,
+         "--shift-gate", "bonds", "--bond-switch", "1.0", "2.3")
     result = json.loads(out.read_text())
+    spec = equiforce.load_model(tmp_path / "work" / "best.eqf").spec  # the model options reach the file
+    assert spec.shift_gate == "bonds" and tuple(spec.bond_switch) == (1.0, 2.3)
     for key in ("e_mae_mev", "f_mae_mev_a", "e_rmse_mev", "f_rmse_mev_a", "epochs", "configs_per_s", "wall_s",
                 "device", "model_params"):
         assert key in result, key
