@@ -241,7 +241,7 @@ def main() -> None:
             partial = {"benchmark": "stability", "complete": False, "model": str(args.model), "data": str(args.data),
                        "trajectories": args.trajectories, "nvt_ps_done": reached, "time_ps": args.time_ps,
                        **so_far, "temperature_K": args.temperature, "timestep_fs": args.timestep_fs,
-                       "device": args.device, "dtype": args.dtype,
+                       "device": args.device, "dtype": args.dtype, "compile": args.compile,
                        "wall_time_s": previous_wall + time.perf_counter() - started,
                        "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "seed": args.seed}
             atomic_write_text(partial_path, json.dumps(partial, indent=2) + "\n")
