@@ -145,6 +145,15 @@ def nvt_summary(md: MolecularDynamics, counts: np.ndarray, r: np.ndarray, h_ref:
             "hr_distance": histogram_distance(h_sim, h_ref, r) if h_sim is not None else None}
 
 
+def run_record(args: argparse.Namespace, wall_time_s: float) -> dict[str, Any]:
+    """What every result file of a run says about it, finished (``OUT``) or not (``OUT.partial.json``)."""
+    return {"benchmark": "stability", "model": str(args.model), "data": str(args.data),
+            "trajectories": args.trajectories, "time_ps": args.time_ps, "temperature_K": args.temperature,
+            "timestep_fs": args.timestep_fs, "device": args.device, "dtype": args.dtype, "compile": args.compile,
+            "wall_time_s": wall_time_s, "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
+            "seed": args.seed}
+
+
 RUN_DEFINING = ("data", "trajectories", "temperature", "timestep_fs", "friction_per_fs", "bond_threshold",
                 "sample_fs", "check_every", "skin", "max_reference", "seed", "dtype")
 
@@ -238,12 +247,8 @@ def main() -> None:
         if not finished:
             reached = state.step * args.timestep_fs / 1000
             so_far = nvt_summary(md, counts, r, h_ref, reached, args.timestep_fs)
-            partial = {"benchmark": "stability", "complete": False, "model": str(args.model), "data": str(args.data),
-                       "trajectories": args.trajectories, "nvt_ps_done": reached, "time_ps": args.time_ps,
-                       **so_far, "temperature_K": args.temperature, "timestep_fs": args.timestep_fs,
-                       "device": args.device, "dtype": args.dtype, "compile": args.compile,
-                       "wall_time_s": previous_wall + time.perf_counter() - started,
-                       "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "seed": args.seed}
+            partial = {**run_record(args, previous_wall + time.perf_counter() - started), "complete": False,
+                       "nvt_ps_done": reached, **so_far}
             atomic_write_text(partial_path, json.dumps(partial, indent=2) + "\n")
             print(f"stopped at {reached:.3f} ps of {args.time_ps} ps, {so_far['stable']} of {args.trajectories} "
                   f"intact so far (progress in {partial_path}); continue with --resume (checkpoint {checkpoint_path})")
@@ -262,16 +267,10 @@ def main() -> None:
     nve = run_nve(model, nve_state, args, criterion)
 
     result: dict[str, Any] = {
-        "benchmark": "stability", "model": str(args.model), "data": str(args.data),
-        "complete": True, "trajectories": args.trajectories, **summary, "time_ps": args.time_ps,
-        "temperature_K": args.temperature, "timestep_fs": args.timestep_fs,
+        **run_record(args, previous_wall + time.perf_counter() - started), "complete": True, **summary,
         "thermostat": f"Langevin BAOAB, friction {args.friction_per_fs}/fs",
         "bond_threshold_A": args.bond_threshold, "bonds": int(criterion.pairs.shape[1]),
-        **nve, "device": args.device, "dtype": args.dtype, "cuda_graph": md.graph_info,
-        "compile": args.compile,
-        "wall_time_s": previous_wall + time.perf_counter() - started, "resumed": resumed is not None,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "host": platform.node(), "seed": args.seed,
+        **nve, "cuda_graph": md.graph_info, "resumed": resumed is not None,
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     checkpoint_path.unlink(missing_ok=True)  # the result is written: nothing left to resume

@@ -14,7 +14,9 @@ from ase.data import covalent_radii
 from equiforce.data import atoms_to_graph, collate
 from equiforce.data import keys as K
 from equiforce.models import ModelSpec, build_model
-from equiforce.models.potential import BOND_OFF, BOND_ON
+from equiforce.models.spec import DEFAULT_BOND_SWITCH
+
+BOND_ON, BOND_OFF = DEFAULT_BOND_SWITCH
 
 
 def gate_model(gate: str, cutoff: float = 5.0, switch: tuple[float, float] = (BOND_ON, BOND_OFF)):

@@ -20,7 +20,7 @@ from torch import nn
 
 from equiforce.data import keys as K
 from equiforce.errors import UnknownElementError
-from equiforce.models.spec import DEFAULT_BOND_SWITCH, ModelSpec
+from equiforce.models.spec import ModelSpec
 from equiforce.models.zbl import ZBLRepulsion
 from equiforce.nn.irreps import irreps_dim, spherical_harmonics
 from equiforce.nn.linear import ElementIrrepsLinear, IrrepsLinear
@@ -28,7 +28,6 @@ from equiforce.nn.product import SymmetricProduct
 from equiforce.nn.radial import BesselBasis, PolynomialEnvelope, RadialMLP
 from equiforce.nn.tensor_product import EdgeTensorProduct
 
-BOND_ON, BOND_OFF = DEFAULT_BOND_SWITCH  # shift_gate "bonds" unless ModelSpec.bond_switch says otherwise
 AUTO_EDGE_CHUNK = 2048  # edges per chunk on a CPU (measured best of 1024/2048/4096/16384 on 864 Cu atoms)
 AUTO_CHUNK_MIN_EDGES = 8192  # below this (a training batch of small molecules) everything in one pass
 

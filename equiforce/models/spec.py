@@ -44,9 +44,8 @@ class ModelSpec(BaseModel):
                                     "sum of the cutoff envelope over all neighbours (reaches out to the cutoff); "
                                     "'bonds': 1 - prod_j (1 - s_ij), s_ij = 1 for a pair closer than 1.3x the sum "
                                     "of their covalent radii, 0 beyond 1.8x (bond_switch; smooth in between): "
-                                    "exactly 1 for a "
-                                    "bonded atom, 0 for one with no bond, so a stretched dimer or a removed H "
-                                    "loses the shift over bond lengths, not over the whole cutoff")
+                                    "exactly 1 for a bonded atom, 0 for one with no bond, so a stretched dimer or "
+                                    "a removed H loses the shift over bond lengths, not over the whole cutoff")
     bond_switch: tuple[float, float] = Field(
         DEFAULT_BOND_SWITCH,
         description="shift_gate 'bonds': where the bond switch starts and ends, in units of the sum of the two "
