@@ -32,11 +32,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # rmd17.write_split for the peer's split
 
+from equiforce.data.graph import config_to_graph  # noqa: E402
 from equiforce.data.io import read_configurations  # noqa: E402
+from equiforce.data.stats import closest_pairs  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.evaluate import as_graphs, evaluate, resolve_device, run_batches  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
-from equiforce.models.potential import Potential  # noqa: E402
+from equiforce.models.potential import Potential, with_short_range_fade  # noqa: E402
+from equiforce.models.spec import fade_from_closest  # noqa: E402
 from equiforce.train.metrics import ErrorMetrics  # noqa: E402
 from equiforce.train.trainer import train_configs  # noqa: E402
 
@@ -253,6 +256,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--basis-bound", type=float, default=None,
                    help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; "
                         "default: that of new models, 4)")
+    p.add_argument("--short-range-fade", choices=["auto", "off"], default=None,
+                   help="fade each element pair out of the network below the shortest distance of train.xyz "
+                        "(ModelSpec.short_range_fade; default: that of new models, auto — with the ZBL prior, which "
+                        "this script uses unless --no-zbl).  With --model, 'auto' "
+                        "adds the fade to a file that has none — the same model training with it would have "
+                        "given, since every training pair lies beyond its fade")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -287,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_cfg["shift_gate"] = args.shift_gate
         if args.bond_switch is not None:
             model_cfg["bond_switch"] = list(args.bond_switch)
+        if args.short_range_fade is not None:
+            model_cfg["short_range_fade"] = "auto" if args.short_range_fade == "auto" else None
         training = {"epochs": 100000, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 50,
                     "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99, "energy_weight": 1.0,
                     "forces_weight": 100.0, "stage_two": {"start": 0.75, "lr": args.lr / 10, "energy_weight": 1000.0},
@@ -302,6 +313,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the curves in float64 whatever the training precision: float32 rounding of a ~ -4000 eV total (steps of
     # 0.24-0.49 meV) makes or hides sub-meV local minima along the flat parts of a curve
     model = load_model(model_path, device=device, dtype=getattr(torch, args.eval_dtype))
+    fade_added = (args.model is not None and args.short_range_fade == "auto" and not model.spec.short_range_fade
+                  and model.spec.zbl)  # as training does: the fade hands the short range to the ZBL prior
+    if fade_added:
+        graphs = [config_to_graph(c, model.cutoff, torch.float64) for c in read_configurations(data / "train.xyz")]
+        model = with_short_range_fade(model, fade_from_closest(closest_pairs(graphs)))
     test = evaluate(model, read_configurations(data / "test_MD.xyz"), batch_size=50, device=device)
     isolated = {int(c.numbers[0]): float(c.energy) for c in read_configurations(data / "isolated_atoms.xyz")}
     scans, frames = scans_of(data)
@@ -333,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "curves": summary(curves), "curve_data": curves, "plot": str(plot_path), "train": train_info,
               "device": str(device), "dtype": args.dtype, "eval_dtype": args.eval_dtype,
               "budget_min": args.budget_min if args.model is None else None,
-              "model_file": str(model_path), "wall_s": time.perf_counter() - start,
+              "model_file": str(model_path), "short_range_fade": model.spec.short_range_fade,
+              "short_range_fade_added": fade_added, "wall_s": time.perf_counter() - start,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     engines = {"equiforce": curves}
     if peer is not None:

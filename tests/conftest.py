@@ -17,7 +17,9 @@ MODEL_CONFIGS = {
                      energy_shift=0.1, avg_num_neighbors=8.0),
     "L2-corr2-zbl": dict(elements=[1, 6, 8, 28, 29], channels=6, max_l=2, sh_lmax=2, correlation=2,
                          num_layers=3, radial_mlp=[12], cutoff=3.5, zbl=True, envelope_p=5,
-                         avg_num_neighbors=6.0, basis_bound=0.5),  # small bound: the squashing is nonlinear here
+                         avg_num_neighbors=6.0, basis_bound=0.5,  # small bound: the squashing is nonlinear here
+                         # ranges that the rattled test structures' C-H and metal pairs straddle
+                         short_range_fade={"H-C": (0.9, 1.2), "Ni-Cu": (2.2, 2.6), "Cu-Cu": (2.2, 2.7)}),
     # the options that widen the product and the messages (rank-2 product, element-dependent first-layer
     # messages, paths kept apart until the channel mixing), and the bond-length shift gate with a shift that
     # matters (Cu/Ni pairs reach past the cutoff's end of the switch: its clamped form is exercised too)

@@ -6,13 +6,17 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 import yaml
 
 from equiforce.active.config import parse_learn_config
 from equiforce.active.journal import read_journal
-from equiforce.active.loop import learn
+from equiforce.active.loop import RunState, learn
 from equiforce.cli import main
+from equiforce.data.graph import config_to_graph
+from equiforce.data.stats import closest_pairs
 from equiforce.models.file import load_model, read_header
+from equiforce.models.spec import fade_from_closest
 from equiforce.uq.base import UQModel
 from tests.active_helpers import tiny_config
 from tests.uq_helpers import single_thread  # noqa: F401 - one thread for tiny models
@@ -25,7 +29,8 @@ def calls_in(log) -> list[str]:
 def test_learn_end_to_end_on_emt(tmp_path, capsys):
     log = tmp_path / "calls.jsonl"
     oracle = {"name": "custom", "calculator": "tests.active_helpers:CountingEMT", "kwargs": {"log": str(log)}}
-    config = tiny_config(tmp_path / "run", oracle=oracle, executor={"kind": "process", "workers": 2})
+    config = tiny_config(tmp_path / "run", oracle=oracle, executor={"kind": "process", "workers": 2},
+                         model={"zbl": True})  # with the ZBL prior, short_range_fade: auto is on
     path = tmp_path / "learn.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["learn", str(path), "--no-progress"]) == 0
@@ -53,6 +58,13 @@ def test_learn_end_to_end_on_emt(tmp_path, capsys):
         expected = info["n_valid"] if info["n_valid"] >= 3 else info["n_train"]
         assert info["calibrated_on"] == ("valid" if info["n_valid"] >= 3 else "train")
         assert info["calibration_structures"] == expected
+    # short_range_fade follows the labels: each round fades Cu-Cu below the closest pair of the labels it saw
+    state = RunState.replay(records)
+    for r in (1, 2, 3):
+        seen = state.labelled(r, "train") + state.labelled(r, "valid")
+        closest = closest_pairs([config_to_graph(c, 3.0, torch.float64) for c in seen])
+        fade = load_model(run / "rounds" / f"r{r:03d}" / "train" / "best.eqf").spec.short_range_fade
+        assert fade["Cu-Cu"] == pytest.approx(fade_from_closest(closest)["Cu-Cu"])
     final = next(r for r in records if r["type"] == "final")  # too few validation structures: the last round
     assert final["round"] == 3 and "note" in final and summary["final_round"] == 3
 

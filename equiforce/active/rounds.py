@@ -3,7 +3,8 @@
 Warm start: from round 2 on, the previous round's backbone (or each ensemble member) continues training
 on all labels so far, for ``training.max_time``.  It keeps its architecture *and* its normalisation
 statistics (E0s, scale, neighbour count) from round 1 — they describe the chemistry, not the sample, and
-keeping them is what lets the weights carry over.  Training runs in ``ROUND/train`` (or ``ROUND/mK``)
+keeping them is what lets the weights carry over.  Only ``short_range_fade: auto`` follows the data (not a
+weight: it moves to shorter distances as new labels come closer).  Training runs in ``ROUND/train`` (or ``ROUND/mK``)
 with the ordinary trainer, whose checkpoints make a killed round resume mid-training.
 """
 
@@ -18,10 +19,12 @@ import torch
 
 from equiforce.active.config import LearnConfig
 from equiforce.data.graph import Graph, config_to_graph
+from equiforce.data.stats import closest_pairs
 from equiforce.data.structure import Configuration
 from equiforce.evaluate import resolve_device
 from equiforce.models.file import load_model
-from equiforce.models.potential import Potential
+from equiforce.models.potential import Potential, with_short_range_fade
+from equiforce.models.spec import fade_from_closest
 from equiforce.train.trainer import DTYPES, EpochCallback, fit, train_configs
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import MIN_STRUCTURES
@@ -54,8 +57,11 @@ def _train_one(directory: Path, train: Sequence[Configuration], valid: Sequence[
     else:
         dtype = DTYPES[training.dtype]
         model = previous.to(dtype=dtype)
-        result = fit(model, _graphs(train, model.cutoff, dtype), _graphs(valid, model.cutoff, dtype), training,
-                     directory, resume=True, progress=progress, extra=extra, epoch_callback=callback)
+        train_graphs, valid_graphs = _graphs(train, model.cutoff, dtype), _graphs(valid, model.cutoff, dtype)
+        if cfg.model.short_range_fade == "auto" and cfg.model.zbl:  # new labels may come closer than any before
+            model = with_short_range_fade(model, fade_from_closest(closest_pairs([*train_graphs, *valid_graphs])))
+        result = fit(model, train_graphs, valid_graphs, training, directory, resume=True, progress=progress,
+                     extra=extra, epoch_callback=callback)
     return load_model(result["best_model"], device=device)
 
 

@@ -124,6 +124,31 @@ def dataset_statistics(graphs: Sequence[Graph], e0s: dict[int, float]) -> dict:
     }
 
 
+def closest_pairs(graphs: Sequence[Graph]) -> dict[tuple[int, int], float]:
+    """The shortest distance (Å) of each element pair ``(z1 <= z2)`` over every edge of ``graphs`` (periodic
+    images included): where the data end at short range, for the model's ``short_range_fade``."""
+    closest: dict[tuple[int, int], float] = {}
+    for g in graphs:
+        edge_index = g[K.EDGE_INDEX]
+        if edge_index.shape[1] == 0:
+            continue
+        i, j = edge_index[0], edge_index[1]
+        n_atoms = g[K.N_ATOMS].to(torch.long)
+        batch = torch.repeat_interleave(torch.arange(len(n_atoms)), n_atoms)
+        cell = g[K.CELL].to(torch.float64)[batch[i]]
+        offsets = torch.einsum("ei,eij->ej", g[K.SHIFTS].to(torch.float64), cell)
+        positions = g[K.POSITIONS].to(torch.float64)
+        lengths = torch.linalg.vector_norm(positions[j] - positions[i] + offsets, dim=-1)
+        z_i, z_j = g[K.NUMBERS][i], g[K.NUMBERS][j]
+        low, high = torch.minimum(z_i, z_j), torch.maximum(z_i, z_j)
+        code = low * 200 + high  # one integer per unordered pair
+        for value in torch.unique(code).tolist():
+            shortest = float(lengths[code == value].min())
+            pair = (value // 200, value % 200)
+            closest[pair] = min(closest.get(pair, shortest), shortest)
+    return closest
+
+
 def split_indices(n: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Reproducible random train/validation split of ``range(n)``; both index arrays sorted.
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from equiforce.data import keys as K
 from equiforce.errors import UnknownElementError
-from equiforce.models.spec import ModelSpec
+from equiforce.models.spec import ModelSpec, pair_numbers
 from equiforce.models.zbl import ZBLRepulsion
 from equiforce.nn.irreps import irreps_dim, spherical_harmonics
 from equiforce.nn.linear import ElementIrrepsLinear, IrrepsLinear
@@ -157,6 +157,14 @@ class Potential(nn.Module):
 
             self.register_buffer("covalent_radius", torch.tensor([float(covalent_radii[z]) for z in spec.elements],
                                                                  dtype=dtype), persistent=False)
+        if spec.short_range_fade:
+            # [elements, elements, 2]: (r_in, r_out) per pair; pairs not listed get a range below zero (never faded)
+            fade = torch.tensor([-2.0, -1.0], dtype=dtype).repeat(n_el, n_el, 1)
+            index = {z: i for i, z in enumerate(spec.elements)}
+            for key, (r_in, r_out) in spec.short_range_fade.items():
+                a, b = (index[z] for z in pair_numbers(key))
+                fade[a, b] = fade[b, a] = torch.tensor([r_in, r_out], dtype=dtype)
+            self.register_buffer("fade_range", fade, persistent=False)
         self.scalar_norm = 1.0 / math.sqrt(c)
 
     @property
@@ -219,6 +227,14 @@ class Potential(nn.Module):
         log_free = torch.log((1.0 - switch).clamp(min=1e-30))
         return 1.0 - torch.exp(zeros.index_add(0, centre, log_free))
 
+    def _short_range_fade(self, species: torch.Tensor, edge_index: torch.Tensor, lengths: torch.Tensor
+                          ) -> torch.Tensor:
+        """Per edge: 0 below the pair's r_in, 1 beyond its r_out, smootherstep (C²) in between."""
+        bounds = self.fade_range[species[edge_index[0]], species[edge_index[1]]]  # [E, 2]
+        r_in, r_out = bounds[:, 0], bounds[:, 1]
+        t = ((lengths - r_in) / (r_out - r_in)).clamp(0.0, 1.0)
+        return t**3 * (10.0 - 15.0 * t + 6.0 * t**2)
+
     @torch.no_grad()
     def shift_design(self, graph: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, elements]``: Σ of the shift gate over each graph's atoms of each element.
@@ -244,6 +260,8 @@ class Potential(nn.Module):
         sh = spherical_harmonics(self.spec.sh_lmax, vectors)
         envelope = self.envelope(lengths)
         radial = self.basis(lengths) * envelope.unsqueeze(-1)
+        if self.spec.short_range_fade:  # pairs closer than the data ever saw: the network lets go, ZBL stays
+            radial = radial * self._short_range_fade(species, edge_index, lengths).unsqueeze(-1)
         onehot = torch.nn.functional.one_hot(species, len(self.spec.elements)).to(positions.dtype)
         h = self.embedding(onehot).unsqueeze(-1)
         atomic = torch.zeros_like(positions[:, 0])
@@ -320,6 +338,21 @@ def set_edge_chunk(module: nn.Module, edges: int | str | None) -> None:
             for block in inner.modules():
                 if isinstance(block, InteractionBlock):
                     block.edge_chunk = edges
+
+
+def with_short_range_fade(model: Potential, fade: dict[str, tuple[float, float]] | None) -> Potential:
+    """A copy of ``model`` (same weights, dtype and device) whose network fades out below ``fade``'s ranges.
+
+    The ranges are not weights (a buffer derived from the spec), so a model continued on more data — an
+    active-learning round whose new structures come closer than the last ones — can move them and keep
+    everything it learnt.
+    """
+    spec = ModelSpec.model_validate({**model.spec.model_dump(), "short_range_fade": fade})
+    reference = next(model.parameters())
+    new = build_model(spec, dtype=reference.dtype)
+    new.load_state_dict(model.state_dict())
+    set_edge_chunk(new, model.blocks[0].edge_chunk)  # a runtime setting, not in the spec
+    return new.to(reference.device).train(model.training)
 
 
 def build_model(spec: ModelSpec | dict, dtype: torch.dtype = torch.float64) -> Potential:

@@ -125,11 +125,19 @@ class _ModelConfigBase(_Section):
         return self.model_dump(exclude={"elements"})
 
 
-NEW_MODEL_DEFAULTS: dict[str, Any] = {"basis_bound": 4.0}
+NEW_MODEL_DEFAULTS: dict[str, Any] = {"basis_bound": 4.0, "short_range_fade": "auto"}
 """Defaults for models trained from now on that differ from ModelSpec's, whose defaults must stay what
 older model files were written with (a file without the key loads as it was built).  ``basis_bound``: 4
 bounds the atomic basis well above its in-distribution norms (≤ 3.5 for ethanol) and removes the
-10⁵-eV explosions at short range (docs/benchmarks.md); ``null`` switches it off."""
+10⁵-eV explosions at short range (docs/benchmarks.md); ``null`` switches it off.  ``short_range_fade``:
+``auto`` fades each element pair out of the network below the shortest distance the training data have
+(:data:`~equiforce.models.spec.AUTO_FADE_FRACTIONS` of it), so only the ZBL prior acts where the data end —
+in models with that prior (``zbl: true``; without it ``auto`` is off: there would be nothing left to repel
+two atoms); training itself is unchanged (every training pair lies beyond its fade), ``null`` switches it
+off."""
+
+CONFIG_ONLY_VALUES: dict[str, Any] = {"short_range_fade": Literal["auto"]}
+"""Values a ModelSpec field takes in the config besides its own (resolved from the data by the trainer)."""
 
 
 def _model_config_class() -> type[_ModelConfigBase]:
@@ -138,9 +146,13 @@ def _model_config_class() -> type[_ModelConfigBase]:
     for name, info in ModelSpec.model_fields.items():
         if name in COMPUTED_SPEC_FIELDS:
             continue
+        annotation = info.annotation
+        if name in CONFIG_ONLY_VALUES:
+            annotation = CONFIG_ONLY_VALUES[name] | annotation
+            info = FieldInfo.merge_field_infos(info, annotation=annotation)
         if name in NEW_MODEL_DEFAULTS:
             info = FieldInfo.merge_field_infos(info, default=NEW_MODEL_DEFAULTS[name])
-        fields[name] = (info.annotation, info)
+        fields[name] = (annotation, info)
     return create_model("ModelConfig", __base__=_ModelConfigBase, __doc__="Architecture of the potential.",
                         **fields)
 

@@ -36,7 +36,7 @@ from equiforce.evaluate import evaluate, resolve_device, run_batches
 from equiforce.models.compiled import CompiledForces
 from equiforce.models.file import load_model, save_model
 from equiforce.models.potential import Potential, build_model
-from equiforce.models.spec import ModelSpec
+from equiforce.models.spec import ModelSpec, fade_from_closest
 from equiforce.train import distributed
 from equiforce.train.batching import make_batches
 from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
@@ -520,7 +520,7 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     With ``valid=None`` a ``valid_fraction`` of ``train`` is held out (fixed ``split_seed``, independent
     of the training seed so runs with different seeds validate on the same structures).
     """
-    from equiforce.data.stats import dataset_statistics, is_isolated_atom, split_indices
+    from equiforce.data.stats import closest_pairs, dataset_statistics, is_isolated_atom, split_indices
     model_cfg = _validated(ModelConfig, model_cfg, "model")
     training_cfg = _validated(TrainingConfig, training_cfg, "training")
     # isolated atoms define E0s (in "fit" too, where they pin their element's E0); they are not training
@@ -558,9 +558,16 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     stats = dataset_statistics(train_graphs, e0_values)
     scale = float(stats.get("force_rms", 0.0) or 0.0)
     shift = float(stats.get("energy_shift", 0.0))  # gated by coordination: isolated atoms keep their E0
-    spec = ModelSpec(**model_cfg.spec_kwargs(), elements=elements, e0s=e0_values,
-                     avg_num_neighbors=max(float(stats["avg_num_neighbors"]), 1e-6),
-                     energy_scale=scale if scale > 0 else 1.0, energy_shift=shift)
+    architecture = model_cfg.spec_kwargs()
+    if architecture.get("short_range_fade") == "auto":  # where the data end at short range (train and valid)
+        architecture["short_range_fade"] = (fade_from_closest(closest_pairs([*train_graphs, *valid_graphs]))
+                                            if architecture.get("zbl") else None)
+    try:
+        spec = ModelSpec(**architecture, elements=elements, e0s=e0_values,
+                         avg_num_neighbors=max(float(stats["avg_num_neighbors"]), 1e-6),
+                         energy_scale=scale if scale > 0 else 1.0, energy_shift=shift)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "model")) from None
     torch.manual_seed(training_cfg.seed)
     model = build_model(spec, dtype=dtype)
     extra = {"statistics": _jsonable(stats), "n_train": len(train), "n_valid": len(valid), **(extra or {})}

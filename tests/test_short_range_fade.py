@@ -1,0 +1,151 @@
+"""``short_range_fade``: below the shortest distance the data have for an element pair, the network lets go of
+the pair and only the ZBL prior (and the per-atom shift) act.  It must leave every pair beyond its range exactly
+as it was (training on data beyond the fade is unchanged), hide a pair below its range from the network
+completely, and be smooth in between (the physics suite runs it through its symmetry and derivative tests,
+conftest's ``L2-corr2-zbl``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from equiforce.data import atoms_to_graph, collate
+from equiforce.data.graph import config_to_graph
+from equiforce.data.stats import closest_pairs
+from equiforce.data.structure import Configuration
+from equiforce.errors import ConfigError
+from equiforce.models import ModelSpec, build_model
+from equiforce.models.file import load_model, save_model
+from equiforce.models.potential import with_short_range_fade
+from equiforce.models.spec import AUTO_FADE_FRACTIONS, fade_from_closest, pair_key, pair_numbers
+from equiforce.train.trainer import train_configs
+
+FADE = {"H-C": (0.7, 0.95), "C-O": (1.0, 1.3), "H-H": (1.2, 1.6)}
+
+
+def fade_model(fade=None, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    spec = ModelSpec(elements=[1, 6, 8], channels=6, max_l=1, sh_lmax=2, correlation=2, num_layers=2,
+                     radial_mlp=[12], cutoff=4.0, zbl=True, energy_shift=-2.0, avg_num_neighbors=4.0,
+                     shift_gate="bonds", short_range_fade=fade)
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def outputs(model, atoms: Atoms) -> dict[str, np.ndarray]:
+    out = model(collate([atoms_to_graph(atoms, model.cutoff)]), compute_forces=True)
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
+def dimer(a: str, b: str, r: float) -> Atoms:
+    return Atoms(a + b, positions=[[0.0, 0.0, 0.0], [0.0, 0.0, r]])
+
+
+def test_pair_keys_and_spec_validation():
+    assert pair_numbers("C-H") == pair_numbers("H-C") == (1, 6) and pair_key(6, 1) == "H-C"
+    spec = ModelSpec(elements=[1, 6], cutoff=4.0, short_range_fade={"C-H": (0.7, 0.9)})
+    assert ModelSpec.model_validate_json(spec.model_dump_json()).short_range_fade == {"C-H": (0.7, 0.9)}
+    bad = [({"CH": (0.7, 0.9)}, "pair of element symbols"), ({"C-N": (0.7, 0.9)}, "not in `elements`"),
+           ({"C-H": (0.9, 0.7)}, "r_in < r_out"), ({"C-H": (0.7, 4.5)}, "cutoff"),
+           ({"C-H": (0.7, 0.9), "H-C": (0.6, 0.8)}, "given twice")]
+    for fade, message in bad:
+        with pytest.raises(ValueError, match=message):
+            ModelSpec(elements=[1, 6], cutoff=4.0, short_range_fade=fade)
+
+
+def test_pairs_beyond_their_range_are_exactly_unchanged():
+    """Every pair of ethanol lies beyond FADE's ranges: the same weights give bit-identical energies and forces."""
+    atoms = molecule("CH3CH2OH")
+    plain, faded = fade_model(None), fade_model(FADE)
+    assert closest_pairs([atoms_to_graph(atoms, 4.0)])[(1, 6)] > FADE["H-C"][1]
+    ref, new = outputs(plain, atoms), outputs(faded, atoms)
+    np.testing.assert_array_equal(new["energy"], ref["energy"])
+    np.testing.assert_array_equal(new["forces"], ref["forces"])
+
+
+def test_a_pair_below_its_range_is_invisible_to_the_network():
+    model = fade_model(FADE)
+    graph = collate([atoms_to_graph(dimer("C", "H", 0.6), model.cutoff)])
+    assert all(torch.count_nonzero(d) == 0 for d in model.descriptors(graph))
+    # what is left is the E0s, the gated shift and the ZBL repulsion: the energy rises steeply as the pair closes
+    energies = [float(outputs(model, dimer("C", "H", r))["energy"][0]) for r in (0.3, 0.4, 0.5, 0.6)]
+    assert np.all(np.diff(energies) < 0)
+    # an unlisted pair (C-C) is never faded
+    graph = collate([atoms_to_graph(dimer("C", "C", 0.6), model.cutoff)])
+    assert any(torch.count_nonzero(d) > 0 for d in model.descriptors(graph))
+
+
+def test_forces_are_the_derivative_of_the_energy_across_the_fade():
+    model = fade_model(FADE)
+    h = 1e-5
+    for r in np.linspace(0.65, 1.0, 8):  # below, inside and beyond the H-C range
+        forces = outputs(model, dimer("C", "H", r))["forces"]
+        plus = float(outputs(model, dimer("C", "H", r + h))["energy"][0])
+        minus = float(outputs(model, dimer("C", "H", r - h))["energy"][0])
+        assert forces[1, 2] == pytest.approx(-(plus - minus) / (2 * h), rel=1e-6, abs=1e-8)
+
+
+def test_closest_pairs_sees_periodic_images():
+    cu = bulk("Cu", "fcc", a=3.6)  # one atom: every pair is an image
+    graph = atoms_to_graph(cu, 4.0)
+    assert closest_pairs([graph]) == {(29, 29): pytest.approx(3.6 / np.sqrt(2))}
+    atoms = molecule("CH3CH2OH")
+    d = atoms.get_all_distances()
+    h, c = atoms.numbers == 1, atoms.numbers == 6
+    closest = closest_pairs([atoms_to_graph(atoms, 4.0)])
+    assert closest[(1, 6)] == pytest.approx(d[np.ix_(h, c)].min())
+    fade = fade_from_closest(closest)
+    lo, hi = AUTO_FADE_FRACTIONS
+    assert fade["H-C"] == pytest.approx((lo * closest[(1, 6)], hi * closest[(1, 6)]))
+
+
+def test_with_short_range_fade_keeps_the_weights(tmp_path):
+    plain = fade_model(None)
+    faded = with_short_range_fade(plain, FADE)
+    assert faded.spec.short_range_fade == FADE and plain.spec.short_range_fade is None
+    for (name, a), (_, b) in zip(plain.state_dict().items(), faded.state_dict().items()):
+        assert torch.equal(a, b), name
+    save_model(faded, tmp_path / "m.eqf")
+    loaded = load_model(tmp_path / "m.eqf")
+    atoms = dimer("C", "H", 0.8)
+    np.testing.assert_array_equal(outputs(loaded, atoms)["forces"], outputs(faded, atoms)["forces"])
+
+
+def _labelled(atoms: Atoms, seed: int) -> Configuration:
+    rng = np.random.default_rng(seed)
+    return Configuration.from_atoms(atoms, energy=float(rng.normal()), forces=rng.normal(size=(len(atoms), 3)))
+
+
+TINY_MODEL = dict(channels=4, max_l=1, sh_lmax=2, correlation=2, num_layers=1, radial_mlp=[8], cutoff=3.0, zbl=True)
+TINY_TRAINING = dict(epochs=1, batch_size=2, device="cpu", dtype="float64")
+
+
+def test_training_fades_below_the_closest_pairs_of_its_data(tmp_path):
+    frames = []
+    for k in range(6):
+        atoms = molecule("H2O")
+        atoms.rattle(0.05, seed=k)
+        frames.append(_labelled(atoms, k))
+    e0s = {1: -1.0, 8: -2.0}
+    result = train_configs(frames, None, TINY_MODEL, TINY_TRAINING, tmp_path / "auto", valid_fraction=0.34,
+                           progress=False, e0s=e0s)
+    fade = load_model(result["best_model"]).spec.short_range_fade
+    closest = closest_pairs([config_to_graph(c, 3.0, torch.float64) for c in frames])  # train and valid
+    expected = fade_from_closest(closest)
+    assert set(fade) == set(expected) == {"H-H", "H-O"}  # one O per frame: no O-O pair, nothing to fade
+    for key in fade:
+        assert fade[key] == pytest.approx(expected[key])
+    for name, change in {"off": {"short_range_fade": None}, "no_zbl": {"zbl": False}}.items():
+        # "auto" without the ZBL prior is off: nothing would be left to repel two atoms below the fade
+        off = train_configs(frames, None, {**TINY_MODEL, **change}, TINY_TRAINING, tmp_path / name, progress=False,
+                            e0s=e0s)
+        assert load_model(off["best_model"]).spec.short_range_fade is None, name
+    with pytest.raises(ConfigError, match="short_range_fade"):
+        train_configs(frames, None, {**TINY_MODEL, "short_range_fade": {"H-N": (0.5, 0.8)}}, TINY_TRAINING,
+                      tmp_path / "bad", progress=False, e0s=e0s)
