@@ -11,7 +11,7 @@ import yaml
 
 from equiforce.active.config import parse_learn_config
 from equiforce.active.journal import read_journal
-from equiforce.active.loop import RunState, learn
+from equiforce.active.loop import RunState, learn, wall_time_reason
 from equiforce.cli import main
 from equiforce.data.graph import config_to_graph
 from equiforce.data.stats import closest_pairs
@@ -182,3 +182,22 @@ def test_final_model_is_the_round_with_the_lowest_error_on_the_final_validation_
     n_records = len(read_journal(run / "journal.jsonl"))
     learn(None, resume=run, progress=False)
     assert len(read_journal(run / "journal.jsonl")) == n_records
+
+
+def test_wall_time_stops_before_a_round_that_would_run_past_it():
+    assert wall_time_reason(100.0, None, 90.0).startswith("wall time 90 s spent")
+    assert wall_time_reason(60.0, None, 90.0) is None  # the first round: no estimate of the next
+    assert wall_time_reason(60.0, 40.0, 90.0) is None  # 60 + 20 ≤ 90
+    assert "another round (~20 s)" in wall_time_reason(75.0, 55.0, 90.0)
+
+
+def test_wall_time_ends_the_loop_within_its_budget(tmp_path):
+    budget = 6.0
+    cfg = parse_learn_config(tiny_config(tmp_path / "run", stop={"wall_time": budget, "max_rounds": 50}))
+    summary = learn(cfg, progress=False)
+    assert summary["stopped"].startswith("wall time")
+    ends = [r["elapsed"] for r in read_journal(tmp_path / "run" / "journal.jsonl") if r["type"] == "evaluated"]
+    for k in range(1, len(ends) - 1):  # every round that went on expected the next one to fit
+        assert ends[k] + (ends[k] - ends[k - 1]) <= budget
+    if len(ends) > 1:  # the last one did not (or the budget was spent)
+        assert ends[-1] + (ends[-1] - ends[-2]) > budget

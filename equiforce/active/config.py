@@ -181,7 +181,9 @@ class StopConfig(_Section):
                                                               "stop or (molecules) a broken bond")
     stable_md_temperature: float = Field(500.0, gt=0)
     stable_md_replicas: int = Field(2, ge=1)
-    wall_time: float | None = Field(None, gt=0, description="seconds (or '10m'): no new round starts after this")
+    wall_time: float | None = Field(None, gt=0, description="seconds (or '10m') of active time the loop ends within: "
+                                                          "no new round starts that would, taking as long as the "
+                                                          "last one, run past it")
 
     @field_validator("wall_time", mode="before")
     @classmethod

@@ -119,6 +119,17 @@ class RunState:
         return out
 
 
+def wall_time_reason(now: float, previous: float | None, budget: float) -> str | None:
+    """Why the loop stops for time at a round's end (``now`` s of active time; ``previous``: the round before
+    ended then), or None: when the budget is spent, or when another round, taking as long as the last one, would
+    run past it — so the loop ends within its budget instead of a round after it."""
+    if now >= budget:
+        return f"wall time {budget:.0f} s spent"
+    if previous is not None and now + (now - previous) > budget:
+        return f"wall time: another round (~{now - previous:.0f} s) would pass the {budget:.0f} s budget"
+    return None
+
+
 def to_configuration(item: dict[str, Any], result: dict[str, Any]) -> Configuration:
     atoms = atoms_from_json(item["atoms"])
     return Configuration.from_atoms(atoms, energy=result["energy"], forces=np.asarray(result["forces"]),
@@ -325,8 +336,10 @@ class Learner:
             return f"oracle budget spent ({self.state.calls} of {stop.max_oracle_calls} calls)"
         if round_ >= stop.max_rounds:
             return f"max_rounds ({stop.max_rounds}) reached"
-        if stop.wall_time is not None and self.elapsed() >= stop.wall_time:
-            return f"wall time {stop.wall_time:.0f} s spent"
+        if stop.wall_time is not None:
+            previous = self.state.by_type.get("evaluated", {}).get(round_ - 1)
+            return wall_time_reason(float(evaluated.get("elapsed", self.elapsed())),
+                                    float(previous["elapsed"]) if previous else None, stop.wall_time)
         return None
 
     def explore_and_select(self, round_: int, evaluated: dict[str, Any]) -> str | None:
