@@ -104,3 +104,26 @@ def test_single_atom_and_empty():
     assert len(i) == len(j) == len(s) == 0
     i, j, s = neighbor_list(np.zeros((0, 3)), np.eye(3) * 3, [True] * 3, 5.0)
     assert len(i) == 0 and s.shape == (0, 3)
+
+
+def test_edge_vectors_of_a_batch_use_each_systems_cell():
+    """Two periodic systems with different triclinic cells in one batch: every edge vector (and so every
+    length) must be that of its own system, as ASE gives it."""
+    import torch
+    from ase import Atoms
+
+    from equiforce.data import keys as K
+    from equiforce.data.graph import atoms_to_graph, collate, edge_vectors
+
+    rng = np.random.default_rng(7)
+    systems = []
+    for scale in (4.5, 6.0):
+        cell = random_cell(rng, scale)
+        systems.append(Atoms("H" * 6, positions=rng.uniform(0, 1, (6, 3)) @ cell, cell=cell, pbc=True))
+    batch = collate([atoms_to_graph(a, 3.0) for a in systems])
+    vectors = edge_vectors(batch[K.POSITIONS], batch[K.EDGE_INDEX], batch[K.SHIFTS], batch[K.CELL], batch[K.BATCH])
+    lengths = torch.linalg.vector_norm(vectors, dim=-1).numpy()
+    expected = np.concatenate([np.sort(ase_neighbor_list("d", a, 3.0)) for a in systems])
+    centre_system = batch[K.BATCH][batch[K.EDGE_INDEX][0]].numpy()
+    ours = np.concatenate([np.sort(lengths[centre_system == s]) for s in range(len(systems))])
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-10)

@@ -21,7 +21,7 @@ from ase import Atoms
 from equiforce.active.config import ExploreConfig
 from equiforce.active.select import Candidates
 from equiforce.data import keys as K
-from equiforce.data.graph import collate, config_to_graph
+from equiforce.data.graph import collate, config_to_graph, edge_vectors
 from equiforce.data.structure import Configuration
 from equiforce.sim.analysis.structure import BondCriterion
 from equiforce.sim.md import MolecularDynamics, make_integrator
@@ -142,9 +142,8 @@ def evaluate_candidates(model: torch.nn.Module, structures: Sequence[Atoms], bat
             count = torch.zeros(n_graphs, dtype=features.dtype, device=device).index_add(0, batch[K.BATCH], mask)
             per_element.append(total / count.clamp_min(1.0)[:, None])
         descriptors.append(torch.cat(per_element, dim=-1).cpu().double().numpy())
-        centre, neighbour = batch[K.EDGE_INDEX][0], batch[K.EDGE_INDEX][1]
-        vectors = batch[K.POSITIONS][neighbour] - batch[K.POSITIONS][centre]
-        vectors = vectors + torch.einsum("ei,eij->ej", batch[K.SHIFTS], batch[K.CELL][batch[K.BATCH][centre]])
+        centre = batch[K.EDGE_INDEX][0]
+        vectors = edge_vectors(batch[K.POSITIONS], batch[K.EDGE_INDEX], batch[K.SHIFTS], batch[K.CELL], batch[K.BATCH])
         lengths = torch.linalg.vector_norm(vectors, dim=-1)
         nearest = torch.full((n_graphs,), float("inf"), dtype=lengths.dtype, device=device)
         nearest = nearest.scatter_reduce(0, batch[K.BATCH][centre], lengths, reduce="amin")

@@ -17,6 +17,14 @@ Graph = dict[str, torch.Tensor]
 MIN_DISTANCE = 0.1  # Å; closer atoms are almost certainly a duplicated atom in the input
 
 
+def edge_vectors(positions: torch.Tensor, edge_index: torch.Tensor, shifts: torch.Tensor, cell: torch.Tensor,
+                 batch: torch.Tensor) -> torch.Tensor:
+    """Edge vectors ``r_j - r_i + S·cell`` (``[E, 3]``), with each edge's cell that of its centre's system
+    (``batch``): the one definition of edge geometry that the model, MD, exploration and data statistics share."""
+    offsets = torch.einsum("ei,eij->ej", shifts, cell[batch[edge_index[0]]])
+    return positions[edge_index[1]] - positions[edge_index[0]] + offsets
+
+
 def config_to_graph(config: Configuration, cutoff: float, dtype: torch.dtype = torch.float64) -> Graph:
     """Build the neighbour graph of one configuration, with its labels.
 

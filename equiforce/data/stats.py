@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from equiforce.data import keys as K
-from equiforce.data.graph import Graph
+from equiforce.data.graph import Graph, edge_vectors
 from equiforce.data.structure import Configuration
 from equiforce.errors import DataError
 
@@ -135,10 +135,9 @@ def closest_pairs(graphs: Sequence[Graph]) -> dict[tuple[int, int], float]:
         i, j = edge_index[0], edge_index[1]
         n_atoms = g[K.N_ATOMS].to(torch.long)
         batch = torch.repeat_interleave(torch.arange(len(n_atoms)), n_atoms)
-        cell = g[K.CELL].to(torch.float64)[batch[i]]
-        offsets = torch.einsum("ei,eij->ej", g[K.SHIFTS].to(torch.float64), cell)
-        positions = g[K.POSITIONS].to(torch.float64)
-        lengths = torch.linalg.vector_norm(positions[j] - positions[i] + offsets, dim=-1)
+        vectors = edge_vectors(g[K.POSITIONS].to(torch.float64), edge_index, g[K.SHIFTS].to(torch.float64),
+                               g[K.CELL].to(torch.float64), batch)
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)
         z_i, z_j = g[K.NUMBERS][i], g[K.NUMBERS][j]
         low, high = torch.minimum(z_i, z_j), torch.maximum(z_i, z_j)
         code = low * 200 + high  # one integer per unordered pair

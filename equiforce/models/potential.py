@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from equiforce.data import keys as K
+from equiforce.data.graph import edge_vectors
 from equiforce.errors import UnknownElementError
 from equiforce.models.spec import ModelSpec, pair_numbers
 from equiforce.models.zbl import ZBLRepulsion
@@ -204,8 +205,7 @@ class Potential(nn.Module):
         """Edge vectors r_j - r_i + S·cell and their lengths."""
         edge_index = graph[K.EDGE_INDEX]
         batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(graph[K.NUMBERS])
-        offsets = torch.einsum("ei,eij->ej", graph[K.SHIFTS], cell[batch[edge_index[0]]])
-        vectors = positions[edge_index[1]] - positions[edge_index[0]] + offsets
+        vectors = edge_vectors(positions, edge_index, graph[K.SHIFTS], cell, batch)
         return vectors, torch.linalg.vector_norm(vectors, dim=-1)
 
     def _gate(self, species: torch.Tensor, edge_index: torch.Tensor, lengths: torch.Tensor, envelope: torch.Tensor

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from equiforce.data import keys as K
+from equiforce.data.graph import edge_vectors
 from equiforce.sim.neighbors import VerletNeighborList
 from equiforce.sim.state import SimState
 
@@ -76,9 +77,7 @@ class BatchEvaluator:
         trim = self.trim if self.trim is not None else state.device.type == "cpu"
         if not trim or self.neighbors.skin == 0:
             return edge_index, shifts
-        i, j = edge_index
-        positions = state.positions.detach()
-        vec = positions[j] - positions[i] + torch.einsum("ei,eij->ej", shifts, state.cell.detach()[state.system[i]])
+        vec = edge_vectors(state.positions.detach(), edge_index, shifts, state.cell.detach(), state.system)
         keep = torch.nonzero((vec * vec).sum(-1) < self.neighbors.cutoff**2).squeeze(-1)
         return edge_index[:, keep], shifts[keep]
 
