@@ -21,6 +21,7 @@ from ase import Atoms, units
 from equiforce.active.oracle import import_object
 from equiforce.data.io import read_configurations, write_extxyz
 from equiforce.data.structure import Configuration
+from equiforce.utils.ase_compat import thermalize_momenta
 from equiforce.utils.atomic_io import atomic_write
 
 
@@ -32,14 +33,13 @@ def oracle_md_frames(start: Atoms, calculator: Any, temperatures: Sequence[float
     (``Configuration.from_atoms`` keeps a view of the positions, hence the copy of each frame.)
     """
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     out: list[Configuration] = []
     for k, temperature in enumerate(temperatures):
         atoms = start.copy()
         atoms.calc = calculator
         rng = np.random.default_rng([seed, k])
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
         dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature, friction=friction_per_fs / units.fs,
                        rng=rng, fixcm=False)
         dyn.run(equilibration)

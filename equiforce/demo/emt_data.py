@@ -28,12 +28,8 @@ from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary
 
-try:  # ASE >= 3.29; MaxwellBoltzmannDistribution is deprecated there
-    from ase.md.velocitydistribution import thermalize_momenta
-except ImportError:  # pragma: no cover - older ASE (pyproject allows >= 3.23)
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
-
 from equiforce.data.structure import Configuration
+from equiforce.utils.ase_compat import thermalize_momenta
 
 SOURCE = "emt:cu-ni"
 CU, NI = 29, 28
