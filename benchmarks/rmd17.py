@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
                    help="how the per-atom shift switches on (ModelSpec.shift_gate; default: that of new models)")
     p.add_argument("--bond-switch", type=float, nargs=2, default=None, metavar=("ON", "OFF"),
                    help="with --shift-gate bonds: where the bond switch starts and ends, in covalent-radius sums "
-                        "(ModelSpec.bond_switch; default 1.3 1.8)")
+                        "(ModelSpec.bond_switch; default: that of new models, 1.0 2.3)")
     p.add_argument("--basis-bound", type=float, default=None,
                    help="bound of the atomic basis before the product (ModelSpec.basis_bound; 0: off; default: "
                         "that of new models, 4)")

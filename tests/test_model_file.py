@@ -113,3 +113,17 @@ def test_new_models_bound_their_basis_while_older_files_load_as_built():
     assert ModelConfig(basis_bound=None).basis_bound is None
     assert ModelSpec(elements=[1]).basis_bound is None
     assert ModelSpec.model_validate({"elements": [1, 8], "channels": 4}).basis_bound is None
+
+
+def test_new_models_gate_their_shift_by_bonds_while_older_files_keep_coordination():
+    """New models get the bond gate with the wide switch; a file without the keys (written before) is rebuilt
+    with the coordination gate and the switch it had, and an explicit choice in the config is kept."""
+    from equiforce.models import ModelSpec
+    from equiforce.models.spec import DEFAULT_BOND_SWITCH, WIDE_BOND_SWITCH
+    from equiforce.train.config import ModelConfig
+
+    assert ModelConfig().shift_gate == "bonds" and tuple(ModelConfig().bond_switch) == WIDE_BOND_SWITCH
+    assert ModelConfig(shift_gate="coordination").shift_gate == "coordination"
+    assert tuple(ModelConfig(bond_switch=[1.3, 1.8]).bond_switch) == (1.3, 1.8)
+    old = ModelSpec.model_validate({"elements": [1, 8], "channels": 4})
+    assert old.shift_gate == "coordination" and tuple(old.bond_switch) == DEFAULT_BOND_SWITCH

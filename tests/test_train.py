@@ -152,6 +152,23 @@ def test_resume_is_exact(reference, data_dir, tmp_path):
     assert again["resumed_from"] == EPOCHS and (out / "metrics.jsonl").read_text() == log
 
 
+def test_resume_with_another_architecture_names_what_changed(tmp_path, data_dir):
+    """A checkpoint of another model is refused, naming each changed field (e.g. a new default the config
+    did not pin), and pinning the old value in the config resumes."""
+    out = tmp_path / "run"
+    first = yaml.safe_load(write_config(tmp_path / "config.yaml", data_dir, out, epochs=1).read_text())
+    first["model"] = {**MODEL, "shift_gate": "coordination", "bond_switch": [1.3, 1.8]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(first))
+    train(load_config(tmp_path / "config.yaml"), progress=False)
+    changed = {**first, "model": dict(MODEL), "training": {**first["training"], "epochs": 2}}
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    with pytest.raises(ConfigError, match=r"model\.shift_gate: 'coordination' → 'bonds'.*model\.bond_switch"):
+        train(load_config(tmp_path / "changed.yaml"), progress=False)
+    pinned = {**first, "training": {**first["training"], "epochs": 2}}
+    (tmp_path / "pinned.yaml").write_text(yaml.safe_dump(pinned))
+    assert train(load_config(tmp_path / "pinned.yaml"), progress=False)["resumed_from"] == 1
+
+
 def test_checkpoint_is_pickle_free(reference, tmp_path, monkeypatch):
     _, _, out = reference
     path = out / "checkpoint.safetensors"

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_BOND_SWITCH = (1.3, 1.8)  # shift_gate "bonds": bonded below 1.3x, unbonded beyond 1.8x the covalent radii
+WIDE_BOND_SWITCH = (1.0, 2.3)  # the bond switch of new models: the shift fades gently as a bond breaks
 AUTO_FADE_FRACTIONS = (0.75, 0.95)
 """``short_range_fade: auto``: each pair fades between these fractions of its shortest distance in the data — the
 network sees nothing new below 95 % of it (the ethanol test set's closest pairs lie within 1.3 % of the training

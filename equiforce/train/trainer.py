@@ -182,6 +182,16 @@ def _result(state: dict[str, Any], out: Path, resumed_from: int | None) -> dict[
             "output_dir": str(out), "best_model": str(out / BEST_MODEL), "last_model": str(out / LAST_MODEL)}
 
 
+def spec_difference(saved: ModelSpec, now: ModelSpec, limit: int = 4) -> str:
+    """The fields in which two specs differ, as ``model.KEY: was → now`` (for a refused resume: a changed
+    default, e.g. a new model option, is then named, not guessed)."""
+    before, after = saved.model_dump(mode="json"), now.model_dump(mode="json")
+    keys = [key for key in after if before.get(key) != after[key]]
+    shown = [f"model.{key}: {before.get(key)!r:.60} → {after[key]!r:.60}" for key in keys[:limit]]
+    more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(shown) + more
+
+
 def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph], training: TrainingConfig,
         output_dir: str | os.PathLike, *, resume: bool = True, checkpoint_every: int = 1,
         progress: bool | None = None, extra: dict[str, Any] | None = None,
@@ -280,9 +290,11 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     resumed_from = None
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        if ModelSpec.model_validate_json(ckpt["spec"]) != model.spec:
-            raise ConfigError(f"{ckpt_path} was written for a different model (architecture, elements or data "
-                              "statistics changed); use another output directory or set output.resume: false")
+        saved = ModelSpec.model_validate_json(ckpt["spec"])
+        if saved != model.spec:
+            raise ConfigError(f"{ckpt_path} was written for a different model ({spec_difference(saved, model.spec)}); "
+                              "set those in the config as they were, use another output directory, or set "
+                              "output.resume: false")
         before = ckpt.get("training", {})
         for key in ("optimizer", "scheduler"):
             if key in before and before[key] != getattr(training, key):
