@@ -40,7 +40,13 @@ from equiforce.models.spec import ModelSpec, fade_from_closest
 from equiforce.train import distributed
 from equiforce.train.batching import make_batches
 from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
-from equiforce.train.config import ModelConfig, TrainConfig, TrainingConfig, format_validation_error
+from equiforce.train.config import (
+    COMPUTED_SPEC_FIELDS,
+    ModelConfig,
+    TrainConfig,
+    TrainingConfig,
+    format_validation_error,
+)
 from equiforce.train.ema import EMA
 from equiforce.train.loss import WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
@@ -184,10 +190,12 @@ def _result(state: dict[str, Any], out: Path, resumed_from: int | None) -> dict[
 
 def spec_difference(saved: ModelSpec, now: ModelSpec, limit: int = 4) -> str:
     """The fields in which two specs differ, as ``model.KEY: was → now`` (for a refused resume: a changed
-    default, e.g. a new model option, is then named, not guessed)."""
+    default, e.g. a new model option, is then named, not guessed); fields computed from the data, which no
+    config key sets, are named as such."""
     before, after = saved.model_dump(mode="json"), now.model_dump(mode="json")
     keys = [key for key in after if before.get(key) != after[key]]
-    shown = [f"model.{key}: {before.get(key)!r:.60} → {after[key]!r:.60}" for key in keys[:limit]]
+    shown = [f"{'data-derived ' if key in COMPUTED_SPEC_FIELDS else 'model.'}{key}: {before.get(key)!r:.60} → "
+             f"{after[key]!r:.60}" for key in keys[:limit]]
     more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
     return "; ".join(shown) + more
 
