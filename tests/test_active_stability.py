@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from ase.build import molecule
 
@@ -13,6 +14,7 @@ from tests.conftest import make_model
 from tests.uq_helpers import graphs, labelled, single_thread  # noqa: F401 - one thread for tiny models
 
 
+@pytest.mark.slow  # ~40 s of tracing; the demo's plumbing test runs this path (compiled, heads model) too
 def test_compiled_check_runs_the_backbone_of_a_model_with_heads_on_the_same_trajectory(tmp_path):
     """σ is not needed to judge stability, so a heads model compiles as its backbone: same forces, same MD."""
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from ase.build import molecule
 from ase.io import read, write
 
@@ -43,6 +44,7 @@ def test_md_and_relax_commands(tmp_path):
     assert len(relaxed) == 2 and "converged" in relaxed[0].info
 
 
+@pytest.mark.slow  # ~17 s of tracing; the compiled MD itself is tested in test_compiled.py
 def test_md_command_compiled_reports_the_compilation(tmp_path, monkeypatch):
     """``--compile`` runs the traced graph (here uncompiled: Inductor's minute is tested elsewhere) and
     summary.json says so; the trajectory equals the eager one."""
