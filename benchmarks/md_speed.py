@@ -133,7 +133,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         evaluate = BatchEvaluator(model, skin=0.5, compile=args.mode == "compiled")
         outputs = integrator.evaluate(state, evaluate)  # compiles, for mode "compiled" (outside the timing)
         if args.mode == "compiled":
-            info.update(evaluate.forward.report())  # compiled, compile_s (and compile_error if it fell back)
+            info.update(evaluate.compile_report())  # compiled, compile_s (and compile_error if it fell back)
 
         def steps(count: int) -> None:
             nonlocal outputs

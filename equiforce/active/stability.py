@@ -59,6 +59,7 @@ def stability_test(model: torch.nn.Module, starts: Sequence[Atoms], temperature_
     first = np.where(result.nonfinite_step >= 0, result.nonfinite_step, result.stopped_step)
     dt_ps = timestep_fs / 1000.0
     times = [float((first[b] if failed[b] else steps) * dt_ps) for b in range(replicas)]
+    compiled = result.info.get("compile", {})
     max_dev = None
     if criterion is not None:
         max_dev = float(criterion.deviation(np.stack([a.positions for a in result.atoms])).max())
@@ -67,6 +68,5 @@ def stability_test(model: torch.nn.Module, starts: Sequence[Atoms], temperature_
             "time_to_failure_ps": times, "criterion": "bond length (Fu et al.)" if criterion else "non-finite only",
             "bond_threshold_A": threshold if criterion else None, "final_max_bond_deviation_A": max_dev,
             "steps": int(result.steps), "wall_s": float(result.wall_time_s),
-            "compiled": bool(result.info.get("compile", {}).get("compiled", False)),
-            "compile_s": float(result.info.get("compile", {}).get("compile_s", 0.0)),
+            "compiled": bool(compiled.get("compiled", False)), "compile_s": float(compiled.get("compile_s", 0.0)),
             "ms_per_step": 1000.0 * float(result.wall_time_s) / max(1, int(result.steps))}

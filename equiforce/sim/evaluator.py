@@ -70,6 +70,11 @@ class BatchEvaluator:
         self.calls = 0
         self.trim = trim
 
+    def compile_report(self) -> dict[str, object] | None:
+        """``compiled``, ``compile_s`` (and ``compile_error`` after a fallback); None when not compiling."""
+        report = getattr(self.forward, "report", None)
+        return report() if report is not None else None
+
     def edges(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
         """The reused list, trimmed to the cutoff when ``trim`` (default: on CPU, where the model's cost per
         edge dominates; on CUDA the skin's extra edges are cheaper than the host sync that trimming needs)."""

@@ -194,8 +194,9 @@ class MolecularDynamics:
         info: dict[str, Any] = {"model_calls": self.evaluate.calls}
         if self._graphed is not None:
             info["cuda_graph"] = self.graph_info
-        if hasattr(self.evaluate.forward, "report"):  # compiled: whether it ran so, and the one-off cost
-            info["compile"] = self.evaluate.forward.report()
+        compiled = self.evaluate.compile_report()
+        if compiled is not None:  # whether it ran compiled, and the one-off cost
+            info["compile"] = compiled
         return MDResult(state=state, thermo=thermo, stopped_step=stopped_step.cpu().numpy(),
                         nonfinite_step=nonfinite_step.cpu().numpy(), steps=state.step - start_step,
                         wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds, info=info)
