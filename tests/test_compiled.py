@@ -75,21 +75,28 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 def _check_inductor(device: str, batches: list[dict[str, torch.Tensor]], traces: int) -> None:
     model = make_model("L1-corr3", dtype=torch.float32).train().to(device)
     compiled = CompiledForces(model)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
         ref_pred, ref_grads = _gradients(model, model, batch, stress=False)
-        pred, grads = _gradients(compiled, model, batch, stress=False)
+        # later batches must reuse the first one's code (a recompilation would fail and fall back uncompiled)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            pred, grads = _gradients(compiled, model, batch, stress=False)
         torch.testing.assert_close(pred[K.FORCES], ref_pred[K.FORCES], rtol=1e-4, atol=1e-5)
         for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
-    assert compiled.report()["compiled"] is True and compiled.compile_seconds > 0
+    assert compiled.report()["compiled"] is True and compiled.compile_seconds > 0, compiled.report()
     assert len(compiled._graphs) == traces
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_inductor_compiles_a_step_that_matches_the_model(device):
-    """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes, one trace."""
-    _check_inductor(device, _batches()[:2], traces=1)
+    """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes, one trace.
+
+    Both batches have more than 32 atoms: on a CPU, Inductor turns an outer product (the readout's backward)
+    of at most 32 elements into a multiplication and guards the atom count for it, so a first batch that
+    small would be compiled a second time for a larger one (~40 s more here; training batches are larger)."""
+    more = collate([atoms_to_graph(molecule_system(s), 4.0) for s in range(10, 14)])
+    _check_inductor(device, [_batches()[2], more], traces=1)
 
 
 @pytest.mark.slow  # a cold Inductor compile of a second trace: ~80 s on 2 cores
@@ -154,8 +161,12 @@ def test_a_batch_without_graph_indices_is_refused():
         compiled(batch)
 
 
-def test_md_through_the_compiled_model_follows_the_uncompiled_trajectory():
-    """NVT on two molecules of different sizes, float64: neighbour-list rebuilds change the edge count."""
+def test_md_through_the_compiled_model_follows_the_uncompiled_trajectory(monkeypatch):
+    """NVT on two molecules of different sizes, float64: neighbour-list rebuilds change the edge count.  The
+    MD run's compiled model, called on another batch, also returns plain tensors (an inference graph)."""
+    made: list[CompiledForces] = []
+    init = CompiledForces.__init__
+    monkeypatch.setattr(CompiledForces, "__init__", lambda self, *a, **kw: (init(self, *a, **kw), made.append(self))[0])
     model = make_model("L1-corr3")
     systems = [molecule_system(0), molecule("CH4")]
     runs = [run_md(model, systems, ensemble="nvt", temperature_K=800, timestep_fs=0.5, steps=30, seed=4,
@@ -164,6 +175,12 @@ def test_md_through_the_compiled_model_follows_the_uncompiled_trajectory():
         np.testing.assert_allclose(compiled.positions, eager.positions, atol=1e-9)
         np.testing.assert_allclose(compiled.get_momenta(), eager.get_momenta(), atol=1e-9)
     assert runs[1].neighbor_builds > 1
+    assert len(made) == 1 and made[0].report()["compiled"] is True
+    out = made[0](_batches()[0], compute_forces=True)  # three graphs: the MD run's trace, reused
+    assert not out[K.FORCES].requires_grad and not out[K.ENERGY].requires_grad
+    assert len(made[0]._graphs) == 1
+    reference = model(_batches()[0], compute_forces=True)
+    torch.testing.assert_close(out[K.FORCES], reference[K.FORCES].detach(), rtol=1e-10, atol=1e-10)
 
 
 def test_npt_stress_through_the_compiled_model():
@@ -176,10 +193,6 @@ def test_npt_stress_through_the_compiled_model():
     np.testing.assert_allclose(runs[1].atoms[0].positions, runs[0].atoms[0].positions, atol=1e-9)
 
 
-def test_inference_outputs_are_plain_tensors_and_only_potentials_compile():
-    model = make_model("L1-corr3")
-    compiled = CompiledForces(model, backend="aot_eager")
-    out = compiled(_batches()[0], compute_forces=True)
-    assert not out[K.FORCES].requires_grad and not out[K.ENERGY].requires_grad
+def test_only_plain_potentials_compile_for_md():
     with pytest.raises(ValueError, match="plain potential"):
-        MolecularDynamics(torch.nn.ModuleList([model]), None, compile=True)
+        MolecularDynamics(torch.nn.ModuleList([make_model("L1-corr3")]), None, compile=True)
