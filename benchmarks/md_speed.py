@@ -19,7 +19,8 @@ loop with the whole step captured as a CUDA graph (mode ``graph``; :mod:`equifor
 says how many steps were replayed and, if the capture failed, why.  ``--compile`` adds, for every native
 row, the same run with the model's energy → forces traced and ``torch.compile``'d (mode ``compiled``;
 :mod:`equiforce.models.compiled`); the compilation happens in the first evaluation, outside the timing, and
-its seconds are in the row (``compile_s``).
+its seconds are in the row (``compile_s``). ``--uq-heads`` puts uncertainty heads on the model, so every
+step also computes σ (the rows then carry ``uq: "heads"``).
 
 Every measurement runs in its own process, so peak memory is clean: on CPU the rise of the peak resident set
 (VmHWM) over the resident set just before the timed steps, on CUDA ``torch.cuda.max_memory_allocated``.
@@ -121,6 +122,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(ModelSpec(elements=elements, **REFERENCE_SPEC), dtype).to(args.device).eval()
     edge_chunk = "auto" if args.edge_chunk < 0 else args.edge_chunk or None
     model.set_edge_chunk(edge_chunk)
+    if args.uq_heads:  # σ in every step: the cheap single-model estimator (untrained heads: the cost is the same)
+        from equiforce.uq.heads import UQHeads, UQPotential
+
+        heads = UQHeads(REFERENCE_SPEC["channels"], n_elements=len(elements)).to(args.device, dtype)
+        model = UQPotential(model, heads).to(args.device).eval()
     natoms = sum(len(a) for a in systems)
     cuda = args.device.startswith("cuda")
     info: dict[str, Any] = {}
@@ -171,6 +177,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
            "n_systems": len(systems) if native else 1, "device": args.device, "dtype": args.dtype,
            "ms_per_step": 1e3 * seconds, "atom_steps_per_s": measured / seconds,
            "peak_mem_mb_per_atom": peak / measured, "edge_chunk": edge_chunk}
+    if args.uq_heads:
+        row["uq"] = "heads"
     if args.mode == "compiled":
         row.update(info)
     if args.mode == "graph":
@@ -218,7 +226,7 @@ def equiforce_row(args: argparse.Namespace, system: str, mode: str, natoms: int 
                "--natoms", str(natoms), "--count", str(count), "--device", args.device, "--dtype", args.dtype,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
                "--aspirin", args.aspirin, "--edge-chunk", str(args.edge_chunk),
-               "--molecule-steps", str(args.molecule_steps)]
+               "--molecule-steps", str(args.molecule_steps)] + (["--uq-heads"] if args.uq_heads else [])
     return run_child(command, None, args.timeout)
 
 
@@ -275,6 +283,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time each native row with the model traced and torch.compile'd (mode "
                              "'compiled', equiforce.models.compiled; the compilation stays out of the timing)")
+    parser.add_argument("--uq-heads", action="store_true",
+                        help="equiforce rows with uncertainty heads on the model (σ computed in every step)")
     parser.add_argument("--out", default="md_speed.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--system", default="cu", help=argparse.SUPPRESS)

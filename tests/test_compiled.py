@@ -18,6 +18,7 @@ from equiforce.data.structure import Configuration
 from equiforce.models.compiled import CompiledForces
 from equiforce.sim.md import MolecularDynamics, run_md
 from equiforce.train.trainer import train_configs
+from equiforce.uq import keys as UK
 from tests.conftest import make_model
 from tests.test_physics import alloy_system, molecule_system
 
@@ -194,5 +195,58 @@ def test_npt_stress_through_the_compiled_model():
 
 
 def test_only_plain_potentials_compile_for_md():
-    with pytest.raises(ValueError, match="plain potential"):
+    with pytest.raises(ValueError, match="plain potential or one with uncertainty heads"):
         MolecularDynamics(torch.nn.ModuleList([make_model("L1-corr3")]), None, compile=True)
+
+
+def _heads_model(dtype: torch.dtype = torch.float64):
+    """L1-corr3 with fitted and calibrated uncertainty heads."""
+    from equiforce.uq.fit import build_uq_potential
+    from tests.uq_helpers import graphs, labelled
+
+    torch.manual_seed(0)
+    train, valid = graphs(labelled(16, seed=1)), graphs(labelled(12, seed=2))
+    model = build_uq_potential(make_model("L1-corr3"), train, valid, steps=20, n_heads=4, hidden=8)
+    return model.to(dtype)
+
+
+@pytest.mark.slow  # a cold Inductor compile, ~40 s
+def test_inductor_compiles_a_heads_model_on_one_graph():
+    """float32, one molecule: the heads' per-graph sums are plain sums there (Inductor's CPU code for an
+    index_add into one graph failed, and the model ran uncompiled)."""
+    model = _heads_model(torch.float32)
+    batch = {k: v.float() if v.is_floating_point() else v
+             for k, v in collate([atoms_to_graph(molecule("CH3CH2OH"), 4.0)]).items()}
+    compiled = CompiledForces(model)
+    out, reference = compiled(batch), model(batch)
+    assert compiled.report()["compiled"] is True, compiled.report()
+    for key, value in out.items():
+        torch.testing.assert_close(value, reference[key].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_uncertainty_heads_compiles_for_md_with_its_sigma(monkeypatch):
+    """σ is one more output of the compiled graph: the same σ, the same σ stops, inference only."""
+    from equiforce.uq.stop import sigma_stop
+
+    model = _heads_model()
+    made: list[CompiledForces] = []
+    init = CompiledForces.__init__
+    monkeypatch.setattr(CompiledForces, "__init__", lambda self, *a, **kw: (init(self, *a, **kw), made.append(self))[0])
+    systems = [molecule_system(0), molecule("CH3CH2OH")]
+    start = model(collate([atoms_to_graph(a, model.cutoff) for a in systems]))[UK.FORCES_STD]
+    threshold = float(start.max()) * 1.02  # crossed within a few steps by some system, not by all at once
+    runs = [run_md(model, [a.copy() for a in systems], ensemble="nvt", temperature_K=800, timestep_fs=0.5, steps=20,
+                   seed=4, stop_when=sigma_stop(forces=threshold), compile="aot_eager" if compiled else False)
+            for compiled in (False, True)]
+    assert runs[0].stopped_step.tolist() == runs[1].stopped_step.tolist()
+    assert (runs[0].stopped_step >= 0).any()
+    for eager, compiled in zip(*(r.atoms for r in runs)):
+        np.testing.assert_allclose(compiled.positions, eager.positions, atol=1e-9)
+    assert len(made) == 1 and made[0].report()["compiled"] is True
+    batch = _batches()[0]
+    out, reference = made[0](batch), model(batch)
+    assert set(out) == {key for key, value in reference.items() if isinstance(value, torch.Tensor)}
+    for key, value in out.items():
+        torch.testing.assert_close(value, reference[key].detach(), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="inference only"):
+        made[0](batch, create_graph=True)

@@ -90,6 +90,8 @@ def test_md_command_stops_on_sigma(ensemble_file, tmp_path, capsys):
     plain = equiforce.save_model(make_model("L1-corr3"), tmp_path / "plain.eqf")
     assert main(["md", str(plain), *common[2:], "--out", str(tmp_path / "p"), "--stop-sigma", "0.1"]) == 2
     assert "need a model with uncertainty" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "c"), "--compile"]) == 2  # an ensemble runs uncompiled only
+    assert "--compile" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_eval_uq_writes_metrics_and_plots(ensemble_file, tmp_path, capsys):

@@ -25,6 +25,19 @@ def edge_vectors(positions: torch.Tensor, edge_index: torch.Tensor, shifts: torc
     return positions[edge_index[1]] - positions[edge_index[0]] + offsets
 
 
+def sum_per_graph(values: torch.Tensor, batch: torch.Tensor, num_graphs: int, dim: int = 0) -> torch.Tensor:
+    """Sum per-atom ``values`` (atoms along ``dim``) into their graphs.
+
+    A batch of one graph takes a plain sum: Inductor's CPU code for an ``index_add`` into a single element
+    fails to compile, and a compiled model traces a batch of one graph on its own (models/compiled.py).
+    """
+    if num_graphs == 1:
+        return values.sum(dim, keepdim=True)
+    shape = list(values.shape)
+    shape[dim] = num_graphs
+    return values.new_zeros(shape).index_add(dim, batch, values)
+
+
 def config_to_graph(config: Configuration, cutoff: float, dtype: torch.dtype = torch.float64) -> Graph:
     """Build the neighbour graph of one configuration, with its labels.
 

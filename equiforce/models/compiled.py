@@ -19,6 +19,12 @@ to be equal in the first batch are not assumed equal), and the compiled graph is
 so batches of other sizes reuse it.  A batch of one graph (an MD run of one system) has a trace of its own.
 Edge chunking (``set_edge_chunk``) is off inside the trace.  Should compiling or running the graph fail,
 the model runs uncompiled from then on, with a warning and the reason in :meth:`CompiledForces.report`.
+
+A potential with uncertainty heads (:class:`~equiforce.uq.heads.UQPotential`) compiles for inference too:
+its σ outputs are more outputs of the same graph, and its calibration is a constant of the trace (a model
+whose calibration changes needs a new ``CompiledForces``).  Only for inference: the heads read the
+backbone's features through a ``detach``, which the trace loses, so training through it would be wrong.
+An ensemble does not compile (its ``vmap`` over members fixes sizes in the trace); it runs as it is.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ INPUT_KEYS = (K.POSITIONS, K.CELL, K.NUMBERS, K.EDGE_INDEX, K.SHIFTS, K.BATCH)
 # the dimension of each input that changes from batch to batch (atoms, graphs, atoms, edges, edges, atoms)
 DYNAMIC_DIMS = {K.POSITIONS: 0, K.CELL: 0, K.NUMBERS: 0, K.EDGE_INDEX: 1, K.SHIFTS: 0, K.BATCH: 0}
 OUTPUT_KEYS = (K.ENERGY, K.FORCES, K.VIRIAL, K.STRESS)
+
+
+def compilable(model: nn.Module) -> bool:
+    """Whether :class:`CompiledForces` takes this model: a plain potential, or one with uncertainty heads."""
+    from equiforce.uq.heads import UQPotential
+
+    return isinstance(model, (Potential, UQPotential))
 
 
 def strip_detach(graph_module: torch.fx.GraphModule) -> int:
@@ -63,11 +76,16 @@ class CompiledForces(nn.Module):
     "aot_eager" checks the trace without generating code).
     """
 
-    def __init__(self, model: Potential, backend: str = "inductor") -> None:
+    def __init__(self, model: nn.Module, backend: str = "inductor") -> None:
         super().__init__()
+        if not compilable(model):
+            raise ValueError(f"compile needs a plain potential or one with uncertainty heads, not a "
+                             f"{type(model).__name__} (an ensemble runs uncompiled)")
         self.model = model
         self.backend = backend
+        self.inference_only = not isinstance(model, Potential)  # see the module docstring
         self._graphs: dict[tuple[bool, bool, bool], Callable[..., tuple[Tensor, ...]]] = {}
+        self._outputs: dict[tuple[bool, bool, bool], list[str]] = {}  # each graph's output names, in order
         self.compile_seconds = 0.0  # tracing, and the first call of each graph (where compilation happens)
         self.removed_detach = 0
         self.error: str | None = None  # why compiling or running a graph failed (then the model runs as it is)
@@ -80,10 +98,11 @@ class CompiledForces(nn.Module):
             out["compile_error"] = self.error
         return out
 
-    def _trace(self, batch: dict[str, Tensor], forces: bool, stress: bool) -> torch.fx.GraphModule:
+    def _trace(self, batch: dict[str, Tensor], forces: bool, stress: bool) -> tuple[torch.fx.GraphModule, list[str]]:
         model = self.model
         names = [name for name, _ in model.named_parameters()]
         buffer_names = [name for name, _ in model.named_buffers()]
+        outputs: list[str] = []  # the model's tensor outputs (σ too, for a model with heads), named at trace time
 
         def energy_and_derivatives(params: list[Tensor], buffers: list[Tensor], *inputs: Tensor
                                    ) -> tuple[Tensor, ...]:
@@ -93,7 +112,11 @@ class CompiledForces(nn.Module):
             state = {**dict(zip(names, params)), **dict(zip(buffer_names, buffers))}
             out = torch.func.functional_call(model, (state,), (graph,), {
                 "compute_forces": forces, "compute_stress": stress, "create_graph": True})
-            return tuple(out[key] for key in OUTPUT_KEYS if key in out)
+            if isinstance(model, Potential):
+                outputs[:] = [key for key in OUTPUT_KEYS if key in out]
+            else:
+                outputs[:] = [key for key, value in out.items() if isinstance(value, Tensor)]
+            return tuple(out[key] for key in outputs)
 
         from torch.fx.experimental import _config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -109,13 +132,16 @@ class CompiledForces(nn.Module):
             for block, chunk in chunks.items():
                 block.edge_chunk = chunk
         self.removed_detach += strip_detach(traced)
-        return traced
+        return traced, outputs
 
     def forward(self, batch: dict[str, Tensor], compute_forces: bool = True, compute_stress: bool = False,
                 create_graph: bool = False) -> dict[str, Tensor]:
         """``create_graph=True`` (training): outputs differentiable in the weights.  ``False`` (simulation,
         the default as for :class:`Potential`): the graph runs without autograd (an inference graph that
         saves nothing for a backward pass), and the outputs are plain tensors."""
+        if create_graph and self.inference_only:
+            raise ValueError(f"a compiled {type(self.model).__name__} is for inference only (create_graph=False): "
+                             "its heads' inputs are detached, which the trace does not keep")
         if not create_graph and torch.is_grad_enabled():
             with torch.no_grad():
                 return self.forward(batch, compute_forces, compute_stress, create_graph)
@@ -135,7 +161,8 @@ class CompiledForces(nn.Module):
         first = key not in self._graphs
         try:
             if first:
-                self._graphs[key] = torch.compile(self._trace(batch, *key[:2]), backend=self.backend, dynamic=None)
+                traced, self._outputs[key] = self._trace(batch, *key[:2])
+                self._graphs[key] = torch.compile(traced, backend=self.backend, dynamic=None)
                 for name, tensor in zip(INPUT_KEYS, inputs):
                     torch._dynamo.maybe_mark_dynamic(tensor, DYNAMIC_DIMS[name])
             values = self._graphs[key](*state, *inputs)
@@ -148,6 +175,4 @@ class CompiledForces(nn.Module):
         finally:
             if first:
                 self.compile_seconds += time.perf_counter() - start
-        names = [K.ENERGY] + ([K.FORCES] if compute_forces else []) + ([K.VIRIAL, K.STRESS] if compute_stress
-                                                                         else [])
-        return dict(zip(names, values))
+        return dict(zip(self._outputs[key], values))

@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from equiforce.data import keys as K
-from equiforce.data.graph import edge_vectors
+from equiforce.data.graph import edge_vectors, sum_per_graph
 from equiforce.errors import UnknownElementError
 from equiforce.models.spec import ModelSpec, pair_numbers
 from equiforce.models.zbl import ZBLRepulsion
@@ -277,12 +277,7 @@ class Potential(nn.Module):
         if self.zbl is not None:
             pair = self.zbl(species[centre], species[neighbour], lengths)
             node_energy = node_energy.index_add(0, centre, pair)
-        num_graphs = graph[K.CELL].shape[0]
-        if num_graphs == 1:  # a plain sum (Inductor's CPU code for an index_add into one element fails)
-            return node_energy.sum(0, keepdim=True), node_energy, features
-        energy = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
-        energy = energy.index_add(0, batch, node_energy)
-        return energy, node_energy, features
+        return sum_per_graph(node_energy, batch, graph[K.CELL].shape[0]), node_energy, features
 
     def forward(self, graph: dict[str, torch.Tensor], compute_forces: bool = True, compute_stress: bool = False,
                 create_graph: bool = False, return_features: bool = False) -> dict[str, torch.Tensor]:

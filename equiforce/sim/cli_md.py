@@ -54,6 +54,12 @@ def cmd_md(args: argparse.Namespace) -> int:
     if args.resume and args.format == "traj":
         raise ConfigError("--resume needs an h5 or extxyz trajectory (an ASE .traj file cannot be cut back)")
     model, structures, device = _load(args)
+    if args.compile:
+        from equiforce.models.compiled import compilable
+
+        if not compilable(model):
+            raise ConfigError(f"--compile: {args.model} holds a {type(model).__name__}, which runs uncompiled "
+                              "(plain potentials and potentials with uncertainty heads compile)")
     stop_when = _sigma_stop(args, model)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = out / f"trajectory.{args.format}"
@@ -156,9 +162,10 @@ def add_parser(sub) -> None:
                         "launches dominate; same results; falls back to ordinary steps, with a warning, if the "
                         "step cannot be captured)")
     p.add_argument("--compile", action="store_true",
-                   help="energies and forces through one traced, torch.compile'd graph (plain potentials; a "
-                        "one-off compilation of about a minute; for long runs: on a CPU 1.5-2x the steps per second "
-                        "for small molecules, nothing for large boxes)")
+                   help="energies and forces (and σ) through one traced, torch.compile'd graph (plain "
+                        "potentials and potentials with uncertainty heads, not ensembles; a one-off compilation "
+                        "of about a minute; for long runs: on a CPU 1.5-2x the steps per second for small "
+                        "molecules, nothing for large boxes)")
     p.add_argument("--stop-sigma", type=float, default=None, metavar="EV_PER_A",
                    help="stop a system once its largest per-atom force σ exceeds this (a model with uncertainty)")
     p.add_argument("--stop-sigma-energy", type=float, default=None, metavar="EV_PER_ATOM",

@@ -53,18 +53,18 @@ class BatchEvaluator:
 
     def __init__(self, model: nn.Module, skin: float = 0.5, check_interval: int | str = "auto",
                  trim: bool | None = None, compile: bool | str = False) -> None:
-        """``compile=True``: energies and forces through one traced, compiled graph
-        (:class:`~equiforce.models.compiled.CompiledForces`; plain potentials only, no edge chunks); a
-        string names the ``torch.compile`` backend (default "inductor")."""
+        """``compile=True``: energies, forces (and σ, for a model with uncertainty heads) through one traced,
+        compiled graph (:class:`~equiforce.models.compiled.CompiledForces`; plain potentials and potentials
+        with heads, no edge chunks; ensembles run uncompiled); a string names the ``torch.compile`` backend
+        (default "inductor")."""
         self.model = model
         self.forward: nn.Module = model
         if compile:
-            from equiforce.models.compiled import CompiledForces
-            from equiforce.models.potential import Potential
+            from equiforce.models.compiled import CompiledForces, compilable
 
-            if not isinstance(model, Potential):
-                raise ValueError(f"compile needs a plain potential, not a {type(model).__name__} (ensembles and "
-                                 "uncertainty heads run uncompiled)")
+            if not compilable(model):
+                raise ValueError(f"compile needs a plain potential or one with uncertainty heads, not a "
+                                 f"{type(model).__name__} (ensembles run uncompiled)")
             self.forward = CompiledForces(model, compile if isinstance(compile, str) else "inductor")
         self.neighbors = VerletNeighborList(float(model.cutoff), skin=skin, check_interval=check_interval)
         self.calls = 0

@@ -80,12 +80,12 @@ class UQModel(nn.Module):
                 raw: dict[str, torch.Tensor], calibrated: bool) -> dict[str, torch.Tensor]:
         """Calibrate raw σ, set σ = inf on atoms of unseen elements and their structures."""
         from equiforce.data import keys as K
+        from equiforce.data.graph import sum_per_graph
 
         unseen_atom = ~self._seen_mask[graph[K.NUMBERS]]
         batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(graph[K.NUMBERS])
         num_graphs = graph[K.CELL].shape[0]
-        counts = torch.zeros(num_graphs, dtype=torch.float32, device=unseen_atom.device)
-        unseen_graph = counts.index_add(0, batch, unseen_atom.to(torch.float32)) > 0
+        unseen_graph = sum_per_graph(unseen_atom.to(torch.float32), batch, num_graphs) > 0
         for quantity, sigma in raw.items():
             if calibrated:
                 sigma = self.calibration.apply(quantity, sigma)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from equiforce.data import keys as K
+from equiforce.data.graph import sum_per_graph
 from equiforce.models.potential import Potential
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import Calibration
@@ -116,13 +117,13 @@ class UQHeads(nn.Module):
         batch = graph[K.BATCH] if K.BATCH in graph else torch.zeros_like(graph[K.NUMBERS])
         num_graphs = graph[K.CELL].shape[0]
         e = samples["energy"]
-        per_graph = torch.zeros(e.shape[0], num_graphs, dtype=e.dtype, device=e.device).index_add(1, batch, e)
+        per_graph = sum_per_graph(e, batch, num_graphs, dim=1)
         out = {"energy": (per_graph.square().mean(0) + SIGMA_FLOOR**2).sqrt()}
         if forces:
             out["forces"] = (samples["forces"].square().sum(-1).mean(0) + SIGMA_FLOOR**2).sqrt()
         if stress:
             w = samples["virial"]
-            total = torch.zeros(w.shape[0], num_graphs, 3, 3, dtype=w.dtype, device=w.device).index_add(1, batch, w)
+            total = sum_per_graph(w, batch, num_graphs, dim=1)
             volume = torch.linalg.det(graph[K.CELL]).abs()
             safe = torch.where(volume > 0, volume, torch.ones_like(volume))[None, :, None, None]
             sigma = ((total / safe).square().mean(0) + SIGMA_FLOOR**2).sqrt()
