@@ -17,6 +17,11 @@ schedule for both arms:
   The pool's MD is not counted as oracle calls — the usual convention for "random frames of an ab-initio
   trajectory" baselines (it would cost thousands more calls to make).
 
+``--explore-random`` adds a third arm, ``explore_random``: the loop itself with ``select.strategy: random``
+(its own exploration, its picks drawn at random from what it explored). Against ``al`` it measures what the
+uncertainty + diversity selection adds; against ``random`` what the loop's exploration costs or gains over
+frames of oracle MD.
+
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
 at ``--max-calls`` calls is the target (interpolated log–log when the random curve has no point exactly
 there); the calls active learning needs to reach it are found at the first point of its curve at or below
@@ -73,10 +78,14 @@ def calls_to_reach(curve: list[dict[str, float]], target: float) -> float | None
     return None
 
 
-def active_arm(args: argparse.Namespace, test_path: Path) -> list[dict[str, float]]:
+def active_arm(args: argparse.Namespace, test_path: Path, name: str = "al",
+               strategy: str | None = None) -> list[dict[str, float]]:
+    """The loop with the demo's settings; ``strategy`` replaces its selection (e.g. "random")."""
     config = learn_config(args.workdir, test_path, loop_minutes=1e6, seed=args.seed, progress=False)
-    config["directory"] = str(args.workdir / "al")
+    config["directory"] = str(args.workdir / name)
     config["select"]["per_round"] = args.per_round
+    if strategy is not None:
+        config["select"]["strategy"] = strategy
     config["stop"].update(max_oracle_calls=args.max_calls, wall_time=None, max_rounds=1000)
     config["training"]["max_time"] = args.round_time
     config["first_round_max_time"] = args.first_round_time
@@ -141,6 +150,8 @@ def main() -> None:
     parser.add_argument("--reference-time", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--explore-random", action="store_true",
+                        help="third arm: the loop with random picks from its own exploration (explore_random)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +172,8 @@ def main() -> None:
     bootstrap = int(al[0]["calls"])
     random = random_arm(args, test, pool, bootstrap, test_path)
     t_random = time.perf_counter() - t0 - t_data - t_al
+    explore_random = active_arm(args, test_path, "explore_random", "random") if args.explore_random else None
+    t_explore_random = time.perf_counter() - t0 - t_data - t_al - t_random
     target = interpolate_mae(random, args.max_calls)
     needed = calls_to_reach(al, target)
     result: dict[str, Any] = {
@@ -172,6 +185,11 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "interpolation": "random MAE at max_calls: log-log linear between its neighbours; AL calls: first point at "
                          "or below it, log-log linear with the point before"}
+    if explore_random is not None:
+        result["explore_random"] = explore_random
+        result["seconds"]["explore_random"] = t_explore_random
+        reached = calls_to_reach(explore_random, target)
+        result["explore_random_calls_ratio"] = None if reached is None else reached / args.max_calls
     if args.reference_frames:
         result["reference"] = reference_model(args, test, pool)
         result["al_final_over_reference"] = al[-1]["f_mae_mev_a"] / result["reference"]["f_mae_mev_a"]
@@ -183,6 +201,8 @@ def main() -> None:
         left = f"{a['calls']:>6} {a['f_mae_mev_a']:>10.1f}" if a else " " * 17
         right = f"{r['calls']:>6} {r['f_mae_mev_a']:>13.1f}" if r else ""
         print(f"{left} | {right}")
+    if explore_random is not None:
+        print("explore_random: " + ", ".join(f"{p['calls']}: {p['f_mae_mev_a']:.1f}" for p in explore_random))
     ratio = "never reached" if needed is None else f"{needed:.0f} calls, ratio {needed / args.max_calls:.2f}"
     print(f"random at {args.max_calls} calls: {target:.1f} meV/Å; active learning reaches it at {ratio}")
 
