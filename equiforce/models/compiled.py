@@ -83,7 +83,6 @@ class CompiledForces(nn.Module):
                              f"{type(model).__name__} (an ensemble runs uncompiled)")
         self.model = model
         self.backend = backend
-        self.inference_only = not isinstance(model, Potential)  # see the module docstring
         self._graphs: dict[tuple[bool, bool, bool], Callable[..., tuple[Tensor, ...]]] = {}
         self._outputs: dict[tuple[bool, bool, bool], list[str]] = {}  # each graph's output names, in order
         self.compile_seconds = 0.0  # tracing, and the first call of each graph (where compilation happens)
@@ -139,7 +138,7 @@ class CompiledForces(nn.Module):
         """``create_graph=True`` (training): outputs differentiable in the weights.  ``False`` (simulation,
         the default as for :class:`Potential`): the graph runs without autograd (an inference graph that
         saves nothing for a backward pass), and the outputs are plain tensors."""
-        if create_graph and self.inference_only:
+        if create_graph and not isinstance(self.model, Potential):  # heads: inference only (module docstring)
             raise ValueError(f"a compiled {type(self.model).__name__} is for inference only (create_graph=False): "
                              "its heads' inputs are detached, which the trace does not keep")
         if not create_graph and torch.is_grad_enabled():

@@ -60,11 +60,8 @@ class BatchEvaluator:
         self.model = model
         self.forward: nn.Module = model
         if compile:
-            from equiforce.models.compiled import CompiledForces, compilable
+            from equiforce.models.compiled import CompiledForces  # refuses a model it cannot compile
 
-            if not compilable(model):
-                raise ValueError(f"compile needs a plain potential or one with uncertainty heads, not a "
-                                 f"{type(model).__name__} (ensembles run uncompiled)")
             self.forward = CompiledForces(model, compile if isinstance(compile, str) else "inductor")
         self.neighbors = VerletNeighborList(float(model.cutoff), skin=skin, check_interval=check_interval)
         self.calls = 0
