@@ -57,10 +57,10 @@ def test_weight_gradients_of_the_force_loss_match_the_model(name):
     assert compiled.report()["compiled"] is True
 
 
-def test_stress_and_its_weight_gradients_match_on_periodic_cells():
+def _check_stress(size_lists: list[list[tuple[int, int, int]]]) -> None:
     model = make_model("L1-corr3").train()
     compiled = CompiledForces(model, backend="aot_eager")
-    for sizes in ([(1, 1, 1), (1, 1, 2)], [(2, 1, 1)], [(1, 1, 1), (1, 2, 1), (1, 1, 1)]):
+    for sizes in size_lists:
         batch = collate([atoms_to_graph(alloy_system(seed=k, size=s), 4.0) for k, s in enumerate(sizes)])
         ref_pred, ref_grads = _gradients(model, model, batch, stress=True)
         pred, grads = _gradients(compiled, model, batch, stress=True)
@@ -70,11 +70,23 @@ def test_stress_and_its_weight_gradients_match_on_periodic_cells():
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+def test_stress_and_its_weight_gradients_match_on_periodic_cells():
+    """Batches of several cells, other sizes than the traced one: one trace."""
+    _check_stress([[(1, 1, 1), (1, 1, 2)], [(2, 1, 1), (1, 1, 1)], [(1, 1, 1), (1, 2, 1), (1, 1, 1)]])
+
+
+@pytest.mark.slow  # one graph has a trace of its own (~35 s more on 2 cores)
+def test_stress_and_its_weight_gradients_match_on_a_single_cell():
+    _check_stress([[(1, 1, 1)], [(2, 1, 1)]])
+
+
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
 
 
-def _check_inductor(device: str, batches: list[dict[str, torch.Tensor]], traces: int) -> None:
-    model = make_model("L1-corr3", dtype=torch.float32).train().to(device)
+def _check_inductor(device: str, batches: list[dict[str, torch.Tensor]], traces: int, name: str) -> None:
+    """``name``: "small" where the cost is what matters (a cold compile of L1-corr3 takes ~25 s longer on 2 cores;
+    L1-corr3 under Inductor is the slow single-graph test's model, and its trace is checked on aot_eager)."""
+    model = make_model(name, dtype=torch.float32).train().to(device)
     compiled = CompiledForces(model)
     for i, batch in enumerate(batches):
         batch = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
@@ -91,20 +103,21 @@ def _check_inductor(device: str, batches: list[dict[str, torch.Tensor]], traces:
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_inductor_compiles_a_step_that_matches_the_model(device):
-    """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes, one trace.
+    """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes, one trace (a small model:
+    a cold compile is what a CI machine pays).
 
     Both batches have more than 32 atoms: on a CPU, Inductor turns an outer product (the readout's backward)
     of at most 32 elements into a multiplication and guards the atom count for it, so a first batch that
     small would be compiled a second time for a larger one (~40 s more here; training batches are larger)."""
     more = collate([atoms_to_graph(molecule_system(s), 4.0) for s in range(10, 14)])
-    _check_inductor(device, [_batches()[2], more], traces=1)
+    _check_inductor(device, [_batches()[2], more], traces=1, name="small")
 
 
 @pytest.mark.slow  # a cold Inductor compile of a second trace: ~80 s on 2 cores
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_inductor_compiles_a_single_graph_batch(device):
     """A one-graph batch has its own trace (Inductor's CPU code for an index_add into one element failed)."""
-    _check_inductor(device, [collate([atoms_to_graph(molecule_system(9), 4.0)])], traces=1)
+    _check_inductor(device, [collate([atoms_to_graph(molecule_system(9), 4.0)])], traces=1, name="L1-corr3")
 
 
 def _configs(n: int, seed: int) -> list[Configuration]:
@@ -168,7 +181,7 @@ def test_md_through_the_compiled_model_follows_the_uncompiled_trajectory(monkeyp
     made: list[CompiledForces] = []
     init = CompiledForces.__init__
     monkeypatch.setattr(CompiledForces, "__init__", lambda self, *a, **kw: (init(self, *a, **kw), made.append(self))[0])
-    model = make_model("L1-corr3")
+    model = make_model("small")  # the MD plumbing is the subject: the cheapest trace
     systems = [molecule_system(0), molecule("CH4")]
     runs = [run_md(model, systems, ensemble="nvt", temperature_K=800, timestep_fs=0.5, steps=30, seed=4,
                    skin=0.1, compile="aot_eager" if compiled else False) for compiled in (False, True)]
@@ -185,7 +198,7 @@ def test_md_through_the_compiled_model_follows_the_uncompiled_trajectory(monkeyp
 
 
 def test_npt_stress_through_the_compiled_model():
-    model = make_model("L1-corr3")
+    model = make_model("small")
     cell = bulk("Cu", "fcc", a=3.6, cubic=True)
     cell.rattle(0.05, seed=1)
     runs = [run_md(model, cell, ensemble="npt", temperature_K=300, pressure_bar=1000.0, timestep_fs=1.0, steps=10,
@@ -200,13 +213,13 @@ def test_only_plain_potentials_compile_for_md():
 
 
 def _heads_model(dtype: torch.dtype = torch.float64):
-    """L1-corr3 with fitted and calibrated uncertainty heads."""
+    """The small model with fitted and calibrated uncertainty heads."""
     from equiforce.uq.fit import build_uq_potential
     from tests.uq_helpers import graphs, labelled
 
     torch.manual_seed(0)
     train, valid = graphs(labelled(16, seed=1)), graphs(labelled(12, seed=2))
-    model = build_uq_potential(make_model("L1-corr3"), train, valid, steps=20, n_heads=4, hidden=8)
+    model = build_uq_potential(make_model("small"), train, valid, steps=20, n_heads=4, hidden=8)
     return model.to(dtype)
 
 
