@@ -1,0 +1,238 @@
+"""An equiforce potential inside OpenMM (optional: ``pip install 'equiforce[openmm]'``, OpenMM ≥ 8.6).
+
+OpenMM's ``PythonForce`` calls a Python function with the simulation's ``State`` at every force evaluation;
+:class:`OpenMMPotential` is that function.  OpenMM then drives the model with its own integrators,
+thermostats, barostats, constraints, reporters and — with ``particles`` — mixed ML/MM systems, where the
+model covers a subset of the particles (a ligand, a reactive centre) and a classical force field the rest.
+
+Units cross here: OpenMM's nm and kJ/mol against equiforce's Å and eV.  The neighbour list is equiforce's
+Verlet list, reused within a skin across calls and rebuilt when positions (or the box, under a barostat) move
+too far.  A model with uncertainty (:mod:`equiforce.uq`) reports its σ after every call in
+:attr:`OpenMMPotential.last` (``energy_std`` in eV, ``max_forces_std`` in eV/Å), so a reporter can watch it.
+
+OpenMM serialises a ``PythonForce`` by pickling its function; equiforce does not rely on that (a model file
+is safetensors + JSON): rebuild the force from the model file instead of loading a serialised ``System``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from ase import Atoms, units
+
+from equiforce.data import keys as K
+from equiforce.models.file import load_model
+from equiforce.sim.evaluator import BatchEvaluator, model_dtype
+from equiforce.sim.state import SimState
+from equiforce.uq import keys as UK
+
+EV_IN_KJ_PER_MOL = units.eV / (units.kJ / units.mol)  # 96.485...
+ANGSTROM_PER_NM = 10.0
+
+
+def _openmm():
+    try:
+        import openmm
+        import openmm.app  # noqa: F401 (Simulation, Topology, reporters)
+    except ImportError as err:  # optional dependency
+        raise ImportError("the OpenMM bridge needs OpenMM >= 8.6: pip install 'equiforce[openmm]'") from err
+    if not hasattr(openmm, "PythonForce"):
+        raise ImportError(f"OpenMM {openmm.__version__} has no PythonForce; the OpenMM bridge needs OpenMM >= 8.6")
+    return openmm
+
+
+def _load(model_or_path, device: str, dtype: torch.dtype | None) -> torch.nn.Module:
+    if isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path.to(device=device)
+        return (model.to(dtype=dtype) if dtype is not None else model).eval()
+    return load_model(model_or_path, device=device, dtype=dtype).eval()
+
+
+class OpenMMPotential:
+    """The function OpenMM calls: positions (nm) in, energy (kJ/mol) and forces (kJ/mol/nm) out.
+
+    ``numbers`` are the atomic numbers of the particles the model covers, in OpenMM's order (of ``particles``
+    when the force is restricted to a subset).  ``periodic`` uses OpenMM's box vectors (each ≥ twice the
+    cutoff, as OpenMM itself requires of periodic forces' cutoffs).
+    """
+
+    def __init__(self, model_or_path: torch.nn.Module | str | os.PathLike, numbers: Sequence[int], *,
+                 periodic: bool = False, device: str = "cpu", dtype: torch.dtype | None = None, skin: float = 0.5,
+                 compile: bool = False) -> None:
+        self.model = _load(model_or_path, device, dtype)
+        numbers = [int(z) for z in numbers]
+        if not numbers:
+            raise ValueError("no particles for the model: give the atomic numbers of the particles it covers")
+        self.model.check_elements(sorted(set(numbers)))  # an element the model never saw: named here, not mid-run
+        self.periodic = bool(periodic)
+        self.dtype = model_dtype(self.model)
+        atoms = Atoms(numbers=numbers, pbc=self.periodic, cell=np.eye(3) if self.periodic else None)
+        self.state = SimState.from_atoms(atoms, device=device, dtype=self.dtype)
+        self.evaluator = BatchEvaluator(self.model, skin=skin, compile=compile)
+        self.calls = 0
+        self.last: dict[str, float] = {}
+
+    def __call__(self, state) -> tuple[float, np.ndarray]:
+        openmm = _openmm()
+        nm = openmm.unit.nanometer
+        positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(nm)) * ANGSTROM_PER_NM
+        if positions.shape != tuple(self.state.positions.shape):
+            raise ValueError(f"OpenMM passed {positions.shape[0]} particles but the model covers "
+                             f"{self.state.positions.shape[0]}: give PythonForce the same particles as numbers")
+        self.state.positions = torch.as_tensor(positions, dtype=self.dtype, device=self.state.device)
+        if self.periodic:
+            box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(nm)) * ANGSTROM_PER_NM
+            self.state.cell = torch.as_tensor(box, dtype=self.dtype, device=self.state.device).unsqueeze(0)
+        with torch.enable_grad():  # forces are autograd derivatives, whatever the caller's grad mode
+            out = self.evaluator(self.state)
+        self.calls += 1
+        energy_ev = float(out[K.ENERGY].sum())
+        forces = out[K.FORCES].cpu().double().numpy()
+        if not (np.isfinite(energy_ev) and np.isfinite(forces).all()):
+            raise FloatingPointError(f"the model gave a non-finite energy or force at OpenMM call {self.calls}")
+        self.last = {"energy": energy_ev}
+        if UK.ENERGY_STD in out:
+            self.last["energy_std"] = float(out[UK.ENERGY_STD].sum())
+        if UK.FORCES_STD in out:
+            self.last["max_forces_std"] = float(out[UK.FORCES_STD].max())
+        return energy_ev * EV_IN_KJ_PER_MOL, forces * (EV_IN_KJ_PER_MOL * ANGSTROM_PER_NM)  # eV/Å -> kJ/mol/nm
+
+
+def openmm_force(model_or_path: torch.nn.Module | str | os.PathLike, numbers: Sequence[int], *,
+                 particles: Sequence[int] | None = None, periodic: bool = False, device: str = "cpu",
+                 dtype: torch.dtype | None = None, skin: float = 0.5, compile: bool = False):
+    """An ``openmm.PythonForce`` with the model's energy; add it to a ``System`` with ``system.addForce``.
+
+    ``particles``: the indices (in the ``System``) the model covers, ``numbers`` their atomic numbers in the
+    same order; default all particles.  For ML/MM, remove the classical terms inside the ML region yourself
+    (as openmm-ml's ``createMixedSystem`` does).  Keep the returned force to read σ: its ``equiforce``
+    attribute is the :class:`OpenMMPotential`, whose ``last`` holds the latest energy and σ (``System.getForce``
+    hands back a new proxy without it).
+    """
+    openmm = _openmm()
+    numbers = list(numbers)
+    if particles is not None and len(particles) != len(numbers):
+        raise ValueError(f"{len(particles)} particles but {len(numbers)} atomic numbers: give one per particle")
+    potential = OpenMMPotential(model_or_path, numbers, periodic=periodic, device=device, dtype=dtype, skin=skin,
+                                compile=compile)
+    force = openmm.PythonForce(potential, {})
+    if particles is not None:
+        force.setParticles([int(i) for i in particles])
+    force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    force.setName("equiforce")
+    force.equiforce = potential  # on this proxy only: System.getForce returns a new proxy without it
+    return force
+
+
+class OpenMMSetup(NamedTuple):
+    """What :func:`openmm_system` builds: the ``System``, the positions (nm), the model's
+    :class:`OpenMMPotential` (its ``last`` holds the latest energy and σ) and a ``Topology`` (one residue,
+    elements and box set) for ``openmm.app.Simulation`` and its PDB/DCD reporters."""
+
+    system: Any
+    positions: Any
+    potential: OpenMMPotential
+    topology: Any
+
+
+def openmm_topology(atoms: Atoms, box_nm: np.ndarray | None = None):
+    """An OpenMM ``Topology`` of ``atoms``: one chain, one residue, their elements (no bonds: the model needs
+    none), and the box when given."""
+    app = _openmm().app
+    topology = app.Topology()
+    residue = topology.addResidue("MOL", topology.addChain())
+    for i, z in enumerate(atoms.numbers):
+        element = app.Element.getByAtomicNumber(int(z))
+        topology.addAtom(f"{element.symbol}{i + 1}", element, residue)
+    if box_nm is not None:
+        topology.setPeriodicBoxVectors([_openmm().Vec3(*row) for row in box_nm])
+    return topology
+
+
+def openmm_system(atoms: Atoms, model_or_path: torch.nn.Module | str | os.PathLike, *, device: str = "cpu",
+                  dtype: torch.dtype | None = None, skin: float = 0.5, compile: bool = False) -> OpenMMSetup:
+    """An OpenMM ``System`` for ASE ``atoms`` (masses, box when periodic) with the model as its only force,
+    and the positions as an OpenMM quantity; for a pure-ML simulation (see :func:`openmm_force` for ML/MM).
+
+    A periodic structure is rotated into the lower-triangular box OpenMM requires (``cell.standard_form``);
+    the returned positions are in that frame."""
+    openmm = _openmm()
+    periodic = bool(atoms.pbc.any())
+    if periodic and not atoms.pbc.all():
+        raise ValueError("OpenMM boxes are periodic in all three directions; atoms.pbc is " f"{atoms.pbc.tolist()}")
+    system = openmm.System()
+    for mass in atoms.get_masses():
+        system.addParticle(float(mass))
+    positions, box_nm = atoms.positions, None
+    if periodic:  # OpenMM wants a lower-triangular box: rotate the structure into it (energies do not change)
+        cell, rotation = atoms.cell.standard_form()
+        positions = positions @ rotation.T
+        box_nm = np.asarray(cell) / ANGSTROM_PER_NM
+        try:
+            system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box_nm))
+        except Exception as err:  # openmm.OpenMMException: say which cell and what to do
+            raise ValueError(f"OpenMM refuses the cell {np.asarray(cell).round(4).tolist()} Å ({err}); "
+                             "give a reduced cell, e.g. from ase.geometry.minkowski_reduce") from err
+    force = openmm_force(model_or_path, atoms.numbers, periodic=periodic, device=device, dtype=dtype, skin=skin,
+                         compile=compile)
+    system.addForce(force)
+    return OpenMMSetup(system, openmm.unit.Quantity(positions / ANGSTROM_PER_NM, openmm.unit.nanometer),
+                       force.equiforce, openmm_topology(atoms, box_nm))
+
+
+class UncertaintyExceeded(RuntimeError):
+    """Raised by :class:`SigmaReporter` when σ crosses its threshold: the structure is outside what the model
+    knows (label it, see :mod:`equiforce.active`)."""
+
+
+class SigmaReporter:
+    """An OpenMM reporter for a model with uncertainty: every ``interval`` steps it writes ``step, time (ps),
+    energy (eV), energy σ (eV), max force σ (eV/Å)`` to ``file`` (CSV, optional) and raises
+    :class:`UncertaintyExceeded` (from ``simulation.step``) when the max force σ exceeds ``max_forces_std``
+    (eV/Å) or the energy σ per atom exceeds ``max_energy_std_per_atom`` (eV) — as ``sigma_stop`` does in the
+    native engine.  The report asks OpenMM for the energy, so σ belongs to the reported positions."""
+
+    def __init__(self, potential: OpenMMPotential, interval: int = 100, file: str | os.PathLike | None = None,
+                 max_forces_std: float | None = None, max_energy_std_per_atom: float | None = None) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be at least one step, got {interval}")
+        self.potential = potential
+        self.interval = int(interval)
+        self.max_forces_std = max_forces_std
+        self.max_energy_std_per_atom = max_energy_std_per_atom
+        self.rows: list[tuple[int, float, float, float, float]] = []
+        self._file = open(file, "w", encoding="utf-8") if file is not None else None  # noqa: SIM115 (closed in close)
+        if self._file is not None:
+            self._file.write("step,time_ps,energy_ev,energy_std_ev,max_forces_std_ev_a\n")
+
+    def describeNextReport(self, simulation) -> dict[str, Any]:  # noqa: N802 (OpenMM's reporter API)
+        steps = self.interval - simulation.currentStep % self.interval
+        return {"steps": steps, "periodic": None, "include": ["energy"]}
+
+    def report(self, simulation, state) -> None:
+        last = self.potential.last
+        if "max_forces_std" not in last:
+            raise KeyError("SigmaReporter needs a model with uncertainty (an ensemble or uncertainty heads)")
+        time_ps = state.getTime().value_in_unit(_openmm().unit.picosecond)
+        row = (int(simulation.currentStep), float(time_ps), last["energy"], last.get("energy_std", float("nan")),
+               last["max_forces_std"])
+        self.rows.append(row)
+        if self._file is not None:
+            self._file.write(",".join(f"{v:.8g}" if isinstance(v, float) else str(v) for v in row) + "\n")
+            self._file.flush()
+        n_atoms = int(self.potential.state.positions.shape[0])
+        if self.max_forces_std is not None and row[4] > self.max_forces_std:
+            raise UncertaintyExceeded(f"step {row[0]} ({time_ps:.4f} ps): max force σ {row[4]:.4g} eV/Å "
+                                      f"> {self.max_forces_std} eV/Å")
+        if self.max_energy_std_per_atom is not None and row[3] / n_atoms > self.max_energy_std_per_atom:
+            raise UncertaintyExceeded(f"step {row[0]} ({time_ps:.4f} ps): energy σ per atom "
+                                      f"{row[3] / n_atoms:.4g} eV > {self.max_energy_std_per_atom} eV")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
