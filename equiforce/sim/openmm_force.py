@@ -24,11 +24,7 @@ import numpy as np
 import torch
 from ase import Atoms, units
 
-from equiforce.data import keys as K
-from equiforce.models.file import load_model
-from equiforce.sim.evaluator import BatchEvaluator, model_dtype
-from equiforce.sim.state import SimState
-from equiforce.uq import keys as UK
+from equiforce.sim.external import StructureEvaluator
 
 EV_IN_KJ_PER_MOL = units.eV / (units.kJ / units.mol)  # 96.485...
 ANGSTROM_PER_NM = 10.0
@@ -45,13 +41,6 @@ def _openmm():
     return openmm
 
 
-def _load(model_or_path, device: str, dtype: torch.dtype | None) -> torch.nn.Module:
-    if isinstance(model_or_path, torch.nn.Module):
-        model = model_or_path.to(device=device)
-        return (model.to(dtype=dtype) if dtype is not None else model).eval()
-    return load_model(model_or_path, device=device, dtype=dtype).eval()
-
-
 class OpenMMPotential:
     """The function OpenMM calls: positions (nm) in, energy (kJ/mol) and forces (kJ/mol/nm) out.
 
@@ -63,43 +52,30 @@ class OpenMMPotential:
     def __init__(self, model_or_path: torch.nn.Module | str | os.PathLike, numbers: Sequence[int], *,
                  periodic: bool = False, device: str = "cpu", dtype: torch.dtype | None = None, skin: float = 0.5,
                  compile: bool = False) -> None:
-        self.model = _load(model_or_path, device, dtype)
-        numbers = [int(z) for z in numbers]
-        if not numbers:
-            raise ValueError("no particles for the model: give the atomic numbers of the particles it covers")
-        self.model.check_elements(sorted(set(numbers)))  # an element the model never saw: named here, not mid-run
         self.periodic = bool(periodic)
-        self.dtype = model_dtype(self.model)
-        atoms = Atoms(numbers=numbers, pbc=self.periodic, cell=np.eye(3) if self.periodic else None)
-        self.state = SimState.from_atoms(atoms, device=device, dtype=self.dtype)
-        self.evaluator = BatchEvaluator(self.model, skin=skin, compile=compile)
-        self.calls = 0
+        self.structure = StructureEvaluator(model_or_path, numbers, [self.periodic] * 3, device=device, dtype=dtype,
+                                            skin=skin, compile=compile)
         self.last: dict[str, float] = {}
 
+    @property
+    def n_atoms(self) -> int:
+        return self.structure.n_atoms
+
     def __call__(self, state) -> tuple[float, np.ndarray]:
-        openmm = _openmm()
-        nm = openmm.unit.nanometer
+        nm = _openmm().unit.nanometer
         positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(nm)) * ANGSTROM_PER_NM
-        if positions.shape != tuple(self.state.positions.shape):
-            raise ValueError(f"OpenMM passed {positions.shape[0]} particles but the model covers "
-                             f"{self.state.positions.shape[0]}: give PythonForce the same particles as numbers")
-        self.state.positions = torch.as_tensor(positions, dtype=self.dtype, device=self.state.device)
+        if positions.shape[0] != self.n_atoms:
+            raise ValueError(f"OpenMM passed {positions.shape[0]} particles but the model covers {self.n_atoms}: "
+                             "give PythonForce the same particles as numbers")
+        box = None
         if self.periodic:
             box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(nm)) * ANGSTROM_PER_NM
-            self.state.cell = torch.as_tensor(box, dtype=self.dtype, device=self.state.device).unsqueeze(0)
-        with torch.enable_grad():  # forces are autograd derivatives, whatever the caller's grad mode
-            out = self.evaluator(self.state)
-        self.calls += 1
-        energy_ev = float(out[K.ENERGY].sum())
-        forces = out[K.FORCES].cpu().double().numpy()
-        if not (np.isfinite(energy_ev) and np.isfinite(forces).all()):
-            raise FloatingPointError(f"the model gave a non-finite energy or force at OpenMM call {self.calls}")
-        self.last = {"energy": energy_ev}
-        if UK.ENERGY_STD in out:
-            self.last["energy_std"] = float(out[UK.ENERGY_STD].sum())
-        if UK.FORCES_STD in out:
-            self.last["max_forces_std"] = float(out[UK.FORCES_STD].max())
-        return energy_ev * EV_IN_KJ_PER_MOL, forces * (EV_IN_KJ_PER_MOL * ANGSTROM_PER_NM)  # eV/Å -> kJ/mol/nm
+        try:
+            out = self.structure(positions, box)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"OpenMM: {err}") from None
+        self.last = {key: out[key] for key in ("energy", "energy_std", "max_forces_std") if key in out}
+        return out["energy"] * EV_IN_KJ_PER_MOL, out["forces"] * (EV_IN_KJ_PER_MOL * ANGSTROM_PER_NM)  # -> kJ/mol/nm
 
 
 def openmm_force(model_or_path: torch.nn.Module | str | os.PathLike, numbers: Sequence[int], *,
@@ -224,7 +200,7 @@ class SigmaReporter:
         if self._file is not None:
             self._file.write(",".join(f"{v:.8g}" if isinstance(v, float) else str(v) for v in row) + "\n")
             self._file.flush()
-        n_atoms = int(self.potential.state.positions.shape[0])
+        n_atoms = self.potential.n_atoms
         if self.max_forces_std is not None and row[4] > self.max_forces_std:
             raise UncertaintyExceeded(f"step {row[0]} ({time_ps:.4f} ps): max force σ {row[4]:.4g} eV/Å "
                                       f"> {self.max_forces_std} eV/Å")
