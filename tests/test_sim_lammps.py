@@ -162,3 +162,11 @@ def test_bad_setups_get_clear_errors(model):
     with pytest.raises(ValueError, match="not elements"):
         LammpsPotential(lmp, model, ["H", "Xx"])
     lmp.close()
+
+
+def test_starting_lammps_leaves_torch_threads_alone():
+    import torch
+
+    torch.set_num_threads(2)  # LAMMPS would set OpenMP's count to 1 (the fixture restores it afterwards)
+    new_lammps().close()
+    assert torch.get_num_threads() == 2

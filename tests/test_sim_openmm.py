@@ -170,7 +170,7 @@ def test_bad_input_gets_clear_errors(model):
     system, _, _, _ = openmm_system(molecule("H2O"), model)
     context = _context(system)
     context.setPositions(np.zeros((3, 3)) * unit.nanometer)
-    with pytest.raises(Exception, match="non-finite energy or force at OpenMM call 1"):
+    with pytest.raises(Exception, match="OpenMM: the model gave a non-finite energy or force at call 1"):
         context.getState(getEnergy=True)
 
 
