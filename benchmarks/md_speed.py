@@ -20,7 +20,10 @@ says how many steps were replayed and, if the capture failed, why.  ``--compile`
 row, the same run with the model's energy → forces traced and ``torch.compile``'d (mode ``compiled``;
 :mod:`equiforce.models.compiled`); the compilation happens in the first evaluation, outside the timing, and
 its seconds are in the row (``compile_s``). ``--uq-heads`` puts uncertainty heads on the model, so every
-step also computes σ (the rows then carry ``uq: "heads"``).
+step also computes σ (the rows then carry ``uq: "heads"``).  ``--bridges`` adds, for each Cu box and the single
+aspirin, the same structure driven by other engines through equiforce: ASE's VelocityVerlet (mode ``ase``),
+OpenMM's VerletIntegrator via ``PythonForce`` (``openmm``) and LAMMPS's ``fix nve`` via ``fix external``
+(``lammps``) — what each engine's per-step crossing into Python costs against the native loop.
 
 Every measurement runs in its own process, so peak memory is clean: on CPU the rise of the peak resident set
 (VmHWM) over the resident set just before the timed steps, on CUDA ``torch.cuda.max_memory_allocated``.
@@ -57,6 +60,7 @@ from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 MACE_PYTHON = ROOT / "benchmarks" / "peers" / ".venv-mace" / "bin" / "python"
 MACE_SCRIPT = ROOT / "benchmarks" / "peers" / "mace" / "md_speed_mace.py"
 ASPIRIN = ROOT.parent / "shared" / "data" / "rmd17" / "rmd17_aspirin_train_01.npz"
+BRIDGES = ("ase", "openmm", "lammps")  # --bridges: other engines driving one structure through equiforce
 GRAPH_MAX_ATOMS = 4000  # --cuda-graph rows for Cu boxes up to this size (launches matter little beyond)
 REFERENCE_SPEC = dict(channels=128, max_l=1, sh_lmax=3, correlation=3, num_layers=2, cutoff=5.0,
                       radial_mlp=[64, 64, 64], num_radial=8, avg_num_neighbors=40.0)
@@ -153,6 +157,31 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         def steps(count: int) -> None:  # one run() for all the timed steps: its per-call checks happen once
             result = md.run(state, count, **quiet)
             info.update(result.info.get("cuda_graph", {}))
+    elif args.mode == "openmm":  # OpenMM's Verlet integrator driving the model through PythonForce
+        import openmm
+
+        from equiforce.sim.openmm_force import openmm_system
+
+        setup = openmm_system(systems[0], model, device=args.device)
+        omm_integrator = openmm.VerletIntegrator(0.0005)  # ps
+        platform = openmm.Platform.getPlatformByName("Reference")  # the force is on the host either way
+        context = openmm.Context(setup.system, omm_integrator, platform)
+        context.setPositions(setup.positions)
+        context.setVelocitiesToTemperature(300.0, 0)
+        info["platform"] = platform.getName()
+
+        def steps(count: int) -> None:
+            omm_integrator.step(count)
+    elif args.mode == "lammps":  # LAMMPS's fix nve driving the model through fix external
+        from equiforce.sim.lammps_fix import lammps_from_atoms
+
+        lmp, lammps_potential = lammps_from_atoms(systems[0], model, device=args.device)
+        for command in ("velocity all create 300.0 1 mom yes", "fix nve all nve", "timestep 0.0005", "thermo 0"):
+            lmp.command(command)
+        lammps_potential.run(0)
+
+        def steps(count: int) -> None:
+            lmp.command(f"run {count} pre no post no")  # no set-up evaluation between timed runs
     else:
         atoms = systems[0]
         atoms.calc = equiforce.Calculator(model, device=args.device)
@@ -179,7 +208,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
            "peak_mem_mb_per_atom": peak / measured, "edge_chunk": edge_chunk}
     if args.uq_heads:
         row["uq"] = "heads"
-    if args.mode == "compiled":
+    if args.mode in ("compiled", "openmm"):
         row.update(info)
     if args.mode == "graph":
         row["cuda_graph"] = info  # captures, replays, eager steps, and why not captured (None: it was)
@@ -283,6 +312,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time each native row with the model traced and torch.compile'd (mode "
                              "'compiled', equiforce.models.compiled; the compilation stays out of the timing)")
+    parser.add_argument("--bridges", action="store_true",
+                        help="also time one structure (each Cu box, one aspirin) driven by other engines through "
+                             "equiforce's bridges: ASE (mode 'ase'), OpenMM's PythonForce ('openmm') and LAMMPS's "
+                             "fix external ('lammps'); each skipped with a note where the engine is not installed")
     parser.add_argument("--uq-heads", action="store_true",
                         help="equiforce rows with uncertainty heads on the model (σ computed in every step)")
     parser.add_argument("--out", default="md_speed.json")
@@ -324,6 +357,9 @@ def main() -> None:
             add(equiforce_row(args, "cu", "compiled", natoms=natoms), "fcc-Cu", natoms=actual)
         if args.cuda_graph and actual <= GRAPH_MAX_ATOMS:
             add(equiforce_row(args, "cu", "graph", natoms=natoms), "fcc-Cu", natoms=actual)
+        if args.bridges:
+            for mode in BRIDGES:
+                add(equiforce_row(args, "cu", mode, natoms=natoms), "fcc-Cu", natoms=actual)
         if mace_fits:  # once MACE has failed at a size it is not asked for larger ones
             mace_fits = add(mace_row(args, natoms=natoms), "fcc-Cu", "mace", natoms=actual)
             if mace_fits:
@@ -342,7 +378,8 @@ def main() -> None:
                 add(equiforce_row(args, "aspirin", "compiled"), "aspirin")
             if args.cuda_graph:
                 add(equiforce_row(args, "aspirin", "graph"), "aspirin")
-        add(equiforce_row(args, "aspirin", "ase"), "aspirin")
+        for mode in BRIDGES if args.bridges else ("ase",):
+            add(equiforce_row(args, "aspirin", mode), "aspirin")
         if not args.no_mace and MACE_PYTHON.exists():
             with tempfile.TemporaryDirectory() as tmp:
                 from ase.io import write

