@@ -26,13 +26,15 @@ def _metrics_table(title: str, metrics: dict[str, Any]):
     from equiforce.train.metrics import UNITS
 
     labels = {"energy_per_atom": "energy / atom", "energy": "energy / structure", "forces": "forces",
-              "stress": "stress"}
+              "stress": "stress", "hessian_vp": "Hessian · v (random v)", "hessian": "Hessian entries"}
     table = Table(title=title)
     for column in ("quantity", "MAE", "RMSE", "unit"):
         table.add_column(column, justify="left" if column in ("quantity", "unit") else "right")
     for name, unit in UNITS.items():
         if f"{name}_mae" in metrics:
             table.add_row(labels[name], f"{metrics[f'{name}_mae']:.4g}", f"{metrics[f'{name}_rmse']:.4g}", unit)
+    if "frequency_mae_cm" in metrics:
+        table.add_row("harmonic frequencies", f"{metrics['frequency_mae_cm']:.4g}", "", "cm⁻¹")
     return table
 
 
@@ -67,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=device)
     configs = read_configurations(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
                                   stress_key=args.stress_key, virial_key=args.virial_key, index=args.index,
-                                  require_energy=False)
+                                  hessian_key=args.hessian_key, require_energy=False)
     result = evaluate(model, configs, batch_size=args.batch_size, device=device, keep_values=True)
     values = result.pop("values")
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
@@ -144,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forces-key", default="forces")
     p.add_argument("--stress-key", default="stress")
     p.add_argument("--virial-key", default="virial")
+    p.add_argument("--hessian-key", default="hessian",
+                   help="per-atom array [N, 9N] or info entry [3N, 3N] with Hessian labels (eV/Å²): full model "
+                        "Hessians are then compared entry by entry and by harmonic frequency")
     p.add_argument("--index", default=":", help="frames to read, ase slice syntax (default all)")
     p.add_argument("--uq", action="store_true", help="also rate the model's uncertainty: Spearman, miscalibration "
                                                      "area, NLL, calibration.png and error_vs_sigma.png")

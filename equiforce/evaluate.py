@@ -17,6 +17,7 @@ from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
 from equiforce.data.structure import Configuration
 from equiforce.models.potential import Potential
+from equiforce.train.hessian_loss import batch_has_hessians, hessian_vector_products
 from equiforce.train.metrics import UNITS, ErrorMetrics
 
 
@@ -46,11 +47,13 @@ def as_graphs(model: Potential, data: Sequence[Configuration | Graph]) -> list[G
 
 def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, device: torch.device,
                 metrics: ErrorMetrics | None = None, loss_fn=None, compute_forces: bool = True,
-                compute_stress: bool | None = None) -> float | None:
+                compute_stress: bool | None = None, hessian_vectors: int = 0) -> float | None:
     """Predict every graph in order; feed ``metrics``; return the mean of ``loss_fn`` per graph (or None).
 
     Forces need autograd even at evaluation, so this runs with grad enabled but builds no second-order
-    graph.  ``compute_stress=None`` computes stress only when some graph carries a stress label.
+    graph — except for batches with Hessian labels when ``hessian_vectors`` > 0: their ``H·v`` products use
+    vectors seeded by the batch's position, so every validation sees the same ones.
+    ``compute_stress=None`` computes stress only when some graph carries a stress label.
     """
     if compute_stress is None:
         compute_stress = any(float(g[K.HAS_STRESS].sum()) > 0 for g in graphs)
@@ -63,7 +66,14 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
             for start in range(0, len(graphs), batch_size):
                 chunk = graphs[start:start + batch_size]
                 batch = to_device(collate(chunk), device, dtype)
-                pred = model(batch, compute_forces=compute_forces, compute_stress=compute_stress)
+                hessian = hessian_vectors > 0 and batch_has_hessians(batch)
+                if hessian:
+                    batch[K.POSITIONS] = batch[K.POSITIONS].detach().requires_grad_(True)
+                pred = model(batch, compute_forces=compute_forces or hessian, compute_stress=compute_stress,
+                             create_graph=hessian)
+                if hessian:
+                    pred.update(hessian_vector_products(pred[K.FORCES], batch[K.POSITIONS], batch, hessian_vectors,
+                                                        torch.Generator().manual_seed(start), create_graph=False))
                 pred = {k: v.detach() for k, v in pred.items()}
                 if metrics is not None:
                     metrics.update(pred, batch)
@@ -92,11 +102,37 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     if graphs:
         run_batches(model, graphs, batch_size, device, metrics, compute_stress=compute_stress)
     result: dict = dict(metrics.compute())
+    labelled = [c for c in configs if isinstance(c, Configuration) and c.hessian is not None]
+    if labelled:
+        result.update(hessian_errors(model, labelled, device))
     result["n_configs"] = len(graphs)
     result["n_atoms"] = int(sum(int(g[K.N_ATOMS].sum()) for g in graphs))
     if keep_values:
         result["values"] = metrics.values() if graphs else {}
     return result
+
+
+def hessian_errors(model: Potential, configs: Sequence[Configuration], device: torch.device | str = "cpu") -> dict:
+    """Full model Hessians (3N backward passes each) against the labels: entry-wise ``hessian_mae``/``_rmse``
+    in meV/Å², and ``frequency_mae_cm`` over the harmonic frequencies above the 6 (periodic: 3) lowest |ω|
+    (the rigid-body modes), each set sorted; ``n_hessians`` structures."""
+    from equiforce.sim.hessian import frequencies_from_hessian, hessian
+
+    abs_sum = sq_sum = count = 0.0
+    freq_errors: list[np.ndarray] = []
+    for config in configs:
+        atoms = config.to_atoms()
+        predicted = hessian(model, atoms, device=str(device))
+        error = predicted - config.hessian
+        abs_sum += float(np.abs(error).sum())
+        sq_sum += float(np.square(error).sum())
+        count += error.size
+        skip = 3 if config.pbc.any() else 6
+        freqs = [frequencies_from_hessian(h, atoms.get_masses()) for h in (predicted, config.hessian)]
+        freqs = [np.sort(f[np.argsort(np.abs(f))[skip:]]) for f in freqs]
+        freq_errors.append(np.abs(freqs[0] - freqs[1]))
+    return {"hessian_mae": 1000.0 * abs_sum / count, "hessian_rmse": 1000.0 * float(np.sqrt(sq_sum / count)),
+            "frequency_mae_cm": float(np.mean(np.concatenate(freq_errors))), "n_hessians": len(configs)}
 
 
 _PANELS = (("energy_per_atom", "energy per atom", "eV/atom"), ("forces", "force", "eV/Å"),

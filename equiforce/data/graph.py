@@ -78,6 +78,10 @@ def config_to_graph(config: Configuration, cutoff: float, dtype: torch.dtype = t
     stress = config.stress if config.stress is not None else np.zeros((3, 3))
     graph[K.STRESS] = torch.as_tensor(stress, dtype=dtype).unsqueeze(0)
     graph[K.HAS_STRESS] = torch.tensor([float(config.stress is not None)], dtype=dtype)
+    # unlabelled graphs add nothing (a 1,000-atom cell would otherwise carry 9 million zeros)
+    hessian = config.hessian.reshape(-1) if config.hessian is not None else np.zeros(0)
+    graph[K.HESSIAN_LABEL] = torch.as_tensor(hessian, dtype=dtype)
+    graph[K.HAS_HESSIAN] = torch.tensor([float(config.hessian is not None)], dtype=dtype)
     return graph
 
 

@@ -34,14 +34,17 @@ _NPZ_KEYS = {
 def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", forces_key: str = "forces",
                         stress_key: str = "stress", virial_key: str = "virial",
                         config_type_key: str = "config_type", weight_key: str = "config_weight",
-                        index: str | int = ":", format: str | None = None, require_energy: bool = True,
-                        require_forces: bool = False) -> list[Configuration]:
+                        hessian_key: str = "hessian", index: str | int = ":", format: str | None = None,
+                        require_energy: bool = True, require_forces: bool = False) -> list[Configuration]:
     """Read labelled configurations from any supported file.
 
     ``.npz`` is read as rMD17/MD17 (kcal/mol converted to eV), ``.db`` as an ASE database and
     everything else with ``ase.io.read`` (extxyz and every ASE format).  Labels are looked up
     under the given keys in ``atoms.info``/``atoms.arrays`` and then in the attached
     calculator's results (where ASE's extxyz reader puts ``energy``/``forces``/``stress``).
+
+    A Hessian label (eV/Å²) is read from a per-atom array of shape ``[N, 9N]`` (atom *i*'s three rows of the
+    ``[3N, 3N]`` matrix, as :func:`write_extxyz` writes it) or from ``info`` (``[3N, 3N]`` or flat).
     """
     source = str(path)
     if not Path(path).is_file():
@@ -49,7 +52,7 @@ def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
     fmt = (format or "").lower()
     suffix = Path(path).suffix.lower()
     keys = dict(energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, virial_key=virial_key,
-                config_type_key=config_type_key, weight_key=weight_key)
+                config_type_key=config_type_key, weight_key=weight_key, hessian_key=hessian_key)
     required = dict(require_energy=require_energy, require_forces=require_forces)
     if fmt in ("npz", "rmd17", "md17") or (not fmt and suffix == ".npz"):
         configs = _read_npz(source, index, **required)
@@ -76,6 +79,8 @@ def write_extxyz(configs: Sequence[Configuration], path: str | os.PathLike) -> N
             results["forces"] = np.asarray(c.forces, dtype=np.float64)
         if c.stress is not None:
             results["stress"] = full_to_voigt(c.stress)
+        if c.hessian is not None:  # per atom: its three rows of the [3N, 3N] matrix
+            atoms.arrays["hessian"] = np.asarray(c.hessian, dtype=np.float64).reshape(c.n_atoms, 9 * c.n_atoms)
         if results:
             atoms.calc = SinglePointCalculator(atoms, **results)
         atoms.info["config_type"] = c.config_type
@@ -162,7 +167,7 @@ def _lookup(atoms: Atoms, key: str, per_atom: bool) -> Any:
 
 def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, forces_key: str,
                      stress_key: str, virial_key: str, config_type_key: str, weight_key: str,
-                     require_energy: bool, require_forces: bool) -> Configuration:
+                     require_energy: bool, require_forces: bool, hessian_key: str = "hessian") -> Configuration:
     where = {"source": source, "frame": frame}
     n = len(atoms)
     if n == 0:
@@ -197,6 +202,20 @@ def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, 
                 raise DataError("virial given but the cell has zero volume", field=virial_key, **where)
             stress = -virial / volume
 
+    hessian = _lookup(atoms, hessian_key, per_atom=True)
+    if hessian is not None:
+        hessian = _as_array(hessian, hessian_key, where)
+        if hessian.size != 9 * n * n:
+            raise DataError(f"a Hessian needs {9 * n * n} values ([{3 * n}, {3 * n}], or [{n}, {9 * n}] per atom), "
+                            f"got shape {hessian.shape}", field=hessian_key, **where)
+        _check_finite(hessian, hessian_key, where)
+        hessian = hessian.reshape(3 * n, 3 * n)
+        asymmetry = float(np.abs(hessian - hessian.T).max())
+        if asymmetry > 1e-3 * max(1.0, float(np.abs(hessian).max())):
+            raise DataError(f"the Hessian is not symmetric (largest |H - Hᵀ| {asymmetry:.3g} eV/Å²): rows and "
+                            "columns must both run over atoms, then x, y, z", field=hessian_key, **where)
+        hessian = 0.5 * (hessian + hessian.T)
+
     config_type = atoms.info.get(config_type_key, "Default")
     weight = atoms.info.get(weight_key, 1.0)
     try:
@@ -205,11 +224,11 @@ def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, 
         raise DataError(f"weight must be a number, got {weight!r}", field=weight_key, **where) from err
     if not np.isfinite(weight) or weight < 0:
         raise DataError(f"weight must be finite and non-negative, got {weight}", field=weight_key, **where)
-    label_keys = {energy_key, forces_key, stress_key, virial_key, config_type_key, weight_key}
+    label_keys = {energy_key, forces_key, stress_key, virial_key, config_type_key, weight_key, hessian_key}
     info = {k: v for k, v in atoms.info.items() if k not in label_keys}
     return Configuration(numbers=atoms.numbers, positions=positions, cell=cell, pbc=atoms.pbc, energy=energy,
-                         forces=forces, stress=stress, config_type=str(config_type), weight=weight,
-                         source=source, frame=frame, info=info)
+                         forces=forces, stress=stress, hessian=hessian, config_type=str(config_type),
+                         weight=weight, source=source, frame=frame, info=info)
 
 
 def _check_finite(values: np.ndarray, field: str, where: dict) -> None:

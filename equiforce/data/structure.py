@@ -23,6 +23,7 @@ class Configuration:
     energy: float | None = None
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
+    hessian: np.ndarray | None = None  # [3N, 3N] eV/Å², ∂²E/∂r_a∂r_b (atom-major: x, y, z of atom 0, then atom 1)
     config_type: str = "Default"
     weight: float = 1.0
     source: str = "<memory>"
@@ -40,6 +41,9 @@ class Configuration:
             self.forces = np.asarray(self.forces, dtype=np.float64).reshape(-1, 3)
         if self.stress is not None:
             self.stress = voigt_to_full(np.asarray(self.stress, dtype=np.float64))
+        if self.hessian is not None:
+            n3 = 3 * self.n_atoms
+            self.hessian = np.asarray(self.hessian, dtype=np.float64).reshape(n3, n3)
 
     @property
     def n_atoms(self) -> int:

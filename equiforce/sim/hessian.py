@@ -29,13 +29,16 @@ def hessian(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
     return 0.5 * (h + h.T)
 
 
-def vibrational_frequencies(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
-    """Harmonic frequencies in cm⁻¹ from the mass-weighted Hessian (imaginary modes as negative)."""
-    h = hessian(model, atoms, device)
-    masses = np.repeat(atoms.get_masses(), 3)
-    mw = h / np.sqrt(np.outer(masses, masses))
-    eigenvalues = np.linalg.eigvalsh(mw)  # eV / (Å² amu)
+def frequencies_from_hessian(h: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """Harmonic frequencies in cm⁻¹ of a ``[3N, 3N]`` Hessian (eV/Å²) and masses (amu), ascending; imaginary
+    modes as negative numbers."""
+    m = np.repeat(np.asarray(masses, dtype=np.float64), 3)
+    eigenvalues = np.linalg.eigvalsh(h / np.sqrt(np.outer(m, m)))  # eV / (Å² amu)
     # ω = sqrt(λ) in units of sqrt(eV/(Å² amu)); convert to cm⁻¹
     to_cm = 1e10 * np.sqrt(units._e / units._amu) / (2 * np.pi * units._c * 100)
     return np.sign(eigenvalues) * np.sqrt(np.abs(eigenvalues)) * to_cm
 
+
+def vibrational_frequencies(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
+    """Harmonic frequencies in cm⁻¹ from the mass-weighted Hessian (imaginary modes as negative)."""
+    return frequencies_from_hessian(hessian(model, atoms, device), atoms.get_masses())

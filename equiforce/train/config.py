@@ -73,6 +73,8 @@ class DataConfig(_Section):
     virial_key: str = "virial"
     config_type_key: str = "config_type"
     weight_key: str = "config_weight"
+    hessian_key: str = Field("hessian", description="per-atom array [N, 9N] or info entry [3N, 3N] holding a "
+                                                    "Hessian label (eV/Å²), where the data have one")
     e0s: Literal["fit", "isolated"] | dict[int, float] = Field(
         "fit", description="'fit' (least squares), 'isolated' (single-atom frames) or {element: eV}")
 
@@ -206,6 +208,10 @@ class TrainingConfig(_Section):
     energy_weight: float = Field(1.0, ge=0)
     forces_weight: float = Field(100.0, ge=0)
     stress_weight: float = Field(1.0, ge=0)
+    hessian_weight: float = Field(1.0, ge=0, description="weight of the Hessian term (products H·v with random "
+                                                         "vectors v, eV/Å²), used when the data carry Hessians")
+    hessian_vectors: int = Field(1, ge=1, description="random vectors per step for the Hessian term (each costs "
+                                                      "about one more force evaluation)")
     loss: Literal["mse", "huber"] = Field("mse", description="squared error, or Huber (robust to outliers)")
     huber_delta: float = Field(0.01, gt=0, description="Huber: where the loss turns linear, in eV/atom, eV/Å "
                                                        "and eV/Å³")

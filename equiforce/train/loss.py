@@ -1,4 +1,5 @@
-"""The training loss: weighted, masked mean-squared (or Huber) errors of energy per atom, forces and stress.
+"""The training loss: weighted, masked mean-squared (or Huber) errors of energy per atom, forces, stress and
+Hessian-vector products (see :mod:`equiforce.train.hessian_loss`).
 
 Energy is compared per atom so that large and small cells pull equally; every term is masked by the
 ``has_*`` flags (a frame without forces contributes nothing to the force term) and weighted by the
@@ -28,12 +29,13 @@ class WeightedLoss:
     later schedule (e.g. a second training stage) can change them between epochs."""
 
     def __init__(self, energy_weight: float = 1.0, forces_weight: float = 100.0, stress_weight: float = 1.0,
-                 kind: str = "mse", huber_delta: float = 0.01) -> None:
+                 kind: str = "mse", huber_delta: float = 0.01, hessian_weight: float = 0.0) -> None:
         if kind not in ("mse", "huber"):
             raise ValueError(f"unknown loss {kind!r} (mse or huber)")
         self.energy_weight = float(energy_weight)
         self.forces_weight = float(forces_weight)
         self.stress_weight = float(stress_weight)
+        self.hessian_weight = float(hessian_weight)
         self.kind, self.huber_delta = kind, float(huber_delta)
 
     def _penalty(self, error: Tensor) -> Tensor:
@@ -57,11 +59,15 @@ class WeightedLoss:
         if K.STRESS in pred:
             sq = self._penalty(pred[K.STRESS] - batch[K.STRESS])
             out["stress"] = _masked_mean(sq, weight, batch[K.HAS_STRESS])
+        if K.HESSIAN_VP in pred:  # [k, N, 3] products of the model and of the labels, for the same vectors
+            sq = self._penalty(pred[K.HESSIAN_VP] - pred[K.HESSIAN_VP_REF]).transpose(0, 1)  # [N, k, 3]
+            out["hessian"] = _masked_mean(sq, weight[batch[K.BATCH]], pred[K.HESSIAN_VP_MASK])
         return out
 
     def __call__(self, pred: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss (differentiable) and its unweighted components, detached (no device sync here)."""
         parts = self.components(pred, batch)
-        weights = {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight}
+        weights = {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight,
+                   "hessian": self.hessian_weight}
         total = sum((weights[name] * value for name, value in parts.items()), torch.zeros_like(parts["energy"]))
         return total, {name: value.detach() for name, value in parts.items()}

@@ -14,8 +14,11 @@ import torch
 
 from equiforce.data import keys as K
 
-UNITS = {"energy_per_atom": "meV/atom", "energy": "meV", "forces": "meV/Å", "stress": "meV/Å³"}
-"""Reported quantity → unit of its ``_mae``/``_rmse`` values (model outputs are eV-based; × 1000)."""
+UNITS = {"energy_per_atom": "meV/atom", "energy": "meV", "forces": "meV/Å", "stress": "meV/Å³",
+         "hessian_vp": "meV/Å²", "hessian": "meV/Å²"}
+"""Reported quantity → unit of its ``_mae``/``_rmse`` values (model outputs are eV-based; × 1000).  ``hessian_vp``:
+components of H·v for random Gaussian v (training and validation); ``hessian``: entries of full Hessians
+(``equiforce eval``, :func:`equiforce.evaluate.hessian_errors`)."""
 
 
 class ErrorMetrics:
@@ -51,6 +54,9 @@ class ErrorMetrics:
             self._add("forces", pred[K.FORCES], batch[K.FORCES], batch[K.HAS_FORCES][batch[K.BATCH]])
         if K.STRESS in pred:
             self._add("stress", pred[K.STRESS], batch[K.STRESS], batch[K.HAS_STRESS])
+        if K.HESSIAN_VP in pred:  # components of H·v for random Gaussian v: ≈ √(3N) × the entry-wise error
+            vp = pred[K.HESSIAN_VP].transpose(0, 1)
+            self._add("hessian_vp", vp, pred[K.HESSIAN_VP_REF].transpose(0, 1), pred[K.HESSIAN_VP_MASK])
 
     def reduce_sums(self, reduce) -> None:
         """Replace the accumulated sums by ``reduce(sums)`` (e.g. an all-reduce over training processes)."""

@@ -48,6 +48,7 @@ from equiforce.train.config import (
     format_validation_error,
 )
 from equiforce.train.ema import EMA
+from equiforce.train.hessian_loss import batch_has_hessians, hessian_vector_products
 from equiforce.train.loss import WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
@@ -289,7 +290,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     schedule = build_schedule(training)
     ema = EMA(model, training.ema_decay) if training.ema_decay > 0 else None
     loss_fn = WeightedLoss(training.energy_weight, training.forces_weight, training.stress_weight,
-                           kind=training.loss, huber_delta=training.huber_delta)
+                           kind=training.loss, huber_delta=training.huber_delta,
+                           hessian_weight=training.hessian_weight)
     generator = torch.Generator().manual_seed(training.seed)
     state: dict[str, Any] = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best_metrics": {},
                              "epochs_without_improvement": 0, "stopped_early": False, "train_loss": None,
@@ -360,6 +362,11 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     train_stress = training.stress_weight > 0 and labelled(train_graphs, K.HAS_STRESS)
     valid_forces = labelled(valid_graphs, K.HAS_FORCES)
     valid_stress = labelled(valid_graphs, K.HAS_STRESS)
+    train_hessian = training.hessian_weight > 0 and labelled(train_graphs, K.HAS_HESSIAN)
+    valid_hessian_vectors = training.hessian_vectors if labelled(valid_graphs, K.HAS_HESSIAN) else 0
+    if train_hessian and training.compile:
+        raise ValueError("training on Hessians needs compile: false (the compiled graph gives forces, not their "
+                         "derivatives); or set hessian_weight: 0")
     n_valid = len(valid_graphs)
     if ranks.active and len(valid_graphs) >= ranks.world:  # each rank validates its share; sums are reduced
         valid_graphs = list(valid_graphs)[ranks.rank::ranks.world]
@@ -408,7 +415,14 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                     group["lr"] = lr
                 batch = collate([train_graphs[i] for i in chunk])
                 optimizer.zero_grad(set_to_none=True)
-                pred = net(batch, compute_forces=train_forces, compute_stress=train_stress, create_graph=True)
+                hessian_step = train_hessian and batch_has_hessians(batch)
+                if hessian_step:  # H·v is the derivative of F·v with respect to these positions
+                    batch[K.POSITIONS] = batch[K.POSITIONS].detach().requires_grad_(True)
+                pred = net(batch, compute_forces=train_forces or hessian_step, compute_stress=train_stress,
+                           create_graph=True)
+                if hessian_step:
+                    pred = {**pred, **hessian_vector_products(pred[K.FORCES], batch[K.POSITIONS], batch,
+                                                              training.hessian_vectors, generator)}
                 loss, parts = loss_fn(pred, batch)
                 loss.backward()
                 if training.clip_grad is not None:
@@ -444,7 +458,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             if valid_graphs:
                 record["valid_loss"] = run_batches(eval_model, valid_graphs, training.valid_batch_size, device,
                                                    metrics, loss_fn, compute_forces=valid_forces,
-                                                   compute_stress=valid_stress)
+                                                   compute_stress=valid_stress,
+                                                   hessian_vectors=valid_hessian_vectors)
                 if ranks.active and len(valid_graphs) < n_valid:  # sharded: reduce the sums of all ranks
                     total = torch.tensor([record["valid_loss"] * len(valid_graphs), len(valid_graphs)],
                                          dtype=torch.float64, device=device)
@@ -628,7 +643,8 @@ def train(config: TrainConfig, *, progress: bool | None = None,
 
     data = config.data
     keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key,
-                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key)
+                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key,
+                hessian_key=data.hessian_key)
     train_set = read_configurations(data.train, **keys)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
     test_set = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None

@@ -122,7 +122,8 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
 
     data, uq = config.data, config.uq
     keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key,
-                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key)
+                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key,
+                hessian_key=data.hessian_key)
     split = split_data(read_configurations(data.train, **keys),
                        read_configurations(data.valid, **keys) if data.valid is not None else None,
                        data.valid_fraction, data.split_seed)
