@@ -154,3 +154,23 @@ def test_finite_difference_labels_match_the_analytic_hessian(teacher):
     np.testing.assert_allclose(numeric, hessian(teacher, atoms), atol=1e-4 * np.abs(numeric).max())
     with pytest.raises(ValueError, match="delta must be positive"):
         finite_difference_hessian(atoms, equiforce.Calculator(teacher), delta=0.0)
+
+
+def test_hessian_training_benchmark_smoke(tmp_path):
+    """The benchmark's plumbing with GFN2-xTB at toy sizes (numbers are not checked)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("tblite")
+    out = tmp_path / "h.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "hessian_training.py"
+    subprocess.run([sys.executable, str(script), "--frames", "2", "--pool-frames", "6", "--test-frames", "3",
+                    "--train-time", "3", "--equilibration", "5", "--interval", "3", "--workdir", str(tmp_path / "w"),
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    arms = json.loads(out.read_text())["arms"]
+    assert set(arms) == {"forces", "forces_hessians", "forces_equal_calls"}
+    assert arms["forces_hessians"]["oracle_calls"] == 2 * (1 + 6 * 9) and arms["forces_equal_calls"]["frames"] == 6
+    for arm in arms.values():
+        assert arm["f_mae_mev_a"] > 0 and arm["frequency_mae_cm"] > 0 and arm["hessian_mae"] > 0
