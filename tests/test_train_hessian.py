@@ -174,3 +174,24 @@ def test_hessian_training_benchmark_smoke(tmp_path):
     assert arms["forces_hessians"]["oracle_calls"] == 2 * (1 + 6 * 9) and arms["forces_equal_calls"]["frames"] == 6
     for arm in arms.values():
         assert arm["f_mae_mev_a"] > 0 and arm["frequency_mae_cm"] > 0 and arm["hessian_mae"] > 0
+
+
+def test_hessian_label_uses_an_analytic_hessian_when_the_calculator_has_one(teacher):
+    import equiforce
+    from equiforce.data.hessian_labels import hessian_label
+
+    atoms = molecule("H2O")
+    atoms.rattle(0.03, seed=1)
+    numeric, how = hessian_label(atoms, equiforce.Calculator(teacher), delta=0.002)
+    assert how == "finite-difference"
+    np.testing.assert_allclose(numeric, hessian(teacher, atoms), atol=1e-3 * np.abs(numeric).max())
+    pytest.importorskip("pyscf")
+    from equiforce.active.pyscf_calc import PySCFCalculator
+
+    dft = PySCFCalculator(xc="PBE", basis="sto-3g", density_fit=False, conv_tol=1e-11)
+    analytic, how = hessian_label(atoms, dft)
+    assert how == "analytic" and analytic.shape == (9, 9)
+    from equiforce.data.hessian_labels import finite_difference_hessian
+
+    reference = finite_difference_hessian(atoms, dft, delta=0.005)
+    np.testing.assert_allclose(analytic, reference, atol=0.01 * np.abs(reference).max())

@@ -20,9 +20,11 @@ class PySCFCalculator(Calculator):
 
     ``spin`` is 2S (default: 0 for an even electron count, else 1 — restricted or unrestricted KS
     accordingly); ``density_fit`` speeds up the Coulomb part; ``grids_level`` sets the DFT grid.
+    ``get_property("hessian", atoms)`` gives PySCF's analytic Hessian (eV/Å², ``[3N, 3N]`` atom-major), for
+    training on Hessians (:func:`equiforce.data.hessian_labels.hessian_label`); computed only when asked.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces", "hessian"]
 
     def __init__(self, xc: str = "PBE", basis: str = "def2-SVP", charge: int = 0, spin: int | None = None,
                  density_fit: bool = True, grids_level: int = 3, conv_tol: float = 1e-9, max_cycle: int = 100,
@@ -57,3 +59,8 @@ class PySCFCalculator(Calculator):
         gradient = mf.nuc_grad_method().kernel()
         self.results["energy"] = self.results["free_energy"] = float(energy) * Hartree
         self.results["forces"] = -gradient * Hartree / Bohr
+        if "hessian" in properties:
+            blocks = mf.Hessian().kernel()  # [atom i, atom j, x_i, x_j] in Hartree/Bohr²
+            n3 = 3 * len(self.atoms)
+            hessian = blocks.transpose(0, 2, 1, 3).reshape(n3, n3) * Hartree / Bohr**2
+            self.results["hessian"] = 0.5 * (hessian + hessian.T)

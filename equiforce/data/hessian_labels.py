@@ -1,14 +1,27 @@
-"""Hessian labels from any ASE calculator by central finite differences of its forces.
+"""Hessian labels from any ASE calculator: its analytic Hessian where it has one, else finite differences.
 
-For oracles without analytic second derivatives (xTB through tblite, most DFT codes through ASE): 6N force
-calls per structure.  PySCF users can take its analytic Hessians instead and store them the same way
-(``Configuration.hessian``, eV/Å², atom-major ``[3N, 3N]``).
+:func:`hessian_label` asks the calculator for the ``hessian`` property (equiforce's PySCF oracle computes it
+analytically) and falls back to :func:`finite_difference_hessian` — 6N force calls — for oracles without
+second derivatives (xTB through tblite, most DFT codes through ASE).  Labels are stored as
+``Configuration.hessian`` (eV/Å², atom-major ``[3N, 3N]``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from ase import Atoms
+
+
+def hessian_label(atoms: Atoms, calculator, delta: float = 0.005) -> tuple[np.ndarray, str]:
+    """The structure's Hessian (eV/Å², symmetrised) and how it was made: ``"analytic"`` from a calculator that
+    implements ``hessian``, else ``"finite-difference"``."""
+    if "hessian" in getattr(calculator, "implemented_properties", ()):
+        work = atoms.copy()
+        work.calc = calculator
+        n3 = 3 * len(atoms)
+        hessian = np.asarray(calculator.get_property("hessian", work), dtype=np.float64).reshape(n3, n3)
+        return 0.5 * (hessian + hessian.T), "analytic"
+    return finite_difference_hessian(atoms, calculator, delta), "finite-difference"
 
 
 def finite_difference_hessian(atoms: Atoms, calculator, delta: float = 0.005) -> np.ndarray:
