@@ -9,7 +9,10 @@ from scratch), trained on frames of GFN2-xTB Langevin MD of ethanol at 300/500/8
 * ``forces_hessians``: the same frames, each also with its Hessian (central finite differences of xTB forces,
   6N = 54 calls per frame, ``equiforce.data.hessian_labels``), trained with the Hessian-vector-product loss;
 * ``forces_equal_calls``: as many energy + force frames as the second arm's oracle calls
-  (``frames × (1 + 6N)``, capped by ``--pool-frames``) — what the same oracle budget buys without Hessians.
+  (``frames × (1 + 6N)``, capped by ``--pool-frames``) — what the same oracle budget buys without Hessians;
+* ``forces_equal_analytic_cost``: ``frames × --analytic-cost`` energy + force frames — what the second arm's
+  labels would cost with analytic Hessians, counted in single points (default 4.2: PySCF PBE/def2-SVP on
+  ethanol, energy + forces + analytic Hessian against energy + forces, measured in docs/benchmarks.md).
 
 Rated on a test set of xTB MD frames from separate trajectories (force and energy MAE) and on the xTB
 minimum of ethanol (BFGS to 1e-4 eV/Å): the model's Hessian there against xTB's, entry-wise and as harmonic
@@ -100,8 +103,11 @@ def main() -> None:
     parser.add_argument("--hessian-weight", type=float, default=1.0)
     parser.add_argument("--hessian-vectors", type=int, default=1)
     parser.add_argument("--delta", type=float, default=0.005, help="finite-difference step of the Hessians (Å)")
+    parser.add_argument("--analytic-cost", type=float, default=4.2,
+                        help="single points that one analytic Hessian (with its energy and forces) costs")
     parser.add_argument("--interval", type=int, default=20, help="MD steps between the pool's frames")
     parser.add_argument("--equilibration", type=int, default=200, help="MD steps before the first frame")
+    parser.add_argument("--arms", default=None, help="comma-separated arms to run (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/hessian_training"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -131,6 +137,14 @@ def main() -> None:
         "forces_hessians": (hessian_frames, args.hessian_weight, args.frames * (1 + calls_per_hessian)),
         "forces_equal_calls": ([pool[i] for i in order[:equal_calls]], 0.0, equal_calls),
     }
+    analytic = min(len(pool), round(args.frames * args.analytic_cost))
+    if args.analytic_cost > 0:
+        arms["forces_equal_analytic_cost"] = ([pool[i] for i in order[:analytic]], 0.0, analytic)
+    if args.arms:
+        unknown = set(args.arms.split(",")) - set(arms)
+        if unknown:
+            raise SystemExit(f"unknown arms {sorted(unknown)}; choose from {sorted(arms)}")
+        arms = {name: arm for name, arm in arms.items() if name in args.arms.split(",")}
     results: dict[str, Any] = {}
     for name, (frames, weight, calls) in arms.items():
         t0 = time.perf_counter()
@@ -145,17 +159,18 @@ def main() -> None:
     report = {"benchmark": "hessian_training", "oracle": "GFN2-xTB (tblite)", "molecule": "ethanol",
               "n_test": len(test), "n_pool": len(pool), "train_time_s": args.train_time,
               "hessian_weight": args.hessian_weight, "hessian_vectors": args.hessian_vectors, "delta": args.delta,
+              "analytic_cost": args.analytic_cost,
               "arms": results, "seconds": seconds, "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-    header = f"{'arm':<20} {'frames':>7} {'oracle calls':>13} {'epochs':>7} {'F MAE meV/Å':>12} " \
+    header = f"{'arm':<26} {'frames':>7} {'oracle calls':>13} {'epochs':>7} {'F MAE meV/Å':>12} " \
              f"{'E MAE meV/atom':>15} {'Hessian MAE meV/Å²':>19} {'freq MAE cm⁻¹':>14}"
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        print(f"{name:<20} {r['frames']:>7} {r['oracle_calls']:>13} {r['epochs']:>7.1f} {r['f_mae_mev_a']:>12.1f} "
+        print(f"{name:<26} {r['frames']:>7} {r['oracle_calls']:>13} {r['epochs']:>7.1f} {r['f_mae_mev_a']:>12.1f} "
               f"{r['e_mae_mev_atom']:>15.2f} {r['hessian_mae']:>19.0f} {r['frequency_mae_cm']:>14.1f}")
     print(f"wrote {args.out}")
 

@@ -170,7 +170,8 @@ def test_hessian_training_benchmark_smoke(tmp_path):
                     "--train-time", "3", "--equilibration", "5", "--interval", "3", "--workdir", str(tmp_path / "w"),
                     "--out", str(out)], check=True, capture_output=True, timeout=600)
     arms = json.loads(out.read_text())["arms"]
-    assert set(arms) == {"forces", "forces_hessians", "forces_equal_calls"}
+    assert set(arms) == {"forces", "forces_hessians", "forces_equal_calls", "forces_equal_analytic_cost"}
+    assert arms["forces_equal_analytic_cost"]["frames"] == min(6, round(2 * 4.2))  # capped by the pool
     assert arms["forces_hessians"]["oracle_calls"] == 2 * (1 + 6 * 9) and arms["forces_equal_calls"]["frames"] == 6
     for arm in arms.values():
         assert arm["f_mae_mev_a"] > 0 and arm["frequency_mae_cm"] > 0 and arm["hessian_mae"] > 0
