@@ -196,3 +196,19 @@ def test_hessian_label_uses_an_analytic_hessian_when_the_calculator_has_one(teac
 
     reference = finite_difference_hessian(atoms, dft, delta=0.005)
     np.testing.assert_allclose(analytic, reference, atol=0.01 * np.abs(reference).max())
+
+
+def test_cli_eval_reports_hessian_and_frequency_rows(tmp_path, teacher, capsys):
+    import json
+
+    from equiforce.cli import main
+    from equiforce.models.file import save_model
+
+    configs = teacher_labelled(2, seed=6, teacher=teacher)
+    write_extxyz(configs, tmp_path / "h.xyz")
+    model = save_model(make_model("small", seed=9), tmp_path / "m.eqf")
+    assert main(["eval", str(model), str(tmp_path / "h.xyz"), "--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "Hessian entries" in printed and "harmonic frequencies" in printed
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert metrics["n_hessians"] == 2 and metrics["hessian_mae"] > 0 and metrics["frequency_mae_cm"] > 0
