@@ -231,3 +231,90 @@ def test_npt_with_openmm_barostat_and_pdb_reporter(model, tmp_path):
     energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / EV_IN_KJ_PER_MOL
     assert energy == pytest.approx(final.get_potential_energy(), abs=1e-8)
     assert (tmp_path / "traj.pdb").read_text().count("MODEL") == 4
+
+
+def _classical_system(ligand, environment: int):
+    """A hand-made force field: the ligand's bonds, angles, torsions and nonbonded terms (1-2 and 1-3 pairs
+    excluded, 1-4 scaled), plus ``environment`` charged LJ particles; no cutoff, so energies split exactly."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    n = len(ligand)
+    system = openmm.System()
+    for mass in ligand.get_masses():
+        system.addParticle(float(mass))
+    for _ in range(environment):
+        system.addParticle(16.0)
+    i, j = neighbor_list("ij", ligand, natural_cutoffs(ligand))
+    bonds = sorted({(int(a), int(b)) for a, b in zip(i, j) if a < b})
+    neighbours = {k: {b for a, b in bonds if a == k} | {a for a, b in bonds if b == k} for k in range(n)}
+    bond_force, angle_force, torsion_force = (openmm.HarmonicBondForce(), openmm.HarmonicAngleForce(),
+                                              openmm.PeriodicTorsionForce())
+    for a, b in bonds:
+        bond_force.addBond(a, b, 0.11, 3e5)
+    for centre in range(n):
+        ends = sorted(neighbours[centre])
+        for x, a in enumerate(ends):
+            for b in ends[x + 1:]:
+                angle_force.addAngle(a, centre, b, 1.9, 400.0)
+    for b, c in bonds:
+        for a in neighbours[b] - {c}:
+            for d in neighbours[c] - {b, a}:
+                torsion_force.addTorsion(a, b, c, d, 3, 0.0, 1.5)
+    nonbonded = openmm.NonbondedForce()
+    nonbonded.setNonbondedMethod(openmm.NonbondedForce.NoCutoff)
+    rng = np.random.default_rng(0)
+    charges = rng.normal(0, 0.2, n)
+    for q in charges - charges.mean():
+        nonbonded.addParticle(float(q), 0.3, 0.4)
+    for k in range(environment):
+        nonbonded.addParticle(0.3 * (-1) ** k, 0.32, 0.6)
+    nonbonded.createExceptionsFromBonds(bonds, 0.5, 0.5)
+    for force in (bond_force, angle_force, torsion_force, nonbonded, openmm.CMMotionRemover()):
+        system.addForce(force)
+    return system
+
+
+def test_mixed_system_replaces_the_force_field_inside_the_ml_region_only(model):
+    from equiforce.sim.openmm_force import openmm_mixed_system
+
+    ligand = _ethanol()
+    env = np.array([[4.0, 0.0, 0.0], [0.0, 4.5, 0.5], [-3.5, -2.0, 1.0]])  # Å, near enough to interact
+    positions = np.vstack([ligand.positions, env]) / 10.0 * unit.nanometer
+    full = _classical_system(ligand, len(env))
+    alone = _classical_system(ligand, 0)
+    mixed, potential = openmm_mixed_system(full, range(len(ligand)), ligand.numbers, model)
+
+    def energy_forces(system, pos):
+        context = _context(system)
+        context.setPositions(pos)
+        return _energy_forces(context)
+
+    e_mixed, f_mixed = energy_forces(mixed, positions)
+    e_full, f_full = energy_forces(full, positions)
+    e_alone, f_alone = energy_forces(alone, ligand.positions / 10.0 * unit.nanometer)
+    ligand.calc = equiforce.Calculator(model)
+    e_ml, f_ml = ligand.get_potential_energy(), ligand.get_forces()
+    n = len(ligand)
+    assert abs(e_full - e_alone) > 1e-3  # the environment does interact with the ligand
+    assert e_mixed == pytest.approx(e_ml + e_full - e_alone, abs=1e-6)
+    np.testing.assert_allclose(f_mixed[:n], f_ml + f_full[:n] - f_alone, atol=1e-6)
+    np.testing.assert_allclose(f_mixed[n:], f_full[n:], atol=1e-6)
+    assert potential.last["energy"] == pytest.approx(e_ml, abs=1e-9)
+    assert full.getNumForces() == 5 and mixed.getNumForces() == 6  # the original is left untouched
+
+
+def test_mixed_system_refuses_forces_it_cannot_split(model):
+    from equiforce.sim.openmm_force import openmm_mixed_system
+
+    ligand = _ethanol()
+    system = _classical_system(ligand, 1)
+    restraint = openmm.CustomExternalForce("k*(x^2+y^2+z^2)")
+    restraint.addGlobalParameter("k", 1.0)
+    restraint.addParticle(len(ligand), [])
+    system.addForce(restraint)
+    with pytest.raises(ValueError, match="CustomExternalForce"):
+        openmm_mixed_system(system, range(len(ligand)), ligand.numbers, model)
+    mixed, _ = openmm_mixed_system(system, range(len(ligand)), ligand.numbers, model, keep=["CustomExternalForce"])
+    assert mixed.getNumForces() == system.getNumForces() + 1
+    with pytest.raises(ValueError, match="twice"):
+        openmm_mixed_system(system, [0, 0], [1, 1], model)

@@ -212,3 +212,61 @@ class SigmaReporter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+# terms of these classical forces are switched off inside the ML region (all their atoms in it): how many terms,
+# how to read and write one, and how many of its parameters are particles (the force constant comes last)
+_BONDED_TERMS = {
+    "HarmonicBondForce": ("getNumBonds", "getBondParameters", "setBondParameters", 2),
+    "HarmonicAngleForce": ("getNumAngles", "getAngleParameters", "setAngleParameters", 3),
+    "PeriodicTorsionForce": ("getNumTorsions", "getTorsionParameters", "setTorsionParameters", 4),
+}
+# forces that act on every particle without pair terms of their own: left as they are
+_PASS_THROUGH = {"CMMotionRemover", "MonteCarloBarostat", "MonteCarloAnisotropicBarostat",
+                 "MonteCarloFlexibleBarostat", "AndersenThermostat"}
+
+
+def openmm_mixed_system(system, ml_particles: Sequence[int], numbers: Sequence[int],
+                        model_or_path: torch.nn.Module | str | os.PathLike, *, keep: Sequence[str] = (),
+                        device: str = "cpu", dtype: torch.dtype | None = None, skin: float = 0.5,
+                        compile: bool = False):
+    """An ML/MM copy of a classical OpenMM ``System``: inside the ML region (``ml_particles``, atomic numbers
+    ``numbers``) the model replaces the force field; between the region and the rest the force field stays.
+
+    In the copy, harmonic bonds, harmonic angles and periodic torsions whose atoms all lie in the region get a
+    zero force constant, and every pair of region atoms becomes a ``NonbondedForce`` exception with no charge
+    product and no LJ well (electrostatics and LJ between the region and its environment are kept: mechanical
+    embedding, as openmm-ml's ``createMixedSystem``).  Any other force is refused with its name rather than
+    double-counting the region silently — unless its class name is in ``keep`` (say, a restraint on the
+    environment only).  Returns ``(system, potential)``.
+    """
+    openmm = _openmm()
+    region = [int(i) for i in ml_particles]
+    inside = set(region)
+    if len(inside) != len(region):
+        raise ValueError("ml_particles lists a particle twice")
+    if any(i < 0 or i >= system.getNumParticles() for i in region):
+        raise ValueError(f"ml_particles must lie in 0..{system.getNumParticles() - 1}")
+    mixed = openmm.XmlSerializer.clone(system)
+    for index in range(mixed.getNumForces()):
+        force = mixed.getForce(index)
+        kind = type(force).__name__
+        if kind in _BONDED_TERMS:
+            count, get, put, n_particles = _BONDED_TERMS[kind]
+            for term in range(getattr(force, count)()):
+                params = list(getattr(force, get)(term))
+                if set(params[:n_particles]) <= inside:
+                    params[-1] = 0.0 * params[-1]  # the force constant, zeroed with its unit
+                    getattr(force, put)(term, *params)
+        elif kind == "NonbondedForce":
+            for a, i in enumerate(region):
+                for j in region[a + 1:]:
+                    force.addException(i, j, 0.0, 1.0, 0.0, replace=True)
+        elif kind not in _PASS_THROUGH and kind not in keep:
+            raise ValueError(f"the system has a {kind}, which openmm_mixed_system cannot split into ML and MM "
+                             f"parts; remove its terms inside the region yourself, or pass keep=['{kind}'] if it "
+                             "does not act on the region")
+    force = openmm_force(model_or_path, numbers, particles=region, periodic=mixed.usesPeriodicBoundaryConditions(),
+                         device=device, dtype=dtype, skin=skin, compile=compile)
+    mixed.addForce(force)
+    return mixed, force.equiforce
