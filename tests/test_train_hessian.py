@@ -212,3 +212,28 @@ def test_cli_eval_reports_hessian_and_frequency_rows(tmp_path, teacher, capsys):
     assert "Hessian entries" in printed and "harmonic frequencies" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert metrics["n_hessians"] == 2 and metrics["hessian_mae"] > 0 and metrics["frequency_mae_cm"] > 0
+
+
+def test_resume_with_hessians_is_exact(tmp_path, teacher):
+    """The random vectors come from the checkpointed generator: a killed and resumed run ends bit-identical."""
+    from safetensors.torch import load_file
+
+    train = teacher_labelled(6, seed=7, teacher=teacher)
+    training = dict(epochs=4, batch_size=2, lr=0.01, device="cpu", seed=1, hessian_vectors=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_2(record):
+        if record["epoch"] == 2:
+            raise Killed
+
+    straight = train_configs(train, None, SMALL, training, tmp_path / "a", valid_fraction=0.34, progress=False)
+    with pytest.raises(Killed):
+        train_configs(train, None, SMALL, training, tmp_path / "b", valid_fraction=0.34, progress=False,
+                      epoch_callback=kill_after_2)
+    resumed = train_configs(train, None, SMALL, training, tmp_path / "b", valid_fraction=0.34, progress=False)
+    assert resumed["resumed_from"] == 2
+    ours, theirs = load_file(tmp_path / "b" / "last.eqf"), load_file(tmp_path / "a" / "last.eqf")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert resumed["valid"] == straight["valid"] and "hessian_vp_mae" in straight["valid"]
