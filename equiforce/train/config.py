@@ -268,6 +268,18 @@ class OutputConfig(_Section):
     resume: bool = Field(True, description="continue from OUTPUT/checkpoint.safetensors when it exists")
 
 
+class FineTuneConfig(_Section):
+    """Start from a trained model (its architecture, weights, E0s) instead of a new one; optionally replay
+    some of its training data so that what it knew is not forgotten."""
+
+    start: Path = Field(description="the model file to fine-tune (the `model` section is then ignored)")
+    replay: Path | None = Field(None, description="structures of the original training data to mix in")
+    replay_frames: int = Field(200, ge=0, description="how many of them (a fixed random choice; 0: none)")
+    replay_weight: float = Field(0.5, ge=0, description="loss weight of a replayed structure")
+    replay_holdout: float = Field(0.2, ge=0, lt=1, description="share of the chosen replay structures kept out "
+                                                                "of training to measure forgetting")
+
+
 class TrainConfig(_Section):
     """Everything ``equiforce train`` needs."""
 
@@ -275,6 +287,7 @@ class TrainConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[valid-type]
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    finetune: FineTuneConfig | None = Field(None, description="fine-tune a trained model instead of a new one")
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -555,22 +555,13 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     With ``valid=None`` a ``valid_fraction`` of ``train`` is held out (fixed ``split_seed``, independent
     of the training seed so runs with different seeds validate on the same structures).
     """
-    from equiforce.data.stats import closest_pairs, dataset_statistics, is_isolated_atom, split_indices
+    from equiforce.data.stats import closest_pairs, dataset_statistics, is_isolated_atom
     model_cfg = _validated(ModelConfig, model_cfg, "model")
     training_cfg = _validated(TrainingConfig, training_cfg, "training")
     # isolated atoms define E0s (in "fit" too, where they pin their element's E0); they are not training
     # targets: an atom without neighbours only sees E0 + shift + a constant, which would fight the shift
     isolated = [c for c in train if is_isolated_atom(c)]
-    train = [c for c in train if not is_isolated_atom(c)]
-    if valid is None:
-        if valid_fraction > 0 and len(train) > 1:
-            train_idx, valid_idx = split_indices(len(train), valid_fraction, split_seed)
-            train, valid = [train[i] for i in train_idx], [train[i] for i in valid_idx]
-        else:
-            valid = []
-    valid = list(valid)
-    if not train:
-        raise DataError("no training structures left (after removing isolated atoms / the validation split)")
+    train, valid = split_train_valid(train, valid, valid_fraction, split_seed)
     found = sorted({int(z) for c in [*train, *valid, *isolated] for z in c.numbers})
     elements = sorted(model_cfg.elements) if model_cfg.elements else found
     unknown = sorted(set(found) - set(elements))
@@ -579,17 +570,8 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     e0_values = resolve_e0s(e0s, [*train, *isolated], elements)
 
     dtype = DTYPES[training_cfg.dtype]
-    cutoff = model_cfg.cutoff
-    type_weights = training_cfg.config_type_weights
-
-    def graph(config: Configuration) -> Graph:
-        g = config_to_graph(config, cutoff, dtype)
-        if config.config_type in type_weights:
-            g[K.WEIGHT] = g[K.WEIGHT] * type_weights[config.config_type]
-        return g
-
-    train_graphs = [graph(c) for c in train]
-    valid_graphs = [graph(c) for c in valid]
+    train_graphs = labelled_graphs(train, model_cfg.cutoff, dtype, training_cfg.config_type_weights)
+    valid_graphs = labelled_graphs(valid, model_cfg.cutoff, dtype, training_cfg.config_type_weights)
     stats = dataset_statistics(train_graphs, e0_values)
     scale = float(stats.get("force_rms", 0.0) or 0.0)
     shift = float(stats.get("energy_shift", 0.0))  # gated by coordination: isolated atoms keep their E0
@@ -614,6 +596,37 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
         best = load_model(result["best_model"], device=device)
         result["test"] = evaluate(best, test, training_cfg.valid_batch_size, device)
     return result
+
+
+def split_train_valid(train: Sequence[Configuration], valid: Sequence[Configuration] | None,
+                      valid_fraction: float, split_seed: int) -> tuple[list[Configuration], list[Configuration]]:
+    """Training structures without isolated atoms, and the validation set: ``valid`` when given, else a fixed
+    ``valid_fraction`` of ``train`` (``split_seed``, independent of the training seed)."""
+    from equiforce.data.stats import is_isolated_atom, split_indices
+
+    train = [c for c in train if not is_isolated_atom(c)]
+    if valid is None:
+        if valid_fraction > 0 and len(train) > 1:
+            train_idx, valid_idx = split_indices(len(train), valid_fraction, split_seed)
+            train, valid = [train[i] for i in train_idx], [train[i] for i in valid_idx]
+        else:
+            valid = []
+    if not train:
+        raise DataError("no training structures left (after removing isolated atoms / the validation split)")
+    return list(train), list(valid)
+
+
+def labelled_graphs(configs: Sequence[Configuration], cutoff: float, dtype: torch.dtype,
+                    type_weights: dict[str, float], weight: float = 1.0) -> list[Graph]:
+    """Training graphs, each loss weight times its ``config_type``'s weight (and ``weight``)."""
+    graphs = []
+    for config in configs:
+        g = config_to_graph(config, cutoff, dtype)
+        factor = type_weights.get(config.config_type, 1.0) * weight
+        if factor != 1.0:
+            g[K.WEIGHT] = g[K.WEIGHT] * factor
+        graphs.append(g)
+    return graphs
 
 
 def _validated(cls: type[BaseModel], value: Any, section: str) -> Any:
@@ -650,9 +663,16 @@ def train(config: TrainConfig, *, progress: bool | None = None,
     test_set = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
     extra = {"data": {"train": str(data.train), "train_sha256": file_sha256(data.train)},
              "config": config.model_dump(mode="json")}
-    result = train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
-                           e0s=data.e0s, valid_fraction=data.valid_fraction, split_seed=data.split_seed,
-                           test=test_set, resume=config.output.resume,
-                           checkpoint_every=config.output.checkpoint_every, progress=progress, extra=extra,
-                           epoch_callback=epoch_callback)
-    return result
+    common = dict(valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=test_set,
+                  resume=config.output.resume, checkpoint_every=config.output.checkpoint_every, progress=progress,
+                  extra=extra, epoch_callback=epoch_callback)
+    if config.finetune is not None:
+        from equiforce.train.finetune import fine_tune
+
+        tune = config.finetune
+        replay = read_configurations(tune.replay, **keys) if tune.replay is not None else None
+        return fine_tune(tune.start, train_set, valid_set, config.training, config.output.directory, replay=replay,
+                         replay_frames=tune.replay_frames, replay_weight=tune.replay_weight,
+                         replay_holdout=tune.replay_holdout, **common)
+    return train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
+                         e0s=data.e0s, **common)
