@@ -3,6 +3,8 @@ held-out old structures), unknown elements are refused, and the YAML path works.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -102,3 +104,26 @@ def test_yaml_finetune_section(pretrained, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="strat"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_smoke(tmp_path):
+    """benchmarks/finetune.py at toy sizes on the rMD17 files (about a minute; skipped without ../shared)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "rmd17" / "rmd17_aspirin_train_01.npz").is_file():
+        pytest.skip("rMD17 data not found beside the repository")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune.py"
+    out = tmp_path / "f.json"
+    subprocess.run([sys.executable, str(script), "--rmd17", str(SHARED_DATA / "rmd17"), "--pretrain-frames", "4",
+                    "--pretrain-min", "0.1", "--finetune-frames", "10", "--finetune-min", "0.05", "--test-frames",
+                    "5", "--replay-frames", "10", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=900)
+    report = json.loads(out.read_text())
+    assert set(report["arms"]) == {"scratch", "pretrained", "finetune", "finetune_replay"}
+    assert report["pretrain_frames"] == 36 and report["n_others_test"] == 180
+    assert all(arm["f_mae_mev_a"] > 0 and arm["others_f_mae_mev_a"] > 0 for arm in report["arms"].values())
