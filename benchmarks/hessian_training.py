@@ -27,6 +27,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,7 @@ def with_hessians(frames: list[Configuration], cache: Path, delta: float) -> lis
     labelled = []
     for config in frames:
         hessian = finite_difference_hessian(config.to_atoms(), calculator, delta=delta)
-        labelled.append(Configuration(numbers=config.numbers, positions=config.positions, energy=config.energy,
-                                      forces=config.forces, hessian=hessian, source=config.source,
-                                      frame=config.frame, config_type=config.config_type))
+        labelled.append(replace(config, hessian=hessian))
     atomic_write(cache, lambda tmp: write_extxyz(labelled, tmp))
     return labelled
 
@@ -133,7 +132,7 @@ def main() -> None:
     calls_per_hessian = 6 * len(start)
     equal_calls = min(len(pool), args.frames * (1 + calls_per_hessian))
     arms = {
-        "forces": ([_without_hessian(c) for c in hessian_frames], 0.0, args.frames),
+        "forces": ([replace(c, hessian=None) for c in hessian_frames], 0.0, args.frames),
         "forces_hessians": (hessian_frames, args.hessian_weight, args.frames * (1 + calls_per_hessian)),
         "forces_equal_calls": ([pool[i] for i in order[:equal_calls]], 0.0, equal_calls),
     }
@@ -173,12 +172,6 @@ def main() -> None:
         print(f"{name:<26} {r['frames']:>7} {r['oracle_calls']:>13} {r['epochs']:>7.1f} {r['f_mae_mev_a']:>12.1f} "
               f"{r['e_mae_mev_atom']:>15.2f} {r['hessian_mae']:>19.0f} {r['frequency_mae_cm']:>14.1f}")
     print(f"wrote {args.out}")
-
-
-def _without_hessian(config: Configuration) -> Configuration:
-    return Configuration(numbers=config.numbers, positions=config.positions, energy=config.energy,
-                         forces=config.forces, source=config.source, frame=config.frame,
-                         config_type=config.config_type)
 
 
 if __name__ == "__main__":

@@ -56,13 +56,14 @@ class OpenMMPotential:
         self.structure = StructureEvaluator(model_or_path, numbers, [self.periodic] * 3, device=device, dtype=dtype,
                                             skin=skin, compile=compile)
         self.last: dict[str, float] = {}
+        self._nm = _openmm().unit.nanometer  # looked up once, not in every force call
 
     @property
     def n_atoms(self) -> int:
         return self.structure.n_atoms
 
     def __call__(self, state) -> tuple[float, np.ndarray]:
-        nm = _openmm().unit.nanometer
+        nm = self._nm
         positions = np.asarray(state.getPositions(asNumpy=True).value_in_unit(nm)) * ANGSTROM_PER_NM
         if positions.shape[0] != self.n_atoms:
             raise ValueError(f"OpenMM passed {positions.shape[0]} particles but the model covers {self.n_atoms}: "
