@@ -17,6 +17,10 @@ A model (32x0e+32x1o, spherical harmonics to 2, correlation 3, 2 layers, 5 Å, f
 Each is rated on ``--test-frames`` test frames of the target and, for forgetting, on 20 test frames of each
 pretraining molecule (``others_*``).  JSON ``arms``: ``f_mae_mev_a``, ``e_mae_mev`` (target) and
 ``others_f_mae_mev_a``.
+
+``--new-element N`` (with a target that has it: paracetamol, uracil) pretrains only on the molecules without
+that element, on a model that does not know it, so fine-tuning must add it
+(:func:`equiforce.models.extend.with_elements`); the zero-shot ``pretrained`` arm then has no target numbers.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("runs/finetune.json"))
+    parser.add_argument("--new-element", default=None, metavar="SYMBOL",
+                        help="pretrain only on molecules without this element (the model does not know it), so "
+                             "that fine-tuning on the target must add it")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,7 +87,17 @@ def main() -> None:
     def read(molecule: str, part: str) -> list:
         return read_configurations(args.rmd17 / f"rmd17_{molecule}_{part}_01.npz", require_forces=True)
 
+    model = dict(MODEL)
     others = [m for m in MOLECULES if m != args.target]
+    if args.new_element is not None:
+        from ase.data import atomic_numbers
+
+        new = atomic_numbers.get(args.new_element)
+        has_it = {m: new in read(m, "test")[0].numbers for m in MOLECULES}
+        if not has_it[args.target]:
+            parser.error(f"--new-element {args.new_element}: the target {args.target} has no {args.new_element}")
+        others = [m for m in others if not has_it[m]]
+        model["elements"] = [z for z in MODEL["elements"] if z != new]
     pretrain = [c for m in others for c in sample(read(m, "train"), args.pretrain_frames, args.seed)]
     others_test = [c for m in others for c in sample(read(m, "test"), 20, args.seed)]
     target = sample(read(args.target, "train"), args.finetune_frames, args.seed)
@@ -88,7 +105,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    pretrained = train_configs(pretrain, None, MODEL, training(args.pretrain_min, 0.01, args.seed),
+    pretrained = train_configs(pretrain, None, model, training(args.pretrain_min, 0.01, args.seed),
                                args.workdir / "pretrain", valid_fraction=0.05, progress=False)
     seconds["pretrain"] = time.perf_counter() - t0
     start = pretrained["best_model"]
@@ -105,16 +122,20 @@ def main() -> None:
     seconds["target_arms"] = time.perf_counter() - t0
     arms: dict[str, Any] = {}
     for name, run in runs.items():
-        model = load_model(run["best_model"])
-        on_target, on_others = evaluate(model, target_test), evaluate(model, others_test)
+        tuned = load_model(run["best_model"])
+        knows_target = set(target_test[0].numbers.tolist()) <= set(tuned.spec.elements)
+        on_target = evaluate(tuned, target_test) if knows_target else {"forces_mae": None, "energy_mae": None}
+        on_others = evaluate(tuned, others_test)
         arms[name] = {"epochs": run["epochs"], "f_mae_mev_a": on_target["forces_mae"],
-                      "e_mae_mev": on_target["energy_mae"], "others_f_mae_mev_a": on_others["forces_mae"]}
+                      "e_mae_mev": on_target["energy_mae"], "others_f_mae_mev_a": on_others["forces_mae"],
+                      "elements": tuned.spec.elements}
     report = {"benchmark": "finetune", "target": args.target, "pretrain_molecules": others,
               "pretrain_frames": len(pretrain), "pretrain_epochs": pretrained["epochs"],
               "finetune_frames": args.finetune_frames, "finetune_min": args.finetune_min,
               "pretrain_min": args.pretrain_min, "replay_frames": args.replay_frames,
               "replay_weight": args.replay_weight, "n_test": len(target_test), "n_others_test": len(others_test),
-              "model": MODEL, "arms": arms, "seconds": seconds, "date": time.strftime("%Y-%m-%d %H:%M"),
+              "new_element": args.new_element, "model": model, "arms": arms, "seconds": seconds,
+              "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,9 +143,12 @@ def main() -> None:
     header = f"{'arm':<17} {'epochs':>8} {'target F MAE meV/Å':>19} {'target E MAE meV':>17} {'others F MAE meV/Å':>19}"
     print(header)
     print("-" * len(header))
+    def cell(value: float | None, width: int) -> str:
+        return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"
+
     for name, r in arms.items():
-        print(f"{name:<17} {r['epochs']:>8.1f} {r['f_mae_mev_a']:>19.1f} {r['e_mae_mev']:>17.1f} "
-              f"{r['others_f_mae_mev_a']:>19.1f}")
+        print(f"{name:<17} {r['epochs']:>8.1f} {cell(r['f_mae_mev_a'], 19)} {cell(r['e_mae_mev'], 17)} "
+              f"{cell(r['others_f_mae_mev_a'], 19)}")
     print(f"wrote {args.out}")
 
 

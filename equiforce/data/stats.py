@@ -7,7 +7,7 @@ data (isolated atoms when present, least squares otherwise) keeps the learned pa
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,13 +28,15 @@ def is_isolated_atom(config: Configuration) -> bool:
     return config.n_atoms == 1 and not bool(np.any(config.pbc))
 
 
-def fit_e0s(configs: Sequence[Configuration], elements: list[int]) -> dict[int, float]:
+def fit_e0s(configs: Sequence[Configuration], elements: list[int],
+            fixed: Mapping[int, float] | None = None) -> dict[int, float]:
     """Per-element reference energies in eV.
 
-    Isolated-atom entries fix their element's E0 (averaged if repeated; entries for elements not
-    in ``elements`` are ignored); the other elements are fitted by least squares on the
-    composition matrix of the remaining labelled configurations, after subtracting the known E0s.
-    Elements with no usable data get 0.0 and a warning.
+    ``fixed`` E0s (those of a trained model, when it learns new elements) are kept as given; isolated-atom
+    entries fix their element's E0 otherwise (averaged if repeated; entries for elements not in
+    ``elements`` are ignored); the other elements are fitted by least squares on the composition matrix of
+    the remaining labelled configurations, after subtracting the known E0s.  Elements with no usable data
+    get 0.0 and a warning.
     """
     elements = [int(z) for z in elements]
     column = {z: k for k, z in enumerate(elements)}
@@ -60,6 +62,7 @@ def fit_e0s(configs: Sequence[Configuration], elements: list[int]) -> dict[int, 
         targets.append(float(c.energy))
 
     e0s = {z: float(np.mean(isolated[z])) for z in elements if z in isolated}
+    e0s.update({int(z): float(v) for z, v in (fixed or {}).items() if int(z) in column})
     if rows:
         counts = np.stack(rows)
         energies = np.asarray(targets)

@@ -76,7 +76,8 @@ class DataConfig(_Section):
     hessian_key: str = Field("hessian", description="per-atom array [N, 9N] or info entry [3N, 3N] holding a "
                                                     "Hessian label (eV/Å²), where the data have one")
     e0s: Literal["fit", "isolated"] | dict[int, float] = Field(
-        "fit", description="'fit' (least squares), 'isolated' (single-atom frames) or {element: eV}")
+        "fit", description="'fit' (least squares), 'isolated' (single-atom frames) or {element: eV}; when "
+                           "fine-tuning, only for the elements new to the model (it keeps its own E0s)")
 
     @field_validator("e0s", mode="before")
     @classmethod

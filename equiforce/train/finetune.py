@@ -5,6 +5,10 @@ structures (the usual loop, schedule and checkpoints: ``fit``).  Forgetting is t
 fine-tuning — the model drifts away from what it was trained on.  A few hundred structures of the original
 data mixed into every epoch at a reduced weight (``replay``) hold it in place, and a held-out part of them
 measures it: the result's ``forgetting`` rates the model on those structures before and after.
+
+Elements the model never saw are added (:func:`equiforce.models.extend.with_elements`): the old elements
+keep their weights and E0s exactly, the new ones get fresh weights and E0s from the new data (least squares
+with the old E0s held fixed, isolated-atom frames, or given values), and training teaches them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from equiforce.data.stats import is_isolated_atom
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError
 from equiforce.evaluate import evaluate, resolve_device
+from equiforce.models.extend import with_elements
 from equiforce.models.file import load_model
 from equiforce.train.config import TrainingConfig
 
@@ -28,23 +33,26 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
               replay: Sequence[Configuration] | None = None, replay_frames: int = 200, replay_weight: float = 0.5,
               replay_holdout: float = 0.2, valid_fraction: float = 0.1, split_seed: int = 0,
               test: Sequence[Configuration] | None = None, resume: bool = True, checkpoint_every: int = 1,
-              progress: bool | None = None, extra: dict[str, Any] | None = None, epoch_callback=None
-              ) -> dict[str, Any]:
+              progress: bool | None = None, extra: dict[str, Any] | None = None, epoch_callback=None,
+              e0s: str | dict[int, float] = "fit") -> dict[str, Any]:
     """Continue training the model in ``start`` on ``train``; the trainer's result plus ``forgetting``
-    (``before``/``after`` metrics on the held-out replay structures, when ``replay`` is given)."""
+    (``before``/``after`` metrics on the held-out replay structures, when ``replay`` is given).
+
+    ``e0s`` sets the reference energies of elements new to the model only (as ``data.e0s`` of a new
+    model: ``"fit"``, ``"isolated"`` or values); the model's own elements keep theirs.
+    """
     from equiforce.train.trainer import DTYPES, _validated, fit, labelled_graphs, split_train_valid
 
     training = _validated(TrainingConfig, training_cfg, "training")
     dtype = DTYPES[training.dtype]
     model = load_model(start, dtype=dtype)
-    train, valid = split_train_valid(train, valid, valid_fraction, split_seed)  # E0s come with the model
+    isolated = [c for c in train if is_isolated_atom(c)]
+    train, valid = split_train_valid(train, valid, valid_fraction, split_seed)
     replay_train, replay_test = _replay_sets(replay, replay_frames, replay_holdout, split_seed)
-    known = set(model.spec.elements)
-    for name, configs in (("training data", train), ("validation data", valid), ("replay data", replay_train)):
-        unknown = sorted({int(z) for c in configs for z in c.numbers} - known)
-        if unknown:
-            raise ConfigError(f"{start}: the model knows elements {sorted(known)}, but the {name} hold {unknown}; "
-                              "fine-tuning cannot add elements (train a new model with them)")
+    added = _new_elements(start, model, train, valid, replay_train)
+    if added:
+        new_e0s = _new_element_e0s(e0s, [*train, *isolated], model, added)
+        model = with_elements(model, added, new_e0s, seed=training.seed)
     weights = training.config_type_weights
     train_graphs = labelled_graphs(train, model.cutoff, dtype, weights)
     train_graphs += labelled_graphs(replay_train, model.cutoff, dtype, weights, weight=replay_weight)
@@ -53,11 +61,11 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
     before = evaluate(load_model(start, device=device, dtype=dtype), replay_test, training.valid_batch_size,
                       device) if replay_test else None
     extra = {"finetune": {"start": str(start), "replay_train": len(replay_train), "replay_test": len(replay_test),
-                          "replay_weight": replay_weight}, "n_train": len(train), "n_valid": len(valid),
-             **(extra or {})}
+                          "replay_weight": replay_weight, "added_elements": added},
+             "n_train": len(train), "n_valid": len(valid), **(extra or {})}
     result = fit(model, train_graphs, valid_graphs, training, output_dir, resume=resume,
                  checkpoint_every=checkpoint_every, progress=progress, extra=extra, epoch_callback=epoch_callback)
-    result.update(n_train=len(train), n_valid=len(valid), n_replay=len(replay_train))
+    result.update(n_train=len(train), n_valid=len(valid), n_replay=len(replay_train), added_elements=added)
     best = load_model(result["best_model"], device=device)
     if before is not None:
         result["forgetting"] = {"before": before, "after": evaluate(best, replay_test, training.valid_batch_size,
@@ -65,6 +73,42 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
     if test:
         result["test"] = evaluate(best, test, training.valid_batch_size, device)
     return result
+
+
+def _new_elements(start: str | os.PathLike, model, train: Sequence[Configuration], valid: Sequence[Configuration],
+                  replay: Sequence[Configuration]) -> list[int]:
+    """Elements of the data the model does not know; each must occur in the training structures (its E0 and
+    weights are learned from them), and the model must be a plain potential (uncertainty heads and ensemble
+    members are fitted to the old elements: retrain those with the new data instead)."""
+    from equiforce.uq.base import UQModel
+
+    known = set(model.spec.elements)
+    in_train = {int(z) for c in train for z in c.numbers}
+    added = sorted(in_train - known)
+    for name, configs in (("validation data", valid), ("replay data", replay)):
+        unknown = sorted({int(z) for c in configs for z in c.numbers} - known - in_train)
+        if unknown:
+            raise ConfigError(f"{start}: the {name} hold elements {unknown} that neither the model (it knows "
+                              f"{sorted(known)}) nor the training data have")
+    if added and isinstance(model, UQModel):
+        raise ConfigError(f"{start}: a model with uncertainty cannot learn new elements {added} by fine-tuning "
+                          "(its heads or members are fitted to the old ones); fine-tune its plain backbone, or "
+                          "train a new uncertainty model with the new data")
+    return added
+
+
+def _new_element_e0s(e0s: str | dict[int, float], configs: Sequence[Configuration], model, added: list[int]
+                     ) -> dict[int, float]:
+    """E0s of the ``added`` elements: ``"fit"``: least squares on the training energies with the model's E0s held
+    fixed (isolated-atom frames pin theirs); ``"isolated"`` or values: as for a new model."""
+    from equiforce.data.stats import fit_e0s
+    from equiforce.train.trainer import resolve_e0s
+
+    if e0s == "fit":
+        elements = sorted(set(model.spec.elements) | set(added))
+        fitted = fit_e0s(configs, elements, fixed={z: model.spec.e0s.get(z, 0.0) for z in model.spec.elements})
+        return {z: fitted[z] for z in added}
+    return resolve_e0s(e0s, configs, added)
 
 
 def _replay_sets(replay: Sequence[Configuration] | None, frames: int, holdout: float, seed: int

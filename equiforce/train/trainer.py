@@ -673,6 +673,6 @@ def train(config: TrainConfig, *, progress: bool | None = None,
         replay = read_configurations(tune.replay, **keys) if tune.replay is not None else None
         return fine_tune(tune.start, train_set, valid_set, config.training, config.output.directory, replay=replay,
                          replay_frames=tune.replay_frames, replay_weight=tune.replay_weight,
-                         replay_holdout=tune.replay_holdout, **common)
+                         replay_holdout=tune.replay_holdout, e0s=data.e0s, **common)
     return train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
                          e0s=data.e0s, **common)
