@@ -51,7 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     result = train(config, progress=False if args.no_progress else None)
     console = _console()
-    console.print(f"best epoch {result['best_epoch']} of {result['epochs']}; model: {result['best_model']}")
+    if "uq_method" in result:  # a fine-tuned model with uncertainty: its members/backbone, then the σ recalibrated
+        epochs = ", ".join(f"{p['best_epoch']} of {p['epochs']}" for p in result["parts"])
+        console.print(f"fine-tuned {result['uq_method']} model, recalibrated (best epochs {epochs}); "
+                      f"model: {result['best_model']}")
+    else:
+        console.print(f"best epoch {result['best_epoch']} of {result['epochs']}; model: {result['best_model']}")
     if result.get("valid"):
         console.print(_metrics_table("validation (best model)", result["valid"]))
     if result.get("test"):

@@ -136,13 +136,72 @@ def test_new_element_e0s_and_refusals(pretrained, tmp_path):
     molecules = labelled(NEW, 6, 8, teacher)
     with pytest.raises(ConfigError, match=r"validation data hold elements \[29\] that neither the model"):
         fine_tune(start, molecules, new, one_epoch, tmp_path / "valid", progress=False)
+
+
+def perturbed_copy(path, scale: float, seed: int):
+    """The model in ``path`` with its weights nudged: a second ensemble member without a second training."""
+    import torch
+
+    from equiforce.models.file import load_model
+
+    model = load_model(path)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["ensemble", "heads"])
+def test_a_model_with_uncertainty_is_fine_tuned_and_recalibrated(pretrained, tmp_path, kind, capsys):
+    teacher, old, start, _ = pretrained
+    from equiforce.data.graph import config_to_graph as graph_of
+    from equiforce.models.file import load_model
     from equiforce.uq.ensemble import EnsemblePotential
     from equiforce.uq.file import save_uq_model
+    from equiforce.uq.fit import build_uq_potential
+    from equiforce.uq.heads import UQPotential
+    from equiforce.uq.predict import predict
 
-    members = [load_model(start), load_model(start)]
-    save_uq_model(EnsemblePotential.from_members(members), tmp_path / "ensemble.eqf")
-    with pytest.raises(ConfigError, match=r"model with uncertainty cannot learn new elements \[29\]"):
-        fine_tune(tmp_path / "ensemble.eqf", new, None, one_epoch, tmp_path / "uq", progress=False)
+    if kind == "ensemble":
+        model = EnsemblePotential.from_members([load_model(start), perturbed_copy(start, 0.05, 1)])
+    else:
+        graphs = [graph_of(c, 4.0) for c in old]
+        model = build_uq_potential(load_model(start), graphs[:20], graphs[20:], n_heads=4, hidden=8, steps=50)
+    save_uq_model(model, tmp_path / "start.eqf")
+    new, new_test = with_copper(NEW, 40, 9, teacher), with_copper(NEW, 6, 10, teacher)
+    training = dict(epochs=3, batch_size=4, lr=0.005, device="cpu", seed=0)
+    result = fine_tune(tmp_path / "start.eqf", new, None, training, tmp_path / "tuned", valid_fraction=0.25,
+                       replay=old, replay_frames=10, test=new_test, progress=False)
+    assert result["added_elements"] == [29] and result["uq_method"] == kind
+    assert len(result["parts"]) == (2 if kind == "ensemble" else 1) and "forgetting" in result
+    tuned = load_model(result["best_model"])
+    assert isinstance(tuned, EnsemblePotential if kind == "ensemble" else UQPotential)
+    assert tuned.spec.elements == [1, 6, 8, 29] and 29 in tuned.seen_elements
+    assert tuned.calibration.fitted("forces") and result["test"]["n_configs"] == 6
+    out = predict(tuned, [graph_of(c, 4.0) for c in new_test])
+    sigma = out.forces_sigma
+    assert np.isfinite(sigma).all() and (sigma > 0).all()
+    # the members (or the backbone) resume from their checkpoints: a second call trains nothing again
+    again = fine_tune(tmp_path / "start.eqf", new, None, training, tmp_path / "tuned", valid_fraction=0.25,
+                      replay=old, replay_frames=10, progress=False)
+    assert all(part["resumed_from"] is not None for part in again["parts"])
+    if kind == "ensemble":  # and through the YAML and the command line
+        from equiforce.cli import main
+
+        write_extxyz(new, tmp_path / "new.xyz")
+        config = {"data": {"train": str(tmp_path / "new.xyz"), "valid_fraction": 0.25},
+                  "training": training, "finetune": {"start": str(tmp_path / "start.eqf")},
+                  "output": {"directory": str(tmp_path / "tuned")}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        assert main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+        assert "fine-tuned ensemble model, recalibrated" in capsys.readouterr().out
+    # too few validation structures to recalibrate: said before any training
+    from equiforce.uq.calibration import CalibrationError
+
+    with pytest.raises(CalibrationError, match="needs at least 10, got 4"):
+        fine_tune(tmp_path / "start.eqf", new[:16], None, training, tmp_path / "few", valid_fraction=0.25,
+                  progress=False)
 
 
 def test_yaml_finetune_section(pretrained, tmp_path):

@@ -9,6 +9,9 @@ measures it: the result's ``forgetting`` rates the model on those structures bef
 Elements the model never saw are added (:func:`equiforce.models.extend.with_elements`): the old elements
 keep their weights and E0s exactly, the new ones get fresh weights and E0s from the new data (least squares
 with the old E0s held fixed, isolated-atom frames, or given values), and training teaches them.
+
+A model with uncertainty (ensemble or heads) is fine-tuned through :mod:`equiforce.uq.finetune`: its
+members or backbone are tuned as above, its σ rebuilt and recalibrated on the validation structures.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from equiforce.errors import ConfigError
 from equiforce.evaluate import evaluate, resolve_device
 from equiforce.models.extend import with_elements
 from equiforce.models.file import load_model
+from equiforce.models.potential import Potential
 from equiforce.train.config import TrainingConfig
+from equiforce.uq.base import UQModel
 
 
 def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: Sequence[Configuration] | None,
@@ -50,9 +55,7 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
     train, valid = split_train_valid(train, valid, valid_fraction, split_seed)
     replay_train, replay_test = _replay_sets(replay, replay_frames, replay_holdout, split_seed)
     added = _new_elements(start, model, train, valid, replay_train)
-    if added:
-        new_e0s = _new_element_e0s(e0s, [*train, *isolated], model, added)
-        model = with_elements(model, added, new_e0s, seed=training.seed)
+    new_e0s = _new_element_e0s(e0s, [*train, *isolated], model, added) if added else {}
     weights = training.config_type_weights
     train_graphs = labelled_graphs(train, model.cutoff, dtype, weights)
     train_graphs += labelled_graphs(replay_train, model.cutoff, dtype, weights, weight=replay_weight)
@@ -63,8 +66,22 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
     extra = {"finetune": {"start": str(start), "replay_train": len(replay_train), "replay_test": len(replay_test),
                           "replay_weight": replay_weight, "added_elements": added},
              "n_train": len(train), "n_valid": len(valid), **(extra or {})}
-    result = fit(model, train_graphs, valid_graphs, training, output_dir, resume=resume,
-                 checkpoint_every=checkpoint_every, progress=progress, extra=extra, epoch_callback=epoch_callback)
+
+    def tune_one(potential: Potential, seed: int, directory: os.PathLike) -> dict[str, Any]:
+        potential = with_elements(potential, added, new_e0s, seed=seed) if added else potential
+        return fit(potential, train_graphs, valid_graphs, training.model_copy(update={"seed": seed}), directory,
+                   resume=resume, checkpoint_every=checkpoint_every, progress=progress, extra=extra,
+                   epoch_callback=epoch_callback)
+
+    if isinstance(model, UQModel):  # the potential(s) inside are tuned, the σ rebuilt and recalibrated
+        from equiforce.uq.finetune import fine_tune_uq
+
+        result = fine_tune_uq(model, tune_one, train_graphs, valid_graphs, output_dir, seed=training.seed,
+                              device=device, extra=extra)
+        result["valid"] = evaluate(load_model(result["best_model"], device=device), valid, training.valid_batch_size,
+                                   device)
+    else:
+        result = tune_one(model, training.seed, output_dir)
     result.update(n_train=len(train), n_valid=len(valid), n_replay=len(replay_train), added_elements=added)
     best = load_model(result["best_model"], device=device)
     if before is not None:
@@ -78,10 +95,7 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
 def _new_elements(start: str | os.PathLike, model, train: Sequence[Configuration], valid: Sequence[Configuration],
                   replay: Sequence[Configuration]) -> list[int]:
     """Elements of the data the model does not know; each must occur in the training structures (its E0 and
-    weights are learned from them), and the model must be a plain potential (uncertainty heads and ensemble
-    members are fitted to the old elements: retrain those with the new data instead)."""
-    from equiforce.uq.base import UQModel
-
+    weights are learned from them)."""
     known = set(model.spec.elements)
     in_train = {int(z) for c in train for z in c.numbers}
     added = sorted(in_train - known)
@@ -90,10 +104,6 @@ def _new_elements(start: str | os.PathLike, model, train: Sequence[Configuration
         if unknown:
             raise ConfigError(f"{start}: the {name} hold elements {unknown} that neither the model (it knows "
                               f"{sorted(known)}) nor the training data have")
-    if added and isinstance(model, UQModel):
-        raise ConfigError(f"{start}: a model with uncertainty cannot learn new elements {added} by fine-tuning "
-                          "(its heads or members are fitted to the old ones); fine-tune its plain backbone, or "
-                          "train a new uncertainty model with the new data")
     return added
 
 
