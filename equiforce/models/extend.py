@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from equiforce.models.potential import Potential, build_model
+from equiforce.models.spec import ModelSpec
 
 
 def with_elements(model: Potential, elements: Sequence[int], e0s: Mapping[int, float], *,
@@ -34,17 +35,17 @@ def with_elements(model: Potential, elements: Sequence[int], e0s: Mapping[int, f
     if missing:
         raise ValueError(f"no E0 given for the new element(s) {missing}")
     merged = sorted(set(old) | set(added))
-    spec = model.spec.model_copy(update={"elements": merged,
-                                         "e0s": {**model.spec.e0s, **{z: float(e0s[z]) for z in added}}})
+    spec = ModelSpec.model_validate({**model.spec.model_dump(), "elements": merged,
+                                     "e0s": {**model.spec.e0s, **{z: float(e0s[z]) for z in added}}})
     dtype = next(model.parameters()).dtype
-    torch.manual_seed(seed)
-    grown = build_model(spec, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        grown = build_model(spec, dtype=dtype)
     slots = torch.tensor([merged.index(z) for z in old])
     state = grown.state_dict()
     for name, value in model.state_dict().items():
         state[name] = _spread(value.detach().cpu(), state[name], slots, len(old), len(merged), name)
     grown.load_state_dict(state, strict=True)
-    grown.header = getattr(model, "header", None)
     return grown.to(next(model.parameters()).device).train(model.training)
 
 
