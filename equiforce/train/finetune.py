@@ -68,22 +68,21 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
              "n_train": len(train), "n_valid": len(valid), **(extra or {})}
 
     def tune_one(potential: Potential, seed: int, directory: os.PathLike) -> dict[str, Any]:
-        potential = with_elements(potential, added, new_e0s, seed=seed) if added else potential
-        return fit(potential, train_graphs, valid_graphs, training.model_copy(update={"seed": seed}), directory,
-                   resume=resume, checkpoint_every=checkpoint_every, progress=progress, extra=extra,
-                   epoch_callback=epoch_callback)
+        return fit(with_elements(potential, added, new_e0s, seed=seed), train_graphs, valid_graphs,
+                   training.model_copy(update={"seed": seed}), directory, resume=resume,
+                   checkpoint_every=checkpoint_every, progress=progress, extra=extra, epoch_callback=epoch_callback)
 
     if isinstance(model, UQModel):  # the potential(s) inside are tuned, the σ rebuilt and recalibrated
         from equiforce.uq.finetune import fine_tune_uq
 
         result = fine_tune_uq(model, tune_one, train_graphs, valid_graphs, output_dir, seed=training.seed,
                               device=device, extra=extra)
-        result["valid"] = evaluate(load_model(result["best_model"], device=device), valid, training.valid_batch_size,
-                                   device)
     else:
         result = tune_one(model, training.seed, output_dir)
     result.update(n_train=len(train), n_valid=len(valid), n_replay=len(replay_train), added_elements=added)
     best = load_model(result["best_model"], device=device)
+    if isinstance(model, UQModel):  # the trainer's validation metrics are per member: rate the model itself
+        result["valid"] = evaluate(best, valid, training.valid_batch_size, device)
     if before is not None:
         result["forgetting"] = {"before": before, "after": evaluate(best, replay_test, training.valid_batch_size,
                                                                     device)}

@@ -26,8 +26,8 @@ from equiforce.uq.ensemble import EnsemblePotential
 from equiforce.uq.file import save_uq_model
 from equiforce.uq.fit import build_uq_potential, calibrate
 from equiforce.uq.heads import UQPotential
+from equiforce.uq.train import UQ_MODEL
 
-UQ_MODEL = "uq.eqf"
 TuneOne = Callable[[Potential, int, Path], dict[str, Any]]
 """Fine-tunes one potential: ``(start, seed, directory) -> the trainer's result`` (best model in ``best_model``)."""
 
