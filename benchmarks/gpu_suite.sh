@@ -19,6 +19,13 @@
 #      (its work directory comes back under $OUT/rmd17-aspirin; carry best.eqf into the next call).
 #   6. (only with `bash benchmarks/gpu_suite.sh 0 compile`) MD speed with the model traced and compiled
 #      (md_speed.py --compile: 864 and 4,000 Cu atoms, 1,000 aspirins, one aspirin; compilation untimed).
+#   7. (`bash benchmarks/gpu_suite.sh 0 lease`) everything a single 15-minute lease allows, in one call whose
+#      stages share a deadline (LEASE_S seconds of command time, default 575): the CUDA-only tests; MD speed
+#      (Cu 864/4,000/16,384, 1,000 aspirins, one aspirin, CUDA graphs) with MACE beside it (mace-torch 0.3.16
+#      from wheels in $WHL/mace, run by md_speed.py through EQUIFORCE_MACE_PYTHON); the 256,000-atom Cu box in
+#      edge chunks; the ensemble's cost (uq.py on ethanol with a short budget: its cost ratios, not its
+#      accuracy); and rMD17 aspirin training in whatever time is left (throughput; accuracy after minutes).
+#      Results are tarred into $OUT/lease.tar.gz after every stage, so a killed call still returns them.
 # Results go to $OUT (the device tool brings them back), else runs/bench-gpu.
 #
 # On a CPU it runs too (`WHL=none DEVICE=cpu PY=.venv/bin/python bash benchmarks/gpu_suite.sh 0.2`; the
@@ -30,12 +37,23 @@ DATA=${DATA:-../shared/data}
 
 if [ "${1:-}" = "--prepare" ]; then
     mkdir -p "$WHL/data"
-    for package in ase vesin vesin-torch pydantic pydantic-core annotated-types typing-inspection; do
+    for package in ase vesin vesin-torch pydantic pydantic-core annotated-types typing-inspection e3nn==0.6.0; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d "$WHL" "$package" || exit 1
     done
     cp "$DATA"/rmd17/rmd17_aspirin_train_01.npz "$DATA"/rmd17/rmd17_aspirin_test_01.npz "$WHL/data/"
+    cp "$DATA"/ethanol_botnet/{train,test_MD,isolated_atoms}.xyz "$WHL/data/"
+    # the MACE peer as wheels (its own target directory there: it pins e3nn 0.4.4); torchmetrics, pandas, h5py,
+    # matplotlib, tqdm and pyyaml are in the GPU image; python-hostlist (sdist only) is imported only by MACE's
+    # SLURM helper
+    mkdir -p "$WHL/mace"
+    for package in mace-torch==0.3.16 e3nn==0.4.4 torch-ema prettytable matscipy configargparse GitPython gitdb \
+            smmap lmdb orjson wcwidth; do
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d "$WHL/mace" "$package" || exit 1
+    done
     du -sh "$WHL"
     exit 0
 fi
@@ -98,4 +116,52 @@ if [ "$ONLY" = memory ]; then
     chunk=$([ "$DEVICE" = cuda ] && echo 65536 || echo 2048)
     timeout 500 $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$sizes" --molecules 0 --no-mace --steps 2 \
         --edge-chunk "$chunk" --timeout 160 --out "$RESULTS/md_speed_chunked.json" 2>&1 | tail -6
+fi
+if [ "$ONLY" = lease ]; then
+    LEASE=${LEASE_S:-575}
+    work=/tmp/lease && mkdir -p "$work"
+    left() { echo $(( LEASE - SECONDS )); }
+    cap() { local l; l=$(( LEASE - SECONDS - ${2:-10} )); [ "$l" -lt "$1" ] && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+    pack() { cp "$RESULTS/machine.txt" "$work/" 2>/dev/null; tar -C "$work" -czf "$RESULTS/lease.tar.gz" \
+        --exclude='*.safetensors' --exclude='*.eqf' --exclude='checkpoint*' . ; echo "[lease] packed at ${SECONDS}s, $(left)s left"; }
+    if ls "$WHL"/mace/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-mace \
+            "$WHL"/mace/*.whl && printf '#!/bin/sh\nPYTHONPATH=/tmp/site-mace:${PYTHONPATH:-} exec %s "$@"\n' \
+            "$(cd "$(dirname "$(command -v "$PY")")" && pwd)/$(basename "$PY")" > /tmp/mace-python && chmod +x /tmp/mace-python \
+            && export EQUIFORCE_MACE_PYTHON=/tmp/mace-python
+    fi
+    mace=$([ -n "${EQUIFORCE_MACE_PYTHON:-}" ] || [ -x benchmarks/peers/.venv-mace/bin/python ] || echo --no-mace)
+    sizes=$([ "$DEVICE" = cuda ] && echo 864,4000,16384 || echo 256)
+    molecules=$([ "$DEVICE" = cuda ] && echo 1000 || echo 4)
+    big=$([ "$DEVICE" = cuda ] && echo 256000 || echo 500)
+    chunk=$([ "$DEVICE" = cuda ] && echo 65536 || echo 2048)
+    echo "[lease] tests at ${SECONDS}s"
+    timeout "$(cap 70)" $PY -m pytest -q -p no:cacheprovider -k cuda -rs tests/test_compiled.py \
+        tests/test_sim_graphed.py tests/test_sim_md.py tests/test_uq_ensemble.py 2>&1 | tail -8 | tee "$work/tests.txt"
+    pack
+    echo "[lease] md_speed at ${SECONDS}s"
+    timeout "$(cap 210)" $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$sizes" --molecules "$molecules" \
+        $mace --cuda-graph --steps 10 --warmup 2 --molecule-steps 300 --timeout 75 --aspirin "$train" \
+        --out "$work/md_speed.json" > "$work/md_speed.log" 2>&1
+    grep -v -i warn "$work/md_speed.log" | tail -22
+    pack
+    echo "[lease] largest box at ${SECONDS}s"
+    timeout "$(cap 90 120)" $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$big" --molecules 0 --no-mace \
+        --steps 2 --edge-chunk "$chunk" --timeout 85 --out "$work/md_speed_chunked.json" > "$work/chunked.log" 2>&1
+    tail -4 "$work/chunked.log"
+    pack
+    echo "[lease] ensemble cost at ${SECONDS}s"
+    uq_data=$([ -f "$WHL/data/train.xyz" ] && echo "$WHL/data" || echo "$DATA/ethanol_botnet")
+    timeout "$(cap 110 90)" $PY benchmarks/uq.py --train "$uq_data/train.xyz" --test "$uq_data/test_MD.xyz" \
+        --isolated "$uq_data/isolated_atoms.xyz" --budget-min 0.6 --device "$DEVICE" --repeats 25 --quiet \
+        --work-dir "$work/uq" --out "$work/uq_cost.json" > "$work/uq.log" 2>&1
+    grep -i "cost" "$work/uq.log" | tail -4
+    pack
+    minutes=$(python3 -c "print(max(0.5, round(($(left) - 75) / 60, 2)))")
+    echo "[lease] rmd17 aspirin at ${SECONDS}s, budget ${minutes} min"
+    timeout "$(cap 400 5)" $PY benchmarks/rmd17.py --train "$train" --test "$test" --budget-min "$minutes" \
+        --device "$DEVICE" --dtype float64 --preset mace128 --quiet --work-dir "$work/rmd17-aspirin" \
+        --out "$work/aspirin_${DEVICE}.json" > "$work/rmd17.log" 2>&1
+    grep -v -i warn "$work/rmd17.log" | tail -10
+    pack
 fi

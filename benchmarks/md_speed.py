@@ -57,7 +57,10 @@ sys.path.insert(0, str(ROOT))
 from equiforce.models import ModelSpec, build_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
-MACE_PYTHON = ROOT / "benchmarks" / "peers" / ".venv-mace" / "bin" / "python"
+# the peer venv (benchmarks/peers/mace/install.sh), or another interpreter that imports mace-torch 0.3.16 (the GPU
+# suite points this at a wrapper over carried wheels, since the lent GPU machine cannot build a venv)
+MACE_PYTHON = Path(os.environ.get("EQUIFORCE_MACE_PYTHON")
+                   or ROOT / "benchmarks" / "peers" / ".venv-mace" / "bin" / "python")
 MACE_SCRIPT = ROOT / "benchmarks" / "peers" / "mace" / "md_speed_mace.py"
 ASPIRIN = ROOT.parent / "shared" / "data" / "rmd17" / "rmd17_aspirin_train_01.npz"
 BRIDGES = ("ase", "openmm", "lammps")  # --bridges: other engines driving one structure through equiforce
