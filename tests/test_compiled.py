@@ -41,7 +41,9 @@ def _gradients(module, model, batch, stress: bool) -> tuple[dict[str, torch.Tens
 
 
 # L1-corr3's second-order path is also checked, with stress, by the periodic test below (one cold trace ≈ 45 s)
-@pytest.mark.parametrize("name", [pytest.param("L1-corr3", marks=pytest.mark.slow), "L2-corr2-zbl"])
+# both slow (~80 s each on 2 cores, cold): the default suite checks compiled training against the uncompiled run
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["L1-corr3", "L2-corr2-zbl"])
 def test_weight_gradients_of_the_force_loss_match_the_model(name):
     """The trace must keep the second-order path (autograd's saved outputs appear as ``detach``)."""
     model = make_model(name).train()
@@ -70,6 +72,7 @@ def _check_stress(size_lists: list[list[tuple[int, int, int]]]) -> None:
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow  # ~45 s on 2 cores; the default suite checks stress in test_npt_stress_through_the_compiled_model
 def test_stress_and_its_weight_gradients_match_on_periodic_cells():
     """Batches of several cells, other sizes than the traced one: one trace."""
     _check_stress([[(1, 1, 1), (1, 1, 2)], [(2, 1, 1), (1, 1, 1)], [(1, 1, 1), (1, 2, 1), (1, 1, 1)]])
@@ -101,7 +104,8 @@ def _check_inductor(device: str, batches: list[dict[str, torch.Tensor]], traces:
     assert len(compiled._graphs) == traces
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+# the CPU case is slow (~60 s, a cold Inductor compile; compiled training and MD run Inductor in the default suite)
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
 def test_inductor_compiles_a_step_that_matches_the_model(device):
     """The real backend (C++ code on a CPU, Triton on a GPU), float32, two batch sizes, one trace (a small model:
     a cold compile is what a CI machine pays).
@@ -237,6 +241,7 @@ def test_inductor_compiles_a_heads_model_on_one_graph():
         torch.testing.assert_close(value, reference[key].detach(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~40 s on 2 cores, a cold Inductor compile of the heads model
 def test_a_model_with_uncertainty_heads_compiles_for_md_with_its_sigma(monkeypatch):
     """σ is one more output of the compiled graph: the same σ, the same σ stops, inference only."""
     from equiforce.uq.stop import sigma_stop
