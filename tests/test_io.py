@@ -283,6 +283,19 @@ def test_corrupt_file(tmp_path, name, content):
     assert err.value.__cause__ is not None
 
 
+def test_unparsable_frame_is_named(tmp_path):
+    """A long file broken in one frame: the error says which frame, not only which token."""
+    path = tmp_path / "long.xyz"
+    ase.io.write(path, [molecule("H2O")] * 3, format="extxyz")
+    lines = path.read_text().splitlines()
+    lines[2 * 5 + 3] = "H 0.0 x 0.0"  # frame 2 of 5-line frames (3 atoms + 2 header lines), second atom
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="cannot read") as err:
+        read_configurations(path, require_energy=False, require_forces=False)
+    assert_data_error(err, path, None, frame=2)
+    assert err.value.frame == 2
+
+
 def write_one(tmp_path: Path, atoms: Atoms, **results) -> Path:
     if results:
         atoms.calc = SinglePointCalculator(atoms, **results)

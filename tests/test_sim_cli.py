@@ -44,6 +44,20 @@ def test_md_and_relax_commands(tmp_path):
     assert len(relaxed) == 2 and "converged" in relaxed[0].info
 
 
+def test_md_command_names_the_broken_frame(tmp_path, capsys):
+    model = equiforce.save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    path = tmp_path / "in.extxyz"
+    write(path, [molecule("H2O"), molecule("CH4")])
+    lines = path.read_text().splitlines()
+    lines[5 + 2] = "C 0.0 0.0 oops"  # frame 1 (after H2O's 5 lines), its first atom
+    path.write_text("\n".join(lines) + "\n")
+    assert _main(["md", str(model), str(path), "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "md"),
+                  "--no-progress"]) == 2
+    message = capsys.readouterr().err
+    assert "in.extxyz" in message and "frame 1" in message and "cannot read structures" in message
+    assert not (tmp_path / "md").exists()
+
+
 @pytest.mark.slow  # ~17 s of tracing; the compiled MD itself is tested in test_compiled.py
 def test_md_command_compiled_reports_the_compilation(tmp_path, monkeypatch):
     """``--compile`` runs the traced graph (here uncompiled: Inductor's minute is tested elsewhere) and

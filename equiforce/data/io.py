@@ -120,7 +120,8 @@ def _read_ase(source: str, index: str | int, format: str | None, keys: dict, req
     try:
         frames = read(source, index=":" if from_end else index, format=format)
     except Exception as err:  # ASE raises many types for a corrupt file; all mean "cannot read"
-        raise DataError(f"cannot read file: {type(err).__name__}: {err}", source=source) from err
+        raise DataError(f"cannot read file: {type(err).__name__}: {err}", source=source,
+                        frame=unreadable_frame(source, format)) from err
     if isinstance(frames, Atoms):
         frames = [frames]
     if from_end:
@@ -129,6 +130,23 @@ def _read_ase(source: str, index: str | int, format: str | None, keys: dict, req
     else:
         numbers = _frame_numbers(index, len(frames), None, source)
     return [_atoms_to_config(atoms, source, frame, **keys, **required) for atoms, frame in zip(frames, numbers)]
+
+
+def unreadable_frame(source: str | os.PathLike, format: str | None = None) -> int | None:
+    """The number of the first frame ASE cannot parse, so an error can say where a long file is broken.
+
+    ASE's exceptions name a token, not its place; reading frame by frame again (only after a failure) finds
+    it.  ``None`` when every frame reads, or when the file cannot be opened at all.
+    """
+    from ase.io import iread
+
+    count = 0
+    try:
+        for _ in iread(source, index=":", format=format):
+            count += 1
+    except Exception:  # noqa: BLE001 - any parse error marks the frame; the caller reports the first one
+        return count
+    return None
 
 
 def _read_db(source: str, index: str | int, keys: dict, required: dict) -> list[Configuration]:

@@ -20,6 +20,7 @@ def _load(args: argparse.Namespace):
     import torch
     from ase.io import read
 
+    from equiforce.data.io import unreadable_frame
     from equiforce.evaluate import resolve_device
     from equiforce.models.file import load_model
 
@@ -33,7 +34,8 @@ def _load(args: argparse.Namespace):
     try:
         structures = read(args.structures, index=args.index)
     except Exception as err:  # noqa: BLE001 - ASE raises many kinds; the user needs the file and the reason
-        raise DataError(f"cannot read structures: {err}", source=str(args.structures)) from None
+        raise DataError(f"cannot read structures: {err}", source=str(args.structures),
+                        frame=unreadable_frame(args.structures)) from None
     structures = structures if isinstance(structures, list) else [structures]
     if not structures:
         raise DataError("no structures", source=str(args.structures))
