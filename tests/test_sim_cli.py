@@ -56,6 +56,11 @@ def test_md_command_names_the_broken_frame(tmp_path, capsys):
     message = capsys.readouterr().err
     assert "in.extxyz" in message and "frame 1" in message and "cannot read structures" in message
     assert not (tmp_path / "md").exists()
+    for missing in ("absent.extxyz", "m.eqf"):  # no such file, an unknown format: no frame to blame
+        assert _main(["md", str(model), str(tmp_path / missing), "--steps", "1", "--device", "cpu",
+                      "--out", str(tmp_path / "md"), "--no-progress"]) == 2
+        message = capsys.readouterr().err
+        assert missing in message and "frame" not in message
 
 
 @pytest.mark.slow  # ~17 s of tracing; the compiled MD itself is tested in test_compiled.py

@@ -136,14 +136,18 @@ def unreadable_frame(source: str | os.PathLike, format: str | None = None) -> in
     """The number of the first frame ASE cannot parse, so an error can say where a long file is broken.
 
     ASE's exceptions name a token, not its place; reading frame by frame again (only after a failure) finds
-    it.  ``None`` when every frame reads, or when the file cannot be opened at all.
+    it.  ``None`` when every frame reads, or when the file cannot be opened or its format is unknown (no
+    frame is to blame then).
     """
     from ase.io import iread
+    from ase.io.formats import UnknownFileTypeError
 
     count = 0
     try:
         for _ in iread(source, index=":", format=format):
             count += 1
+    except (OSError, UnknownFileTypeError):
+        return None
     except Exception:  # noqa: BLE001 - any parse error marks the frame; the caller reports the first one
         return count
     return None
