@@ -112,18 +112,10 @@ def _frame_numbers(index: str | int, count: int, total: int | None, source: str)
 
 
 def _read_ase(source: str, index: str | int, format: str | None, keys: dict, required: dict) -> list[Configuration]:
-    from ase.io import read
-
     sel = string2index(index) if isinstance(index, str) else index
     # counting from the end needs the number of frames to report true frame numbers: read all
     from_end = sel < 0 if isinstance(sel, int) else any((v or 0) < 0 for v in (sel.start, sel.stop, sel.step))
-    try:
-        frames = read(source, index=":" if from_end else index, format=format)
-    except Exception as err:  # ASE raises many types for a corrupt file; all mean "cannot read"
-        raise DataError(f"cannot read file: {type(err).__name__}: {err}", source=source,
-                        frame=unreadable_frame(source, format)) from err
-    if isinstance(frames, Atoms):
-        frames = [frames]
+    frames = read_atoms(source, ":" if from_end else index, format)
     if from_end:
         numbers = _frame_numbers(index, 0, len(frames), source)
         frames = [frames[k] for k in numbers]
@@ -132,7 +124,20 @@ def _read_ase(source: str, index: str | int, format: str | None, keys: dict, req
     return [_atoms_to_config(atoms, source, frame, **keys, **required) for atoms, frame in zip(frames, numbers)]
 
 
-def unreadable_frame(source: str | os.PathLike, format: str | None = None) -> int | None:
+def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | None = None) -> list[Atoms]:
+    """``ase.io.read`` as a list, its failures raised as :class:`DataError` naming the file and the first
+    frame that does not parse (ASE raises many exception types for a corrupt file; all mean "cannot read")."""
+    from ase.io import read
+
+    try:
+        frames = read(source, index=index, format=format)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise DataError(f"cannot read structures: {type(err).__name__}: {err}", source=str(source),
+                        frame=_unreadable_frame(source, format)) from err
+    return [frames] if isinstance(frames, Atoms) else list(frames)
+
+
+def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> int | None:
     """The number of the first frame ASE cannot parse, so an error can say where a long file is broken.
 
     ASE's exceptions name a token, not its place; reading frame by frame again (only after a failure) finds

@@ -18,9 +18,8 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def _load(args: argparse.Namespace):
     import torch
-    from ase.io import read
 
-    from equiforce.data.io import unreadable_frame
+    from equiforce.data.io import read_atoms
     from equiforce.evaluate import resolve_device
     from equiforce.models.file import load_model
 
@@ -31,12 +30,7 @@ def _load(args: argparse.Namespace):
         from equiforce.models.potential import set_edge_chunk
 
         set_edge_chunk(model, args.edge_chunk or None)
-    try:
-        structures = read(args.structures, index=args.index)
-    except Exception as err:  # noqa: BLE001 - ASE raises many kinds; the user needs the file and the reason
-        raise DataError(f"cannot read structures: {err}", source=str(args.structures),
-                        frame=unreadable_frame(args.structures)) from None
-    structures = structures if isinstance(structures, list) else [structures]
+    structures = read_atoms(args.structures, args.index)
     if not structures:
         raise DataError("no structures", source=str(args.structures))
     return model, structures, str(device)
