@@ -264,6 +264,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "given, since every training pair lies beyond its fade")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=5)
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 penalty (adam) or decoupled decay (adamw) (training.weight_decay)")
+    p.add_argument("--weight-decay-on", choices=["all", "interactions"], default="all",
+                   help="which weights decay (training.weight_decay_on; interactions: as MACE)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled training step (training.compile, as rmd17.py; its compilation counts against the "
                         "budget)")
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99, "energy_weight": 1.0,
                     "forces_weight": 100.0, "stage_two": {"start": 0.75, "lr": args.lr / 10, "energy_weight": 1000.0},
                     "device": args.device, "dtype": args.dtype, "seed": args.seed, "max_time": 60 * args.budget_min,
-                    "compile": args.compile}
+                    "compile": args.compile, "optimizer": args.optimizer,
+                    "weight_decay": args.weight_decay, "weight_decay_on": args.weight_decay_on}
         result = train_configs(train, None, model_cfg, training, args.work_dir, e0s="isolated", valid_fraction=0.05,
                                split_seed=1, resume=False)
         model_path = result["best_model"]

@@ -71,7 +71,8 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
             "stage_two": {"start": args.stage_two, "lr": args.lr / 10, "energy_weight": args.stage_two_energy_weight},
             "select_by": "loss", "clip_grad": 10.0, "seed": args.seed, "device": args.device, "dtype": args.dtype,
             "max_time": args.budget_min * 60.0, "compile": args.compile,
-            "refit_structures": args.refit_structures}
+            "refit_structures": args.refit_structures, "optimizer": args.optimizer,
+            "weight_decay": args.weight_decay, "weight_decay_on": args.weight_decay_on}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 penalty (adam) or decoupled decay (adamw) (training.weight_decay)")
+    p.add_argument("--weight-decay-on", choices=["all", "interactions"], default="all",
+                   help="which weights decay (training.weight_decay_on; interactions: as MACE)")
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--energy-weight", type=float, default=1.0)
     p.add_argument("--forces-weight", type=float, default=100.0)

@@ -171,3 +171,38 @@ def test_tf32_trains_in_float32_and_restores_the_matmul_flags(data_dir, tmp_path
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     model = load_model(result["best_model"])
     assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_weight_decay_on_interactions_spares_embedding_and_readouts(optimizer):
+    """With zero gradients only the decay moves weights: interaction blocks shrink, the rest stays put."""
+    from equiforce.models.potential import build_model
+    from equiforce.train.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(dict(elements=[1, 8], channels=8, max_l=1, sh_lmax=2, correlation=2, num_layers=2,
+                             cutoff=4.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    training = dict(optimizer=optimizer, weight_decay=0.1, weight_decay_on="interactions", lr=0.01)
+    cfg = parse_config({"data": {"train": "x"}, "training": training}).training
+    opt = build_optimizer(model, cfg)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    blocks = {n for n in before if n.startswith("blocks.") and before[n].abs().sum() > 0}
+    assert moved == blocks and blocks
+    for n in moved:
+        assert model.get_parameter(n).detach().norm() < before[n].norm()
+
+
+def test_weight_decay_on_all_reaches_every_parameter():
+    from equiforce.models.potential import build_model
+    from equiforce.train.trainer import build_optimizer
+
+    model = build_model(dict(elements=[1, 8], channels=8, max_l=1, sh_lmax=2, correlation=2, num_layers=2,
+                             cutoff=4.0))
+    cfg = parse_config({"data": {"train": "x"}, "training": dict(optimizer="adamw", weight_decay=0.1)}).training
+    groups = build_optimizer(model, cfg).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())

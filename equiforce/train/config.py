@@ -198,7 +198,10 @@ class TrainingConfig(_Section):
     lr: float = Field(0.01, gt=0)
     warmup_steps: int = Field(0, ge=0, description="optimiser steps of linear learning-rate warm-up")
     optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (adam) or decoupled decay (adamw)")
+    weight_decay_on: Literal["all", "interactions"] = Field(
+        "all", description="interactions: decay only the interaction blocks' weights (MACE's choice), "
+                           "not the element embedding, readouts or priors")
     amsgrad: bool = True
     scheduler: Literal["plateau", "exponential", "cosine", "none"] = "plateau"
     plateau_factor: float = Field(0.8, gt=0, lt=1, description="plateau: lr multiplier on a plateau")

@@ -70,8 +70,17 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 # ----------------------------------------------------------------------------------------------- optimiser
 def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """Adam(W) over the model; with ``weight_decay_on: interactions`` the decay reaches only the interaction
+    blocks (``blocks.*``), so the per-element embedding and the energy readouts, which set absolute energies,
+    are not pulled towards zero."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    if cfg.weight_decay_on == "interactions":
+        named = list(model.named_parameters())
+        decayed = [p for n, p in named if n.startswith("blocks.")]
+        rest = [p for n, p in named if not n.startswith("blocks.")]
+        groups = [{"params": decayed}, {"params": rest, "weight_decay": 0.0}]
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
 
 
 def build_schedule(cfg: TrainingConfig) -> LearningRate:
