@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # rmd17.write_split for the peer's split
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rmd17: the optimiser options, the peer's split
+
+from rmd17 import add_optimizer_args, write_split  # noqa: E402
 
 from equiforce.data.graph import config_to_graph  # noqa: E402
 from equiforce.data.io import read_configurations  # noqa: E402
@@ -148,8 +150,6 @@ def run_mace(args: argparse.Namespace, data: Path, work: Path, scans: list[Scan]
     """The peer on the same split, budget and device: MACE trained in its own venv on train.xyz (E0s from
     isolated_atoms.xyz, the 5 % held out by the same seeded split as equiforce), then asked for the energies of
     every scan's frames.  ``--peer-reuse`` keeps a finished MACE run in the work directory."""
-    from rmd17 import write_split
-
     from equiforce.data.stats import is_isolated_atom, split_indices
 
     if not MACE_PYTHON.exists():
@@ -264,12 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "given, since every training pair lies beyond its fade")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=5)
-    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw",
-                   help="adamw (default since 2026-12-05: measured better on aspirin and ethanol) or adam")
-    p.add_argument("--weight-decay", type=float, default=5e-3,
-                   help="L2 penalty (adam) or decoupled decay (adamw) (training.weight_decay); 0 disables")
-    p.add_argument("--weight-decay-on", choices=["all", "interactions"], default="interactions",
-                   help="which weights decay (training.weight_decay_on; interactions: as MACE)")
+    add_optimizer_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled training step (training.compile, as rmd17.py; its compilation counts against the "
                         "budget)")
