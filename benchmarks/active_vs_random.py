@@ -22,6 +22,9 @@ schedule for both arms:
 uncertainty + diversity selection adds; against ``random`` what the loop's exploration costs or gains over
 frames of oracle MD.
 
+``--optimizer``, ``--weight-decay`` and ``--weight-decay-on`` set both arms' optimiser (default: the loop's own,
+Adam without decay; AdamW decay 5e-3 on the interactions was measured not to help here, docs/benchmarks.md).
+
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
 at ``--max-calls`` calls is the target (interpolated log–log when the random curve has no point exactly
 there); the calls active learning needs to reach it are found at the first point of its curve at or below
@@ -46,6 +49,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rmd17 import add_optimizer_args  # noqa: E402
 
 from equiforce.active.config import parse_learn_config  # noqa: E402
 from equiforce.active.loop import learn  # noqa: E402
@@ -54,6 +60,7 @@ from equiforce.active.rounds import rate, train_round  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.demo.ethanol import ORACLE, learn_config, train_reference  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
+from equiforce.train.config import TrainingConfig  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
 
@@ -78,17 +85,24 @@ def calls_to_reach(curve: list[dict[str, float]], target: float) -> float | None
     return None
 
 
+def arm_config(args: argparse.Namespace, test_path: Path) -> dict[str, Any]:
+    """The demo's learn config with this benchmark's training time per round and optimiser settings."""
+    config = learn_config(args.workdir, test_path, loop_minutes=1e6, seed=args.seed, progress=False)
+    config["training"].update(max_time=args.round_time, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                              weight_decay_on=args.weight_decay_on)
+    config["first_round_max_time"] = args.first_round_time
+    return config
+
+
 def active_arm(args: argparse.Namespace, test_path: Path, name: str = "al",
                strategy: str | None = None) -> list[dict[str, float]]:
     """The loop with the demo's settings; ``strategy`` replaces its selection (e.g. "random")."""
-    config = learn_config(args.workdir, test_path, loop_minutes=1e6, seed=args.seed, progress=False)
+    config = arm_config(args, test_path)
     config["directory"] = str(args.workdir / name)
     config["select"]["per_round"] = args.per_round
     if strategy is not None:
         config["select"]["strategy"] = strategy
     config["stop"].update(max_oracle_calls=args.max_calls, wall_time=None, max_rounds=1000)
-    config["training"]["max_time"] = args.round_time
-    config["first_round_max_time"] = args.first_round_time
     summary = learn(parse_learn_config(config, "active_vs_random"), progress=False)
     return [{"calls": r["calls"], "f_mae_mev_a": r["test_f_mae"], "round": r["round"]} for r in summary["rounds"]]
 
@@ -96,10 +110,7 @@ def active_arm(args: argparse.Namespace, test_path: Path, name: str = "al",
 def random_arm(args: argparse.Namespace, test: list[Configuration], pool: list[Configuration], bootstrap: int,
                test_path: Path) -> list[dict[str, float]]:
     """The loop's rounds with random pool frames instead of selection (same sizes, training and model)."""
-    config = learn_config(args.workdir, test_path, loop_minutes=1e6, seed=args.seed, progress=False)
-    config["training"]["max_time"] = args.round_time
-    config["first_round_max_time"] = args.first_round_time
-    cfg = parse_learn_config(config, "active_vs_random (random arm)")
+    cfg = parse_learn_config(arm_config(args, test_path), "active_vs_random (random arm)")
     rng = np.random.default_rng(args.seed + 1)
     order = rng.permutation(len(pool))
     sizes = [bootstrap]
@@ -135,7 +146,7 @@ def reference_model(args: argparse.Namespace, test: list[Configuration], pool: l
             "epochs": result["epochs"]}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=Path("runs/active_vs_random"))
@@ -150,9 +161,15 @@ def main() -> None:
     parser.add_argument("--reference-time", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    loop_default = TrainingConfig()  # the loop's own optimiser settings unless asked otherwise
+    add_optimizer_args(parser, loop_default.optimizer, loop_default.weight_decay, loop_default.weight_decay_on)
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     cache = args.cache or args.workdir / "cache"
