@@ -27,6 +27,8 @@
 #      accuracy); and rMD17 aspirin training in whatever time is left (throughput; accuracy after minutes).
 #      Results are tarred into $OUT/lease.tar.gz after every stage, so a killed call still returns them.
 # Results go to $OUT (the device tool brings them back), else runs/bench-gpu.
+# RMD17_EXTRA adds options to both rmd17.py runs, e.g. RMD17_EXTRA="--max-l 2" (hidden features to L = 2: ahead
+# per epoch on aspirin and ethanol on a CPU, 1.25-1.8x the cost per epoch there; docs/benchmarks.md).
 #
 # On a CPU it runs too (`WHL=none DEVICE=cpu PY=.venv/bin/python bash benchmarks/gpu_suite.sh 0.2`; the
 # wheels in .whl are for the device's Python 3.12), which is how it is checked here.
@@ -72,6 +74,7 @@ else
     export PYTHONPATH=$PWD
 fi
 PY=${PY:-python3}
+RMD17_EXTRA=${RMD17_EXTRA:-}
 train=$WHL/data/rmd17_aspirin_train_01.npz
 test=$WHL/data/rmd17_aspirin_test_01.npz
 [ -f "$train" ] || { train=$DATA/rmd17/rmd17_aspirin_train_01.npz; test=$DATA/rmd17/rmd17_aspirin_test_01.npz; }
@@ -92,7 +95,7 @@ if [ "$ONLY" = all ]; then
 fi
 if [ "$ONLY" = all ] || [ "$ONLY" = rmd17 ]; then
     $PY benchmarks/rmd17.py --train "$train" --test "$test" --budget-min "$BUDGET" --device "$DEVICE" \
-        --dtype float64 --preset mace128 --quiet --work-dir "$RESULTS/rmd17-aspirin" \
+        --dtype float64 --preset mace128 --quiet $RMD17_EXTRA --work-dir "$RESULTS/rmd17-aspirin" \
         --out "$RESULTS/aspirin_${DEVICE}_${BUDGET}min.json" 2>&1 | grep -v Warning | tail -8
 fi
 if [ "$ONLY" = compile ]; then
@@ -160,7 +163,7 @@ if [ "$ONLY" = lease ]; then
     minutes=$(python3 -c "print(max(0.5, round(($(left) - 75) / 60, 2)))")
     echo "[lease] rmd17 aspirin at ${SECONDS}s, budget ${minutes} min"
     timeout "$(cap 400 5)" $PY benchmarks/rmd17.py --train "$train" --test "$test" --budget-min "$minutes" \
-        --device "$DEVICE" --dtype float64 --preset mace128 --quiet --work-dir "$work/rmd17-aspirin" \
+        --device "$DEVICE" --dtype float64 --preset mace128 --quiet $RMD17_EXTRA --work-dir "$work/rmd17-aspirin" \
         --out "$work/aspirin_${DEVICE}.json" > "$work/rmd17.log" 2>&1
     grep -v -i warn "$work/rmd17.log" | tail -10
     pack
