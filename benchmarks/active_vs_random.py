@@ -60,7 +60,6 @@ from equiforce.active.rounds import rate, train_round  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.demo.ethanol import ORACLE, learn_config, train_reference  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
-from equiforce.train.config import TrainingConfig  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
 
@@ -161,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-time", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    loop_default = TrainingConfig()  # the loop's own optimiser settings unless asked otherwise
-    add_optimizer_args(parser, loop_default.optimizer, loop_default.weight_decay, loop_default.weight_decay_on)
+    # the loop's own optimiser unless asked otherwise: read from the demo's config as the loop parses it
+    loop = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
+                              "the demo's learn config").training
+    add_optimizer_args(parser, loop.optimizer, loop.weight_decay, loop.weight_decay_on)
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser
