@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--max-l", type=int, default=1)
     p.add_argument("--no-zbl", action="store_true", help="no ZBL short-range repulsion prior")
+    p.add_argument("--zbl-range", choices=["covalent", "fade"], default=None,
+                   help="where the ZBL prior acts (ModelSpec.zbl_range; default: that of new models): up to the "
+                        "covalent-radius sum, or only where short_range_fade hands a pair to it")
     p.add_argument("--shift-gate", choices=["coordination", "bonds"], default=None,
                    help="how the per-atom shift switches on (ModelSpec.shift_gate; default: that of new models)")
     p.add_argument("--bond-switch", type=float, nargs=2, default=None, metavar=("ON", "OFF"),
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          cutoff=5.0, zbl=not args.no_zbl)
         if args.basis_bound is not None:  # else the default of new models (ModelConfig)
             model_cfg["basis_bound"] = args.basis_bound or None
+        if args.zbl_range is not None:
+            model_cfg["zbl_range"] = args.zbl_range
         if args.shift_gate is not None:
             model_cfg["shift_gate"] = args.shift_gate
         if args.bond_switch is not None:

@@ -19,7 +19,8 @@ MODEL_CONFIGS = {
                          num_layers=3, radial_mlp=[12], cutoff=3.5, zbl=True, envelope_p=5,
                          avg_num_neighbors=6.0, basis_bound=0.5,  # small bound: the squashing is nonlinear here
                          # ranges that the rattled test structures' C-H and metal pairs straddle
-                         short_range_fade={"H-C": (0.9, 1.2), "Ni-Cu": (2.2, 2.6), "Cu-Cu": (2.2, 2.7)}),
+                         short_range_fade={"H-C": (0.9, 1.2), "Ni-Cu": (2.2, 2.6), "Cu-Cu": (2.2, 2.7)},
+                         zbl_range="fade"),  # the prior only where the network fades (unlisted pairs: covalent)
     # the options that widen the product and the messages (rank-2 product, element-dependent first-layer
     # messages, paths kept apart until the channel mixing), and the bond-length shift gate with a shift that
     # matters (Cu/Ni pairs reach past the cutoff's end of the switch: its clamped form is exercised too)

@@ -26,11 +26,11 @@ from equiforce.train.trainer import train_configs
 FADE = {"H-C": (0.7, 0.95), "C-O": (1.0, 1.3), "H-H": (1.2, 1.6)}
 
 
-def fade_model(fade=None, seed: int = 0) -> torch.nn.Module:
+def fade_model(fade=None, seed: int = 0, **options) -> torch.nn.Module:
     torch.manual_seed(seed)
-    spec = ModelSpec(elements=[1, 6, 8], channels=6, max_l=1, sh_lmax=2, correlation=2, num_layers=2,
-                     radial_mlp=[12], cutoff=4.0, zbl=True, energy_shift=-2.0, avg_num_neighbors=4.0,
-                     shift_gate="bonds", short_range_fade=fade)
+    spec = ModelSpec(**{**dict(elements=[1, 6, 8], channels=6, max_l=1, sh_lmax=2, correlation=2, num_layers=2,
+                               radial_mlp=[12], cutoff=4.0, zbl=True, energy_shift=-2.0, avg_num_neighbors=4.0,
+                               shift_gate="bonds", short_range_fade=fade), **options})
     model = build_model(spec)
     with torch.no_grad():
         for p in model.parameters():
@@ -89,6 +89,35 @@ def test_forces_are_the_derivative_of_the_energy_across_the_fade():
         plus = float(outputs(model, dimer("C", "H", r + h))["energy"][0])
         minus = float(outputs(model, dimer("C", "H", r - h))["energy"][0])
         assert forces[1, 2] == pytest.approx(-(plus - minus) / (2 * h), rel=1e-6, abs=1e-8)
+
+
+def test_zbl_range_fade_hands_each_listed_pair_from_the_network_to_the_prior():
+    """``zbl_range: fade``: beyond a pair's r_out the network alone (as without the prior), below r_in the prior
+    alone (as with the covalent range), and pairs without a fade range keep the covalent range."""
+    covalent = fade_model(FADE)  # the same weights in all three: the ZBL prior has none
+    partitioned = fade_model(FADE, zbl_range="fade")
+    bare = fade_model(FADE, zbl=False)
+    assert covalent.spec.zbl_range == "covalent" and ModelSpec(elements=[1]).zbl_range == "covalent"
+
+    def energy(model, atoms: Atoms) -> float:
+        return float(outputs(model, atoms)["energy"][0])
+
+    beyond = dimer("C", "H", 1.0)  # past the H-C range (0.7, 0.95), short of the covalent sum (1.07 Å)
+    assert energy(partitioned, beyond) == energy(bare, beyond)
+    assert energy(covalent, beyond) > energy(bare, beyond) + 1e-3  # there the covalent prior still repels
+    below = dimer("C", "H", 0.6)
+    assert energy(partitioned, below) == pytest.approx(energy(covalent, below), rel=1e-12)
+    assert energy(covalent, below) > energy(bare, below) + 1.0
+    inside = dimer("C", "H", 0.8)
+    assert energy(bare, inside) < energy(partitioned, inside) < energy(covalent, inside)
+    unlisted = dimer("C", "C", 1.2)  # no C-C range in FADE
+    assert energy(partitioned, unlisted) == pytest.approx(energy(covalent, unlisted), rel=1e-12)
+    assert energy(covalent, unlisted) > energy(bare, unlisted) + 1e-3
+    h = 1e-5
+    for r in np.linspace(0.62, 1.1, 9):  # forces: the derivative of that energy across the handover
+        forces = outputs(partitioned, dimer("C", "H", r))["forces"]
+        slope = (energy(partitioned, dimer("C", "H", r + h)) - energy(partitioned, dimer("C", "H", r - h))) / (2 * h)
+        assert forces[1, 2] == pytest.approx(-slope, rel=1e-6, abs=1e-8)
 
 
 def test_closest_pairs_sees_periodic_images():

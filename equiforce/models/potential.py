@@ -166,6 +166,8 @@ class Potential(nn.Module):
                 a, b = (index[z] for z in pair_numbers(key))
                 fade[a, b] = fade[b, a] = torch.tensor([r_in, r_out], dtype=dtype)
             self.register_buffer("fade_range", fade, persistent=False)
+            listed = fade[..., 0] >= 0.0  # [elements, elements]: the pairs that have a fade range
+            self.register_buffer("fade_listed", listed, persistent=False)
         self.scalar_norm = 1.0 / math.sqrt(c)
 
     @property
@@ -260,8 +262,10 @@ class Potential(nn.Module):
         sh = spherical_harmonics(self.spec.sh_lmax, vectors)
         envelope = self.envelope(lengths)
         radial = self.basis(lengths) * envelope.unsqueeze(-1)
+        fade = None
         if self.spec.short_range_fade:  # pairs closer than the data ever saw: the network lets go, ZBL stays
-            radial = radial * self._short_range_fade(species, edge_index, lengths).unsqueeze(-1)
+            fade = self._short_range_fade(species, edge_index, lengths)
+            radial = radial * fade.unsqueeze(-1)
         onehot = torch.nn.functional.one_hot(species, len(self.spec.elements)).to(positions.dtype)
         h = self.embedding(onehot).unsqueeze(-1)
         atomic = torch.zeros_like(positions[:, 0])
@@ -276,6 +280,9 @@ class Potential(nn.Module):
                        + self.energy_scale * atomic)
         if self.zbl is not None:
             pair = self.zbl(species[centre], species[neighbour], lengths)
+            if fade is not None and self.spec.zbl_range == "fade":  # the prior acts only where the network lets go
+                listed = self.fade_listed[species[centre], species[neighbour]]
+                pair = pair * torch.where(listed, 1.0 - fade, torch.ones_like(fade))
             node_energy = node_energy.index_add(0, centre, pair)
         return sum_per_graph(node_energy, batch, graph[K.CELL].shape[0]), node_energy, features
 

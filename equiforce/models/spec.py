@@ -35,6 +35,14 @@ class ModelSpec(BaseModel):
     energy_scale: float = Field(1.0, gt=0, description="scale of the network's atomic energies, eV")
     energy_shift: float = Field(0.0, description="per-atom shift added after the E0s, eV")
     zbl: bool = Field(False, description="add a ZBL short-range repulsion prior")
+    zbl_range: Literal["covalent", "fade"] = Field(
+        "covalent", description="where the ZBL prior acts: 'covalent': switched off smoothly at the sum of the two "
+                                "covalent radii, which lies inside the bond-length range of typical data (C-H, "
+                                "O-H), so the network must learn to cancel it there; 'fade': only where "
+                                "short_range_fade hands a pair from the network to the prior — ZBL times one minus "
+                                "the fade, fully on below r_in, off beyond r_out (and the covalent switch as well), "
+                                "so network and prior partition the distance range; pairs without a fade range "
+                                "keep the covalent range")
     product_branches: int = Field(1, ge=1, le=8, description="independent iterations summed in the many-body "
                                                               "product (rank of its weight factorisation)")
     element_messages: bool = Field(False, description="first layer: mix the channels of the atomic basis with "
