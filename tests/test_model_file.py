@@ -127,3 +127,14 @@ def test_new_models_gate_their_shift_by_bonds_while_older_files_keep_coordinatio
     assert tuple(ModelConfig(bond_switch=[1.3, 1.8]).bond_switch) == (1.3, 1.8)
     old = ModelSpec.model_validate({"elements": [1, 8], "channels": 4})
     assert old.shift_gate == "coordination" and tuple(old.bond_switch) == DEFAULT_BOND_SWITCH
+
+
+def test_new_models_keep_their_zbl_prior_below_the_data_while_older_files_keep_the_covalent_range():
+    """New models get ``zbl_range: fade`` (the prior only where the fade hands a pair to it); a file without
+    the key (written before) is rebuilt with the covalent range it had, and an explicit choice is kept."""
+    from equiforce.models import ModelSpec
+    from equiforce.train.config import ModelConfig
+
+    assert ModelConfig().zbl_range == "fade"
+    assert ModelConfig(zbl_range="covalent").zbl_range == "covalent"
+    assert ModelSpec.model_validate({"elements": [1, 8], "channels": 4, "zbl": True}).zbl_range == "covalent"
