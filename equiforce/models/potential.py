@@ -166,8 +166,6 @@ class Potential(nn.Module):
                 a, b = (index[z] for z in pair_numbers(key))
                 fade[a, b] = fade[b, a] = torch.tensor([r_in, r_out], dtype=dtype)
             self.register_buffer("fade_range", fade, persistent=False)
-            listed = fade[..., 0] >= 0.0  # [elements, elements]: the pairs that have a fade range
-            self.register_buffer("fade_listed", listed, persistent=False)
         self.scalar_norm = 1.0 / math.sqrt(c)
 
     @property
@@ -230,12 +228,13 @@ class Potential(nn.Module):
         return 1.0 - torch.exp(zeros.index_add(0, centre, log_free))
 
     def _short_range_fade(self, species: torch.Tensor, edge_index: torch.Tensor, lengths: torch.Tensor
-                          ) -> torch.Tensor:
-        """Per edge: 0 below the pair's r_in, 1 beyond its r_out, smootherstep (C²) in between."""
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per edge: the fade (0 below the pair's r_in, 1 beyond its r_out, smootherstep (C²) in between) and
+        whether the pair has a fade range at all (unlisted pairs carry a range below zero, so always 1)."""
         bounds = self.fade_range[species[edge_index[0]], species[edge_index[1]]]  # [E, 2]
         r_in, r_out = bounds[:, 0], bounds[:, 1]
         t = ((lengths - r_in) / (r_out - r_in)).clamp(0.0, 1.0)
-        return t**3 * (10.0 - 15.0 * t + 6.0 * t**2)
+        return t**3 * (10.0 - 15.0 * t + 6.0 * t**2), r_in >= 0.0
 
     @torch.no_grad()
     def shift_design(self, graph: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -262,9 +261,9 @@ class Potential(nn.Module):
         sh = spherical_harmonics(self.spec.sh_lmax, vectors)
         envelope = self.envelope(lengths)
         radial = self.basis(lengths) * envelope.unsqueeze(-1)
-        fade = None
+        fade = listed = None
         if self.spec.short_range_fade:  # pairs closer than the data ever saw: the network lets go, ZBL stays
-            fade = self._short_range_fade(species, edge_index, lengths)
+            fade, listed = self._short_range_fade(species, edge_index, lengths)
             radial = radial * fade.unsqueeze(-1)
         onehot = torch.nn.functional.one_hot(species, len(self.spec.elements)).to(positions.dtype)
         h = self.embedding(onehot).unsqueeze(-1)
@@ -281,7 +280,6 @@ class Potential(nn.Module):
         if self.zbl is not None:
             pair = self.zbl(species[centre], species[neighbour], lengths)
             if fade is not None and self.spec.zbl_range == "fade":  # the prior acts only where the network lets go
-                listed = self.fade_listed[species[centre], species[neighbour]]
                 pair = pair * torch.where(listed, 1.0 - fade, torch.ones_like(fade))
             node_energy = node_energy.index_add(0, centre, pair)
         return sum_per_graph(node_energy, batch, graph[K.CELL].shape[0]), node_energy, features
