@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "given, since every training pair lies beyond its fade")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=5)
+    p.add_argument("--energy-weight", type=float, default=1.0, help="energy weight (per-atom energy MSE)")
     p.add_argument("--forces-weight", type=float, default=100.0,
-                   help="forces weight against energy weight 1 (per-atom energy, per-component forces; MACE uses 1000)")
+                   help="forces weight (per-component MSE; MACE uses 1000 against its energy weight 1)")
     p.add_argument("--stage-two-energy-weight", type=float, default=1000.0,
                    help="energy weight of the last quarter of the budget (stage two)")
     p.add_argument("--loss", choices=["mse", "huber"], default="mse")
@@ -311,8 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.short_range_fade is not None:
             model_cfg["short_range_fade"] = "auto" if args.short_range_fade == "auto" else None
         training = {"epochs": 100000, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 50,
-                    "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99, "energy_weight": 1.0,
-                    "forces_weight": args.forces_weight, "loss": args.loss, "huber_delta": args.huber_delta,
+                    "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99,
+                    "energy_weight": args.energy_weight, "forces_weight": args.forces_weight,
+                    "loss": args.loss, "huber_delta": args.huber_delta,
                     "stage_two": {"start": 0.75, "lr": args.lr / 10, "energy_weight": args.stage_two_energy_weight},
                     "device": args.device, "dtype": args.dtype, "seed": args.seed, "max_time": 60 * args.budget_min,
                     "compile": args.compile, "optimizer": args.optimizer,
