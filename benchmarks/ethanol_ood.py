@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # rmd17: the optimiser options, the peer's split
 
-from rmd17 import add_optimizer_args, write_split  # noqa: E402
+from rmd17 import add_loss_args, add_optimizer_args, loss_settings, write_split  # noqa: E402
 
 from equiforce.data.graph import config_to_graph  # noqa: E402
 from equiforce.data.io import read_configurations  # noqa: E402
@@ -267,13 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "given, since every training pair lies beyond its fade")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=5)
-    p.add_argument("--energy-weight", type=float, default=1.0, help="energy weight (per-atom energy MSE)")
-    p.add_argument("--forces-weight", type=float, default=100.0,
-                   help="forces weight (per-component MSE; MACE uses 1000 against its energy weight 1)")
-    p.add_argument("--stage-two-energy-weight", type=float, default=1000.0,
-                   help="energy weight of the last quarter of the budget (stage two)")
-    p.add_argument("--loss", choices=["mse", "huber"], default="mse")
-    p.add_argument("--huber-delta", type=float, default=0.01, help="Huber: where the loss turns linear (eV/Å, eV/atom)")
+    add_loss_args(p)  # stage two: the last quarter of the budget
     add_optimizer_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled training step (training.compile, as rmd17.py; its compilation counts against the "
@@ -312,9 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.short_range_fade is not None:
             model_cfg["short_range_fade"] = "auto" if args.short_range_fade == "auto" else None
         training = {"epochs": 100000, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 50,
-                    "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99,
-                    "energy_weight": args.energy_weight, "forces_weight": args.forces_weight,
-                    "loss": args.loss, "huber_delta": args.huber_delta,
+                    "scheduler": "cosine", "min_lr": args.lr / 100, "ema_decay": 0.99, **loss_settings(args),
                     "stage_two": {"start": 0.75, "lr": args.lr / 10, "energy_weight": args.stage_two_energy_weight},
                     "device": args.device, "dtype": args.dtype, "seed": args.seed, "max_time": 60 * args.budget_min,
                     "compile": args.compile, "optimizer": args.optimizer,

@@ -67,8 +67,7 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
     interaction blocks (measured on aspirin and ethanol, docs/benchmarks.md)."""
     return {"epochs": args.max_epochs, "batch_size": args.batch_size, "valid_batch_size": 25, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "scheduler": "cosine", "min_lr": args.lr / 100,
-            "amsgrad": True, "ema_decay": args.ema_decay, "energy_weight": args.energy_weight,
-            "forces_weight": args.forces_weight,
+            "amsgrad": True, "ema_decay": args.ema_decay, **loss_settings(args),
             "stage_two": {"start": args.stage_two, "lr": args.lr / 10, "energy_weight": args.stage_two_energy_weight},
             "select_by": "loss", "clip_grad": 10.0, "seed": args.seed, "device": args.device, "dtype": args.dtype,
             "max_time": args.budget_min * 60.0, "compile": args.compile,
@@ -167,6 +166,24 @@ def add_optimizer_args(p: argparse.ArgumentParser, optimizer: str = "adamw", wei
                         f"default {weight_decay_on})")
 
 
+def add_loss_args(p: argparse.ArgumentParser) -> None:
+    """The loss options shared with ``ethanol_ood.py``: weights (per-atom energy and per-component force MSE;
+    MACE uses forces 1000 against energy 1), stage two's energy weight, and the penalty (loss_settings)."""
+    p.add_argument("--energy-weight", type=float, default=1.0)
+    p.add_argument("--forces-weight", type=float, default=100.0)
+    p.add_argument("--stage-two-energy-weight", type=float, default=1000.0,
+                   help="energy weight from where stage two starts")
+    p.add_argument("--loss", choices=["mse", "huber"], default="mse")
+    p.add_argument("--huber-delta", type=float, default=0.01,
+                   help="Huber: where the loss turns linear (eV/Å, eV/atom)")
+
+
+def loss_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The training keys of ``add_loss_args``'s options (stage two's weight goes into the stage itself)."""
+    return {"energy_weight": args.energy_weight, "forces_weight": args.forces_weight, "loss": args.loss,
+            "huber_delta": args.huber_delta}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", required=True, help="rMD17 npz (or extxyz) with at least 1000 frames")
@@ -199,10 +216,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=50)
     add_optimizer_args(p)
     p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--energy-weight", type=float, default=1.0)
-    p.add_argument("--forces-weight", type=float, default=100.0)
+    add_loss_args(p)
     p.add_argument("--stage-two", type=float, default=0.75, help="progress fraction where stage two starts")
-    p.add_argument("--stage-two-energy-weight", type=float, default=1000.0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compiled training step (training.compile; its one-off compilation counts against the "
                         "budget)")
