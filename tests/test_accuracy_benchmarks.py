@@ -59,9 +59,10 @@ def test_rmd17_benchmark_writes_the_issue_keys(tmp_path):
                 "device", "model_params"):
         assert key in result, key
     assert result["epochs"] == 2 and result["device"] == "cpu"
-    training = result["training"]  # the measured default: AdamW decay on the interaction blocks only
+    training = result["training"]  # the measured defaults: AdamW decay on the interaction blocks only, Huber
     assert (training["optimizer"], training["weight_decay"], training["weight_decay_on"]) == ("adamw", 5e-3,
                                                                                           "interactions")
+    assert (training["loss"], training["huber_delta"]) == ("huber", 0.01)
     assert result["model_params"] > 0 and 0 < result["configs_per_s"] <= result["train_configs_per_s"]
     assert np.isfinite(result["f_mae_mev_a"]) and result["f_rmse_mev_a"] >= result["f_mae_mev_a"]
 
