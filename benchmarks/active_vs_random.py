@@ -23,7 +23,8 @@ uncertainty + diversity selection adds; against ``random`` what the loop's explo
 frames of oracle MD.
 
 ``--optimizer``, ``--weight-decay`` and ``--weight-decay-on`` set both arms' optimiser (default: the loop's own,
-Adam without decay; AdamW decay 5e-3 on the interactions was measured not to help here, docs/benchmarks.md).
+Adam without decay; AdamW decay 5e-3 on the interactions was measured not to help here, docs/benchmarks.md);
+``--loss`` and ``--huber-delta`` their penalty (default: the loop's own, MSE).
 
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
 at ``--max-calls`` calls is the target (interpolated log–log when the random curve has no point exactly
@@ -51,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rmd17 import add_optimizer_args  # noqa: E402
+from rmd17 import add_optimizer_args, add_penalty_args  # noqa: E402
 
 from equiforce.active.config import parse_learn_config  # noqa: E402
 from equiforce.active.loop import learn  # noqa: E402
@@ -88,7 +89,7 @@ def arm_config(args: argparse.Namespace, test_path: Path) -> dict[str, Any]:
     """The demo's learn config with this benchmark's training time per round and optimiser settings."""
     config = learn_config(args.workdir, test_path, loop_minutes=1e6, seed=args.seed, progress=False)
     config["training"].update(max_time=args.round_time, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                              weight_decay_on=args.weight_decay_on)
+                              weight_decay_on=args.weight_decay_on, loss=args.loss, huber_delta=args.huber_delta)
     config["first_round_max_time"] = args.first_round_time
     return config
 
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     loop = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
                               "the demo's learn config").training
     add_optimizer_args(parser, loop.optimizer, loop.weight_decay, loop.weight_decay_on)
+    add_penalty_args(parser, loop.loss, "both arms' penalty (default: the loop's own; Huber, the accuracy "
+                                        "benchmarks' default, is not measured on these short rounds yet)")
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser
