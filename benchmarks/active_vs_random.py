@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     loop = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
                               "the demo's learn config").training
     add_optimizer_args(parser, loop.optimizer, loop.weight_decay, loop.weight_decay_on)
-    add_penalty_args(parser, loop.loss, "both arms' penalty (default: the loop's own; Huber, the accuracy "
-                                        "benchmarks' default, is not measured on these short rounds yet)")
+    add_penalty_args(parser, loop.loss, loop.huber_delta,
+                     "both arms' penalty (default: the loop's own; Huber, the accuracy benchmarks' default, is not "
+                     "measured on these short rounds yet)")
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser

@@ -175,16 +175,17 @@ def add_loss_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forces-weight", type=float, default=100.0)
     p.add_argument("--stage-two-energy-weight", type=float, default=1000.0,
                    help="energy weight from where stage two starts")
-    add_penalty_args(p, "huber", "huber (default since the 2026-12-06 measurements: ahead of mse on ethanol over "
-                                 "three seeds and on aspirin, docs/benchmarks.md) or mse, the earlier runs' penalty")
+    add_penalty_args(p, "huber", TrainingConfig.model_fields["huber_delta"].default,
+                     "huber (default since the 2026-12-06 measurements: ahead of mse on ethanol over three seeds and "
+                     "on aspirin, docs/benchmarks.md) or mse, the earlier runs' penalty")
 
 
-def add_penalty_args(p: argparse.ArgumentParser, loss: str, help_loss: str) -> None:
-    """``--loss`` and ``--huber-delta``, shared with ``active_vs_random.py`` (whose default is the loop's own);
-    the choices and the delta's default come from the trainer's configuration, not a second copy."""
-    fields = TrainingConfig.model_fields
-    p.add_argument("--loss", choices=list(get_args(fields["loss"].annotation)), default=loss, help=help_loss)
-    p.add_argument("--huber-delta", type=float, default=fields["huber_delta"].default,
+def add_penalty_args(p: argparse.ArgumentParser, loss: str, huber_delta: float, help_loss: str) -> None:
+    """``--loss`` and ``--huber-delta``, shared with ``active_vs_random.py``, each caller passing its defaults (as
+    ``add_optimizer_args``); the choices come from the trainer's configuration, not a second copy."""
+    choices = list(get_args(TrainingConfig.model_fields["loss"].annotation))
+    p.add_argument("--loss", choices=choices, default=loss, help=help_loss)
+    p.add_argument("--huber-delta", type=float, default=huber_delta,
                    help="Huber: where the loss turns linear (eV/Å, eV/atom; default %(default)g)")
 
 

@@ -36,7 +36,7 @@ def test_calls_to_reach_takes_the_first_crossing():
 
 
 def test_optimiser_and_loss_options_default_to_the_loop_and_reach_both_arms(tmp_path):
-    """Without options both arms train as ``equiforce learn`` does; with them, both get the same optimiser."""
+    """Without options both arms train as ``equiforce learn`` does; with them, both get the same optimiser and loss."""
     from equiforce.active.config import parse_learn_config
     from equiforce.train.config import TrainingConfig
 
