@@ -24,7 +24,8 @@ frames of oracle MD.
 
 ``--optimizer``, ``--weight-decay`` and ``--weight-decay-on`` set both arms' optimiser (default: the loop's own,
 Adam without decay; AdamW decay 5e-3 on the interactions was measured not to help here, docs/benchmarks.md);
-``--loss`` and ``--huber-delta`` their penalty (default: the loop's own, MSE).
+``--loss`` and ``--huber-delta`` their penalty (default: the loop's own, Huber with delta 0.01 since the seventh run
+in docs/benchmarks.md; ``--loss mse`` gives the earlier runs' training).
 
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
 at ``--max-calls`` calls is the target (interpolated log–log when the random curve has no point exactly
@@ -166,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "the demo's learn config").training
     add_optimizer_args(parser, loop.optimizer, loop.weight_decay, loop.weight_decay_on)
     add_penalty_args(parser, loop.loss, loop.huber_delta,
-                     "both arms' penalty (default: the loop's own; Huber, the accuracy benchmarks' default, is not "
-                     "measured on these short rounds yet)")
+                     "both arms' penalty (default: the loop's own, huber; mse gives the runs before 2026-12-06)")
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser

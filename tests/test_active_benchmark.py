@@ -38,17 +38,18 @@ def test_calls_to_reach_takes_the_first_crossing():
 def test_optimiser_and_loss_options_default_to_the_loop_and_reach_both_arms(tmp_path):
     """Without options both arms train as ``equiforce learn`` does; with them, both get the same optimiser and loss."""
     from equiforce.active.config import parse_learn_config
-    from equiforce.train.config import TrainingConfig
+    from equiforce.demo.ethanol import learn_config
 
-    loop = TrainingConfig()
+    loop = parse_learn_config(learn_config(tmp_path, tmp_path / "test.xyz", 1.0, 0, False), "demo").training
+    assert (loop.loss, loop.huber_delta) == ("huber", 0.01)
     args = bench.build_parser().parse_args(["--out", str(tmp_path / "r.json"), "--workdir", str(tmp_path)])
     assert (args.optimizer, args.weight_decay, args.weight_decay_on, args.loss, args.huber_delta) == (
         loop.optimizer, loop.weight_decay, loop.weight_decay_on, loop.loss, loop.huber_delta)
     args = bench.build_parser().parse_args(["--out", str(tmp_path / "r.json"), "--workdir", str(tmp_path),
                                             "--optimizer", "adamw", "--weight-decay", "5e-3",
                                             "--weight-decay-on", "interactions", "--round-time", "7",
-                                            "--loss", "huber", "--huber-delta", "0.02"])
+                                            "--loss", "mse", "--huber-delta", "0.02"])
     training = parse_learn_config(bench.arm_config(args, tmp_path / "test.xyz"), "test").training
     assert (training.optimizer, training.weight_decay, training.weight_decay_on) == ("adamw", 5e-3, "interactions")
-    assert (training.loss, training.huber_delta) == ("huber", 0.02)
+    assert (training.loss, training.huber_delta) == ("mse", 0.02)
     assert training.max_time == 7
