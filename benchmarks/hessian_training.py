@@ -14,6 +14,9 @@ from scratch), trained on frames of GFN2-xTB Langevin MD of ethanol at 300/500/8
   labels would cost with analytic Hessians, counted in single points (default 4.2: PySCF PBE/def2-SVP on
   ethanol, energy + forces + analytic Hessian against energy + forces, measured in docs/benchmarks.md).
 
+Every arm trains with the demo loop's settings, its loss included (Huber with delta 0.01 since 2026-12-06;
+``--loss mse`` for the squared error the first measurements used).
+
 Rated on a test set of xTB MD frames from separate trajectories (force and energy MAE) and on the xTB
 minimum of ethanol (BFGS to 1e-4 eV/Å): the model's Hessian there against xTB's, entry-wise and as harmonic
 frequencies (above the six rigid-body modes).  JSON ``arms``: per arm ``frames``, ``oracle_calls``,
@@ -35,7 +38,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from rmd17 import add_penalty_args  # noqa: E402
+
+from equiforce.active.config import parse_learn_config  # noqa: E402
 from equiforce.active.oracle import import_object  # noqa: E402
 from equiforce.active.reference import cached_md_set  # noqa: E402
 from equiforce.data.hessian_labels import finite_difference_hessian  # noqa: E402
@@ -83,12 +90,12 @@ def xtb_minimum(delta: float) -> Configuration:
 
 
 def train_arm(frames: list[Configuration], directory: Path, seconds: float, seed: int,
-              hessian_weight: float, hessian_vectors: int) -> dict[str, Any]:
+              hessian_weight: float, hessian_vectors: int, loss: dict[str, Any]) -> dict[str, Any]:
     from equiforce.train.trainer import train_configs
 
     config = learn_config(directory, Path("unused"), loop_minutes=1e6, seed=seed, progress=False)
     training = {**config["training"], "max_time": seconds, "hessian_weight": hessian_weight,
-                "hessian_vectors": hessian_vectors}
+                "hessian_vectors": hessian_vectors, **loss}
     return train_configs(frames, None, config["model"], training, directory, valid_fraction=0.1, resume=True,
                          progress=False)
 
@@ -106,6 +113,11 @@ def main() -> None:
                         help="single points that one analytic Hessian (with its energy and forces) costs")
     parser.add_argument("--interval", type=int, default=20, help="MD steps between the pool's frames")
     parser.add_argument("--equilibration", type=int, default=200, help="MD steps before the first frame")
+    # every arm's penalty: the demo loop's own unless asked otherwise, read from its config as the loop parses it
+    loop = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
+                              "the demo's learn config").training
+    add_penalty_args(parser, loop.loss, loop.huber_delta,
+                     f"every arm's penalty (default: the demo loop's, {loop.loss}; mse gives the runs of 2026-12-04)")
     parser.add_argument("--arms", default=None, help="comma-separated arms to run (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/hessian_training"))
     parser.add_argument("--seed", type=int, default=0)
@@ -113,6 +125,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/hessian_training.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    loss = {"loss": args.loss, "huber_delta": args.huber_delta}
     from ase.build import molecule
 
     start, seconds = molecule("CH3CH2OH"), {}
@@ -147,7 +160,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name, (frames, weight, calls) in arms.items():
         t0 = time.perf_counter()
-        trained = train_arm(frames, args.workdir / name, args.train_time, args.seed, weight, args.hessian_vectors)
+        trained = train_arm(frames, args.workdir / name, args.train_time, args.seed, weight, args.hessian_vectors,
+                            loss)
         model = load_model(trained["best_model"])
         on_test = evaluate(model, test)
         at_minimum = evaluate(model, [minimum])
@@ -158,6 +172,7 @@ def main() -> None:
     report = {"benchmark": "hessian_training", "oracle": "GFN2-xTB (tblite)", "molecule": "ethanol",
               "n_test": len(test), "n_pool": len(pool), "train_time_s": args.train_time,
               "hessian_weight": args.hessian_weight, "hessian_vectors": args.hessian_vectors, "delta": args.delta,
+              "loss": loss["loss"], "huber_delta": loss["huber_delta"],
               "analytic_cost": args.analytic_cost,
               "arms": results, "seconds": seconds, "date": time.strftime("%Y-%m-%d %H:%M"),
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),

@@ -168,8 +168,11 @@ def test_hessian_training_benchmark_smoke(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "hessian_training.py"
     subprocess.run([sys.executable, str(script), "--frames", "2", "--pool-frames", "6", "--test-frames", "3",
                     "--train-time", "3", "--equilibration", "5", "--interval", "3", "--workdir", str(tmp_path / "w"),
-                    "--out", str(out)], check=True, capture_output=True, timeout=600)
-    arms = json.loads(out.read_text())["arms"]
+                    "--loss", "mse", "--huber-delta", "0.02", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert (report["loss"], report["huber_delta"]) == ("mse", 0.02)
+    arms = report["arms"]
     assert set(arms) == {"forces", "forces_hessians", "forces_equal_calls", "forces_equal_analytic_cost"}
     assert arms["forces_equal_analytic_cost"]["frames"] == min(6, round(2 * 4.2))  # capped by the pool
     assert arms["forces_hessians"]["oracle_calls"] == 2 * (1 + 6 * 9) and arms["forces_equal_calls"]["frames"] == 6
