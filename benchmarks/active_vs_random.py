@@ -26,6 +26,9 @@ frames of oracle MD.
 Adam without decay; AdamW decay 5e-3 on the interactions was measured not to help here, docs/benchmarks.md);
 ``--loss`` and ``--huber-delta`` their penalty (default: the loop's own, Huber with delta 0.01 since the seventh run
 in docs/benchmarks.md; ``--loss mse`` gives the earlier runs' training).
+``--start-rattle`` sets the loop's rattled bootstrap copies, ``--start-torsions`` and ``--explore-torsions`` its
+torsional moves (``start.torsions``, ``explore.torsions``: copies of the molecule with rotatable bonds turned to
+random angles); each defaults to the loop's own.
 
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
 at ``--max-calls`` calls is the target (interpolated log–log when the random curve has no point exactly
@@ -92,6 +95,8 @@ def arm_config(args: argparse.Namespace, test_path: Path) -> dict[str, Any]:
     config["training"].update(max_time=args.round_time, optimizer=args.optimizer, weight_decay=args.weight_decay,
                               weight_decay_on=args.weight_decay_on, loss=args.loss, huber_delta=args.huber_delta)
     config["first_round_max_time"] = args.first_round_time
+    config["start"].update(rattle=args.start_rattle, torsions=args.start_torsions)
+    config["explore"]["torsions"] = args.explore_torsions
     return config
 
 
@@ -163,11 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     # the loop's own optimiser unless asked otherwise: read from the demo's config as the loop parses it
-    loop = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
-                              "the demo's learn config").training
+    demo = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
+                              "the demo's learn config")
+    loop = demo.training
     add_optimizer_args(parser, loop.optimizer, loop.weight_decay, loop.weight_decay_on)
     add_penalty_args(parser, loop.loss, loop.huber_delta,
                      "both arms' penalty (default: the loop's own, huber; mse gives the runs before 2026-12-06)")
+    parser.add_argument("--start-rattle", type=int, default=demo.start.rattle,
+                        help="the loop's rattled bootstrap copies (default: the loop's own, %(default)s)")
+    parser.add_argument("--start-torsions", type=int, default=demo.start.torsions,
+                        help="the loop's bootstrap copies with turned rotatable bonds (default: the loop's own, "
+                             "%(default)s)")
+    parser.add_argument("--explore-torsions", type=int, default=demo.explore.torsions,
+                        help="the loop's turned candidates per round (default: the loop's own, %(default)s)")
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser

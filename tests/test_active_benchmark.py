@@ -53,3 +53,18 @@ def test_optimiser_and_loss_options_default_to_the_loop_and_reach_both_arms(tmp_
     assert (training.optimizer, training.weight_decay, training.weight_decay_on) == ("adamw", 5e-3, "interactions")
     assert (training.loss, training.huber_delta) == ("mse", 0.02)
     assert training.max_time == 7
+
+
+def test_bootstrap_and_torsion_options_default_to_the_loop_and_reach_its_config(tmp_path):
+    from equiforce.active.config import parse_learn_config
+    from equiforce.demo.ethanol import learn_config
+
+    demo = parse_learn_config(learn_config(tmp_path, tmp_path / "test.xyz", 1.0, 0, False), "demo")
+    base = ["--out", str(tmp_path / "r.json"), "--workdir", str(tmp_path)]
+    config = parse_learn_config(bench.arm_config(bench.build_parser().parse_args(base), tmp_path / "t.xyz"), "t")
+    assert (config.start.rattle, config.start.torsions, config.explore.torsions) == (
+        demo.start.rattle, demo.start.torsions, demo.explore.torsions)
+    args = bench.build_parser().parse_args(base + ["--start-rattle", "11", "--start-torsions", "12",
+                                                   "--explore-torsions", "6"])
+    config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
+    assert (config.start.rattle, config.start.torsions, config.explore.torsions) == (11, 12, 6)

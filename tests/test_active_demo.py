@@ -25,6 +25,8 @@ def test_ethanol_demo_plumbing(tmp_path, capsys):
     for name in FILES:
         assert (out / name).is_file(), name
     assert summary["rounds"] == 1 and summary["oracle_calls"] == 24 and summary["n_test"] == 6
+    boot = json.loads((out / "learn" / "journal.jsonl").read_text().splitlines()[0])["items"]
+    assert [i["source"] for i in boot] == ["start"] + ["rattle"] * 11 + ["torsion"] * 12  # other conformers too
     assert "wall time" in summary["stopped"]
     assert summary["md"]["steps"] == 40 and summary["md"]["criterion"].startswith("bond length")
     assert summary["md"]["compiled"] and "compiled (compilation" in (out / "summary.md").read_text()

@@ -95,6 +95,9 @@ class StartConfig(_Section):
     rattle: int = Field(16, ge=0, description="bootstrap: randomly displaced copies labelled before the first model")
     rattle_amplitude: float = Field(0.05, gt=0, description="Å, Gaussian σ of the bootstrap displacements")
     strain: float = Field(0.02, ge=0, description="periodic cells: max random strain of the bootstrap copies")
+    torsions: int = Field(0, ge=0, description="bootstrap: also copies of the starting structures with every "
+                                               "rotatable bond turned to a random angle (molecules; displaced as "
+                                               "the rattled copies), so the first model sees other conformers")
 
     @field_validator("structures")
     @classmethod
@@ -130,12 +133,15 @@ class ExploreConfig(_Section):
     sigma_stop_factor: float = Field(4.0, gt=1)
     restart_from: Literal["start", "labelled", "labelled_md"] = Field(
         "labelled_md", description="replicas (and random distortions) start from the starting structures plus: "
-                                   "labelled_md, labelled structures that came from MD (not distorted copies, "
-                                   "whose strain 900 K of MD would only add to); labelled, any labelled one; "
+                                   "labelled_md, labelled structures that came from MD or from turning rotatable "
+                                   "bonds (not distorted copies, whose strain 900 K of MD would only add "
+                                   "to); labelled, any labelled one; "
                                    "start, nothing else")
     rattle: int = Field(8, ge=0, description="randomly displaced candidates per round")
     rattle_amplitude: list[float] = Field(default_factory=lambda: [0.03, 0.15], description="Å, range of σ")
     strain: float = Field(0.03, ge=0, description="periodic cells: max random strain of those candidates")
+    torsions: int = Field(0, ge=0, description="candidates per round: a seed with one rotatable bond turned to a "
+                                               "random angle (molecules), displaced by the smallest rattle amplitude")
     dtype: Literal["float32", "float64"] = Field("float64", description="precision of the exploration MD")
 
     @field_validator("temperatures", "rattle_amplitude")

@@ -1,10 +1,11 @@
-"""Exploration: where might the current model be wrong?  Batched MD replicas plus random distortions.
+"""Exploration: where might the current model be wrong?  Batched MD replicas, random distortions and turns.
 
 All replicas of a round (temperature ladder × replicas) advance together in one state of the native
 batched engine, one model call per step.  A replica whose largest atomic force σ crosses the threshold
 is frozen (``sigma_stop``): its last frame is exactly where the model stopped knowing, and MD past it
 would only wander into geometries the oracle cannot use.  Snapshots every ``sample_every`` steps and
-randomly displaced / strained copies are the candidates; one batched pass of the uncertainty model then
+randomly displaced / strained copies and copies with a rotatable bond turned (molecules) are the
+candidates; one batched pass of the uncertainty model then
 gives each its σ, its descriptors (for diversity) and its predicted forces (to rate σ after labelling).
 """
 
@@ -20,6 +21,7 @@ from ase import Atoms
 
 from equiforce.active.config import ExploreConfig
 from equiforce.active.select import Candidates
+from equiforce.active.torsions import random_conformer
 from equiforce.data import keys as K
 from equiforce.data.graph import collate, config_to_graph, edge_vectors
 from equiforce.data.structure import Configuration
@@ -46,6 +48,15 @@ MD_SOURCE = "md:"  # prefix of the source (and config_type) of a candidate that 
 def from_md(source: str) -> bool:
     """Whether a candidate (or a label made from one) is a plain MD snapshot, not a distorted copy."""
     return str(source).startswith(MD_SOURCE)
+
+
+TORSION_SOURCE = "torsion"  # prefix of a structure made by turning rotatable bonds (see equiforce.active.torsions)
+
+
+def md_seed(source: str) -> bool:
+    """Whether a labelled structure may start exploration MD: an MD snapshot or a turned conformer (bond
+    lengths and angles intact), not a distorted copy whose strain MD would only add to."""
+    return from_md(source) or str(source).startswith(TORSION_SOURCE)
 
 
 def distort(atoms: Atoms, amplitude: float, strain: float, rng: np.random.Generator) -> Atoms:
@@ -173,6 +184,11 @@ def explore(model: torch.nn.Module, seeds: Sequence[Atoms], cfg: ExploreConfig, 
         amplitude = float(rng.uniform(lo, hi))
         frames.append(distort(pool[int(rng.integers(len(pool)))], amplitude, cfg.strain, rng))
         sources.append(f"rattle:{amplitude:.3f}")
+    for _ in range(cfg.torsions):
+        turned = random_conformer(pool[int(rng.integers(len(pool)))], rng, all_bonds=False)
+        if turned is not None:
+            frames.append(distort(turned[0], lo, 0.0, rng))
+            sources.append(f"{TORSION_SOURCE}:{turned[1][0]:.0f}")
     candidates, forces = evaluate_candidates(model, frames)
     if bonds is not None:
         candidates.bond_deviation = np.array([float(bonds.deviation(a.positions)) for a in frames])

@@ -29,10 +29,11 @@ from ase import Atoms
 
 from equiforce.active.config import LearnConfig, parse_learn_config, read_yaml
 from equiforce.active.display import Display
-from equiforce.active.explore import distort, explore, from_md
+from equiforce.active.explore import TORSION_SOURCE, distort, explore, from_md, md_seed
 from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
+from equiforce.active.torsions import random_conformer
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, EquiforceError
 from equiforce.utils.atomic_io import atomic_write_text
@@ -227,13 +228,20 @@ class Learner:
         start = self.cfg.start
         rng = np.random.default_rng([self.cfg.seed, 0])
         structures = list(self.starts)
+        sources = ["start"] * len(structures)
         for k in range(start.rattle):
             structures.append(distort(self.starts[k % len(self.starts)], start.rattle_amplitude, start.strain, rng))
+            sources.append("rattle")
+        for k in range(start.torsions):
+            turned = random_conformer(self.starts[k % len(self.starts)], rng)
+            if turned is not None:
+                structures.append(distort(turned[0], start.rattle_amplitude, start.strain, rng))
+                sources.append(TORSION_SOURCE)
         budget = min(len(structures), self.cfg.stop.max_oracle_calls)
         structures = structures[:budget]
         splits = self._split(len(structures), 0)
-        items = [{"id": f"r000-{k:04d}", "atoms": atoms_to_json(a), "split": splits[k],
-                  "source": "start" if k < len(self.starts) else "rattle"} for k, a in enumerate(structures)]
+        items = [{"id": f"r000-{k:04d}", "atoms": atoms_to_json(a), "split": splits[k], "source": sources[k]}
+                 for k, a in enumerate(structures)]
         self.record({"type": "selected", "round": 0, "items": items})
         fault_point("selected")
 
@@ -364,7 +372,7 @@ class Learner:
         if cfg.explore.restart_from == "labelled":
             seeds += [c.to_atoms() for c in labelled]
         elif cfg.explore.restart_from == "labelled_md":
-            seeds += [c.to_atoms() for c in labelled if from_md(c.config_type)]
+            seeds += [c.to_atoms() for c in labelled if md_seed(c.config_type)]
         rng = np.random.default_rng([cfg.seed, round_, 1])
         self.display.phase(f"round {round_}: exploring ({len(cfg.explore.temperatures) * cfg.explore.replicas} "
                            f"replicas × {cfg.explore.steps} steps, σ stop {threshold:.3g} eV/Å)")

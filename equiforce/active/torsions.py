@@ -1,0 +1,128 @@
+"""Torsional moves: copies of a molecule with its rotatable bonds turned to random angles.
+
+Why: MD with an early model crosses torsional barriers slowly or not at all (a replica that leaves the
+known conformer is soon frozen by its own σ), so a loop started from one conformer can spend several
+rounds learning its neighbourhood while the molecule's other conformers, which thermal MD at the target
+temperatures visits all the time, stay unlabelled (measured on ethanol: see docs/benchmarks.md,
+active-learning section).  Turning a rotatable bond rigidly keeps every bond length and angle, so the
+copies are sane structures in other conformers, not distortions; the model's σ and the selection then
+decide which are worth an oracle call.
+
+A bond is rotatable when both its atoms have other neighbours and it lies in no ring (removing it splits
+the molecule); the smaller side is turned.  A turn that would bring two atoms of the two sides within
+bonding distance is redrawn.  Periodic structures have none (their "molecules" are not well defined).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+from ase.neighborlist import natural_cutoffs
+
+BOND_SCALE = 1.2  # × the sum of ASE's covalent radii, as the bond criterion of the stability test
+
+
+@dataclass(frozen=True)
+class RotatableBond:
+    """Axis atoms ``i`` → ``j`` and the atoms on ``j``'s side (``j`` included), which turn."""
+
+    i: int
+    j: int
+    side: tuple[int, ...]
+
+
+def dihedral(positions: np.ndarray, a: int, b: int, c: int, d: int) -> float:
+    """The dihedral a–b–c–d in degrees, in (−180, 180] (no periodic images)."""
+    b0, b1, b2 = positions[a] - positions[b], positions[c] - positions[b], positions[d] - positions[c]
+    n = b1 / np.linalg.norm(b1)
+    v, w = b0 - (b0 @ n) * n, b2 - (b2 @ n) * n
+    return float(np.degrees(np.arctan2(np.cross(n, v) @ w, v @ w)))
+
+
+def _bonded(atoms: Atoms) -> np.ndarray:
+    radii = np.asarray(natural_cutoffs(atoms, mult=BOND_SCALE))
+    distances = atoms.get_all_distances()
+    bonded = distances < radii[:, None] + radii[None, :]
+    np.fill_diagonal(bonded, False)
+    return bonded
+
+
+def _component(neighbours: list[list[int]], start: int, cut: tuple[int, int]) -> set[int]:
+    """Atoms reachable from ``start`` without crossing the bond ``cut``."""
+    seen, stack = {start}, [start]
+    while stack:
+        a = stack.pop()
+        for b in neighbours[a]:
+            if {a, b} == set(cut) or b in seen:
+                continue
+            seen.add(b)
+            stack.append(b)
+    return seen
+
+
+def rotatable_bonds(atoms: Atoms) -> list[RotatableBond]:
+    """The bonds of a molecule that can turn, each with its smaller side (empty for periodic structures)."""
+    if atoms.pbc.any() or len(atoms) < 4:
+        return []
+    bonded = _bonded(atoms)
+    neighbours = [np.flatnonzero(row).tolist() for row in bonded]
+    out = []
+    for i, j in zip(*np.triu_indices(len(atoms), k=1)):
+        i, j = int(i), int(j)
+        if not bonded[i, j] or len(neighbours[i]) < 2 or len(neighbours[j]) < 2:
+            continue
+        side = _component(neighbours, j, (i, j))
+        if i in side:  # a ring bond
+            continue
+        other = set(range(len(atoms))) - side
+        if len(other) < len(side):
+            i, j, side = j, i, _component(neighbours, i, (i, j))
+        out.append(RotatableBond(i, j, tuple(sorted(side))))
+    return out
+
+
+def turn(atoms: Atoms, bond: RotatableBond, angle_deg: float) -> Atoms:
+    """A copy with ``bond``'s side rotated by ``angle_deg`` about the bond axis (Rodrigues' formula)."""
+    out = atoms.copy()
+    out.calc = None
+    positions = out.positions
+    origin = positions[bond.j]
+    axis = positions[bond.j] - positions[bond.i]
+    axis = axis / np.linalg.norm(axis)
+    theta = np.radians(angle_deg)
+    side = list(bond.side)
+    v = positions[side] - origin
+    rotated = (v * np.cos(theta) + np.cross(axis, v) * np.sin(theta)
+               + np.outer(v @ axis, axis) * (1.0 - np.cos(theta)))
+    positions[side] = origin + rotated
+    out.positions = positions
+    return out
+
+
+def _clash(atoms: Atoms, reference_bonded: np.ndarray) -> bool:
+    """Whether a pair that was not bonded now is (the two sides came within bonding distance)."""
+    return bool((_bonded(atoms) & ~reference_bonded).any())
+
+
+def random_conformer(atoms: Atoms, rng: np.random.Generator, bonds: list[RotatableBond] | None = None,
+                     all_bonds: bool = True, tries: int = 20) -> tuple[Atoms, list[float]] | None:
+    """A copy with every rotatable bond (or one, ``all_bonds=False``) turned by a uniform random angle.
+
+    Returns the copy and the angles (degrees), or ``None`` when the molecule has no rotatable bond or
+    every draw within ``tries`` clashed.
+    """
+    bonds = rotatable_bonds(atoms) if bonds is None else bonds
+    if not bonds:
+        return None
+    reference = _bonded(atoms)
+    for _ in range(tries):
+        chosen = bonds if all_bonds else [bonds[int(rng.integers(len(bonds)))]]
+        out, angles = atoms, []
+        for bond in chosen:
+            angles.append(float(rng.uniform(0.0, 360.0)))
+            out = turn(out, bond, angles[-1])
+        if not _clash(out, reference):
+            return out, angles
+    return None
