@@ -101,6 +101,7 @@ def test_dihedral_of_known_geometries():
 def test_torsion_coverage_counts_test_frames_and_picks_by_round(tmp_path, capsys):
     """The benchmark helper on a hand-made journal: one trans and one gauche pick, a test file of both."""
     import importlib.util
+    import json
     from pathlib import Path
 
     from ase.io import write
@@ -112,7 +113,7 @@ def test_torsion_coverage_counts_test_frames_and_picks_by_round(tmp_path, capsys
     gauche = turn(ethanol, hydroxyl, 120.0)  # 180° → ±60°
     journal = [{"type": "selected", "round": 0, "items": [{"id": "a", "atoms": atoms_to_json(ethanol)}]},
                {"type": "selected", "round": 1, "items": [{"id": "b", "atoms": atoms_to_json(gauche)}]}]
-    (tmp_path / "journal.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in journal))
+    (tmp_path / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in journal))
     write(tmp_path / "test.xyz", [ethanol, gauche, gauche])
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "torsion_coverage.py"
     spec = importlib.util.spec_from_file_location("torsion_coverage", script)

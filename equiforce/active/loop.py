@@ -33,7 +33,7 @@ from equiforce.active.explore import TORSION_SOURCE, distort, explore, from_md, 
 from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
-from equiforce.active.torsions import random_conformer
+from equiforce.active.torsions import random_conformer, rotatable_bonds
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, EquiforceError
 from equiforce.utils.atomic_io import atomic_write_text
@@ -232,8 +232,9 @@ class Learner:
         for k in range(start.rattle):
             structures.append(distort(self.starts[k % len(self.starts)], start.rattle_amplitude, start.strain, rng))
             sources.append("rattle")
+        rotors = [rotatable_bonds(a) for a in self.starts] if start.torsions else []  # once per start
         for k in range(start.torsions):
-            turned = random_conformer(self.starts[k % len(self.starts)], rng)
+            turned = random_conformer(self.starts[k % len(self.starts)], rng, rotors[k % len(self.starts)])
             if turned is not None:
                 structures.append(distort(turned[0], start.rattle_amplitude, start.strain, rng))
                 sources.append(TORSION_SOURCE)
