@@ -26,6 +26,27 @@ def test_rotatable_bonds_of_small_molecules():
     assert rotatable_bonds(bulk("Cu", cubic=True)) == []  # periodic: no molecules to turn
 
 
+
+def _axes(atoms) -> set[frozenset[int]]:
+    return {frozenset((b.i, b.j)) for b in rotatable_bonds(atoms)}
+
+
+def test_double_and_triple_bonds_and_turns_that_move_nothing_are_not_rotatable():
+    assert rotatable_bonds(molecule("C2H4")) == []  # C=C: a turn would break the pi bond, not change conformer
+    propene = molecule("C3H6_Cs")  # 0 C=1 C, 1 C-5 C (methyl)
+    assert _axes(propene) == {frozenset((1, 5))}
+    butadiene = molecule("butadiene")  # C0=C1-C2=C3: only the conjugated single bond turns (s-trans / s-cis)
+    assert _axes(butadiene) == {frozenset((1, 2))}
+    assert rotatable_bonds(molecule("CH3CN")) == []  # C-C#N: the turning side lies on the axis
+    assert _axes(molecule("2-butyne")) == {frozenset((0, 1)), frozenset((2, 3))}  # methyls, not C#C
+    assert len(rotatable_bonds(molecule("CH3COOH"))) == 2  # methyl and the acid's C-O(H), a saturated O
+    assert len(rotatable_bonds(molecule("CH3CONH2"))) == 2  # methyl and the amide C-N (three-coordinate N)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # thermal-size displacements do not change the verdict
+        shaken = butadiene.copy()
+        shaken.positions += rng.normal(scale=0.02, size=shaken.positions.shape)
+        assert _axes(shaken) == {frozenset((1, 2))}
+
 def test_a_turn_keeps_bond_lengths_and_angles_and_moves_only_the_dihedral():
     ethanol = molecule("CH3CH2OH")
     bond = next(b for b in rotatable_bonds(ethanol) if {b.i, b.j} == {1, 2})

@@ -8,9 +8,17 @@ active-learning section).  Turning a rotatable bond rigidly keeps every bond len
 copies are sane structures in other conformers, not distortions; the model's σ and the selection then
 decide which are worth an oracle call.
 
-A bond is rotatable when both its atoms have other neighbours and it lies in no ring (removing it splits
-the molecule); the smaller side is turned.  A turn that would bring two atoms of the two sides within
-bonding distance is redrawn.  Periodic structures have none (their "molecules" are not well defined).
+A bond is rotatable when both its atoms have other neighbours, it lies in no ring (removing it splits
+the molecule), it is single and turning it moves something; the smaller side is turned.  A double or
+triple bond turned by a random angle would be broken, not moved to another conformer (ethylene twisted by
+90° lies ~3 eV up), so a bond between two unsaturated atoms (fewer neighbours than their usual valence)
+counts as single only when it is not short: at least ``SINGLE_BOND_RATIO`` × the sum of ASE's covalent
+radii (C=C, C=N, N=N and triple bonds lie at 0.80–0.89 of it, conjugated single bonds such as butadiene's
+central one at 0.95–0.98; a bond with a saturated atom — sp3 C, three-coordinate N, two-coordinate O — is
+single whatever its length, so amide, ester and acid C–N / C–O rotors count).  A bond whose turning side
+lies on its axis (C–C≡N) is skipped: turning it changes nothing.  A turn that would bring two atoms of the
+two sides within bonding distance is redrawn.  Periodic structures have none (their "molecules" are not
+well defined).
 """
 
 from __future__ import annotations
@@ -19,9 +27,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
+from ase.data import covalent_radii
 from ase.neighborlist import natural_cutoffs
 
 BOND_SCALE = 1.2  # × the sum of ASE's covalent radii, as the bond criterion of the stability test
+# between two unsaturated atoms, a bond shorter than this × the sum of covalent radii is double or triple
+# (ase.collections.g2: double and triple bonds at 0.80-0.89, conjugated single bonds at 0.93-0.98)
+SINGLE_BOND_RATIO = 0.92
+# usual valence: an atom with at least this many neighbours has only single bonds (H, B, C, N, O, F, Si,
+# P, S, Cl, Br, I); atoms of other elements are judged by the bond length alone
+VALENCE = {1: 1, 5: 3, 6: 4, 7: 3, 8: 2, 9: 1, 14: 4, 15: 3, 16: 2, 17: 1, 35: 1, 53: 1}
+ON_AXIS = 0.1  # Å: a side whose atoms all lie this close to the bond axis does not move when turned
 
 
 @dataclass(frozen=True)
@@ -62,16 +78,36 @@ def _component(neighbours: list[list[int]], start: int, cut: tuple[int, int]) ->
     return seen
 
 
+def is_single(atoms: Atoms, i: int, j: int, degree: list[int]) -> bool:
+    """Whether the bond ``i``–``j`` is single: an atom of it is saturated, or it is not short (module docstring)."""
+    for a in (i, j):
+        valence = VALENCE.get(int(atoms.numbers[a]))
+        if valence is not None and degree[a] >= valence:
+            return True
+    radii = covalent_radii[atoms.numbers[i]] + covalent_radii[atoms.numbers[j]]
+    return bool(atoms.get_distance(i, j) >= SINGLE_BOND_RATIO * radii)
+
+
+def _moves(positions: np.ndarray, i: int, j: int, side: set[int]) -> bool:
+    """Whether some atom of ``side`` lies off the axis ``i``–``j`` (so a turn moves it)."""
+    axis = positions[j] - positions[i]
+    axis = axis / np.linalg.norm(axis)
+    v = positions[sorted(side)] - positions[j]
+    off = np.linalg.norm(v - np.outer(v @ axis, axis), axis=1)
+    return bool((off > ON_AXIS).any())
+
+
 def rotatable_bonds(atoms: Atoms) -> list[RotatableBond]:
     """The bonds of a molecule that can turn, each with its smaller side (empty for periodic structures)."""
     if atoms.pbc.any() or len(atoms) < 4:
         return []
     bonded = _bonded(atoms)
     neighbours = [np.flatnonzero(row).tolist() for row in bonded]
+    degree = [len(n) for n in neighbours]
     out = []
     for i, j in zip(*np.triu_indices(len(atoms), k=1)):
         i, j = int(i), int(j)
-        if not bonded[i, j] or len(neighbours[i]) < 2 or len(neighbours[j]) < 2:
+        if not bonded[i, j] or degree[i] < 2 or degree[j] < 2 or not is_single(atoms, i, j, degree):
             continue
         side = _component(neighbours, j, (i, j))
         if i in side:  # a ring bond
@@ -79,7 +115,8 @@ def rotatable_bonds(atoms: Atoms) -> list[RotatableBond]:
         other = set(range(len(atoms))) - side
         if len(other) < len(side):
             i, j, side = j, i, _component(neighbours, i, (i, j))
-        out.append(RotatableBond(i, j, tuple(sorted(side))))
+        if _moves(atoms.positions, i, j, side):
+            out.append(RotatableBond(i, j, tuple(sorted(side))))
     return out
 
 
