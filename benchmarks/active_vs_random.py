@@ -3,8 +3,8 @@
     python benchmarks/active_vs_random.py --out results.json --max-calls 500 --per-round 50 \
         --round-time 60 --cache runs/active_vs_random/cache
 
-Same oracle (GFN2-xTB via tblite), same molecule (ethanol, from ``ase.build``), same model, same training
-schedule for both arms:
+Same oracle (GFN2-xTB via tblite), same molecule (ethanol by default; ``--molecule`` takes any name of
+``ase.build.molecule``, e.g. ``trans-butane``), same model, same training schedule for both arms:
 
 * **test set**: frames from oracle-driven Langevin MD at 300, 500 and 800 K (``--test-frames`` per
   temperature), generated once and cached (extxyz, keyed by every parameter);
@@ -95,7 +95,8 @@ def arm_config(args: argparse.Namespace, test_path: Path) -> dict[str, Any]:
     config["training"].update(max_time=args.round_time, optimizer=args.optimizer, weight_decay=args.weight_decay,
                               weight_decay_on=args.weight_decay_on, loss=args.loss, huber_delta=args.huber_delta)
     config["first_round_max_time"] = args.first_round_time
-    config["start"].update(rattle=args.start_rattle, torsions=args.start_torsions)
+    config["start"].update(structures=[f"molecule:{args.molecule}"], rattle=args.start_rattle,
+                           torsions=args.start_torsions)
     config["explore"]["torsions"] = args.explore_torsions
     return config
 
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-frames", type=int, default=200, help="per temperature, for the random arm")
     parser.add_argument("--reference-frames", type=int, default=0, help="also train on this many random frames")
     parser.add_argument("--reference-time", type=float, default=600.0)
+    parser.add_argument("--molecule", default="CH3CH2OH",
+                        help="the loop's starting structure and the oracle MD's, a name of ase.build.molecule "
+                             "(default %(default)s, ethanol; cache files are keyed by the structure)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     # the loop's own optimiser unless asked otherwise: read from the demo's config as the loop parses it
@@ -193,7 +197,11 @@ def main() -> None:
     cache = args.cache or args.workdir / "cache"
     from ase.build import molecule
 
-    start = molecule("CH3CH2OH")
+    try:
+        start = molecule(args.molecule)
+    except KeyError:
+        raise SystemExit(f"--molecule {args.molecule!r}: not a molecule of ase.build.molecule (e.g. CH3CH2OH, "
+                         "trans-butane)") from None
     t0 = time.perf_counter()
     temps = [300.0, 500.0, 800.0]
     test, test_path = cached_md_set(cache, start, ORACLE, temps, args.test_frames, interval=20, equilibration=200,
@@ -215,7 +223,7 @@ def main() -> None:
         "al": al, "random": random, "random_mae_at_max_calls": target, "al_calls_to_reach": needed,
         "calls_ratio": None if needed is None else needed / args.max_calls,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "oracle": "GFN2-xTB (tblite)", "molecule": "ethanol", "n_test": len(test), "n_pool": len(pool),
+        "oracle": "GFN2-xTB (tblite)", "molecule": args.molecule, "n_test": len(test), "n_pool": len(pool),
         "seconds": {"data": t_data, "al": t_al, "random": t_random},
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "interpolation": "random MAE at max_calls: log-log linear between its neighbours; AL calls: first point at "

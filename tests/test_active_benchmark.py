@@ -68,3 +68,14 @@ def test_bootstrap_and_torsion_options_default_to_the_loop_and_reach_its_config(
                                                    "--explore-torsions", "6"])
     config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
     assert (config.start.rattle, config.start.torsions, config.explore.torsions) == (11, 12, 6)
+
+
+def test_molecule_option_sets_the_loops_start(tmp_path):
+    from equiforce.active.config import parse_learn_config
+
+    base = ["--out", str(tmp_path / "r.json"), "--workdir", str(tmp_path)]
+    config = parse_learn_config(bench.arm_config(bench.build_parser().parse_args(base), tmp_path / "t.xyz"), "t")
+    assert config.start.structures == ["molecule:CH3CH2OH"]  # ethanol, as the demo
+    args = bench.build_parser().parse_args(base + ["--molecule", "trans-butane"])
+    config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
+    assert config.start.structures == ["molecule:trans-butane"]
