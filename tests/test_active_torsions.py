@@ -145,3 +145,13 @@ def test_torsion_coverage_counts_test_frames_and_picks_by_round(tmp_path, capsys
             for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["test"] == ["0", "2", "0", "1"] and rows["round0"] == ["0", "0", "0", "1"]
     assert rows["round1"] == ["0", "1", "0", "0"]
+
+
+def test_a_start_without_rotatable_bonds_is_reported_and_gets_no_turned_copies(tmp_path, capsys):
+    config = tiny_config(tmp_path / "run", start={"rattle": 2, "torsions": 3}, stop={"max_rounds": 1},
+                         report={"progress": None})  # plain lines on a non-terminal
+    learn(parse_learn_config(config))
+    assert "has no rotatable bond" in capsys.readouterr().err
+    records = read_journal(tmp_path / "run" / "journal.jsonl")
+    boot = next(r for r in records if r["type"] == "selected" and r["round"] == 0)["items"]
+    assert [i["source"] for i in boot] == ["start", "rattle", "rattle"]  # periodic Cu: nothing to turn

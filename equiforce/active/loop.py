@@ -233,6 +233,10 @@ class Learner:
             structures.append(distort(self.starts[k % len(self.starts)], start.rattle_amplitude, start.strain, rng))
             sources.append("rattle")
         rotors = [rotatable_bonds(a) for a in self.starts] if start.torsions else []  # once per start
+        for k, bonds in enumerate(rotors):
+            if not bonds:
+                self.display.info(f"start.torsions: starting structure {k} ({self.starts[k].get_chemical_formula()}) "
+                                  "has no rotatable bond (single, in no ring, not periodic); no turned copies of it")
         for k in range(start.torsions):
             turned = random_conformer(self.starts[k % len(self.starts)], rng, rotors[k % len(self.starts)])
             if turned is not None:
