@@ -18,6 +18,7 @@ def test_tiny_config_is_valid_and_defaults_fill_in(tmp_path):
     default = parse_learn_config({"start": {"structures": ["molecule:H2O"]}})
     assert default.oracle.resolved()[0] == "tblite.ase:TBLite"  # xTB is the default oracle
     assert default.training.max_time == 120.0  # a round always has a budget
+    assert (default.start.torsions, default.explore.torsions) == (8, 4)  # torsional moves on by default
 
 
 @pytest.mark.parametrize(("section", "key"), [("stop", "max_oracle_cals"), ("explore", "temperature"),

@@ -155,3 +155,6 @@ def test_a_start_without_rotatable_bonds_is_reported_and_gets_no_turned_copies(t
     records = read_journal(tmp_path / "run" / "journal.jsonl")
     boot = next(r for r in records if r["type"] == "selected" and r["round"] == 0)["items"]
     assert [i["source"] for i in boot] == ["start", "rattle", "rattle"]  # periodic Cu: nothing to turn
+    config = tiny_config(tmp_path / "quiet", start={"rattle": 2}, stop={"max_rounds": 1}, report={"progress": None})
+    learn(parse_learn_config(config))
+    assert "rotatable" not in capsys.readouterr().err  # the default (torsions on) stays quiet where nothing turns

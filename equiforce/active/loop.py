@@ -234,7 +234,7 @@ class Learner:
             sources.append("rattle")
         rotors = [rotatable_bonds(a) for a in self.starts] if start.torsions else []  # once per start
         for k, bonds in enumerate(rotors):
-            if not bonds:
+            if not bonds and "torsions" in start.model_fields_set:  # asked for, not the default
                 self.display.info(f"start.torsions: starting structure {k} ({self.starts[k].get_chemical_formula()}) "
                                   "has no rotatable bond (single, in no ring, not periodic); no turned copies of it")
         for k in range(start.torsions):
