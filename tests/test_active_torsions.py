@@ -10,7 +10,7 @@ from equiforce.active.config import parse_learn_config
 from equiforce.active.explore import md_seed
 from equiforce.active.journal import read_journal
 from equiforce.active.loop import learn
-from equiforce.active.torsions import _bonded, dihedral, random_conformer, rotatable_bonds, turn
+from equiforce.active.torsions import bond_pairs, dihedral, random_conformer, rotatable_bonds, turn
 from tests.active_helpers import tiny_config
 from tests.uq_helpers import single_thread  # noqa: F401 - one thread for tiny models
 
@@ -69,13 +69,13 @@ def test_random_conformers_make_no_new_bonds_and_are_reproducible():
     butane = molecule("trans-butane")
     bonds = rotatable_bonds(butane)
     assert len(bonds) == 3  # two methyl rotors and the central C-C
-    reference = _bonded(butane)
+    reference = bond_pairs(butane)
     angles = set()
     for seed in range(20):
         made = random_conformer(butane, np.random.default_rng(seed))
         assert made is not None
         out, turned = made
-        assert len(turned) == 3 and (_bonded(out) == reference).all()
+        assert len(turned) == 3 and bond_pairs(out) == reference
         angles.add(round(turned[0]))
     assert len(angles) > 10  # uniform angles, not a few fixed ones
     a = random_conformer(butane, np.random.default_rng(7), all_bonds=False)
@@ -158,3 +158,16 @@ def test_a_start_without_rotatable_bonds_is_reported_and_gets_no_turned_copies(t
     config = tiny_config(tmp_path / "quiet", start={"rattle": 2}, stop={"max_rounds": 1}, report={"progress": None})
     learn(parse_learn_config(config))
     assert "rotatable" not in capsys.readouterr().err  # the default (torsions on) stays quiet where nothing turns
+
+
+def test_rotors_of_a_cluster_are_found_per_molecule_and_a_metal_particle_has_none():
+    from ase.cluster import Octahedron
+
+    one = molecule("CH3CH2OH")
+    two = one.copy()
+    two.positions += [10.0, 0.0, 0.0]
+    pair = one + two  # not periodic: two molecules, each with its own rotors and sides
+    single = {(b.i, b.j, b.side) for b in rotatable_bonds(one)}
+    shifted = {(b.i + 9, b.j + 9, tuple(k + 9 for k in b.side)) for b in rotatable_bonds(one)}
+    assert {(b.i, b.j, b.side) for b in rotatable_bonds(pair)} == single | shifted
+    assert rotatable_bonds(Octahedron("Cu", 7)) == []  # every bond in a ring (found as non-bridges)

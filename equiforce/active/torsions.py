@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 from ase import Atoms
 from ase.data import covalent_radii
-from ase.neighborlist import natural_cutoffs
+from ase.neighborlist import natural_cutoffs, neighbor_list
 
 BOND_SCALE = 1.2  # × the sum of ASE's covalent radii, as the bond criterion of the stability test
 # between two unsaturated atoms, a bond shorter than this × the sum of covalent radii is double or triple
@@ -57,25 +58,11 @@ def dihedral(positions: np.ndarray, a: int, b: int, c: int, d: int) -> float:
     return float(np.degrees(np.arctan2(np.cross(n, v) @ w, v @ w)))
 
 
-def _bonded(atoms: Atoms) -> np.ndarray:
-    radii = np.asarray(natural_cutoffs(atoms, mult=BOND_SCALE))
-    distances = atoms.get_all_distances()
-    bonded = distances < radii[:, None] + radii[None, :]
-    np.fill_diagonal(bonded, False)
-    return bonded
-
-
-def _component(neighbours: list[list[int]], start: int, cut: tuple[int, int]) -> set[int]:
-    """Atoms reachable from ``start`` without crossing the bond ``cut``."""
-    seen, stack = {start}, [start]
-    while stack:
-        a = stack.pop()
-        for b in neighbours[a]:
-            if {a, b} == set(cut) or b in seen:
-                continue
-            seen.add(b)
-            stack.append(b)
-    return seen
+def bond_pairs(atoms: Atoms) -> set[tuple[int, int]]:
+    """Bonded pairs ``(i, j)``, ``i < j``: closer than the sum of the scaled covalent radii (a linear-time
+    neighbour list, so large clusters cost no N² distance matrix)."""
+    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_SCALE))
+    return {(int(i), int(j)) for i, j in zip(first, second) if i < j}
 
 
 def is_single(atoms: Atoms, i: int, j: int, degree: list[int]) -> bool:
@@ -98,23 +85,28 @@ def _moves(positions: np.ndarray, i: int, j: int, side: set[int]) -> bool:
 
 
 def rotatable_bonds(atoms: Atoms) -> list[RotatableBond]:
-    """The bonds of a molecule that can turn, each with its smaller side (empty for periodic structures)."""
+    """The bonds of a molecule that can turn, each with its smaller side (empty for periodic structures).
+
+    Ring bonds are found as the bond graph's non-bridges (``networkx.bridges``, linear time), so a large
+    cluster or a metal particle, all rings, costs no per-bond search; "smaller side" is within the bond's
+    own molecule.
+    """
     if atoms.pbc.any() or len(atoms) < 4:
         return []
-    bonded = _bonded(atoms)
-    neighbours = [np.flatnonzero(row).tolist() for row in bonded]
-    degree = [len(n) for n in neighbours]
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(atoms)))
+    graph.add_edges_from(bond_pairs(atoms))
+    degree = dict(graph.degree)
+    molecule_size = {a: len(c) for c in nx.connected_components(graph) for a in c}
     out = []
-    for i, j in zip(*np.triu_indices(len(atoms), k=1)):
-        i, j = int(i), int(j)
-        if not bonded[i, j] or degree[i] < 2 or degree[j] < 2 or not is_single(atoms, i, j, degree):
+    for i, j in sorted(tuple(sorted(b)) for b in nx.bridges(graph)):  # bonds in no ring
+        if degree[i] < 2 or degree[j] < 2 or not is_single(atoms, i, j, degree):
             continue
-        side = _component(neighbours, j, (i, j))
-        if i in side:  # a ring bond
-            continue
-        other = set(range(len(atoms))) - side
-        if len(other) < len(side):
-            i, j, side = j, i, _component(neighbours, i, (i, j))
+        graph.remove_edge(i, j)
+        side = nx.node_connected_component(graph, j)
+        if molecule_size[i] - len(side) < len(side):
+            i, j, side = j, i, nx.node_connected_component(graph, i)
+        graph.add_edge(i, j)
         if _moves(atoms.positions, i, j, side):
             out.append(RotatableBond(i, j, tuple(sorted(side))))
     return out
@@ -138,9 +130,9 @@ def turn(atoms: Atoms, bond: RotatableBond, angle_deg: float) -> Atoms:
     return out
 
 
-def _clash(atoms: Atoms, reference_bonded: np.ndarray) -> bool:
+def _clash(atoms: Atoms, reference: set[tuple[int, int]]) -> bool:
     """Whether a pair that was not bonded now is (the two sides came within bonding distance)."""
-    return bool((_bonded(atoms) & ~reference_bonded).any())
+    return bool(bond_pairs(atoms) - reference)
 
 
 def random_conformer(atoms: Atoms, rng: np.random.Generator, bonds: list[RotatableBond] | None = None,
@@ -153,7 +145,7 @@ def random_conformer(atoms: Atoms, rng: np.random.Generator, bonds: list[Rotatab
     bonds = rotatable_bonds(atoms) if bonds is None else bonds
     if not bonds:
         return None
-    reference = _bonded(atoms)
+    reference = bond_pairs(atoms)
     for _ in range(tries):
         chosen = bonds if all_bonds else [bonds[int(rng.integers(len(bonds)))]]
         out, angles = atoms, []
