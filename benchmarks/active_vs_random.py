@@ -63,7 +63,7 @@ from equiforce.active.loop import learn  # noqa: E402
 from equiforce.active.reference import cached_md_set  # noqa: E402
 from equiforce.active.rounds import rate, train_round  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
-from equiforce.demo.ethanol import ORACLE, learn_config, train_reference  # noqa: E402
+from equiforce.demo.ethanol import ORACLE, demo_settings, learn_config, train_reference  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
@@ -172,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     # the loop's own optimiser unless asked otherwise: read from the demo's config as the loop parses it
-    demo = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
-                              "the demo's learn config")
+    demo = demo_settings()
     loop = demo.training
     add_optimizer_args(parser, loop.optimizer, loop.weight_decay, loop.weight_decay_on)
     add_penalty_args(parser, loop.loss, loop.huber_delta,

@@ -42,13 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rmd17 import add_penalty_args  # noqa: E402
 
-from equiforce.active.config import parse_learn_config  # noqa: E402
 from equiforce.active.oracle import import_object  # noqa: E402
 from equiforce.active.reference import cached_md_set  # noqa: E402
 from equiforce.data.hessian_labels import finite_difference_hessian  # noqa: E402
 from equiforce.data.io import read_configurations, write_extxyz  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
-from equiforce.demo.ethanol import ORACLE, learn_config  # noqa: E402
+from equiforce.demo.ethanol import ORACLE, demo_settings, learn_config  # noqa: E402
 from equiforce.evaluate import evaluate  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write, atomic_write_text  # noqa: E402
@@ -114,8 +113,7 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=20, help="MD steps between the pool's frames")
     parser.add_argument("--equilibration", type=int, default=200, help="MD steps before the first frame")
     # every arm's penalty: the demo loop's own unless asked otherwise, read from its config as the loop parses it
-    loop = parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
-                              "the demo's learn config").training
+    loop = demo_settings().training
     add_penalty_args(parser, loop.loss, loop.huber_delta,
                      f"every arm's penalty (default: the demo loop's, {loop.loss}; mse gives the runs of 2026-12-04)")
     parser.add_argument("--arms", default=None, help="comma-separated arms to run (default: all)")

@@ -23,12 +23,14 @@ well defined).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
 from ase import Atoms
 from ase.data import covalent_radii
+from ase.geometry import get_dihedrals
 from ase.neighborlist import natural_cutoffs, neighbor_list
 
 BOND_SCALE = 1.2  # × the sum of ASE's covalent radii, as the bond criterion of the stability test
@@ -51,11 +53,10 @@ class RotatableBond:
 
 
 def dihedral(positions: np.ndarray, a: int, b: int, c: int, d: int) -> float:
-    """The dihedral a–b–c–d in degrees, in (−180, 180] (no periodic images)."""
-    b0, b1, b2 = positions[a] - positions[b], positions[c] - positions[b], positions[d] - positions[c]
-    n = b1 / np.linalg.norm(b1)
-    v, w = b0 - (b0 @ n) * n, b2 - (b2 @ n) * n
-    return float(np.degrees(np.arctan2(np.cross(n, v) @ w, v @ w)))
+    """The dihedral a–b–c–d in degrees, in (−180, 180] (ASE's, which gives [0, 360); no periodic images)."""
+    p = np.asarray(positions, dtype=float)
+    angle = float(get_dihedrals([p[b] - p[a]], [p[c] - p[b]], [p[d] - p[c]])[0])
+    return angle - 360.0 if angle > 180.0 else angle
 
 
 def bond_pairs(atoms: Atoms) -> set[tuple[int, int]]:
@@ -65,7 +66,7 @@ def bond_pairs(atoms: Atoms) -> set[tuple[int, int]]:
     return {(int(i), int(j)) for i, j in zip(first, second) if i < j}
 
 
-def is_single(atoms: Atoms, i: int, j: int, degree: list[int]) -> bool:
+def is_single(atoms: Atoms, i: int, j: int, degree: Mapping[int, int]) -> bool:
     """Whether the bond ``i``–``j`` is single: an atom of it is saturated, or it is not short (module docstring)."""
     for a in (i, j):
         valence = VALENCE.get(int(atoms.numbers[a]))

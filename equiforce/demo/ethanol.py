@@ -14,9 +14,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from equiforce.utils.atomic_io import atomic_write_text
+
+if TYPE_CHECKING:
+    from equiforce.active.config import LearnConfig
 
 ORACLE = ("tblite.ase:TBLite", {"method": "GFN2-xTB", "verbosity": 0})
 
@@ -64,6 +67,15 @@ def learn_config(out: Path, test_path: Path, loop_minutes: float, seed: int, pro
         "threads": 1,
         "directory": str(out / "learn"),
     }
+
+
+def demo_settings() -> LearnConfig:
+    """The demo's learn config as the loop parses it (a ``LearnConfig``): the defaults benchmarks that train
+    "with the demo's settings" read their options from."""
+    from equiforce.active.config import parse_learn_config
+
+    return parse_learn_config(learn_config(Path("."), Path("unused"), loop_minutes=1e6, seed=0, progress=False),
+                              "the demo's learn config")
 
 
 def train_reference(frames: list, directory: Path, train_seconds: float, seed: int = 0) -> dict[str, Any]:
