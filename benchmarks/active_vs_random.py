@@ -28,7 +28,8 @@ Adam without decay; AdamW decay 5e-3 on the interactions was measured not to hel
 in docs/benchmarks.md; ``--loss mse`` gives the earlier runs' training).
 ``--start-rattle`` sets the loop's rattled bootstrap copies, ``--start-torsions`` and ``--explore-torsions`` its
 torsional moves (``start.torsions``, ``explore.torsions``: copies of the molecule with rotatable bonds turned to
-random angles); each defaults to the loop's own.
+random angles), ``--restart-from`` which labelled structures start its exploration MD (``explore.restart_from``);
+each defaults to the loop's own.
 
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
 at ``--max-calls`` calls is the target (interpolated log–log when the random curve has no point exactly
@@ -97,7 +98,7 @@ def arm_config(args: argparse.Namespace, test_path: Path) -> dict[str, Any]:
     config["first_round_max_time"] = args.first_round_time
     config["start"].update(structures=[f"molecule:{args.molecule}"], rattle=args.start_rattle,
                            torsions=args.start_torsions)
-    config["explore"]["torsions"] = args.explore_torsions
+    config["explore"].update(torsions=args.explore_torsions, restart_from=args.restart_from)
     return config
 
 
@@ -184,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "%(default)s)")
     parser.add_argument("--explore-torsions", type=int, default=demo.explore.torsions,
                         help="the loop's turned candidates per round (default: the loop's own, %(default)s)")
+    parser.add_argument("--restart-from", default=demo.explore.restart_from,
+                        choices=["start", "labelled", "labelled_md", "labelled_md_snapshots"],
+                        help="which labelled structures start the loop's exploration MD (explore.restart_from; "
+                             "default: the loop's own, %(default)s)")
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser

@@ -7,10 +7,11 @@ import pytest
 from ase.build import bulk, molecule
 
 from equiforce.active.config import parse_learn_config
-from equiforce.active.explore import md_seed
+from equiforce.active.explore import exploration_seeds, md_seed
 from equiforce.active.journal import read_journal
 from equiforce.active.loop import learn
 from equiforce.active.torsions import bond_pairs, dihedral, random_conformer, rotatable_bonds, turn
+from equiforce.data.structure import Configuration
 from tests.active_helpers import tiny_config
 from tests.uq_helpers import single_thread  # noqa: F401 - one thread for tiny models
 
@@ -88,6 +89,27 @@ def test_random_conformers_make_no_new_bonds_and_are_reproducible():
 def test_turned_conformers_seed_md_but_distorted_copies_do_not():
     assert md_seed("md:500K") and md_seed("torsion") and md_seed("torsion:120")
     assert not md_seed("rattle") and not md_seed("rattle:0.050") and not md_seed("start")
+
+
+def test_restart_from_decides_which_labels_start_exploration(tmp_path):
+    start = molecule("CH3CH2OH")
+    labelled = [Configuration.from_atoms(start, energy=0.0, config_type=source)
+                for source in ("md:300K", "torsion:120", "rattle:0.050", "md:800K")]
+    labelled[1].positions = labelled[1].positions + 1.0  # tell the turned one apart by its positions
+
+    def picked(setting: str) -> list[int]:
+        seeds = exploration_seeds([start], labelled, setting)
+        assert seeds[0] is not labelled and np.allclose(seeds[0].positions, start.positions)
+        return [len(seeds) - 1, sum(np.allclose(s.positions, labelled[1].positions) for s in seeds)]
+
+    assert picked("start") == [0, 0]
+    assert picked("labelled") == [4, 1]
+    assert picked("labelled_md") == [3, 1]  # MD snapshots and the turned conformer
+    assert picked("labelled_md_snapshots") == [2, 0]  # MD snapshots only
+    with pytest.raises(ValueError, match="restart_from"):
+        exploration_seeds([start], labelled, "everything")
+    config = tiny_config(tmp_path, explore={"restart_from": "labelled_md_snapshots"})
+    assert parse_learn_config(config, "t").explore.restart_from == "labelled_md_snapshots"
 
 
 def test_the_loop_labels_turned_conformers_in_the_bootstrap_and_explores_with_turns(tmp_path):

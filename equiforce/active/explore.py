@@ -59,6 +59,16 @@ def md_seed(source: str) -> bool:
     return from_md(source) or str(source).startswith(TORSION_SOURCE)
 
 
+def exploration_seeds(starts: Sequence[Atoms], labelled: Sequence[Configuration], restart_from: str) -> list[Atoms]:
+    """Where this round's MD replicas and distortions start (``explore.restart_from``): the starting structures
+    plus the labelled ones the setting admits, told apart by the source each label keeps in ``config_type``."""
+    admits = {"start": lambda source: False, "labelled": lambda source: True, "labelled_md": md_seed,
+              "labelled_md_snapshots": from_md}
+    if restart_from not in admits:
+        raise ValueError(f"explore.restart_from: unknown setting {restart_from!r} (one of {sorted(admits)})")
+    return list(starts) + [c.to_atoms() for c in labelled if admits[restart_from](c.config_type)]
+
+
 def distort(atoms: Atoms, amplitude: float, strain: float, rng: np.random.Generator) -> Atoms:
     """A copy with Gaussian displacements (σ = ``amplitude`` Å) and, for periodic cells, a random strain."""
     out = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)

@@ -29,7 +29,7 @@ from ase import Atoms
 
 from equiforce.active.config import LearnConfig, parse_learn_config, read_yaml
 from equiforce.active.display import Display
-from equiforce.active.explore import TORSION_SOURCE, distort, explore, from_md, md_seed
+from equiforce.active.explore import TORSION_SOURCE, distort, exploration_seeds, explore, from_md
 from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
@@ -373,11 +373,7 @@ class Learner:
         reference = valid.get("median_max_force_sigma", valid.get("mean_max_force_sigma")) or 0.0
         threshold = cfg.explore.sigma_stop or (cfg.explore.sigma_stop_factor * reference if reference > 0 else 1.0)
         labelled = self.state.labelled(round_ + 1, "train")
-        seeds = list(self.starts)
-        if cfg.explore.restart_from == "labelled":
-            seeds += [c.to_atoms() for c in labelled]
-        elif cfg.explore.restart_from == "labelled_md":
-            seeds += [c.to_atoms() for c in labelled if md_seed(c.config_type)]
+        seeds = exploration_seeds(self.starts, labelled, cfg.explore.restart_from)
         rng = np.random.default_rng([cfg.seed, round_, 1])
         self.display.phase(f"round {round_}: exploring ({len(cfg.explore.temperatures) * cfg.explore.replicas} "
                            f"replicas × {cfg.explore.steps} steps, σ stop {threshold:.3g} eV/Å)")
