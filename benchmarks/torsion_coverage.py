@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   "of ase.build's ethanol)")
     parser.add_argument("--bins", type=float, nargs="+", default=[0, 30, 90, 150, 180], help="|dihedral| bin edges")
     args = parser.parse_args(argv)
+    if not (args.run / JOURNAL).is_file():
+        parser.error(f"{args.run}: no {JOURNAL} (not an `equiforce learn` run directory)")
+    if not args.test.is_file():
+        parser.error(f"{args.test}: not a file of test frames")
     bins = list(args.bins[:-1]) + [args.bins[-1] + 1e-9]
     by_round: dict[int, list[np.ndarray]] = {}
     for record in read_journal(args.run / JOURNAL):

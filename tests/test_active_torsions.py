@@ -167,6 +167,12 @@ def test_torsion_coverage_counts_test_frames_and_picks_by_round(tmp_path, capsys
             for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["test"] == ["0", "2", "0", "1"] and rows["round0"] == ["0", "0", "0", "1"]
     assert rows["round1"] == ["0", "1", "0", "0"]
+    with pytest.raises(SystemExit):  # a directory where the test frames belong: a usage error, not a traceback
+        module.main([str(tmp_path), str(tmp_path)])
+    assert "not a file of test frames" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.main([str(tmp_path / "missing"), str(tmp_path / "test.xyz")])
+    assert "no journal.jsonl" in capsys.readouterr().err
 
 
 def test_a_start_without_rotatable_bonds_is_reported_and_gets_no_turned_copies(tmp_path, capsys):
