@@ -19,6 +19,7 @@ def test_tiny_config_is_valid_and_defaults_fill_in(tmp_path):
     assert default.oracle.resolved()[0] == "tblite.ase:TBLite"  # xTB is the default oracle
     assert default.training.max_time == 120.0  # a round always has a budget
     assert (default.start.torsions, default.explore.torsions) == (8, 4)  # torsional moves on by default
+    assert default.explore.restart_from == "labelled_md_snapshots"  # turned conformers do not seed MD
 
 
 @pytest.mark.parametrize(("section", "key"), [("stop", "max_oracle_cals"), ("explore", "temperature"),

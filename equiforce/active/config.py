@@ -135,12 +135,13 @@ class ExploreConfig(_Section):
                                                              "validation median of the max force σ)")
     sigma_stop_factor: float = Field(4.0, gt=1)
     restart_from: Literal["start", "labelled", "labelled_md", "labelled_md_snapshots"] = Field(
-        "labelled_md", description="replicas (and random distortions) start from the starting structures plus: "
-                                   "labelled_md, labelled structures that came from MD or from turning rotatable "
-                                   "bonds (not distorted copies, whose strain 900 K of MD would only add "
-                                   "to); labelled_md_snapshots, MD snapshots only (turned conformers stay "
-                                   "candidates but never start MD, so a basin they reached is not re-sampled "
-                                   "by every later round); labelled, any labelled one; start, nothing else")
+        "labelled_md_snapshots", description="replicas (and random distortions and turns) start from the starting "
+                                             "structures plus: labelled_md_snapshots, labelled MD snapshots (turned "
+                                             "conformers stay candidates but never start MD: seeded by them, "
+                                             "every later round re-sampled the basins they reached); labelled_md, "
+                                             "MD snapshots and turned conformers (not distorted copies, whose "
+                                             "strain hot MD would only add to); labelled, any labelled one; start, "
+                                             "nothing else")
     rattle: int = Field(8, ge=0, description="randomly displaced candidates per round")
     rattle_amplitude: list[float] = Field(default_factory=lambda: [0.03, 0.15], description="Å, range of σ")
     strain: float = Field(0.03, ge=0, description="periodic cells: max random strain of those candidates")
