@@ -38,6 +38,25 @@ def _metrics_table(title: str, metrics: dict[str, Any]):
     return table
 
 
+def _by_type_table(by_type: dict[str, dict[str, Any]]):
+    """MAE per config_type, one row each: the quantities the data label, in the units of the overall table."""
+    from rich.table import Table
+
+    from equiforce.train.metrics import UNITS
+
+    labels = {"energy_per_atom": "E / atom", "forces": "F", "stress": "stress"}
+    shown = [name for name in labels if any(f"{name}_mae" in m for m in by_type.values())]
+    table = Table(title="MAE by config_type")
+    table.add_column("config_type")
+    table.add_column("structures", justify="right")
+    for name in shown:
+        table.add_column(f"{labels[name]} ({UNITS[name]})", justify="right")
+    for config_type, metrics in by_type.items():
+        cells = [f"{metrics[f'{name}_mae']:.4g}" if f"{name}_mae" in metrics else "" for name in shown]
+        table.add_row(config_type, str(metrics["n_configs"]), *cells)
+    return table
+
+
 def _console():
     from rich.console import Console
 
@@ -66,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.data.io import read_configurations
-    from equiforce.evaluate import evaluate, parity_plot, resolve_device
+    from equiforce.evaluate import evaluate, evaluate_by_config_type, parity_plot, resolve_device
     from equiforce.models.file import load_model
     from equiforce.utils.atomic_io import atomic_write_text
 
@@ -84,10 +103,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.train.metrics import UNITS
 
     report = {"model": str(args.model), "data": str(args.data), "metrics": result, "units": UNITS}
+    by_type = evaluate_by_config_type(model, configs, batch_size=args.batch_size, device=device)
+    if by_type:
+        report["by_config_type"] = by_type
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     console = _console()
     console.print(_metrics_table(f"{Path(args.data).name}: {result['n_configs']} structures, "
                                  f"{result['n_atoms']} atoms", result))
+    if by_type:
+        console.print(_by_type_table(by_type))
     console.print(f"wrote {out / 'metrics.json'} and {out / 'parity.png'}")
     if args.uq:
         from equiforce.uq.report import evaluate_uncertainty, uq_table

@@ -88,12 +88,13 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
 
 def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_size: int = 16,
              device: str | torch.device | None = "cpu", compute_stress: bool | None = None,
-             keep_values: bool = False) -> dict:
+             keep_values: bool = False, hessians: bool = True) -> dict:
     """Energy (per atom, meV/atom, and per structure, meV), force (meV/Å) and stress (meV/Å³) MAE and RMSE.
 
     The model is moved to ``device`` (in place, as ``Module.to`` does).
     With ``keep_values=True`` the result also holds ``"values"``: ``{quantity: (pred, ref)}`` arrays in eV
-    units for :func:`parity_plot`.
+    units for :func:`parity_plot`.  ``hessians=False`` skips the full Hessians of Hessian-labelled structures
+    (3N backward passes each).
     """
     device = resolve_device(device)
     model = model.to(device)
@@ -102,7 +103,7 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     if graphs:
         run_batches(model, graphs, batch_size, device, metrics, compute_stress=compute_stress)
     result: dict = dict(metrics.compute())
-    labelled = [c for c in configs if isinstance(c, Configuration) and c.hessian is not None]
+    labelled = [c for c in configs if hessians and isinstance(c, Configuration) and c.hessian is not None]
     if labelled:
         result.update(hessian_errors(model, labelled, device))
     result["n_configs"] = len(graphs)
@@ -110,6 +111,20 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     if keep_values:
         result["values"] = metrics.values() if graphs else {}
     return result
+
+
+def evaluate_by_config_type(model: Potential, configs: Sequence[Configuration], batch_size: int = 16,
+                            device: str | torch.device | None = "cpu") -> dict[str, dict]:
+    """:func:`evaluate` for each ``config_type`` on its own (MD temperatures, dimers, surfaces, ...): one overall
+    MAE hides which kind of structure a model gets wrong.  Empty when all structures share one type; no full
+    Hessians (the overall evaluation has them)."""
+    groups: dict[str, list[Configuration]] = {}
+    for config in configs:
+        groups.setdefault(str(config.config_type), []).append(config)
+    if len(groups) < 2:
+        return {}
+    return {name: evaluate(model, group, batch_size=batch_size, device=device, hessians=False)
+            for name, group in sorted(groups.items())}
 
 
 def hessian_errors(model: Potential, configs: Sequence[Configuration], device: torch.device | str = "cpu") -> dict:

@@ -208,6 +208,27 @@ def test_cli_eval_prints_metrics_and_writes_plot(reference, data_dir, tmp_path, 
     assert (tmp_path / "eval" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["metrics"]["n_configs"] == 4 and report["metrics"]["forces_mae"] > 0
+    assert "by_config_type" not in report  # one type: nothing to break down
+
+
+def test_cli_eval_breaks_errors_down_by_config_type(reference, data_dir, tmp_path, capsys):
+    from ase.io import read, write
+
+    _, _, out = reference
+    frames = read(data_dir / "test.xyz", ":")
+    for k, atoms in enumerate(frames):
+        atoms.info["config_type"] = "md300K" if k < 3 else "md800K"
+    write(tmp_path / "typed.xyz", frames)
+    assert main(["eval", str(out / "best.eqf"), str(tmp_path / "typed.xyz"), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "by config_type" in printed and "md300K" in printed and "md800K" in printed
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    groups = report["by_config_type"]
+    assert [groups[t]["n_configs"] for t in ("md300K", "md800K")] == [3, len(frames) - 3]
+    # the groups' force MAEs, weighted by their atoms, make up the overall MAE
+    pooled = sum(g["forces_mae"] * g["n_atoms"] for g in groups.values()) / report["metrics"]["n_atoms"]
+    assert pooled == pytest.approx(report["metrics"]["forces_mae"], rel=1e-6)
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, data_dir, capsys):
