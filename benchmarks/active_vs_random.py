@@ -28,7 +28,8 @@ Adam without decay; AdamW decay 5e-3 on the interactions was measured not to hel
 in docs/benchmarks.md; ``--loss mse`` gives the earlier runs' training).
 ``--start-rattle`` sets the loop's rattled bootstrap copies, ``--start-torsions`` and ``--explore-torsions`` its
 torsional moves (``start.torsions``, ``explore.torsions``: copies of the molecule with rotatable bonds turned to
-random angles), ``--restart-from`` which labelled structures start its exploration MD (``explore.restart_from``);
+random angles), ``--restart-from`` which labelled structures start its exploration MD (``explore.restart_from``),
+``--explore-temperatures`` its MD ladder;
 each defaults to the loop's own.
 
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
@@ -98,7 +99,8 @@ def arm_config(args: argparse.Namespace, test_path: Path) -> dict[str, Any]:
     config["first_round_max_time"] = args.first_round_time
     config["start"].update(structures=[f"molecule:{args.molecule}"], rattle=args.start_rattle,
                            torsions=args.start_torsions)
-    config["explore"].update(torsions=args.explore_torsions, restart_from=args.restart_from)
+    config["explore"].update(torsions=args.explore_torsions, restart_from=args.restart_from,
+                             temperatures=args.explore_temperatures)
     return config
 
 
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["start", "labelled", "labelled_md", "labelled_md_snapshots"],
                         help="which labelled structures start the loop's exploration MD (explore.restart_from; "
                              "default: the loop's own, %(default)s)")
+    parser.add_argument("--explore-temperatures", type=float, nargs="+", default=demo.explore.temperatures,
+                        metavar="K", help="the loop's exploration ladder (explore.temperatures; default: the loop's "
+                                          "own, %(default)s; the test set and pool stay at 300/500/800 K)")
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser

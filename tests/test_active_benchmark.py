@@ -68,6 +68,12 @@ def test_bootstrap_and_torsion_options_default_to_the_loop_and_reach_its_config(
                                                    "--explore-torsions", "6"])
     config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
     assert (config.start.rattle, config.start.torsions, config.explore.torsions) == (11, 12, 6)
+    assert (config.explore.restart_from, config.explore.temperatures) == (demo.explore.restart_from,
+                                                                          demo.explore.temperatures)
+    args = bench.build_parser().parse_args(base + ["--restart-from", "labelled_md", "--explore-temperatures",
+                                                   "300", "600", "1000"])
+    config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
+    assert (config.explore.restart_from, config.explore.temperatures) == ("labelled_md", [300.0, 600.0, 1000.0])
 
 
 def test_molecule_option_sets_the_loops_start(tmp_path):
