@@ -50,7 +50,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rmd17 import add_optimizer_args, add_penalty_args  # noqa: E402
 
-from equiforce.active.config import parse_learn_config  # noqa: E402
+from equiforce.active.config import ExploreConfig, parse_learn_config  # noqa: E402
 from equiforce.active.loop import learn  # noqa: E402
 from equiforce.active.reference import cached_md_set  # noqa: E402
 from equiforce.active.rounds import rate, train_round  # noqa: E402
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--explore-torsions", type=int, default=demo.explore.torsions,
                         help="the loop's turned candidates per round (default: the loop's own, %(default)s)")
     parser.add_argument("--restart-from", default=demo.explore.restart_from,
-                        choices=["start", "labelled", "labelled_md", "labelled_md_snapshots"],
+                        choices=get_args(ExploreConfig.model_fields["restart_from"].annotation),
                         help="which labelled structures start the loop's exploration MD (explore.restart_from; "
                              "default: the loop's own, %(default)s)")
     parser.add_argument("--explore-temperatures", type=float, nargs="+", default=demo.explore.temperatures,
