@@ -29,7 +29,9 @@ in docs/benchmarks.md; ``--loss mse`` gives the earlier runs' training).
 ``--start-rattle`` sets the loop's rattled bootstrap copies, ``--start-torsions`` and ``--explore-torsions`` its
 torsional moves (``start.torsions``, ``explore.torsions``: copies of the molecule with rotatable bonds turned to
 random angles), ``--restart-from`` which labelled structures start its exploration MD (``explore.restart_from``),
-``--explore-temperatures`` its MD ladder;
+``--explore-temperatures``, ``--explore-replicas`` and ``--explore-steps`` its MD ladder and how much MD
+it runs per round (so how many candidates its selection chooses from), ``--random-fraction`` the share of its picks
+drawn at random from its MD snapshots;
 each defaults to the loop's own.
 
 Every call (validation share and failures included) counts.  ``calls_ratio``: random selection's test MAE
@@ -100,7 +102,9 @@ def arm_config(args: argparse.Namespace, test_path: Path) -> dict[str, Any]:
     config["start"].update(structures=[f"molecule:{args.molecule}"], rattle=args.start_rattle,
                            torsions=args.start_torsions)
     config["explore"].update(torsions=args.explore_torsions, restart_from=args.restart_from,
-                             temperatures=args.explore_temperatures)
+                             temperatures=args.explore_temperatures, replicas=args.explore_replicas,
+                             steps=args.explore_steps)
+    config["select"].update(random_fraction=args.random_fraction)
     return config
 
 
@@ -194,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--explore-temperatures", type=float, nargs="+", default=demo.explore.temperatures,
                         metavar="K", help="the loop's exploration ladder (explore.temperatures; default: the loop's "
                                           "own, %(default)s; the test set and pool stay at 300/500/800 K)")
+    parser.add_argument("--explore-replicas", type=int, default=demo.explore.replicas,
+                        help="the loop's MD replicas per temperature (explore.replicas; default: the loop's own, "
+                             "%(default)s)")
+    parser.add_argument("--explore-steps", type=int, default=demo.explore.steps,
+                        help="the loop's MD steps per replica and round (explore.steps; default: the loop's own, "
+                             "%(default)s)")
+    parser.add_argument("--random-fraction", type=float, default=demo.select.random_fraction,
+                        help="share of the loop's picks drawn at random from its MD snapshots "
+                             "(select.random_fraction; default: the loop's own, %(default)s)")
     parser.add_argument("--explore-random", action="store_true",
                         help="third arm: the loop with random picks from its own exploration (explore_random)")
     return parser

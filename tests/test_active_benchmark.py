@@ -74,6 +74,12 @@ def test_bootstrap_and_torsion_options_default_to_the_loop_and_reach_its_config(
                                                    "300", "600", "1000"])
     config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
     assert (config.explore.restart_from, config.explore.temperatures) == ("labelled_md", [300.0, 600.0, 1000.0])
+    assert (config.explore.replicas, config.explore.steps, config.select.random_fraction) == (
+        demo.explore.replicas, demo.explore.steps, demo.select.random_fraction)
+    args = bench.build_parser().parse_args(base + ["--explore-replicas", "4", "--explore-steps", "900",
+                                                   "--random-fraction", "0.25"])
+    config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
+    assert (config.explore.replicas, config.explore.steps, config.select.random_fraction) == (4, 900, 0.25)
 
 
 def test_molecule_option_sets_the_loops_start(tmp_path):
