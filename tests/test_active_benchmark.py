@@ -61,25 +61,21 @@ def test_bootstrap_and_torsion_options_default_to_the_loop_and_reach_its_config(
 
     demo = parse_learn_config(learn_config(tmp_path, tmp_path / "test.xyz", 1.0, 0, False), "demo")
     base = ["--out", str(tmp_path / "r.json"), "--workdir", str(tmp_path)]
-    config = parse_learn_config(bench.arm_config(bench.build_parser().parse_args(base), tmp_path / "t.xyz"), "t")
-    assert (config.start.rattle, config.start.torsions, config.explore.torsions) == (
-        demo.start.rattle, demo.start.torsions, demo.explore.torsions)
-    args = bench.build_parser().parse_args(base + ["--start-rattle", "11", "--start-torsions", "12",
-                                                   "--explore-torsions", "6"])
-    config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
-    assert (config.start.rattle, config.start.torsions, config.explore.torsions) == (11, 12, 6)
-    assert (config.explore.restart_from, config.explore.temperatures) == (demo.explore.restart_from,
-                                                                          demo.explore.temperatures)
-    args = bench.build_parser().parse_args(base + ["--restart-from", "labelled_md", "--explore-temperatures",
-                                                   "300", "600", "1000"])
-    config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
-    assert (config.explore.restart_from, config.explore.temperatures) == ("labelled_md", [300.0, 600.0, 1000.0])
-    assert (config.explore.replicas, config.explore.steps, config.select.random_fraction) == (
-        demo.explore.replicas, demo.explore.steps, demo.select.random_fraction)
-    args = bench.build_parser().parse_args(base + ["--explore-replicas", "4", "--explore-steps", "900",
-                                                   "--random-fraction", "0.25"])
-    config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
-    assert (config.explore.replicas, config.explore.steps, config.select.random_fraction) == (4, 900, 0.25)
+
+    def parsed(*options: str):
+        args = bench.build_parser().parse_args(base + list(options))
+        return parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
+
+    def loop_options(config):
+        return (config.start.rattle, config.start.torsions, config.explore.torsions, config.explore.restart_from,
+                config.explore.temperatures, config.explore.replicas, config.explore.steps,
+                config.select.random_fraction)
+
+    assert loop_options(parsed()) == loop_options(demo)
+    config = parsed("--start-rattle", "5", "--start-torsions", "3", "--explore-torsions", "2",
+                    "--restart-from", "labelled_md", "--explore-temperatures", "300", "600", "1000",
+                    "--explore-replicas", "4", "--explore-steps", "900", "--random-fraction", "0.25")
+    assert loop_options(config) == (5, 3, 2, "labelled_md", [300.0, 600.0, 1000.0], 4, 900, 0.25)
 
 
 def test_molecule_option_sets_the_loops_start(tmp_path):
