@@ -121,23 +121,30 @@ def active_arm(args: argparse.Namespace, test_path: Path, name: str = "al",
     return [{"calls": r["calls"], "f_mae_mev_a": r["test_f_mae"], "round": r["round"]} for r in summary["rounds"]]
 
 
+def random_round_frames(pool: list[Configuration], n: int, seed: int,
+                        valid_fraction: float) -> tuple[list[Configuration], list[Configuration]]:
+    """The random arm's training and validation frames once it has made ``n`` calls: the first ``n`` of one fixed
+    permutation of the pool (so each round keeps the earlier rounds' frames), every k-th held out."""
+    order = np.random.default_rng(seed + 1).permutation(len(pool))
+    chosen = [pool[i] for i in order[:n]]
+    valid_every = int(round(1 / valid_fraction))
+    valid = [c for k, c in enumerate(chosen) if k % valid_every == valid_every - 1]
+    train = [c for k, c in enumerate(chosen) if k % valid_every != valid_every - 1]
+    return train, valid
+
+
 def random_arm(args: argparse.Namespace, test: list[Configuration], pool: list[Configuration], bootstrap: int,
                test_path: Path) -> list[dict[str, float]]:
     """The loop's rounds with random pool frames instead of selection (same sizes, training and model)."""
     cfg = parse_learn_config(arm_config(args, test_path), "active_vs_random (random arm)")
-    rng = np.random.default_rng(args.seed + 1)
-    order = rng.permutation(len(pool))
     sizes = [bootstrap]
     while sizes[-1] < args.max_calls:
         sizes.append(min(args.max_calls, sizes[-1] + args.per_round))
     if sizes[-1] > len(pool):
         raise SystemExit(f"the pool has {len(pool)} frames; {sizes[-1]} are needed (raise --pool-frames)")
-    valid_every = int(round(1 / cfg.select.valid_fraction))
     curve, previous = [], None
     for round_, n in enumerate(sizes, 1):
-        chosen = [pool[i] for i in order[:n]]
-        valid = [c for k, c in enumerate(chosen) if k % valid_every == valid_every - 1]
-        train = [c for k, c in enumerate(chosen) if k % valid_every != valid_every - 1]
+        train, valid = random_round_frames(pool, n, args.seed, cfg.select.valid_fraction)
         directory = args.workdir / "random" / f"r{round_:03d}"
         path = directory / "model.eqf"
         if not path.exists():  # rerunning the benchmark reuses finished rounds
@@ -212,25 +219,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()
-    torch.set_num_threads(args.threads)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    cache = args.cache or args.workdir / "cache"
+def oracle_sets(args: argparse.Namespace) -> tuple[list[Configuration], Path, list[Configuration]]:
+    """The test set (and its file) and the random arm's pool: oracle MD at 300/500/800 K, cached under ``--cache``
+    (generated on the first run, read back after: a finished run's settings give back the very same frames)."""
     from ase.build import molecule
 
+    cache = args.cache or args.workdir / "cache"
     try:
         start = molecule(args.molecule)
     except KeyError:
         raise SystemExit(f"--molecule {args.molecule!r}: not a molecule of ase.build.molecule (e.g. CH3CH2OH, "
                          "trans-butane)") from None
-    t0 = time.perf_counter()
     temps = [300.0, 500.0, 800.0]
     test, test_path = cached_md_set(cache, start, ORACLE, temps, args.test_frames, interval=20, equilibration=200,
                                     seed=args.seed + 101)
     pool_frames = max(args.pool_frames, -(-args.reference_frames // len(temps)))
     pool, _ = cached_md_set(cache, start, ORACLE, temps, pool_frames, interval=40, equilibration=200,
                             seed=args.seed + 202)
+    return test, test_path, pool
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    test, test_path, pool = oracle_sets(args)
     t_data = time.perf_counter() - t0
     al = active_arm(args, test_path)
     t_al = time.perf_counter() - t0 - t_data

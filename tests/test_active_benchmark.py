@@ -87,3 +87,28 @@ def test_molecule_option_sets_the_loops_start(tmp_path):
     args = bench.build_parser().parse_args(base + ["--molecule", "trans-butane"])
     config = parse_learn_config(bench.arm_config(args, tmp_path / "t.xyz"), "t")
     assert config.start.structures == ["molecule:trans-butane"]
+
+
+def test_random_rounds_keep_earlier_frames_and_hold_out_every_kth():
+    """The random arm's round n+1 adds frames to round n's (one permutation), and ``al_training_limit.py`` gets
+    back exactly the frames a round trained on."""
+    pool = list(range(100))  # stands in for configurations: only their order matters
+    train_a, valid_a = bench.random_round_frames(pool, 24, seed=2, valid_fraction=0.15)
+    train_b, valid_b = bench.random_round_frames(pool, 74, seed=2, valid_fraction=0.15)
+    assert (len(train_a) + len(valid_a), len(train_b) + len(valid_b)) == (24, 74)
+    assert set(train_a) <= set(train_b) and set(valid_a) <= set(valid_b)
+    assert len(valid_b) == 74 // 7  # every 7th (1 / 0.15 rounded) is held out
+    assert bench.random_round_frames(pool, 24, seed=2, valid_fraction=0.15) == (train_a, valid_a)
+    assert bench.random_round_frames(pool, 24, seed=3, valid_fraction=0.15) != (train_a, valid_a)
+
+
+def test_training_limit_script_names_what_is_not_a_finished_run(tmp_path):
+    spec_ = importlib.util.spec_from_file_location("al_training_limit", SCRIPT.parent / "al_training_limit.py")
+    limit = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(limit)
+    bogus = tmp_path / "results.json"
+    bogus.write_text('{"al": []}')
+    with pytest.raises(SystemExit, match="results.json: not the results JSON"):
+        limit.run_settings(bogus)
+    with pytest.raises(SystemExit, match="config.yaml: missing"):
+        limit.loop_config(tmp_path, 60.0)
