@@ -219,9 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def oracle_sets(args: argparse.Namespace) -> tuple[list[Configuration], Path, list[Configuration]]:
+def oracle_sets(args: argparse.Namespace, generate: bool = True
+                ) -> tuple[list[Configuration], Path, list[Configuration]]:
     """The test set (and its file) and the random arm's pool: oracle MD at 300/500/800 K, cached under ``--cache``
-    (generated on the first run, read back after: a finished run's settings give back the very same frames)."""
+    (generated on the first run, read back after: a finished run's settings give back the very same frames;
+    ``generate=False`` only reads back)."""
     from ase.build import molecule
 
     cache = args.cache or args.workdir / "cache"
@@ -232,10 +234,10 @@ def oracle_sets(args: argparse.Namespace) -> tuple[list[Configuration], Path, li
                          "trans-butane)") from None
     temps = [300.0, 500.0, 800.0]
     test, test_path = cached_md_set(cache, start, ORACLE, temps, args.test_frames, interval=20, equilibration=200,
-                                    seed=args.seed + 101)
+                                    seed=args.seed + 101, generate=generate)
     pool_frames = max(args.pool_frames, -(-args.reference_frames // len(temps)))
     pool, _ = cached_md_set(cache, start, ORACLE, temps, pool_frames, interval=40, equilibration=200,
-                            seed=args.seed + 202)
+                            seed=args.seed + 202, generate=generate)
     return test, test_path, pool
 
 

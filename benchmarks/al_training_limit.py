@@ -90,7 +90,10 @@ def main() -> None:
     args = run_settings(cli.results)
     results = json.loads(cli.results.read_text())
     cfg = loop_config(args.workdir, cli.seconds)
-    test, _, pool = oracle_sets(args)
+    try:
+        test, _, pool = oracle_sets(args, generate=False)
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error} (the run's test set and pool are read back, never made again)") from None
     state = RunState.replay(read_journal(args.workdir / "al" / JOURNAL))
     rows = []
     for arm, rounds in (("al", cli.al_rounds), ("random", cli.random_rounds)):
@@ -101,6 +104,8 @@ def main() -> None:
                                  f"(1 to {len(curve)})")
             model = (args.workdir / "al" / "rounds" / f"r{round_:03d}" if arm == "al"
                      else args.workdir / "random" / f"r{round_:03d}") / "model.eqf"
+            if not model.is_file():
+                raise SystemExit(f"{model}: missing; the {arm} arm's round {round_} did not finish in {args.workdir}")
             train, valid = round_data(arm, round_, args, state, pool, curve, cfg)
             t0 = time.perf_counter()
             longer = train_round(cli.out.parent / f"{cli.out.stem}_{arm}_r{round_:03d}", train, valid, cfg, model,

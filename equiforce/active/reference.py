@@ -54,9 +54,12 @@ def oracle_md_frames(start: Atoms, calculator: Any, temperatures: Sequence[float
 
 def cached_md_set(cache_dir: str | os.PathLike, start: Atoms, oracle: tuple[str, dict[str, Any]],
                   temperatures: Sequence[float], frames_per_temperature: int, interval: int = 20,
-                  equilibration: int = 200, timestep_fs: float = 0.5, seed: int = 0
+                  equilibration: int = 200, timestep_fs: float = 0.5, seed: int = 0, generate: bool = True
                   ) -> tuple[list[Configuration], Path]:
-    """:func:`oracle_md_frames`, read from ``cache_dir`` when already made with the same parameters."""
+    """:func:`oracle_md_frames`, read from ``cache_dir`` when already made with the same parameters.
+
+    ``generate=False``: only read back, never call the oracle (``FileNotFoundError`` naming the expected file) —
+    for tools that re-rate a finished run and must rate it on the very frames it used."""
     key = json.dumps({"numbers": start.numbers.tolist(), "positions": np.round(start.positions, 6).tolist(),
                       "oracle": oracle, "temperatures": list(temperatures), "n": frames_per_temperature,
                       "interval": interval, "equilibration": equilibration, "dt": timestep_fs, "seed": seed},
@@ -64,6 +67,8 @@ def cached_md_set(cache_dir: str | os.PathLike, start: Atoms, oracle: tuple[str,
     path = Path(cache_dir) / f"oracle_md_{hashlib.sha256(key.encode()).hexdigest()[:12]}.xyz"
     if path.is_file():
         return read_configurations(path), path
+    if not generate:
+        raise FileNotFoundError(f"{path}: no cached oracle MD set with these parameters in {cache_dir}")
     calculator = import_object(oracle[0])(**oracle[1])
     configs = oracle_md_frames(start, calculator, temperatures, frames_per_temperature, interval, equilibration,
                                timestep_fs, seed)
