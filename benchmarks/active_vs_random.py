@@ -65,7 +65,7 @@ from rmd17 import add_optimizer_args, add_penalty_args  # noqa: E402
 from equiforce.active.config import ExploreConfig, parse_learn_config  # noqa: E402
 from equiforce.active.loop import learn  # noqa: E402
 from equiforce.active.reference import cached_md_set  # noqa: E402
-from equiforce.active.rounds import rate, train_round  # noqa: E402
+from equiforce.active.rounds import MODEL, rate, train_round  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.demo.ethanol import ORACLE, demo_settings, learn_config, train_reference  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
@@ -121,6 +121,11 @@ def active_arm(args: argparse.Namespace, test_path: Path, name: str = "al",
     return [{"calls": r["calls"], "f_mae_mev_a": r["test_f_mae"], "round": r["round"]} for r in summary["rounds"]]
 
 
+def random_round_dir(workdir: Path, round_: int) -> Path:
+    """Where the random arm's round ``round_`` (1-based) trains and keeps its model."""
+    return workdir / "random" / f"r{round_:03d}"
+
+
 def random_round_frames(pool: list[Configuration], n: int, seed: int,
                         valid_fraction: float) -> tuple[list[Configuration], list[Configuration]]:
     """The random arm's training and validation frames once it has made ``n`` calls: the first ``n`` of one fixed
@@ -145,8 +150,8 @@ def random_arm(args: argparse.Namespace, test: list[Configuration], pool: list[C
     curve, previous = [], None
     for round_, n in enumerate(sizes, 1):
         train, valid = random_round_frames(pool, n, args.seed, cfg.select.valid_fraction)
-        directory = args.workdir / "random" / f"r{round_:03d}"
-        path = directory / "model.eqf"
+        directory = random_round_dir(args.workdir, round_)
+        path = directory / MODEL
         if not path.exists():  # rerunning the benchmark reuses finished rounds
             path = train_round(directory, train, valid, cfg, previous, cfg.seed + round_, progress=False)
         previous = path

@@ -31,27 +31,27 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from active_vs_random import oracle_sets, random_round_frames  # noqa: E402
+from active_vs_random import oracle_sets, random_round_dir, random_round_frames  # noqa: E402
 
 from equiforce.active.config import LearnConfig, parse_learn_config  # noqa: E402
 from equiforce.active.journal import JOURNAL, read_journal  # noqa: E402
 from equiforce.active.loop import RunState  # noqa: E402
-from equiforce.active.rounds import rate, train_round  # noqa: E402
+from equiforce.active.rounds import MODEL, rate, train_round  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
 
 
-def run_settings(results_path: Path) -> argparse.Namespace:
-    """The finished run's command-line settings (paths back to ``Path``)."""
+def run_settings(results_path: Path) -> tuple[dict[str, Any], argparse.Namespace]:
+    """The finished run's results and its command-line settings (paths back to ``Path``)."""
     try:
-        settings = json.loads(results_path.read_text())["settings"]
+        results = json.loads(results_path.read_text())
+        args = argparse.Namespace(**results["settings"])
     except (OSError, ValueError, KeyError) as error:
         raise SystemExit(f"{results_path}: not the results JSON of benchmarks/active_vs_random.py ({error})") from None
-    args = argparse.Namespace(**settings)
     args.workdir = Path(args.workdir)
     args.cache = None if args.cache is None else Path(args.cache)
-    return args
+    return results, args
 
 
 def loop_config(workdir: Path, seconds: float) -> LearnConfig:
@@ -87,8 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     cli = build_parser().parse_args()
     torch.set_num_threads(cli.threads)
-    args = run_settings(cli.results)
-    results = json.loads(cli.results.read_text())
+    results, args = run_settings(cli.results)
     cfg = loop_config(args.workdir, cli.seconds)
     try:
         test, _, pool = oracle_sets(args, generate=False)
@@ -103,7 +102,7 @@ def main() -> None:
                 raise SystemExit(f"--{arm}-rounds: {round_} is not a round of the {arm} arm "
                                  f"(1 to {len(curve)})")
             model = (args.workdir / "al" / "rounds" / f"r{round_:03d}" if arm == "al"
-                     else args.workdir / "random" / f"r{round_:03d}") / "model.eqf"
+                     else random_round_dir(args.workdir, round_)) / MODEL
             if not model.is_file():
                 raise SystemExit(f"{model}: missing; the {arm} arm's round {round_} did not finish in {args.workdir}")
             train, valid = round_data(arm, round_, args, state, pool, curve, cfg)
