@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.data.io import read_configurations
-    from equiforce.evaluate import evaluate, evaluate_by_config_type, parity_plot, resolve_device
+    from equiforce.evaluate import evaluate, parity_plot, resolve_device
     from equiforce.models.file import load_model
     from equiforce.utils.atomic_io import atomic_write_text
 
@@ -94,8 +94,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     configs = read_configurations(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
                                   stress_key=args.stress_key, virial_key=args.virial_key, index=args.index,
                                   hessian_key=args.hessian_key, require_energy=False)
-    result = evaluate(model, configs, batch_size=args.batch_size, device=device, keep_values=True)
+    result = evaluate(model, configs, batch_size=args.batch_size, device=device, keep_values=True,
+                      by_config_type=True)
     values = result.pop("values")
+    by_type = result.pop("by_config_type", {})
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     parity_plot({k: v[0] for k, v in values.items()}, {k: v[1] for k, v in values.items()}, out / "parity.png",
@@ -103,7 +105,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.train.metrics import UNITS
 
     report = {"model": str(args.model), "data": str(args.data), "metrics": result, "units": UNITS}
-    by_type = evaluate_by_config_type(model, configs, batch_size=args.batch_size, device=device)
     if by_type:
         report["by_config_type"] = by_type
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")

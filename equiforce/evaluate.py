@@ -86,45 +86,64 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
     return None if total is None else float(total) / max(count, 1)
 
 
+class _MetricsPair:
+    """Feeds each batch to the overall metrics and to its group's, so one pass gives both."""
+
+    def __init__(self, overall: ErrorMetrics, group: ErrorMetrics) -> None:
+        self.overall, self.group = overall, group
+
+    def update(self, pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        self.overall.update(pred, batch)
+        self.group.update(pred, batch)
+
+
+def _config_type(item: Configuration | Graph) -> str:
+    return str(item.config_type) if isinstance(item, Configuration) else "None"
+
+
+def _counts(graphs: Sequence[Graph]) -> dict[str, int]:
+    return {"n_configs": len(graphs), "n_atoms": int(sum(int(g[K.N_ATOMS].sum()) for g in graphs))}
+
+
 def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_size: int = 16,
              device: str | torch.device | None = "cpu", compute_stress: bool | None = None,
-             keep_values: bool = False, hessians: bool = True) -> dict:
+             keep_values: bool = False, hessians: bool = True, by_config_type: bool = False) -> dict:
     """Energy (per atom, meV/atom, and per structure, meV), force (meV/Å) and stress (meV/Å³) MAE and RMSE.
 
     The model is moved to ``device`` (in place, as ``Module.to`` does).
     With ``keep_values=True`` the result also holds ``"values"``: ``{quantity: (pred, ref)}`` arrays in eV
     units for :func:`parity_plot`.  ``hessians=False`` skips the full Hessians of Hessian-labelled structures
-    (3N backward passes each).
+    (3N backward passes each).  ``by_config_type=True`` adds ``"by_config_type"``: the same metrics for each
+    ``config_type`` on its own (MD temperatures, dimers, surfaces, ...), because one overall MAE hides which
+    kind of structure a model gets wrong.  The groups come from the same pass over the data (batches are
+    formed within a group); the key is left out when all structures share one type.
     """
     device = resolve_device(device)
     model = model.to(device)
     graphs = as_graphs(model, configs)
     metrics = ErrorMetrics(keep=keep_values)
-    if graphs:
+    groups: dict[str, list[Graph]] = {}
+    for item, graph in zip(configs, graphs):
+        groups.setdefault(_config_type(item), []).append(graph)
+    per_group: dict[str, dict] = {}
+    if by_config_type and len(groups) > 1:
+        for name, members in sorted(groups.items()):
+            group_metrics = ErrorMetrics()
+            run_batches(model, members, batch_size, device, _MetricsPair(metrics, group_metrics),
+                        compute_stress=compute_stress)
+            per_group[name] = {**group_metrics.compute(), **_counts(members)}
+    elif graphs:
         run_batches(model, graphs, batch_size, device, metrics, compute_stress=compute_stress)
     result: dict = dict(metrics.compute())
     labelled = [c for c in configs if hessians and isinstance(c, Configuration) and c.hessian is not None]
     if labelled:
         result.update(hessian_errors(model, labelled, device))
-    result["n_configs"] = len(graphs)
-    result["n_atoms"] = int(sum(int(g[K.N_ATOMS].sum()) for g in graphs))
+    result.update(_counts(graphs))
     if keep_values:
         result["values"] = metrics.values() if graphs else {}
+    if per_group:
+        result["by_config_type"] = per_group
     return result
-
-
-def evaluate_by_config_type(model: Potential, configs: Sequence[Configuration], batch_size: int = 16,
-                            device: str | torch.device | None = "cpu") -> dict[str, dict]:
-    """:func:`evaluate` for each ``config_type`` on its own (MD temperatures, dimers, surfaces, ...): one overall
-    MAE hides which kind of structure a model gets wrong.  Empty when all structures share one type; no full
-    Hessians (the overall evaluation has them)."""
-    groups: dict[str, list[Configuration]] = {}
-    for config in configs:
-        groups.setdefault(str(config.config_type), []).append(config)
-    if len(groups) < 2:
-        return {}
-    return {name: evaluate(model, group, batch_size=batch_size, device=device, hessians=False)
-            for name, group in sorted(groups.items())}
 
 
 def hessian_errors(model: Potential, configs: Sequence[Configuration], device: torch.device | str = "cpu") -> dict:

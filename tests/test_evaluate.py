@@ -1,0 +1,44 @@
+"""``evaluate(..., by_config_type=True)``: the per-type errors come from the same pass as the overall ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from equiforce.data.structure import Configuration
+from equiforce.evaluate import evaluate
+from tests.conftest import make_model
+
+
+def _labelled(n: int, config_type: str, seed: int) -> list[Configuration]:
+    rng = np.random.default_rng(seed)
+    configs = []
+    for k in range(n):
+        numbers = [8, 1, 1, 6, 1][: 3 + k % 3]  # sizes differ, so per-atom and per-structure pooling differ
+        positions = rng.uniform(0.0, 2.5, size=(len(numbers), 3))
+        configs.append(Configuration(numbers=numbers, positions=positions, energy=float(rng.normal()),
+                                     forces=rng.normal(size=(len(numbers), 3)), config_type=config_type, frame=k))
+    return configs
+
+
+def test_errors_by_config_type_match_separate_evaluations_and_the_overall_pass():
+    model = make_model("small")
+    warm, hot = _labelled(4, "md300K", 1), _labelled(3, "md800K", 2)
+    mixed = [hot[0], warm[0], warm[1], hot[1], warm[2], hot[2], warm[3]]  # interleaved, as files often are
+    plain = evaluate(model, mixed, batch_size=2)
+    grouped = evaluate(model, mixed, batch_size=2, by_config_type=True)
+    groups = grouped.pop("by_config_type")
+    assert sorted(groups) == ["md300K", "md800K"]
+    assert grouped.keys() == plain.keys()
+    for key, value in plain.items():
+        assert grouped[key] == pytest.approx(value, rel=1e-10)
+    for name, members in (("md300K", warm), ("md800K", hot)):
+        alone = evaluate(model, members, batch_size=2)
+        assert groups[name].keys() == alone.keys()
+        for key, value in alone.items():
+            assert groups[name][key] == pytest.approx(value, rel=1e-10)
+    assert groups["md300K"]["forces_mae"] != pytest.approx(groups["md800K"]["forces_mae"])
+
+
+def test_one_config_type_gives_no_breakdown():
+    assert "by_config_type" not in evaluate(make_model("small"), _labelled(3, "md300K", 3), by_config_type=True)
