@@ -112,3 +112,40 @@ def test_training_limit_script_names_what_is_not_a_finished_run(tmp_path):
         limit.run_settings(bogus)
     with pytest.raises(SystemExit, match="config.yaml: missing"):
         limit.loop_config(tmp_path, 60.0)
+
+
+def test_pool_select_picks_only_available_candidates_with_the_loops_selection(tmp_path):
+    """``al_pool_select.py``'s choice: the loop's ``select.*`` on candidates not yet taken, indices into the pool."""
+    import numpy as np
+    from ase.build import molecule
+
+    from equiforce.active.config import parse_learn_config
+    from equiforce.data.structure import Configuration
+    from equiforce.demo.ethanol import learn_config
+    from equiforce.uq.ensemble import EnsemblePotential
+    from equiforce.uq.file import save_uq_model
+    from tests.conftest import make_model
+
+    spec_ = importlib.util.spec_from_file_location("al_pool_select", SCRIPT.parent / "al_pool_select.py")
+    pool_select = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(pool_select)
+    cfg = parse_learn_config(learn_config(tmp_path, tmp_path / "test.xyz", 1.0, 0, False), "demo")
+    path = save_uq_model(EnsemblePotential.from_members([make_model("small", seed=s) for s in range(2)]),
+                         tmp_path / "model.eqf")
+    rng = np.random.default_rng(0)
+    start = molecule("CH3CH2OH")
+
+    def frame(k: int) -> Configuration:
+        atoms = start.copy()
+        atoms.positions += rng.normal(scale=0.03 * (1 + k % 4), size=atoms.positions.shape)
+        return Configuration.from_atoms(atoms, energy=0.0, forces=np.zeros((len(atoms), 3)), frame=k)
+
+    candidates = [frame(k) for k in range(30)]
+    available = np.ones(30, dtype=bool)
+    available[:10] = False  # taken in earlier rounds
+    train, valid = [frame(k) for k in range(6)], [frame(k) for k in range(3)]
+    picks = pool_select.choose(path, candidates, available, train, valid, 8, cfg, np.random.default_rng(1))
+    assert len(picks) == len(set(picks)) == 8
+    assert all(10 <= i < 30 for i in picks)
+    again = pool_select.choose(path, candidates, available, train, valid, 8, cfg, np.random.default_rng(1))
+    assert again == picks  # a rerun with the same seed makes the same choice

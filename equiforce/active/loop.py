@@ -173,6 +173,16 @@ def load_structures(specs: Sequence[str], base: Path | None = None) -> list[Atom
     return [Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in out]
 
 
+def validation_split(n: int, fraction: float, seed: int, round_: int) -> list[str]:
+    """Which of a round's ``n`` picks go to validation ("valid") or training ("train"): a fixed share (at least
+    one of three or more), at positions drawn from the run's seed and the round."""
+    n_valid = int(round(fraction * n)) if n >= 3 else 0
+    if fraction > 0 and n >= 3:
+        n_valid = max(n_valid, 1)
+    chosen = set(np.random.default_rng([seed, round_, 17]).permutation(n)[:n_valid].tolist())
+    return ["valid" if k in chosen else "train" for k in range(n)]
+
+
 def absolute_paths(cfg: LearnConfig) -> LearnConfig:
     """File names made absolute, so a run resumes from any working directory."""
     start = cfg.start.model_copy(update={
@@ -215,13 +225,7 @@ class Learner:
 
     # -------------------------------------------------------------------------------------------- steps
     def _split(self, n: int, round_: int) -> list[str]:
-        """Which of a round's ``n`` picks go to validation: a fixed share, at random positions."""
-        f = self.cfg.select.valid_fraction
-        n_valid = int(round(f * n)) if n >= 3 else 0
-        if f > 0 and n >= 3:
-            n_valid = max(n_valid, 1)
-        chosen = set(np.random.default_rng([self.cfg.seed, round_, 17]).permutation(n)[:n_valid].tolist())
-        return ["valid" if k in chosen else "train" for k in range(n)]
+        return validation_split(n, self.cfg.select.valid_fraction, self.cfg.seed, round_)
 
     def bootstrap(self) -> None:
         """Round 0: the starting structures and randomly displaced copies of them."""
