@@ -39,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from active_vs_random import calls_to_reach, oracle_sets, random_round_dir, random_round_frames  # noqa: E402
-from al_training_limit import loop_config, run_settings  # noqa: E402
+from active_vs_random import calls_to_reach, random_round_dir, random_round_frames  # noqa: E402
+from al_training_limit import finished_run  # noqa: E402
 
 from equiforce.active.config import LearnConfig  # noqa: E402
 from equiforce.active.explore import evaluate_candidates  # noqa: E402
@@ -168,15 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     cli = build_parser().parse_args()
     torch.set_num_threads(cli.threads)
-    results, args = run_settings(cli.results)
-    cfg = loop_config(args.workdir, args.round_time)
+    results, args, cfg, test, pool = finished_run(cli.results)
     changes = {"strategy": cli.strategy, "random_fraction": cli.random_fraction}
     cfg = cfg.model_copy(update={"select": cfg.select.model_copy(
         update={k: v for k, v in changes.items() if v is not None})})
-    try:
-        test, _, pool = oracle_sets(args, generate=False)
-    except FileNotFoundError as error:
-        raise SystemExit(f"{error} (the run's test set and pool are read back, never made again)") from None
     t0 = time.perf_counter()
     candidates = candidate_pool(args, cli.candidates)
     if cli.candidate_temperatures:
@@ -204,9 +199,11 @@ def main() -> None:
         r = rnd.get(int(p["calls"]))
         print(f"{p['calls']:>6} {p['f_mae_mev_a']:>12.1f} {'' if r is None else format(r, '.1f'):>8} | "
               f"{'' if a is None else a['calls']:>8} {'' if a is None else format(al[int(a['calls'])], '.1f'):>6}")
-    ratio = "never reached" if needed is None else f"{needed:.0f} calls, ratio {needed / args.max_calls:.2f}"
-    print(f"random at {args.max_calls} calls: {target:.1f} meV/Å; pool_select reaches it at {ratio} "
-          f"(the loop: {results['calls_ratio']})")
+    reached = ("never reaches it" if needed is None
+               else f"reaches it at {needed:.0f} calls, ratio {needed / args.max_calls:.2f}")
+    loop = results["calls_ratio"]
+    print(f"random at {args.max_calls} calls: {target:.1f} meV/Å; pool_select {reached} "
+          f"(the loop: {'never' if loop is None else format(loop, '.2f')})")
 
 
 if __name__ == "__main__":

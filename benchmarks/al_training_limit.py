@@ -54,6 +54,19 @@ def run_settings(results_path: Path) -> tuple[dict[str, Any], argparse.Namespace
     return results, args
 
 
+def finished_run(results_path: Path, seconds: float | None = None
+                 ) -> tuple[dict[str, Any], argparse.Namespace, LearnConfig, list[Configuration], list[Configuration]]:
+    """A finished run read back: its results, settings, the loop's config (with ``seconds`` of training per round,
+    default the run's), test set and random pool — never generated again."""
+    results, args = run_settings(results_path)
+    cfg = loop_config(args.workdir, args.round_time if seconds is None else seconds)
+    try:
+        test, _, pool = oracle_sets(args, generate=False)
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error} (the run's test set and pool are read back, never made again)") from None
+    return results, args, cfg, test, pool
+
+
 def loop_config(workdir: Path, seconds: float) -> LearnConfig:
     """The loop's own config (``al/config.yaml``) with ``seconds`` of training per round."""
     path = workdir / "al" / "config.yaml"
@@ -87,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     cli = build_parser().parse_args()
     torch.set_num_threads(cli.threads)
-    results, args = run_settings(cli.results)
-    cfg = loop_config(args.workdir, cli.seconds)
-    try:
-        test, _, pool = oracle_sets(args, generate=False)
-    except FileNotFoundError as error:
-        raise SystemExit(f"{error} (the run's test set and pool are read back, never made again)") from None
+    results, args, cfg, test, pool = finished_run(cli.results, cli.seconds)
     state = RunState.replay(read_journal(args.workdir / "al" / JOURNAL))
     rows = []
     for arm, rounds in (("al", cli.al_rounds), ("random", cli.random_rounds)):
