@@ -68,8 +68,8 @@ def candidate_pool(args: argparse.Namespace, per_temperature: int) -> list[Confi
 
 
 TRUE_ERROR = {"true_error": "uncertainty", "true_error_fps": "uncertainty_fps"}
-"""Strategies that rank by the actual error instead of σ (the labels of the candidates are known here): what a
-perfect uncertainty estimate would choose, an upper bound on what ranking by σ can reach."""
+"""Strategies that rank by the actual error instead of σ (the labels of the candidates are known here): the ranking a
+perfect uncertainty estimate would give, the best that ranking by σ could do."""
 
 
 def choose(model_path: Path, candidates: list[Configuration], available: np.ndarray, train: list[Configuration],
