@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,8 @@ def choose(model_path: Path, candidates: list[Configuration], available: np.ndar
         strategy, sigma_min = s.strategy, s.sigma_min_factor * reference
         sigma_max = s.sigma_max_factor * reference if reference > 0 else np.inf
     picks = select(found, n, strategy, training=training, sigma_min=sigma_min, sigma_max=sigma_max,
-                   min_distance=s.min_distance, pool_factor=s.pool_factor,
-                   max_bond_deviation=np.inf, rng=rng, random_fraction=s.random_fraction)
+                   min_distance=s.min_distance, pool_factor=s.pool_factor, rng=rng,
+                   random_fraction=s.random_fraction)
     return [int(index[i]) for i in picks]
 
 
@@ -132,11 +133,9 @@ def pool_select_arm(args: argparse.Namespace, results: dict[str, Any], cfg: Lear
             previous = directory / MODEL
         metrics = evaluate(load_model(previous), test, batch_size=50, by_config_type=True)
         by_t = {k: v["forces_mae"] for k, v in metrics.get("by_config_type", {}).items()}
-        picked_t = {}
-        for c in [*train, *valid]:
-            picked_t[c.config_type] = picked_t.get(c.config_type, 0) + 1
+        picked_t = Counter(c.config_type for c in [*train, *valid])
         curve.append({"calls": calls, "f_mae_mev_a": metrics["forces_mae"], "round": round_,
-                      "f_mae_by_temperature": by_t, "frames_by_temperature": picked_t})
+                      "f_mae_by_temperature": by_t, "frames_by_temperature": dict(picked_t)})
         print(f"pool_select: {calls} calls, test force MAE {metrics['forces_mae']:.1f} meV/Å "
               f"({', '.join(f'{k} {v:.1f}' for k, v in sorted(by_t.items()))})", file=sys.stderr, flush=True)
         if calls >= max_calls:

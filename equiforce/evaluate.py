@@ -123,10 +123,10 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     graphs = as_graphs(model, configs)
     metrics = ErrorMetrics(keep=keep_values)
     groups: dict[str, list[Graph]] = {}
-    for item, graph in zip(configs, graphs):
+    for item, graph in zip(configs, graphs) if by_config_type else ():
         groups.setdefault(_config_type(item), []).append(graph)
     per_group: dict[str, dict] = {}
-    if by_config_type and len(groups) > 1:
+    if len(groups) > 1:
         for name, members in sorted(groups.items()):
             group_metrics = ErrorMetrics()
             run_batches(model, members, batch_size, device, _MetricsPair(metrics, group_metrics),
