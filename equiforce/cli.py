@@ -94,8 +94,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     configs = read_configurations(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
                                   stress_key=args.stress_key, virial_key=args.virial_key, index=args.index,
                                   hessian_key=args.hessian_key, require_energy=False)
+    collector = None
+    if args.uq:  # σ gathered in the same pass as the errors
+        from equiforce.uq.predict import UQCollector
+        from equiforce.uq.report import require_uncertainty
+
+        require_uncertainty(model)
+        collector = UQCollector()
     result = evaluate(model, configs, batch_size=args.batch_size, device=device, keep_values=True,
-                      by_config_type=True)
+                      by_config_type=True, observers=[collector] if collector is not None else [])
     values = result.pop("values")
     by_type = result.pop("by_config_type", {})
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
@@ -118,7 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from equiforce.uq.report import evaluate_uncertainty, uq_table
 
         report["uq"] = evaluate_uncertainty(model, configs, out, batch_size=args.batch_size, device=device,
-                                            title=f"{Path(args.model).name} on {Path(args.data).name}")
+                                            title=f"{Path(args.model).name} on {Path(args.data).name}",
+                                            predictions=collector.result())
         atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
         console.print(uq_table("uncertainty", report["uq"]))
         console.print(f"wrote {report['uq']['plots']['calibration']} and {report['uq']['plots']['error_vs_sigma']}")

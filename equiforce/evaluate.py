@@ -86,15 +86,15 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
     return None if total is None else float(total) / max(count, 1)
 
 
-class _MetricsPair:
-    """Feeds each batch to the overall metrics and to its group's, so one pass gives both."""
+class _Fanout:
+    """Feeds each batch to several sinks (the overall metrics, a group's, a σ collector), so one pass gives all."""
 
-    def __init__(self, overall: ErrorMetrics, group: ErrorMetrics) -> None:
-        self.overall, self.group = overall, group
+    def __init__(self, *sinks) -> None:
+        self.sinks = sinks
 
     def update(self, pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
-        self.overall.update(pred, batch)
-        self.group.update(pred, batch)
+        for sink in self.sinks:
+            sink.update(pred, batch)
 
 
 def _config_type(item: Configuration | Graph) -> str:
@@ -107,7 +107,8 @@ def _counts(graphs: Sequence[Graph]) -> dict[str, int]:
 
 def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_size: int = 16,
              device: str | torch.device | None = "cpu", compute_stress: bool | None = None,
-             keep_values: bool = False, hessians: bool = True, by_config_type: bool = False) -> dict:
+             keep_values: bool = False, hessians: bool = True, by_config_type: bool = False,
+             observers: Sequence = ()) -> dict:
     """Energy (per atom, meV/atom, and per structure, meV), force (meV/Å) and stress (meV/Å³) MAE and RMSE.
 
     The model is moved to ``device`` (in place, as ``Module.to`` does).
@@ -116,11 +117,15 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     (3N backward passes each).  ``by_config_type=True`` adds ``"by_config_type"``: the same metrics for each
     ``config_type`` on its own (MD temperatures, dimers, surfaces, ...), because one overall MAE hides which
     kind of structure a model gets wrong.  The groups come from the same pass over the data (batches are
-    formed within a group); the key is left out when all structures share one type.
+    formed within a group); the key is left out when all structures share one type.  ``observers`` get every
+    batch's predictions and labels too (``update(pred, batch)``, e.g. a
+    :class:`~equiforce.uq.predict.UQCollector`), in the same pass.
     """
     device = resolve_device(device)
     model = model.to(device)
     graphs = as_graphs(model, configs)
+    if compute_stress is None:  # decided once, so every group (and every observer's batch) has the same outputs
+        compute_stress = any(float(g[K.HAS_STRESS].sum()) > 0 for g in graphs)
     metrics = ErrorMetrics(keep=keep_values)
     groups: dict[str, list[Graph]] = {}
     for item, graph in zip(configs, graphs) if by_config_type else ():
@@ -129,11 +134,11 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     if len(groups) > 1:
         for name, members in sorted(groups.items()):
             group_metrics = ErrorMetrics()
-            run_batches(model, members, batch_size, device, _MetricsPair(metrics, group_metrics),
+            run_batches(model, members, batch_size, device, _Fanout(metrics, group_metrics, *observers),
                         compute_stress=compute_stress)
             per_group[name] = {**group_metrics.compute(), **_counts(members)}
     elif graphs:
-        run_batches(model, graphs, batch_size, device, metrics, compute_stress=compute_stress)
+        run_batches(model, graphs, batch_size, device, _Fanout(metrics, *observers), compute_stress=compute_stress)
     result: dict = dict(metrics.compute())
     labelled = [c for c in configs if hessians and isinstance(c, Configuration) and c.hessian is not None]
     if labelled:

@@ -109,3 +109,25 @@ def test_eval_uq_writes_metrics_and_plots(ensemble_file, tmp_path, capsys):
     plain = equiforce.save_model(make_model("L1-corr3"), tmp_path / "plain.eqf")
     assert main(["eval", str(plain), str(data), "--uq", "--out", str(out)]) == 2
     assert "carries none" in capsys.readouterr().err
+
+
+def test_eval_gathers_sigma_in_its_own_pass_as_predict_would():
+    """`equiforce eval --uq` takes σ from the errors' pass (grouped by config_type, molecules and periodic cells
+    with stress mixed): the same arrays, structure for structure, as a separate predict() pass."""
+    from equiforce.evaluate import as_graphs, evaluate
+    from equiforce.uq.predict import UQCollector, predict
+
+    model = ensemble(3)
+    configs = [*labelled(5, seed=4), *labelled(3, seed=5, periodic=True)]
+    for i, config in enumerate(configs):
+        config.config_type = ("md", "dimer")[i % 2]
+    collector = UQCollector()
+    evaluate(model, configs, batch_size=2, by_config_type=True, observers=[collector])
+    gathered = collector.result()
+    order = sorted(range(len(configs)), key=lambda i: (configs[i].config_type, i))  # groups in name order
+    direct = predict(model, as_graphs(model, [configs[i] for i in order]), batch_size=2)
+    assert gathered.n_structures == len(configs) and set(gathered.stress) == set(direct.stress) != set()
+    for name in ("energy_pred", "energy_sigma", "forces_sigma", "forces_ref", "structure", "numbers"):
+        np.testing.assert_allclose(getattr(gathered, name), getattr(direct, name), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gathered.stress["sigma"], direct.stress["sigma"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(gathered.stress["has"], direct.stress["has"])

@@ -71,6 +71,56 @@ def has_uncertainty(model: torch.nn.Module) -> bool:
     return isinstance(model, UQModel)
 
 
+class UQCollector:
+    """Keeps each batch's predictions, labels and σ as a :class:`UQPredictions` is built from them.
+
+    It takes batches as :class:`~equiforce.train.metrics.ErrorMetrics` does (``update(out, batch)``), so
+    ``equiforce eval --uq`` gathers σ in the same pass over the data as the MAE/RMSE metrics.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[np.ndarray]] = {}
+        self._structures = 0
+
+    def _keep(self, name: str, value: torch.Tensor) -> None:
+        self._rows.setdefault(name, []).append(value.detach().cpu().double().numpy())
+
+    def update(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        if UK.ENERGY_STD not in out or UK.FORCES_STD not in out:
+            raise EquiforceError("the model gave no σ for this batch (a model without uncertainty?)")
+        self._keep("energy_pred", out[K.ENERGY])
+        self._keep("energy_ref", batch[K.ENERGY])
+        self._keep("energy_sigma", out[UK.ENERGY_STD])
+        self._keep("has_energy", batch[K.HAS_ENERGY] > 0)
+        self._keep("n_atoms", batch[K.N_ATOMS])
+        self._keep("forces_pred", out[K.FORCES])
+        self._keep("forces_ref", batch[K.FORCES])
+        self._keep("forces_sigma", out[UK.FORCES_STD])
+        self._keep("has_forces", batch[K.HAS_FORCES][batch[K.BATCH]] > 0)
+        self._keep("structure", batch[K.BATCH] + self._structures)
+        self._keep("numbers", batch[K.NUMBERS])
+        if K.STRESS in out and UK.STRESS_STD in out:
+            self._keep("stress_pred", out[K.STRESS])
+            self._keep("stress_ref", batch[K.STRESS])
+            self._keep("stress_sigma", out[UK.STRESS_STD])
+            self._keep("stress_has", batch[K.HAS_STRESS] > 0)
+        self._structures += int(batch[K.CELL].shape[0])
+
+    def result(self) -> UQPredictions:
+        if not self._structures:
+            raise EquiforceError("no structures to predict")
+        arrays = {name: np.concatenate(parts) for name, parts in self._rows.items()}
+        stress = {name.removeprefix("stress_"): arrays.pop(name) for name in list(arrays)
+                  if name.startswith("stress_")}
+        for name in ("has_energy", "has_forces"):
+            arrays[name] = arrays[name].astype(bool)
+        for name in ("n_atoms", "structure", "numbers"):
+            arrays[name] = arrays[name].astype(np.int64)
+        if "has" in stress:
+            stress["has"] = stress["has"].astype(bool)
+        return UQPredictions(**arrays, stress=stress)
+
+
 def predict(model: torch.nn.Module, graphs: Sequence[Graph], batch_size: int = 16,
             device: str | torch.device = "cpu", calibrated: bool = True,
             compute_stress: bool | None = None) -> UQPredictions:
@@ -84,40 +134,13 @@ def predict(model: torch.nn.Module, graphs: Sequence[Graph], batch_size: int = 1
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
-    rows: dict[str, list[np.ndarray]] = {}
-
-    def keep(name: str, value: torch.Tensor) -> None:
-        rows.setdefault(name, []).append(value.detach().cpu().double().numpy())
-
+    collector = UQCollector()
     try:
         with torch.enable_grad():
             for start in range(0, len(graphs), batch_size):
                 batch = to_device(collate(list(graphs[start:start + batch_size])), device, dtype)
-                out = model(batch, compute_forces=True, compute_stress=compute_stress, calibrated=calibrated)
-                keep("energy_pred", out[K.ENERGY])
-                keep("energy_ref", batch[K.ENERGY])
-                keep("energy_sigma", out[UK.ENERGY_STD])
-                keep("has_energy", batch[K.HAS_ENERGY] > 0)
-                keep("n_atoms", batch[K.N_ATOMS])
-                keep("forces_pred", out[K.FORCES])
-                keep("forces_ref", batch[K.FORCES])
-                keep("forces_sigma", out[UK.FORCES_STD])
-                keep("has_forces", batch[K.HAS_FORCES][batch[K.BATCH]] > 0)
-                keep("structure", batch[K.BATCH] + start)
-                keep("numbers", batch[K.NUMBERS])
-                if compute_stress and UK.STRESS_STD in out:
-                    keep("stress_pred", out[K.STRESS])
-                    keep("stress_ref", batch[K.STRESS])
-                    keep("stress_sigma", out[UK.STRESS_STD])
-                    keep("stress_has", batch[K.HAS_STRESS] > 0)
+                collector.update(model(batch, compute_forces=True, compute_stress=compute_stress,
+                                       calibrated=calibrated), batch)
     finally:
         model.train(was_training)
-    arrays = {name: np.concatenate(parts) for name, parts in rows.items()}
-    stress = {name.removeprefix("stress_"): arrays.pop(name) for name in list(arrays) if name.startswith("stress_")}
-    for name in ("has_energy", "has_forces"):
-        arrays[name] = arrays[name].astype(bool)
-    for name in ("n_atoms", "structure", "numbers"):
-        arrays[name] = arrays[name].astype(np.int64)
-    if "has" in stress:
-        stress["has"] = stress["has"].astype(bool)
-    return UQPredictions(**arrays, stress=stress)
+    return collector.result()

@@ -13,23 +13,32 @@ from equiforce.data.structure import Configuration
 from equiforce.errors import EquiforceError
 from equiforce.uq.metrics import uq_report
 from equiforce.uq.plots import calibration_plot, error_vs_sigma_plot
-from equiforce.uq.predict import has_uncertainty, predict
+from equiforce.uq.predict import UQPredictions, has_uncertainty, predict
 
 CALIBRATION_PNG = "calibration.png"
 ERROR_VS_SIGMA_PNG = "error_vs_sigma.png"
 
 
-def evaluate_uncertainty(model: torch.nn.Module, configs: Sequence[Configuration], out_dir: str | os.PathLike,
-                         batch_size: int = 16, device: str | torch.device = "cpu",
-                         title: str | None = None) -> dict[str, Any]:
-    """Metrics of :func:`equiforce.uq.metrics.uq_report`, plus the calibration and error-vs-σ PNGs."""
-    from equiforce.evaluate import as_graphs
-
+def require_uncertainty(model: torch.nn.Module) -> None:
+    """Refuse a model without σ before any pass over the data."""
     if not has_uncertainty(model):
         raise EquiforceError("--uq needs a model with uncertainty (an ensemble or heads file from "
                              "`equiforce train-uq`); this model file carries none")
-    graphs = as_graphs(model, configs)
-    pred = predict(model, graphs, batch_size=batch_size, device=device)
+
+
+def evaluate_uncertainty(model: torch.nn.Module, configs: Sequence[Configuration], out_dir: str | os.PathLike,
+                         batch_size: int = 16, device: str | torch.device = "cpu",
+                         title: str | None = None, predictions: UQPredictions | None = None) -> dict[str, Any]:
+    """Metrics of :func:`equiforce.uq.metrics.uq_report`, plus the calibration and error-vs-σ PNGs.
+
+    ``predictions`` (e.g. from a :class:`~equiforce.uq.predict.UQCollector` fed by ``evaluate``'s pass) are
+    used as they are; without them the model is run over ``configs`` here.
+    """
+    from equiforce.evaluate import as_graphs
+
+    require_uncertainty(model)
+    pred = predictions if predictions is not None else predict(model, as_graphs(model, configs),
+                                                               batch_size=batch_size, device=device)
     out = Path(out_dir)
     metrics = uq_report(pred)
     metrics["plots"] = {"calibration": str(calibration_plot(pred, out / CALIBRATION_PNG, title)),
