@@ -55,6 +55,16 @@ def test_plateau_cuts_after_patience_and_round_trips():
     assert LearningRate(0.01, "exponential", gamma=0.5)(0, 0.0, 2) == pytest.approx(0.0025)
 
 
+def test_exponential_decay_starts_again_from_a_new_phase():
+    """Stage two's rate is its own ``lr`` at its first epoch, not that rate times the decay so far."""
+    lr = LearningRate(0.01, "exponential", gamma=0.5)
+    lr.restart(0.002, 0.5, 3)
+    assert lr(40, 0.5, 3) == pytest.approx(0.002) and lr(50, 0.6, 4) == pytest.approx(0.001)
+    other = LearningRate(0.01, "exponential", gamma=0.5)
+    other.load_state_dict(lr.state_dict())  # a resumed run keeps the phase's start
+    assert other(50, 0.6, 4) == pytest.approx(0.001)
+
+
 def test_packing_respects_budget_and_keeps_every_structure():
     sizes = [5, 9, 3, 30, 2, 7, 7]
     batches = pack_batches(range(len(sizes)), sizes, limit=12)
@@ -96,6 +106,30 @@ def test_stage_two_and_schedule_in_the_log(data_dir, tmp_path):
     assert records[-1]["lr_end"] < records[3]["lr"]  # and decays again
     assert all(r["configs_per_s"] > 0 for r in records)
     assert result["best_epoch"] >= 1 and math.isfinite(result["valid"]["forces_mae"])
+
+
+def test_stage_two_restarts_an_exponential_decay_at_its_own_rate(data_dir, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", data_dir, out, scheduler="exponential", exponential_gamma=0.5, epochs=4,
+                          stage_two={"start": 0.5, "lr": 0.002, "energy_weight": 50.0})
+    train(load_config(config), progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [1, 1, 2, 2]
+    assert records[2]["lr"] == pytest.approx(0.002, rel=1e-6) and records[3]["lr"] == pytest.approx(0.001, rel=1e-6)
+
+
+def test_selecting_by_a_quantity_the_validation_set_lacks_is_an_error(tmp_path):
+    """Selecting best.eqf by stress on stress-free data would never find a best epoch (no best.eqf at all)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = emt_frames(10, seed=1)
+    for atoms in frames:
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+    write(tmp_path / "train.xyz", frames, format="extxyz")
+    write(tmp_path / "test.xyz", frames[:2], format="extxyz")
+    config = load_config(write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "run", select_by="stress_mae"))
+    with pytest.raises(ConfigError, match="select_by: stress_mae needs stress labels in the validation set"):
+        train(config, progress=False)
 
 
 def test_resume_is_exact_with_every_feature(data_dir, tmp_path):

@@ -116,3 +116,21 @@ def test_report_on_synthetic_predictions():
     report = uq_report(no_forces)
     assert report["basis"] == "energy" and report["mean_force_error"] is None
     assert report["spearman_struct"] == report["energy_spearman"]
+
+
+def test_forces_in_too_few_calibration_structures_are_left_uncalibrated_with_a_warning(caplog):
+    """12 structures with energies, forces on 5 of them: energy calibrated, forces left raw — and said."""
+    from equiforce.uq.fit import fit_calibration
+
+    n, per = 12, 3
+    sigma = RNG.uniform(0.05, 0.2, n * per)
+    has_forces = np.repeat(np.arange(n) < 5, per)
+    raw = UQPredictions(
+        energy_pred=np.zeros(n), energy_ref=RNG.normal(0.0, 0.1, n), energy_sigma=RNG.uniform(0.05, 0.2, n),
+        has_energy=np.ones(n, bool), n_atoms=np.full(n, per), forces_pred=np.zeros((n * per, 3)),
+        forces_ref=RNG.normal(0.0, 0.1, (n * per, 3)), forces_sigma=sigma, has_forces=has_forces,
+        structure=np.repeat(np.arange(n), per), numbers=np.ones(n * per, np.int64))
+    with caplog.at_level("WARNING"):
+        cal = fit_calibration(raw)
+    assert cal.fitted("energy") and not cal.fitted("forces")
+    assert "force σ left uncalibrated: only 5 calibration structures have forces" in caplog.text

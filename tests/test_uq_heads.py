@@ -87,6 +87,21 @@ def test_element_never_seen_is_refused_by_name():
     assert torch.isinf(out[UK.ENERGY_STD][0]) and torch.isfinite(out[UK.ENERGY_STD][1])
 
 
+def test_element_only_in_the_calibration_set_is_not_seen(caplog):
+    """Heads fitted without Cu have no extrapolation statistics for it: Cu in the calibration data alone does not
+    make it a seen element (its σ would lack the out-of-distribution term); those structures are left out."""
+    backbone = make_model("L1-corr3", seed=0)
+    molecules_only = graphs(labelled(12, seed=1, periodic=False))
+    with_copper = graphs(labelled(12, seed=2) + labelled(4, seed=3, periodic=True))
+    assert any(29 in g[K.NUMBERS].tolist() for g in with_copper)
+    with caplog.at_level("WARNING"):
+        model = build_uq_potential(backbone, molecules_only, with_copper, steps=5, n_heads=2, hidden=4)
+    assert 29 not in model.seen_elements and "calibrated without them" in caplog.text
+    with pytest.raises(UnknownElementError, match=r"Cu \(Z=29\) never appeared"):
+        model.check_elements([29])
+    assert model.calibration.fitted("forces")
+
+
 def test_heads_need_l1_features():
     spec = dict(MODEL_CONFIGS["L1-corr3"], max_l=0)
     with pytest.raises(ValueError, match="max_l"):

@@ -17,8 +17,8 @@ class LearningRate:
 
     ``kind`` is ``"plateau"`` (cut by ``plateau_factor`` after ``plateau_patience`` epochs without
     improvement), ``"cosine"`` (from ``lr`` to ``min_lr`` over progress 0 → 1), ``"exponential"``
-    (``gamma ** epoch``) or ``"none"``.  :meth:`restart` begins a new phase (e.g. MACE's stage two)
-    from another base rate, keeping the step counter.
+    (``gamma ** epoch``, counted from the phase's first epoch) or ``"none"``.  :meth:`restart` begins a new
+    phase (e.g. MACE's stage two) from another base rate, keeping the step counter.
     """
 
     def __init__(self, lr: float, kind: str = "plateau", *, min_lr: float = 0.0, warmup_steps: int = 0,
@@ -32,6 +32,7 @@ class LearningRate:
         self.best = math.inf
         self.bad_epochs = 0
         self.phase_start = 0.0  # progress at which the current phase began (cosine restarts from there)
+        self.phase_start_epoch = 0  # epoch (0-based) at which it began (exponential decay counts from there)
 
     def __call__(self, step: int, progress: float, epoch: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
@@ -40,7 +41,7 @@ class LearningRate:
             x = min(max((progress - self.phase_start) / span, 0.0), 1.0)
             lr = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * x))
         elif self.kind == "exponential":
-            lr = self.base_lr * self.gamma**epoch
+            lr = self.base_lr * self.gamma ** max(epoch - self.phase_start_epoch, 0)
         elif self.kind == "plateau":
             lr = self.base_lr * self.plateau_scale
         else:
@@ -59,14 +60,15 @@ class LearningRate:
                 self.plateau_scale *= self.plateau_factor
                 self.bad_epochs = 0
 
-    def restart(self, lr: float, progress: float) -> None:
-        """Start a new phase at base rate ``lr`` (no warm-up, plateau memory cleared)."""
-        self.base_lr, self.phase_start = float(lr), float(progress)
+    def restart(self, lr: float, progress: float, epoch: int = 0) -> None:
+        """Start a new phase at base rate ``lr`` from ``progress`` and (0-based) ``epoch``: no warm-up, plateau
+        memory cleared, a cosine or exponential decay begun again from ``lr``."""
+        self.base_lr, self.phase_start, self.phase_start_epoch = float(lr), float(progress), int(epoch)
         self.plateau_scale, self.best, self.bad_epochs, self.warmup_steps = 1.0, math.inf, 0, 0
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("base_lr", "kind", "min_lr", "warmup_steps", "plateau_scale", "best",
-                                              "bad_epochs", "phase_start")}
+                                              "bad_epochs", "phase_start", "phase_start_epoch")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():

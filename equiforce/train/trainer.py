@@ -373,6 +373,13 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     valid_stress = labelled(valid_graphs, K.HAS_STRESS)
     train_hessian = training.hessian_weight > 0 and labelled(train_graphs, K.HAS_HESSIAN)
     valid_hessian_vectors = training.hessian_vectors if labelled(valid_graphs, K.HAS_HESSIAN) else 0
+    if valid_graphs and training.select_by != "loss":  # else no epoch would ever be "best" (no best.eqf)
+        quantity = training.select_by.split("_")[0]
+        has = {"energy": K.HAS_ENERGY, "forces": K.HAS_FORCES, "stress": K.HAS_STRESS}[quantity]
+        if not labelled(valid_graphs, has):
+            raise ConfigError(f"training.select_by: {training.select_by} needs {quantity} labels in the validation "
+                              f"set, and none of its {len(valid_graphs)} structures has them; select by a labelled "
+                              "quantity or by loss")
     if train_hessian and training.compile:
         raise ValueError("training on Hessians needs compile: false (the compiled graph gives forces, not their "
                          "derivatives); or set hessian_weight: 0")
@@ -400,7 +407,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                 loss_fn.energy_weight, loss_fn.forces_weight, loss_fn.stress_weight = (
                     weights["energy"], weights["forces"], weights["stress"])
                 stage_lr = training.stage_two.lr if training.stage_two.lr is not None else 0.1 * training.lr
-                schedule.restart(stage_lr, progress_at(epoch - 1, 0.0))
+                schedule.restart(stage_lr, progress_at(epoch - 1, 0.0), epoch - 1)
                 if training.select_by == "loss":  # the loss changed meaning: compare stage-two models only
                     state["best_loss"] = math.inf
                 reporter.info(f"stage two from epoch {epoch}: energy weight {weights['energy']:g}, "

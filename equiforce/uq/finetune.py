@@ -63,7 +63,8 @@ def fine_tune_uq(model: UQModel, tune_one: TuneOne, train_graphs: Sequence[Graph
         heads = model.heads
         tuned = build_uq_potential(backbone, train_graphs, valid_graphs, method=method, device=device, seed=seed,
                                    n_heads=heads.n_heads, hidden=heads.hidden)
-        tuned.set_seen_elements(seen)
+        # seen: the elements the new heads were fitted on (an old element missing from the new training data
+        # has no extrapolation statistics any more, so it is refused rather than given a σ without them)
     else:
         raise TypeError(f"no fine-tuning for uncertainty models of type {type(model).__name__}")
     kind = "ensemble" if isinstance(tuned, EnsemblePotential) else "heads"

@@ -65,7 +65,7 @@ def fit_extrapolation(heads: UQHeads, x: torch.Tensor, v: torch.Tensor, species:
         eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
         for e in range(heads.n_elements):
             mine = z[species == e]
-            if mine.shape[0] == 0:  # never seen: refused by check_elements, σ = inf in forward
+            if mine.shape[0] == 0:  # never seen: not a seen element of the model (build_uq_potential), so refused
                 continue
             heads.r_precision[e] = torch.linalg.inv(mine.T @ mine / mine.shape[0] + ridge * eye)
             d = ((mine @ heads.r_precision[e]) * mine).sum(-1)
@@ -173,11 +173,15 @@ def fit_calibration(raw: UQPredictions, method: str = "scale", min_structures: i
     if has_e.sum() >= min_structures:
         cal.quantities["energy"] = fit_quantity("energy", raw.energy_ref[has_e] - raw.energy_pred[has_e],
                                                 raw.energy_sigma[has_e], int(has_e.sum()), method, min_structures)
+    elif has_e.sum() > 0:
+        log.warning("energy σ left uncalibrated: only %d calibration structures have energy", int(has_e.sum()))
     has_f = raw.has_forces & np.isfinite(raw.forces_sigma)
     n_f = len(np.unique(raw.structure[has_f]))
     if n_f >= min_structures:
         cal.quantities["forces"] = fit_quantity("forces", raw.forces_ref[has_f] - raw.forces_pred[has_f],
                                                 raw.forces_sigma[has_f], n_f, method, min_structures)
+    elif n_f > 0:
+        log.warning("force σ left uncalibrated: only %d calibration structures have forces", n_f)
     if raw.stress:
         has_s = raw.stress["has"]
         if has_s.sum() >= min_structures:
@@ -196,7 +200,13 @@ def build_uq_potential(backbone: Potential, train_graphs: Sequence[Graph], calib
                        method: str = "scale", device: str | torch.device = "cpu", **head_kwargs) -> UQPotential:
     """Heads trained on ``train_graphs``, calibrated on ``calibration_graphs``: a ready single-model estimator."""
     heads = fit_heads(backbone, train_graphs, device=device, **head_kwargs)
-    seen = sorted({int(z) for g in [*train_graphs, *calibration_graphs] for z in g[K.NUMBERS].tolist()})
-    model = UQPotential(backbone, heads, seen_elements=[z for z in seen if z in backbone.spec.elements])
-    calibrate(model.to(device), calibration_graphs, method=method, device=device)
+    # σ is only meaningful for elements whose extrapolation statistics were fitted, i.e. present in train_graphs;
+    # an element seen only in calibration would get a distance of 0 (no out-of-distribution term) however far out
+    seen = {int(z) for g in train_graphs for z in g[K.NUMBERS].tolist()} & set(backbone.spec.elements)
+    model = UQPotential(backbone, heads, seen_elements=seen)
+    usable = [g for g in calibration_graphs if set(g[K.NUMBERS].tolist()) <= seen]
+    if len(usable) < len(calibration_graphs):
+        log.warning("%d of %d calibration structures hold elements the heads were not fitted on; calibrated "
+                    "without them", len(calibration_graphs) - len(usable), len(calibration_graphs))
+    calibrate(model.to(device), usable, method=method, device=device)
     return model
