@@ -132,6 +132,19 @@ def test_selecting_by_a_quantity_the_validation_set_lacks_is_an_error(tmp_path):
         train(config, progress=False)
 
 
+@pytest.mark.parametrize("change", [{"weight_decay_on": "all"}, {"dtype": "float32"}, {"optimizer": "adam"}])
+def test_resuming_with_other_parameter_groups_or_precision_is_refused(data_dir, tmp_path, change):
+    """The checkpoint's optimizer state belongs to its parameter groups and precision: a changed setting is a
+    clear error naming it, not a raw optimizer error or a silently different run."""
+    base = dict(epochs=1, optimizer="adamw", weight_decay=1e-3, weight_decay_on="interactions")
+    train(load_config(write_config(tmp_path / "a.yaml", data_dir, tmp_path / "run", **base)), progress=False)
+    changed = load_config(write_config(tmp_path / "b.yaml", data_dir, tmp_path / "run", **{**base, "epochs": 2,
+                                                                                           **change}))
+    key = next(iter(change))
+    with pytest.raises(ConfigError, match=f"was trained with training.{key}: .*output.resume: false"):
+        train(changed, progress=False)
+
+
 def test_resume_is_exact_with_every_feature(data_dir, tmp_path):
     ref_out, out = tmp_path / "ref", tmp_path / "run"
     train(load_config(write_config(tmp_path / "ref.yaml", data_dir, ref_out, **FULL)), progress=False)

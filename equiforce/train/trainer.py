@@ -309,16 +309,17 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     resumed_from = None
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        before = ckpt.get("training", {})
+        # what the saved optimizer state and weights are bound to (parameter groups, precision): not resumable
+        for key in ("optimizer", "scheduler", "weight_decay_on", "dtype"):
+            if key in before and before[key] != getattr(training, key):
+                raise ConfigError(f"{ckpt_path} was trained with training.{key}: {before[key]}, now "
+                                  f"{getattr(training, key)}; use another output directory or output.resume: false")
         saved = ModelSpec.model_validate_json(ckpt["spec"])
         if saved != model.spec:
             raise ConfigError(f"{ckpt_path} was written for a different model ({spec_difference(saved, model.spec)}); "
                               "set those in the config as they were, use another output directory, or set "
                               "output.resume: false")
-        before = ckpt.get("training", {})
-        for key in ("optimizer", "scheduler"):
-            if key in before and before[key] != getattr(training, key):
-                raise ConfigError(f"{ckpt_path} was trained with training.{key}: {before[key]}, now "
-                                  f"{getattr(training, key)}; use another output directory or output.resume: false")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
