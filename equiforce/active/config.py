@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from equiforce.errors import ConfigError
@@ -268,14 +267,9 @@ def parse_learn_config(data: Any, source: str = "<config>") -> LearnConfig:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    return data if data is not None else {}
+    from equiforce.utils.yaml_io import read_yaml_file
+
+    return read_yaml_file(path)
 
 
 def load_learn_config(path: str | os.PathLike) -> LearnConfig:

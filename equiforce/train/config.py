@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
@@ -321,12 +320,6 @@ def parse_config(data: Any, source: str = "<config>") -> TrainConfig:
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Read and validate a YAML training configuration."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        detail = " ".join(str(err).split())
-        raise ConfigError(f"{path}: not valid YAML: {detail}") from None
-    return parse_config(data if data is not None else {}, str(path))
+    from equiforce.utils.yaml_io import read_yaml_file
+
+    return parse_config(read_yaml_file(path), str(path))

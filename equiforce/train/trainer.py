@@ -617,11 +617,14 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
 
 def split_train_valid(train: Sequence[Configuration], valid: Sequence[Configuration] | None,
                       valid_fraction: float, split_seed: int) -> tuple[list[Configuration], list[Configuration]]:
-    """Training structures without isolated atoms, and the validation set: ``valid`` when given, else a fixed
-    ``valid_fraction`` of ``train`` (``split_seed``, independent of the training seed)."""
+    """Training structures and the validation set, both without isolated atoms (their energy is E0 exactly, by
+    construction): ``valid`` when given, else a fixed ``valid_fraction`` of ``train`` (``split_seed``,
+    independent of the training seed)."""
     from equiforce.data.stats import is_isolated_atom, split_indices
 
     train = [c for c in train if not is_isolated_atom(c)]
+    if valid is not None:
+        valid = [c for c in valid if not is_isolated_atom(c)]
     if valid is None:
         if valid_fraction > 0 and len(train) > 1:
             train_idx, valid_idx = split_indices(len(train), valid_fraction, split_seed)

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from equiforce.errors import ConfigError
@@ -60,11 +59,6 @@ def parse_uq_config(data: Any, source: str = "<config>") -> UQTrainConfig:
 
 def load_uq_config(path: str | os.PathLike) -> UQTrainConfig:
     """Read and validate a ``train-uq`` YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    return parse_uq_config(data if data is not None else {}, str(path))
+    from equiforce.utils.yaml_io import read_yaml_file
+
+    return parse_uq_config(read_yaml_file(path), str(path))
