@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from equiforce.errors import EquiforceError
+from equiforce.utils.cli_types import positive_int
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -83,6 +84,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_eval_labels(configs: Sequence[Any], args: argparse.Namespace) -> None:
+    """Errors need labels: none under any key is a mistyped key, not an evaluation with nothing to report."""
+    from equiforce.data.io import label_names
+    from equiforce.errors import DataError
+
+    def found(name: str) -> bool:
+        return any(getattr(c, name) is not None for c in configs)
+
+    if any(found(name) for name in ("energy", "forces", "stress", "hessian")):
+        if not found("forces"):
+            _console().print(f"[yellow]note:[/] no forces under --forces-key '{args.forces_key}' in {args.data}; "
+                             "energies only")
+        return
+    names = label_names(args.data, args.format)
+    raise DataError(f"no structure has a label under --energy-key '{args.energy_key}', --forces-key "
+                    f"'{args.forces_key}', --stress-key '{args.stress_key}' or --virial-key '{args.virial_key}' "
+                    f"(the first frame carries {names})", source=str(args.data))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.data.io import read_configurations
     from equiforce.evaluate import evaluate, parity_plot, resolve_device
@@ -93,7 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=device)
     configs = read_configurations(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
                                   stress_key=args.stress_key, virial_key=args.virial_key, index=args.index,
-                                  hessian_key=args.hessian_key, require_energy=False)
+                                  hessian_key=args.hessian_key, require_energy=False, format=args.format)
+    _check_eval_labels(configs, args)
     collector = None
     if args.uq:  # σ gathered in the same pass as the errors
         from equiforce.uq.predict import UQCollector
@@ -176,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="errors of a model on labelled structures, with a parity plot")
     p.add_argument("model", help="model file (.eqf)")
     p.add_argument("data", help="structures with reference labels (extxyz, ...)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--out", default=None, help="directory for parity.png and metrics.json (default: the "
                                                "model's directory)")
@@ -188,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-atom array [N, 9N] or info entry [3N, 3N] with Hessian labels (eV/Å²): full model "
                         "Hessians are then compared entry by entry and by harmonic frequency")
     p.add_argument("--index", default=":", help="frames to read, ase slice syntax (default all)")
+    p.add_argument("--format", default=None, help="file format for ase.io (e.g. extxyz) where the file name does "
+                                                  "not say it")
     p.add_argument("--uq", action="store_true", help="also rate the model's uncertainty: Spearman, miscalibration "
                                                      "area, NLL, calibration.png and error_vs_sigma.png")
     p.set_defaults(func=cmd_eval)

@@ -34,3 +34,7 @@ class ModelFileError(EquiforceError, ValueError):
 
 class UnknownElementError(EquiforceError, ValueError):
     """A structure holds an element the model was not trained on."""
+
+
+class TrainingError(EquiforceError):
+    """Training cannot go on (e.g. the loss became NaN or infinite); the message says what to change."""

@@ -437,3 +437,43 @@ def test_graph_rejects_unusable_cells(cell, pbc, message):
     config = Configuration(numbers=[29], positions=[[0.0, 0.0, 0.0]], cell=cell, pbc=pbc, source="bad.xyz", frame=7)
     with pytest.raises(DataError, match=f"file bad.xyz, frame 7, field 'cell': .*{message}"):
         config_to_graph(config, cutoff=5.0)
+
+
+def test_truncated_extxyz_names_its_broken_frame(tmp_path):
+    """An interrupted write cuts the last frame short: ASE's XYZError is an OSError, yet the frame is named."""
+    path = tmp_path / "truncated.xyz"
+    ase.io.write(path, emt_frames(3), format="extxyz")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-2]) + "\n")  # the third frame (frame 2) lost its last two atoms
+    with pytest.raises(DataError, match="cannot read") as err:
+        read_configurations(path)
+    assert err.value.frame == 2
+
+
+def test_index_past_the_end_says_how_many_frames_there_are(tmp_path):
+    path = tmp_path / "cu.xyz"
+    ase.io.write(path, emt_frames(2), format="extxyz")
+    with pytest.raises(DataError, match=r"index 7 is out of range: the file has 2 frames") as err:
+        read_configurations(path, index=7)
+    assert_data_error(err, path, None)
+
+
+def test_format_named_where_the_file_name_does_not_say_it(tmp_path):
+    path = tmp_path / "frames.dat"
+    ase.io.write(path, emt_frames(2), format="extxyz")
+    assert len(read_configurations(path, format="extxyz")) == 2
+    with pytest.raises(DataError, match=r"guessed from the file; name the format"):
+        read_configurations(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"energies": np.array(["a", "b", "c"])}, "not real numbers"),
+    ({"nuclear_charges": np.array([6.4, 1, 1, 8])}, "whole numbers from 1 to 118, found 6.4"),
+    ({"nuclear_charges": np.array([-6, 1, 1, 8])}, "whole numbers from 1 to 118, found -6"),
+])
+def test_npz_arrays_that_are_not_what_they_claim_are_named(tmp_path, override, message):
+    path = tmp_path / "bad.npz"
+    write_rmd17(path, **override)
+    with pytest.raises(DataError, match=message) as err:
+        read_configurations(path)
+    assert_data_error(err, path, next(iter(override)))

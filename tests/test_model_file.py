@@ -138,3 +138,24 @@ def test_new_models_keep_their_zbl_prior_below_the_data_while_older_files_keep_t
     assert ModelConfig().zbl_range == "fade"
     assert ModelConfig(zbl_range="covalent").zbl_range == "covalent"
     assert ModelSpec.model_validate({"elements": [1, 8], "channels": 4, "zbl": True}).zbl_range == "covalent"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dtype": "load"}, "unknown weight dtype 'load'"),
+    ({"dtype": "int64"}, "unknown weight dtype 'int64'"),
+    ({"format_version": "one"}, "format version 'one' is not an integer"),
+    (None, "not a JSON object"),
+])
+def test_damaged_headers_are_model_file_errors(tmp_path, change, message):
+    """A hand-edited or damaged header is refused by name, never a traceback, and no torch attribute is looked
+    up by a name from the file."""
+    from safetensors.torch import save_file
+
+    good = equiforce.save_model(make_model("L1-corr3"), tmp_path / "good.eqf")
+    header = read_header(good)
+    header = [header] if change is None else {**header, **change}
+    tensors = {k: v.contiguous() for k, v in make_model("L1-corr3").state_dict().items()}
+    path = tmp_path / "damaged.eqf"
+    save_file(tensors, str(path), metadata={"equiforce": json.dumps(header)})
+    with pytest.raises(ModelFileError, match=message):
+        equiforce.load_model(path)

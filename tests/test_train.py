@@ -284,3 +284,80 @@ def test_ema_averages_parameters_and_copies_buffers():
     for avg, old, new in zip(ema.model.parameters(), before, model.parameters()):
         assert torch.allclose(avg, 0.5 * old + 0.5 * new)
     assert float(ema.model.energy_shift) == 7.0
+
+
+# ------------------------------------------------------------------ settings that used to go wrong silently
+
+
+def test_a_forces_key_that_finds_nothing_is_an_error_listing_what_the_file_has(tmp_path, data_dir, capsys):
+    """forces_key: REF_force for data holding REF_forces used to train an energy-only model without a word."""
+    from ase.io import read
+
+    frames = read(data_dir / "train.xyz", ":")
+    for atoms in frames:
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+    write(tmp_path / "train.xyz", frames, format="extxyz")
+    write(tmp_path / "test.xyz", frames[:2], format="extxyz")
+    path = write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "run", epochs=1)
+    config = yaml.safe_load(path.read_text())
+    config["data"].update(energy_key="REF_energy", forces_key="REF_force")
+    path.write_text(yaml.safe_dump(config))
+    from equiforce.errors import DataError
+    from equiforce.models.file import save_model
+
+    with pytest.raises(DataError) as err:
+        train(load_config(path), progress=False)
+    message = str(err.value)
+    assert "field 'REF_force'" in message and "REF_forces" in message and "forces_weight: 0" in message
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    # eval with keys that find no label at all: an error, not an empty table reported as success
+    save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    assert main(["eval", str(tmp_path / "m.eqf"), str(tmp_path / "test.xyz"), "--out", str(tmp_path / "e")]) == 2
+    assert "no structure has a label under --energy-key 'energy'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "m.eqf"), str(tmp_path / "test.xyz"), "--out", str(tmp_path / "e"),
+                 "--energy-key", "REF_energy"]) == 0
+    assert "no forces under --forces-key 'forces'" in capsys.readouterr().out
+
+
+def test_eval_batch_size_must_be_positive(reference, data_dir, capsys):
+    _, _, out = reference
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", str(out / "best.eqf"), str(data_dir / "test.xyz"), "--batch-size", bad])
+        assert exit_.value.code == 2
+        assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_config_type_weights_naming_no_structure_are_an_error(tmp_path, data_dir):
+    path = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "run", config_type_weights={"Bulk": 10.0})
+    with pytest.raises(ConfigError, match=r"config_type_weights names config types .*\['Bulk'\].*\['Default'\]"):
+        train(load_config(path), progress=False)
+
+
+def test_a_broken_test_set_is_found_before_training(tmp_path, data_dir):
+    from ase.io import read
+
+    from equiforce.errors import DataError
+
+    frames = read(data_dir / "test.xyz", ":")
+    frames[1].positions[1] = frames[1].positions[0]  # two atoms on top of each other
+    write(tmp_path / "test.xyz", frames, format="extxyz")
+    write(tmp_path / "train.xyz", read(data_dir / "train.xyz", ":"), format="extxyz")
+    epochs = []
+    path = write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "run")
+    with pytest.raises(DataError, match=r"test\.xyz, frame 1"):
+        train(load_config(path), progress=False, epoch_callback=epochs.append)
+    assert epochs == []
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path, data_dir):
+    """A NaN loss is never "better": no best.eqf would ever be written and the run reported success."""
+    from equiforce.errors import TrainingError
+
+    path = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "run", lr=1e12, clip_grad=None, epochs=3)
+    with pytest.raises(TrainingError, match=r"training diverged in epoch \d: the (training|validation) loss is"):
+        train(load_config(path), progress=False)
+    log = (tmp_path / "run" / "metrics.jsonl")
+    assert not log.exists() or "NaN" not in log.read_text()

@@ -65,6 +65,23 @@ def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
     return configs
 
 
+def label_names(path: str | os.PathLike, format: str | None = None) -> list[str]:
+    """The names a file's first frame carries (per-atom arrays, info entries, stored calculator results), or an
+    npz file's arrays: what a label key that found nothing could have been.  Empty when that cannot be read."""
+    source, fmt = str(path), (format or "").lower()
+    try:
+        if fmt in ("npz", "rmd17", "md17") or (not fmt and Path(source).suffix.lower() == ".npz"):
+            with np.load(source, allow_pickle=False) as data:
+                return sorted(data.files)
+        atoms = read_atoms(source, 0, format)[0]
+    except Exception:  # noqa: BLE001 - only a hint for an error message that is raised anyway
+        return []
+    calc = atoms.calc
+    results = getattr(calc, "results", None) or {} if calc is not None else {}
+    skip = {"numbers", "positions"}
+    return sorted((set(atoms.arrays) - skip) | set(atoms.info) | set(results))
+
+
 def write_extxyz(configs: Sequence[Configuration], path: str | os.PathLike) -> None:
     """Write configurations as extxyz with a SinglePointCalculator, the layout ``read_configurations`` reads."""
     from ase.io import write
@@ -131,10 +148,42 @@ def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | 
 
     try:
         frames = read(source, index=index, format=format)
+    except (StopIteration, IndexError) as err:  # an index past the end (ASE's own words are empty or cryptic)
+        total = _frame_count(source, format)
+        if total is None:
+            raise DataError(f"cannot read structures: {type(err).__name__}: {err}", source=str(source)) from err
+        raise DataError(f"index {index!r} is out of range: the file has {total} frames", source=str(source)) from err
     except Exception as err:  # noqa: BLE001 - see the docstring
-        raise DataError(f"cannot read structures: {type(err).__name__}: {err}", source=str(source),
-                        frame=_unreadable_frame(source, format)) from err
+        frame = _unreadable_frame(source, format)
+        guess = ""
+        if format is None and frame == 0:  # the first frame fails: perhaps the name made ASE guess a wrong format
+            guess = (f" (read as format {_guessed_format(source)!r}, guessed from the file; name the format "
+                     "if that is wrong: data.format, --format)")
+        raise DataError(f"cannot read structures: {type(err).__name__}: {err}{guess}", source=str(source),
+                        frame=frame) from err
     return [frames] if isinstance(frames, Atoms) else list(frames)
+
+
+def _frame_count(source: str | os.PathLike, format: str | None) -> int | None:
+    """Frames that parse, counted one by one; ``None`` when the file cannot be read at all."""
+    from ase.io import iread
+
+    count = 0
+    try:
+        for _ in iread(source, index=":", format=format):
+            count += 1
+    except Exception:  # noqa: BLE001 - a count for an error message only
+        return count or None
+    return count
+
+
+def _guessed_format(source: str | os.PathLike) -> str | None:
+    from ase.io.formats import filetype
+
+    try:
+        return filetype(str(source), read=True, guess=True)
+    except Exception:  # noqa: BLE001 - a hint for an error message only
+        return None
 
 
 def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> int | None:
@@ -151,7 +200,8 @@ def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> i
     try:
         for _ in iread(source, index=":", format=format):
             count += 1
-    except (OSError, UnknownFileTypeError):
+    # not OSError as a whole: ASE's XYZError (a truncated frame) is one, and that frame is what to name
+    except (FileNotFoundError, PermissionError, IsADirectoryError, UnknownFileTypeError):
         return None
     except Exception:  # noqa: BLE001 - any parse error marks the frame; the caller reports the first one
         return count
@@ -308,6 +358,13 @@ def _npz_get(data: Any, name: str, source: str, required: bool) -> tuple[str, np
     return _NPZ_KEYS[name][0], None
 
 
+def _npz_numeric(values: np.ndarray, key: str, source: str) -> np.ndarray:
+    """``values`` as float64, or a :class:`DataError` naming the array (strings, objects, complex numbers)."""
+    if values.dtype.kind not in "biuf":
+        raise DataError(f"array is not real numbers (dtype {values.dtype})", source=source, field=key)
+    return values.astype(np.float64)
+
+
 def _read_npz(source: str, index: str | int, *, require_energy: bool, require_forces: bool) -> list[Configuration]:
     try:
         data = np.load(source, allow_pickle=False)
@@ -336,16 +393,22 @@ def _read_npz(source: str, index: str | int, *, require_energy: bool, require_fo
     if per_frame.shape != (n_frames, n_atoms):
         raise DataError(f"{per_frame.shape[-1]} atomic numbers for {n_atoms} atoms", source=source, frame=0,
                         field=zkey)
-    numbers = per_frame
+    numbers = _npz_numeric(per_frame, zkey, source)
+    if not np.all(numbers == np.round(numbers)) or numbers.min() < 1 or numbers.max() > 118:
+        bad = numbers[(numbers != np.round(numbers)) | (numbers < 1) | (numbers > 118)].reshape(-1)[0]
+        raise DataError(f"atomic numbers must be whole numbers from 1 to 118, found {bad:g}", source=source,
+                        field=zkey)
+    numbers = numbers.astype(np.int64)
+    coords = _npz_numeric(coords, rkey, source)
     if energies is not None:
         if energies.size != n_frames:
             raise DataError(f"expected {n_frames} energies, got shape {energies.shape}", source=source, field=ekey)
-        energies = energies.astype(np.float64).reshape(n_frames) * KCAL_PER_MOL
+        energies = _npz_numeric(energies, ekey, source).reshape(n_frames) * KCAL_PER_MOL
     if forces is not None:
         if forces.shape != coords.shape:
             raise DataError(f"forces shape {forces.shape} does not match coordinates {coords.shape}",
                             source=source, field=fkey)
-        forces = forces.astype(np.float64) * KCAL_PER_MOL
+        forces = _npz_numeric(forces, fkey, source) * KCAL_PER_MOL
 
     configs = []
     for frame in _frame_numbers(index, 0, n_frames, source):

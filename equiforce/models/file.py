@@ -66,12 +66,30 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
         raise ModelFileError(f"{path}: model header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: model header is not a JSON object (got {type(header).__name__})")
     if header.get("format") != FORMAT:
         raise ModelFileError(f"{path}: unknown model format {header.get('format')!r}")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model format version {header['format_version']} is newer than this "
+    version = header.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFileError(f"{path}: model format version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model format version {version} is newer than this "
                              f"equiforce supports ({FORMAT_VERSION}); upgrade equiforce")
+    saved_dtype(header, path)  # checked here, so every loader can rely on it
     return header
+
+
+SAVED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def saved_dtype(header: dict[str, Any], path: str | os.PathLike) -> torch.dtype:
+    """The weights' dtype a header names: only the floating types equiforce writes (never an arbitrary
+    ``torch`` attribute looked up by name)."""
+    name = header.get("dtype", "float64")
+    if name not in SAVED_DTYPES:
+        raise ModelFileError(f"{path}: unknown weight dtype {name!r} (expected one of {sorted(SAVED_DTYPES)})")
+    return SAVED_DTYPES[name]
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -90,8 +108,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         spec = ModelSpec.model_validate(header["spec"])
     except Exception as err:
         raise ModelFileError(f"{path}: invalid model spec: {err}") from None
-    saved_dtype = getattr(torch, header.get("dtype", "float64"))
-    model = build_model(spec, dtype=saved_dtype)
+    model = build_model(spec, dtype=saved_dtype(header, path))
     tensors = {}
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():

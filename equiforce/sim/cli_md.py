@@ -11,6 +11,7 @@ from pathlib import Path
 
 from equiforce.errors import ConfigError, DataError
 from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.cli_types import non_negative_float, non_negative_int, positive_float, positive_int
 from equiforce.utils.digest import file_sha256
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -129,7 +130,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default=":", help="frames to read, ASE slice syntax (default all)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: as saved")
-    p.add_argument("--edge-chunk", type=int, default=None,
+    p.add_argument("--edge-chunk", type=non_negative_int, default=None,
                    help="compute messages this many edges at a time (less memory, same result; 0: all at "
                         "once; default: automatic, 2048 on a CPU for large systems)")
 
@@ -139,18 +140,19 @@ def add_parser(sub) -> None:
     p = sub.add_parser("md", help="batched molecular dynamics of every structure in a file")
     _common(p)
     p.add_argument("--ensemble", default="nvt", help="nve, nvt (Langevin), nvt-csvr or npt (default nvt)")
-    p.add_argument("--temperature", type=float, default=300.0, help="K")
-    p.add_argument("--timestep", type=float, default=0.5, help="fs")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
-    p.add_argument("--tau", type=float, default=100.0, help="CSVR thermostat time, fs")
+    p.add_argument("--temperature", type=non_negative_float, default=300.0, help="K")
+    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs")
+    p.add_argument("--steps", type=non_negative_int, default=1000)
+    p.add_argument("--friction", type=non_negative_float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--tau", type=positive_float, default=100.0, help="CSVR thermostat time, fs")
     p.add_argument("--pressure", type=float, default=1.0, help="NPT pressure, bar")
-    p.add_argument("--tau-p", type=float, default=1000.0, help="barostat time, fs")
-    p.add_argument("--compressibility", type=float, default=4.5e-5, help="1/bar (sets the barostat's time scale)")
+    p.add_argument("--tau-p", type=positive_float, default=1000.0, help="barostat time, fs")
+    p.add_argument("--compressibility", type=positive_float, default=4.5e-5,
+                   help="1/bar (sets the barostat's time scale)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--format", default="h5", choices=["h5", "extxyz", "traj"], help="trajectory format")
-    p.add_argument("--every", type=int, default=100, help="steps between trajectory frames")
-    p.add_argument("--log-every", type=int, default=100, help="steps between thermo lines")
+    p.add_argument("--every", type=positive_int, default=100, help="steps between trajectory frames")
+    p.add_argument("--log-every", type=positive_int, default=100, help="steps between thermo lines")
     p.add_argument("--out", default="runs/md", help="output directory")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true",
@@ -162,14 +164,14 @@ def add_parser(sub) -> None:
                         "potentials and potentials with uncertainty heads, not ensembles; a one-off compilation "
                         "of about a minute; for long runs: on a CPU 1.5-2x the steps per second for small "
                         "molecules, nothing for large boxes)")
-    p.add_argument("--stop-sigma", type=float, default=None, metavar="EV_PER_A",
+    p.add_argument("--stop-sigma", type=positive_float, default=None, metavar="EV_PER_A",
                    help="stop a system once its largest per-atom force σ exceeds this (a model with uncertainty)")
-    p.add_argument("--stop-sigma-energy", type=float, default=None, metavar="EV_PER_ATOM",
+    p.add_argument("--stop-sigma-energy", type=positive_float, default=None, metavar="EV_PER_ATOM",
                    help="stop a system once its energy σ per atom exceeds this")
     p.add_argument("--stop-mode", default="freeze", choices=["freeze", "flag"],
                    help="freeze: a stopped system stops moving while the others go on; flag: record and go on")
-    p.add_argument("--stop-check-every", type=int, default=1, help="steps between σ checks")
-    p.add_argument("--checkpoint-every", type=int, default=0,
+    p.add_argument("--stop-check-every", type=positive_int, default=1, help="steps between σ checks")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                    help="steps between checkpoints (OUT/checkpoint.safetensors; rounded up to a multiple of "
                         "--every and --log-every; 0: none)")
     p.add_argument("--resume", action="store_true",
@@ -179,8 +181,8 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("relax", help="FIRE relaxation of every structure in a file (batched)")
     _common(p)
-    p.add_argument("--fmax", type=float, default=0.05, help="eV/Å")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--fmax", type=positive_float, default=0.05, help="eV/Å")
+    p.add_argument("--steps", type=non_negative_int, default=1000)
     p.add_argument("--cell", action="store_true", help="relax the cell too (periodic structures)")
     p.add_argument("--pressure", type=float, default=0.0, help="bar, with --cell")
     p.add_argument("--out", default="relaxed.extxyz")

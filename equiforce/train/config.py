@@ -7,6 +7,7 @@ Relative paths are taken relative to the working directory, as on the command li
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,8 @@ class DataConfig(_Section):
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of `train` held out when no `valid`")
     split_seed: int = Field(0, description="seed of that split, fixed apart from training.seed")
     test: Path | None = Field(None, description="evaluated with the best model after training")
+    format: str | None = Field(None, description="file format for ase.io (e.g. extxyz) where the file name does not "
+                                                 "say it; npz and db are read by their own readers")
     energy_key: str = "energy"
     forces_key: str = "forces"
     stress_key: str = "stress"
@@ -93,6 +96,8 @@ class DataConfig(_Section):
                     out[_element_number(key)] = float(energy)
                 except (TypeError, ValueError) as err:
                     raise ValueError(f"bad entry {key!r}: {energy!r} ({err})") from None
+                if not math.isfinite(out[_element_number(key)]):
+                    raise ValueError(f"bad entry {key!r}: {energy!r} (an E0 must be a finite energy in eV)")
             return out
         raise ValueError(f"must be 'fit', 'isolated' or a mapping {{element: energy}}, got {value!r}")
 

@@ -46,7 +46,14 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
     ``e0s`` sets the reference energies of elements new to the model only (as ``data.e0s`` of a new
     model: ``"fit"``, ``"isolated"`` or values); the model's own elements keep theirs.
     """
-    from equiforce.train.trainer import DTYPES, _validated, fit, labelled_graphs, split_train_valid
+    from equiforce.train.trainer import (
+        DTYPES,
+        _validated,
+        check_before_training,
+        fit,
+        labelled_graphs,
+        split_train_valid,
+    )
 
     training = _validated(TrainingConfig, training_cfg, "training")
     dtype = DTYPES[training.dtype]
@@ -56,6 +63,8 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
     replay_train, replay_test = _replay_sets(replay, replay_frames, replay_holdout, split_seed)
     added = _new_elements(start, model, train, valid, replay_train)
     new_e0s = _new_element_e0s(e0s, [*train, *isolated], model, added) if added else {}
+    check_before_training(training, [*train, *valid, *replay_train], test, [*model.spec.elements, *added],
+                          model.cutoff, dtype)
     weights = training.config_type_weights
     train_graphs = labelled_graphs(train, model.cutoff, dtype, weights)
     train_graphs += labelled_graphs(replay_train, model.cutoff, dtype, weights, weight=replay_weight)

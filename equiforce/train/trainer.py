@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
 from equiforce.data.structure import Configuration
-from equiforce.errors import ConfigError, DataError
+from equiforce.errors import ConfigError, DataError, TrainingError
 from equiforce.evaluate import evaluate, resolve_device, run_batches
 from equiforce.models.compiled import CompiledForces
 from equiforce.models.file import load_model, save_model
@@ -274,6 +274,16 @@ def refit_shift(eval_model: Potential, models: Sequence[Potential], graphs: Sequ
         model.shift_correction += delta
 
 
+def _check_finite_loss(value: float, which: str, epoch: int, last_saved: int, out: Path) -> None:
+    """Stop a diverged run at once: a NaN loss is never "better", so no best model would ever be written, and
+    every further epoch only overwrites the last good checkpoint with NaN weights."""
+    if math.isfinite(value):
+        return
+    kept = f"the last checkpoint in {out}, before it, is kept" if last_saved else "no checkpoint was written"
+    raise TrainingError(f"training diverged in epoch {epoch}: the {which} loss is {value} ({kept}); lower "
+                        "training.lr or raise training.warmup_steps, and check the labels' units and data.e0s")
+
+
 def _stage_two_weights(training: TrainingConfig) -> dict[str, float]:
     stage = training.stage_two
     assert stage is not None
@@ -310,8 +320,9 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         before = ckpt.get("training", {})
-        # what the saved optimizer state and weights are bound to (parameter groups, precision): not resumable
-        for key in ("optimizer", "scheduler", "weight_decay_on", "dtype"):
+        # what the saved optimizer state, schedule and weights are bound to (parameter groups, precision, the
+        # rate the schedule restores): a change would be ignored or fail, so it is refused
+        for key in ("optimizer", "scheduler", "weight_decay_on", "dtype", "lr"):
             if key in before and before[key] != getattr(training, key):
                 raise ConfigError(f"{ckpt_path} was trained with training.{key}: {before[key]}, now "
                                   f"{getattr(training, key)}; use another output directory or output.resume: false")
@@ -461,6 +472,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             record: dict[str, Any] = {"epoch": epoch, "lr": first_lr, "lr_end": lr, "stage": state["stage"],
                                       "train_loss": float(loss_sum) / n_seen}
             record.update({f"train_loss_{k}": float(v) / n_seen for k, v in part_sums.items()})
+            _check_finite_loss(record["train_loss"], "training", epoch, state["epoch"], out)
             # the training steps alone (float() above waited for the device): what peers report as throughput;
             # "time" below adds the shift refit, validation and saving the best model
             record["train_time"] = clock(start)
@@ -484,6 +496,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                     record["valid_loss"] = float(total[0] / total[1])
                     metrics.reduce_sums(lambda t: distributed.all_sum(t, ranks))
                 record.update({f"valid_{k}": v for k, v in metrics.compute().items()})
+                _check_finite_loss(record["valid_loss"], "validation", epoch, state["epoch"], out)
             prefix = "valid_" if valid_graphs else "train_"
             if training.select_by == "loss" or not valid_graphs:
                 criterion = record[f"{prefix}loss"]
@@ -587,6 +600,7 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     e0_values = resolve_e0s(e0s, [*train, *isolated], elements)
 
     dtype = DTYPES[training_cfg.dtype]
+    check_before_training(training_cfg, [*train, *valid], test, elements, model_cfg.cutoff, dtype)
     train_graphs = labelled_graphs(train, model_cfg.cutoff, dtype, training_cfg.config_type_weights)
     valid_graphs = labelled_graphs(valid, model_cfg.cutoff, dtype, training_cfg.config_type_weights)
     stats = dataset_statistics(train_graphs, e0_values)
@@ -636,6 +650,25 @@ def split_train_valid(train: Sequence[Configuration], valid: Sequence[Configurat
     return list(train), list(valid)
 
 
+def check_before_training(training: TrainingConfig, labelled: Sequence[Configuration],
+                          test: Sequence[Configuration] | None, elements: Sequence[int], cutoff: float,
+                          dtype: torch.dtype) -> None:
+    """What would otherwise go wrong silently, or only after the whole budget is spent: config-type weights
+    that name no structure's ``config_type`` (a typo leaves every weight at 1), and a test set with an element
+    the model will not know or a geometry no graph can be built for (found by the evaluation at the end)."""
+    present = {c.config_type for c in labelled}
+    unused = sorted(set(training.config_type_weights) - present)
+    if unused:
+        raise ConfigError(f"training.config_type_weights names config types that no training or validation "
+                          f"structure has: {unused} (the data have {sorted(present)})")
+    for config in test or ():
+        unknown = sorted({int(z) for z in config.numbers} - set(elements))
+        if unknown:
+            raise DataError(f"element(s) {unknown} not in the model's elements {sorted(elements)} (the test set is "
+                            "checked before training)", source=config.source, frame=config.frame, field="numbers")
+        config_to_graph(config, cutoff, dtype)  # raises a DataError naming the file and frame
+
+
 def labelled_graphs(configs: Sequence[Configuration], cutoff: float, dtype: torch.dtype,
                     type_weights: dict[str, float], weight: float = 1.0) -> list[Graph]:
     """Training graphs, each loss weight times its ``config_type``'s weight (and ``weight``)."""
@@ -673,12 +706,11 @@ def train(config: TrainConfig, *, progress: bool | None = None,
           epoch_callback: EpochCallback | None = None) -> dict[str, Any]:
     """Run ``equiforce train``: read the files named in ``config.data``, train, evaluate on the test set."""
     from equiforce.data.io import read_configurations
+    from equiforce.train.data_files import read_labelled, reader_options
 
     data = config.data
-    keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key,
-                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key,
-                hessian_key=data.hessian_key)
-    train_set = read_configurations(data.train, **keys)
+    keys = reader_options(data)
+    train_set = read_labelled(data.train, data, config.training)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
     test_set = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
     extra = {"data": {"train": str(data.train), "train_sha256": file_sha256(data.train)},

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from equiforce.errors import ModelFileError
-from equiforce.models.file import METADATA_KEY, model_header
+from equiforce.models.file import METADATA_KEY, model_header, saved_dtype
 from equiforce.models.potential import build_model
 from equiforce.models.spec import ModelSpec
 from equiforce.uq.base import UQModel
@@ -81,7 +81,7 @@ def load_uq_model(path: str | os.PathLike, header: dict[str, Any], device: str |
     if not isinstance(uq, dict):
         raise ModelFileError(f"{path}: {model_class} file without its `uq` header section")
     spec = _spec(header.get("spec"), str(path))
-    saved_dtype = getattr(torch, header.get("dtype", "float64"))
+    weights_dtype = saved_dtype(header, path)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     try:
@@ -108,17 +108,17 @@ def load_uq_model(path: str | os.PathLike, header: dict[str, Any], device: str |
             raise MemberMismatchError(f"{path}: weight {bad} holds {tuple(stacked[bad].shape)[:1]} members, the "
                                       f"header lists {n_members}")
         info = [{k: v for k, v in m.items() if k != "spec"} for m in members]
-        model: UQModel = EnsemblePotential(spec, stacked, saved_dtype, calibration=calibration, seen_elements=seen,
+        model: UQModel = EnsemblePotential(spec, stacked, weights_dtype, calibration=calibration, seen_elements=seen,
                                            members_info=info)
     else:
         heads_cfg = uq.get("heads") or {}
-        backbone = build_model(spec, dtype=saved_dtype)
+        backbone = build_model(spec, dtype=weights_dtype)
         try:
             backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items()
                                       if k.startswith("backbone.")}, strict=True)
             heads = UQHeads(int(heads_cfg["channels"]), int(heads_cfg["n_heads"]), int(heads_cfg["hidden"]),
                             int(heads_cfg["n_elements"]))
-            heads = heads.to(saved_dtype)
+            heads = heads.to(weights_dtype)
             heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")},
                                   strict=True)
         except (KeyError, RuntimeError) as err:

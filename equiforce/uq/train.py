@@ -116,15 +116,14 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
     """Run ``equiforce train-uq``; returns paths and validation/test metrics of the calibrated model."""
     from equiforce.data.io import read_configurations
     from equiforce.evaluate import resolve_device
+    from equiforce.train.data_files import read_labelled, reader_options
     from equiforce.train.trainer import DTYPES, train_configs
     from equiforce.uq.metrics import uq_report
     from equiforce.uq.predict import predict
 
     data, uq = config.data, config.uq
-    keys = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key,
-                virial_key=data.virial_key, config_type_key=data.config_type_key, weight_key=data.weight_key,
-                hessian_key=data.hessian_key)
-    split = split_data(read_configurations(data.train, **keys),
+    keys = reader_options(data)
+    split = split_data(read_labelled(data.train, data, config.training),
                        read_configurations(data.valid, **keys) if data.valid is not None else None,
                        data.valid_fraction, data.split_seed)
     out = Path(config.output.directory)
@@ -134,6 +133,16 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
 
     def graphs(configs: Sequence[Configuration], cutoff: float) -> list[Graph]:
         return [config_to_graph(c, cutoff, dtype) for c in configs]
+
+    test = None
+    if data.test is not None:  # read and checked now, not after every member has trained
+        test = read_configurations(data.test, **keys, require_energy=False)
+        for c in test:
+            unknown = sorted({int(z) for z in c.numbers} - set(seen))
+            if unknown:
+                raise DataError(f"element(s) {unknown} never appear in the training or validation data {seen}: "
+                                "no σ for them", source=c.source, frame=c.frame, field="numbers")
+        graphs(test, config.model.cutoff)
 
     if uq.method == "ensemble":
         paths = train_members(split, config, out, progress, extra)
@@ -158,8 +167,7 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
     result: dict[str, Any] = {"model": str(path), "method": uq.method,
                               "calibration": model.calibration.to_json(),
                               "valid": uq_report(predict(model, graphs(split.valid, model.cutoff), device=device))}
-    if data.test is not None:
-        test = read_configurations(data.test, **keys, require_energy=False)
+    if test is not None:
         model.check_elements({int(z) for c in test for z in c.numbers})
         result["test"] = uq_report(predict(model, graphs(test, model.cutoff), device=device))
     return result
