@@ -148,3 +148,17 @@ def test_bond_criterion_flags_broken_molecule():
     tumbling = BondCriterion(ethanol.numbers, np.array(frames))
     np.testing.assert_array_equal(tumbling.pairs, criterion.pairs)
     np.testing.assert_allclose(tumbling.lengths, criterion.lengths, atol=1e-10)
+
+
+def test_in_plane_diffusion_leaves_the_normal_direction_out():
+    """A slab's in-plane D must not pick up motion along z (here three times faster)."""
+    rng = np.random.default_rng(1)
+    d_plane, d_normal, dt = 0.3, 2.7, 0.02
+    scale = np.sqrt(2 * np.array([d_plane, d_plane, d_normal]) * dt)
+    positions = np.cumsum(rng.normal(0.0, 1.0, (2000, 300, 3)) * scale, axis=0)
+    in_plane = diffusion_coefficient(positions, dt, n_blocks=5, axes=(0, 1))
+    assert in_plane.dimension == 2 and in_plane.D == pytest.approx(d_plane * (1 - 1 / 300), rel=0.06)
+    along_z = diffusion_coefficient(positions, dt, n_blocks=5, axes=(2,))
+    assert along_z.D == pytest.approx(d_normal * (1 - 1 / 300), rel=0.06)
+    with pytest.raises(ValueError, match="needs the axes"):
+        diffusion_coefficient(positions, dt, dimension=2)

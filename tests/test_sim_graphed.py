@@ -43,7 +43,9 @@ def test_graphed_step_gives_the_ordinary_trajectory(ensemble):
         np.testing.assert_allclose(graphed.atoms[b].positions, plain.atoms[b].positions, atol=1e-9, rtol=0)
         np.testing.assert_allclose(graphed.atoms[b].get_momenta(), plain.atoms[b].get_momenta(), atol=1e-9, rtol=0)
         np.testing.assert_allclose(graphed.atoms[b].cell.array, plain.atoms[b].cell.array, atol=1e-9, rtol=0)
-    for key in ("etot", "conserved", "temperature"):
+    for key in ("etot", "conserved", "temperature", "pressure_bar"):
+        if key == "conserved" and ensemble == "npt":  # no such column: the barostat's work is not tracked
+            continue
         np.testing.assert_allclose([r[key] for r in graphed.thermo], [r[key] for r in plain.thermo], rtol=1e-9,
                                    atol=1e-9)
     assert graphed.stopped_step.tolist() == plain.stopped_step.tolist()

@@ -301,3 +301,69 @@ def test_checkpoint_that_is_not_one_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="junk.safetensors"):
         load_md_checkpoint(bad)
+
+
+@pytest.mark.parametrize("ensemble", ["nve", "nvt", "nvt-csvr", "npt"])
+def test_pressure_column_has_the_virial_in_every_ensemble(ensemble):
+    """Without a barostat the step computes no stress; the logged pressure must still be kinetic + virial."""
+    model = LennardJones()
+    atoms = argon_fcc(2, a=5.0, rattle=0.05)
+    result = run_md(model, atoms, ensemble=ensemble, temperature_K=100.0, steps=0, seed=0)
+    state = SimState.from_atoms(result.atoms)
+    out = MolecularDynamics(model, VelocityVerlet(1.0)).evaluate(state, compute_stress=True)
+    expected = float(pressure(state, out)[0]) / units.bar
+    assert abs(expected) > 1000  # a compressed crystal: the virial dominates
+    assert result.thermo[0]["pressure_bar"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_langevin_conserves_energy_minus_its_heat():
+    """E_total minus the heat the friction and noise exchanged stays constant (a check of the integration)."""
+    model = LennardJones()
+    result = run_md(model, argon_fcc(2, rattle=0.1, seed=2), ensemble="nvt", temperature_K=60.0, timestep_fs=4.0,
+                    steps=150, friction_per_fs=0.02, seed=0, log_interval=1)
+    conserved, etot = _series(result, "conserved"), _series(result, "etot")
+    assert np.ptp(etot) > 10 * np.ptp(conserved)
+    assert np.ptp(conserved) < 2e-3
+    npt = run_md(model, argon_fcc(2, rattle=0.1, seed=2), ensemble="npt", temperature_K=60.0, steps=2, seed=0)
+    assert "conserved" not in npt.thermo[0]  # the barostat's work is not tracked: no column that drifts
+
+
+def test_structures_without_momenta_get_their_own_in_a_mixed_batch():
+    model = make_model("L1-corr3")
+    moving, still = molecule("H2O"), molecule("CH4")
+    moving.set_momenta(np.random.default_rng(0).normal(0.0, 0.5, (3, 3)))
+    result = run_md(model, [moving, still], ensemble="nve", temperature_K=300.0, steps=0, seed=0)
+    assert result.thermo[1]["temperature"] == pytest.approx(300.0, rel=1e-9)  # drawn, as it would be alone
+    p, m = moving.get_momenta(), moving.get_masses()
+    given = p - m[:, None] * p.sum(0) / m.sum()
+    np.testing.assert_allclose(result.atoms[0].get_momenta(), given, atol=1e-12)  # kept (centre of mass removed)
+
+
+def test_the_frame_every_system_stopped_on_is_written(tmp_path):
+    from equiforce.sim.io import read_system_frames
+
+    model = LennardJones()
+
+    def stop(state, outputs):
+        return torch.full((state.n_systems,), state.step >= 55)
+
+    result = run_md(model, argon_fcc(1, rattle=0.05), ensemble="nve", temperature_K=30.0, steps=500, seed=0,
+                    stop_when=stop, log_interval=10, trajectory=tmp_path / "t.extxyz", trajectory_interval=100)
+    assert result.steps == 60 and result.stopped_step.tolist() == [55]
+    assert [f.info["step"] for f in read_system_frames(tmp_path / "t.extxyz", 0)] == [0, 60]
+
+
+def test_fixed_atoms_do_not_move_and_are_not_counted_as_degrees_of_freedom():
+    from ase.constraints import FixAtoms
+
+    model = LennardJones()
+    atoms = argon_fcc(2, rattle=0.05)
+    atoms.set_constraint(FixAtoms(indices=range(8)))
+    result = run_md(model, atoms, ensemble="nvt", temperature_K=80.0, steps=50, seed=0, log_interval=10)
+    final = result.atoms[0]
+    np.testing.assert_array_equal(final.positions[:8], atoms.positions[:8])
+    assert np.abs(final.positions[8:] - atoms.positions[8:]).max() > 1e-3
+    assert np.all(final.get_momenta()[:8] == 0) and isinstance(final.constraints[0], FixAtoms)
+    assert result.thermo[0]["temperature"] == pytest.approx(80.0, rel=1e-9)  # 3 × 24 mobile atoms, no COM
+    with pytest.raises(ValueError, match="with a barostat are not supported"):
+        run_md(model, atoms, ensemble="npt", steps=1)

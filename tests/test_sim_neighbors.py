@@ -118,3 +118,37 @@ def test_edges_in_the_skin_contribute_nothing():
     assert padded.neighbors.edge_index.shape[1] > exact.neighbors.edge_index.shape[1]
     for key in (K.ENERGY, K.FORCES, K.STRESS):
         np.testing.assert_allclose(out[key].numpy(), fresh[key].numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("ensemble", ["nve-accelerating", "npt-compressing"])
+def test_adaptive_checks_never_miss_a_pair_at_any_step(ensemble):
+    """"auto" skips tests of the list; every evaluation must still equal one on a fresh list — also for an atom
+    pushed from rest (its speed far more than doubles within the skipped steps) and under a compressing
+    barostat (the cell shrinks while tests are skipped)."""
+    model = LennardJones()
+    if ensemble == "nve-accelerating":  # A-B squeezed hard, C at rest just outside cutoff + skin of B
+        atoms = Atoms("Ar3", positions=[[0, 0, 0], [2.9, 0, 0], [2.9 + 7.55, 0, 0]])
+        integrator, steps = VelocityVerlet(2.0), 60
+    else:  # a dilute box at high pressure: the barostat pulls a distant pair into range
+        atoms = Atoms("Ar2", positions=[[0, 0, 0], [7.6, 0, 0]], cell=[16.0, 16.0, 16.0], pbc=True)
+        integrator = StochasticCellRescaling(1.0, 1.0, 15000.0, tau_p_fs=100.0, compressibility_per_bar=1e-4,
+                                             generator=torch.Generator().manual_seed(3))
+        steps = 40
+    state = SimState.from_atoms([atoms])
+    maxwell_boltzmann(state, 1.0, generator=torch.Generator().manual_seed(0))
+    md = MolecularDynamics(model, integrator, skin=0.5)
+    errors = []
+    plain = md.evaluate.__class__.__call__
+
+    def checked(evaluator, st, compute_stress=False, dt=None):
+        out = plain(evaluator, st, compute_stress, dt)
+        fresh = BatchEvaluator(model, skin=0.0)(st, compute_stress=compute_stress)
+        errors.append(float((out[K.FORCES] - fresh[K.FORCES]).abs().max()))
+        return out
+
+    md.evaluate.__class__ = type("Checked", (BatchEvaluator,), {"__call__": checked})
+    start = float(torch.linalg.vector_norm(state.positions[-1] - state.positions[-2]))
+    md.run(state, steps, keep_thermo=False)
+    end = float(torch.linalg.vector_norm(state.positions[-1] - state.positions[-2]))
+    assert end < model.cutoff < start  # the pair did come into range
+    assert max(errors) < 1e-12, f"{sum(e > 1e-12 for e in errors)} of {len(errors)} evaluations missed a pair"

@@ -72,3 +72,34 @@ def test_cell_relaxation_reaches_zero_stress_and_pressure():
     squeezed = relax(model, argon_fcc(1, a=5.6), fmax=1e-5, max_steps=1000, relax_cell=True, hydrostatic=True,
                      scalar_pressure_bar=5000.0)
     assert squeezed.atoms[0].get_volume() < relaxed.get_volume()
+
+
+def test_fixed_atoms_stay_put_and_the_rest_follows_ase_fire():
+    """A slab's bottom layer under FixAtoms: held in place (ASE's FIRE with the same constraint takes the same
+    path), and the constraint travels with the relaxed structures; a cell relaxation with it is refused."""
+    from ase.constraints import FixAtoms
+
+    model = LennardJones()
+    atoms = argon_fcc(1, rattle=0.15, seed=4)
+    atoms.pbc = False
+    atoms.set_constraint(FixAtoms(indices=[0, 1]))
+    ours = relax(model, atoms.copy(), fmax=0.01, max_steps=300)
+    reference = atoms.copy()
+    reference.calc = TorchCalculator(model)
+    FIRE(reference, logfile=None).run(fmax=0.01, steps=300)
+    np.testing.assert_allclose(ours.atoms[0].positions[:2], atoms.positions[:2], atol=0)
+    np.testing.assert_allclose(ours.atoms[0].positions, reference.positions, atol=1e-8)
+    assert isinstance(ours.atoms[0].constraints[0], FixAtoms)
+    with pytest.raises(ValueError, match="relax_cell with fixed atoms"):
+        periodic = argon_fcc(1, rattle=0.05)
+        periodic.set_constraint(FixAtoms(indices=[0]))
+        relax(model, periodic, relax_cell=True)
+
+
+def test_constraints_the_engine_cannot_keep_are_refused_by_name():
+    from ase.constraints import FixBondLength
+
+    atoms = molecule("H2O")
+    atoms.set_constraint(FixBondLength(0, 1))
+    with pytest.raises(ValueError, match="constraint FixBondLengths? is not supported"):
+        relax(make_model("L1-corr3"), atoms)

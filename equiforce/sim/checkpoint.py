@@ -48,6 +48,8 @@ def save_md_checkpoint(path: str | os.PathLike, state: SimState, flags: dict[str
     tensors: dict[str, torch.Tensor] = {}
     for name in _STATE_FIELDS:
         tensors[f"state.{name}"] = getattr(state, name).detach()
+    if state.fixed is not None:
+        tensors["state.fixed"] = state.fixed.detach()
     for name, value in (flags or {}).items():
         if value is not None:
             tensors[f"flags.{name}"] = value.detach()
@@ -84,7 +86,8 @@ def load_md_checkpoint(path: str | os.PathLike, device: str | torch.device = "cp
         t = t.to(device)
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    state = SimState(**{name: place(tensors[f"state.{name}"]) for name in _STATE_FIELDS}, step=int(header["step"]))
+    state = SimState(**{name: place(tensors[f"state.{name}"]) for name in _STATE_FIELDS}, step=int(header["step"]),
+                     fixed=tensors["state.fixed"].to(device) if "state.fixed" in tensors else None)
     flags = {name: tensors[f"flags.{name}"].to(device) for name in _FLAG_FIELDS if f"flags.{name}" in tensors}
     arrays = {key[len("array."):]: value for key, value in tensors.items() if key.startswith("array.")}
     return MDCheckpoint(state=state, flags=flags, generator_state=tensors.get("generator"), arrays=arrays,

@@ -6,12 +6,14 @@ per system (tensors of shape ``[B]``).  Units are ASE's; the constructors take f
 
 * :class:`VelocityVerlet` — NVE, symplectic and time reversible.
 * :class:`Langevin` — NVT by the BAOAB splitting (Leimkuhler & Matthews 2013): exact Ornstein–Uhlenbeck
-  step between two half drifts, accurate configurational sampling at large time steps.
+  step between two half drifts, accurate configurational sampling at large time steps; it tracks the heat
+  its friction and noise exchange, so ``E_total − heat`` is conserved too.
 * :class:`CSVR` — NVT by canonical stochastic velocity rescaling (Bussi, Donadio & Parrinello 2007); a
   global thermostat that leaves dynamics nearly undisturbed and tracks the heat it exchanges, so
   ``E_total − heat`` is conserved (a check of the integration).
 * :class:`StochasticCellRescaling` — NPT, isotropic stochastic cell rescaling (Bernetti & Bussi 2020)
-  on top of CSVR: first-order barostat with correct volume fluctuations.
+  on top of CSVR: first-order barostat with correct volume fluctuations.  It has no ``conserved`` column
+  (the barostat's work is not tracked).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Integrator:
 
     needs_stress = False
     carried: tuple[str, ...] = ()
+    tracks_conserved = True  # whether E_total + conserved_correction() is a constant of the dynamics
 
     def __init__(self, timestep_fs: float) -> None:
         if timestep_fs <= 0:
@@ -59,7 +62,7 @@ class Integrator:
         self.dt = float(timestep_fs) * units.fs
 
     def kick(self, state: SimState, outputs: Outputs, fraction: float) -> None:
-        state.momenta = state.momenta + (fraction * self.dt) * outputs[K.FORCES]
+        state.momenta = state.momenta + (fraction * self.dt) * state.without_fixed(outputs[K.FORCES])
 
     def drift(self, state: SimState, fraction: float) -> None:
         state.positions = state.positions + (fraction * self.dt) * state.velocities
@@ -72,6 +75,9 @@ class Integrator:
 
     def prepare(self, state: SimState) -> None:
         """Per-system settings as ``[B]`` tensors on the state's device (called before a step is captured)."""
+
+    def check(self, state: SimState) -> None:
+        """Refuse a state this integrator cannot advance correctly (called before a run)."""
 
     def conserved_correction(self) -> torch.Tensor | float:
         """[B] energy the thermostat/barostat has taken out (add to the total energy to get a constant)."""
@@ -92,26 +98,39 @@ class VelocityVerlet(Integrator):
 class Langevin(Integrator):
     """NVT by BAOAB.  ``friction_per_fs`` γ (e.g. 0.01 fs⁻¹ = 1/(100 fs)); per-system ``temperature_K``."""
 
+    carried = ("heat",)
+
     def __init__(self, timestep_fs: float, temperature_K: float | torch.Tensor, friction_per_fs: float = 0.01,
                  generator: torch.Generator | None = None) -> None:
         super().__init__(timestep_fs)
         self.temperature_K, self.friction = temperature_K, float(friction_per_fs) / units.fs
         self.generator = generator
+        self.heat: torch.Tensor | None = None  # [B] kinetic energy the O step took out (the bath's share)
 
     def prepare(self, state: SimState) -> None:
         self.temperature_K = _setting(self.temperature_K, state)
+        if self.heat is None:
+            self.heat = torch.zeros(state.n_systems, dtype=state.dtype, device=state.device)
 
     def step(self, state: SimState, outputs: Outputs, evaluate: Evaluate) -> Outputs:
+        if self.heat is None:
+            self.heat = torch.zeros(state.n_systems, dtype=state.dtype, device=state.device)
         self.kick(state, outputs, 0.5)
         self.drift(state, 0.5)
         c1 = math.exp(-self.friction * self.dt)
         kt = KB * _per_system(self.temperature_K, state)[state.system]
         noise = torch.randn(state.momenta.shape, generator=self.generator, dtype=state.dtype, device=state.device)
-        state.momenta = c1 * state.momenta + torch.sqrt((1 - c1 * c1) * state.masses * kt)[:, None] * noise
+        before = state.kinetic_energy()
+        state.momenta = c1 * state.momenta + state.without_fixed(torch.sqrt((1 - c1 * c1) * state.masses * kt)[:, None]
+                                                                 * noise)
+        self.heat = self.heat + (before - state.kinetic_energy())
         self.drift(state, 0.5)
         outputs = self.evaluate(state, evaluate)
         self.kick(state, outputs, 0.5)
         return outputs
+
+    def conserved_correction(self) -> torch.Tensor | float:
+        return self.heat if self.heat is not None else 0.0
 
 
 def _sum_of_squared_normals(state: SimState, count: torch.Tensor,
@@ -198,6 +217,7 @@ class StochasticCellRescaling(CSVR):
     """
 
     needs_stress = True
+    tracks_conserved = False
 
     def __init__(self, timestep_fs: float, temperature_K: float | torch.Tensor,
                  pressure_bar: float | torch.Tensor = 1.0, tau_fs: float = 100.0, tau_p_fs: float = 1000.0,
@@ -211,6 +231,11 @@ class StochasticCellRescaling(CSVR):
     def prepare(self, state: SimState) -> None:
         super().prepare(state)
         self.pressure_bar = _setting(self.pressure_bar, state)
+
+    def check(self, state: SimState) -> None:
+        if state.fixed is not None:
+            raise ValueError("fixed atoms (FixAtoms) with a barostat are not supported: scaling the cell would "
+                             "move them; run NVT, or relax the cell without the constraint")
 
     def before_forces(self, state: SimState, outputs: Outputs) -> Outputs:
         volume = state.volume()

@@ -23,7 +23,7 @@ from torch import nn
 from equiforce.data import keys as K
 from equiforce.sim import resumable
 from equiforce.sim.checkpoint import load_md_checkpoint
-from equiforce.sim.evaluator import BatchEvaluator, Outputs, model_device, model_dtype
+from equiforce.sim.evaluator import BatchEvaluator, Outputs, model_device, model_dtype, state_graph
 from equiforce.sim.integrators import CSVR, Integrator, Langevin, StochasticCellRescaling, VelocityVerlet, pressure
 from equiforce.sim.io import ThermoLog, TrajectoryWriter, open_trajectory
 from equiforce.sim.state import SimState, maxwell_boltzmann
@@ -60,6 +60,8 @@ def thermo_rows(state: SimState, outputs: Outputs, integrator: Integrator, time_
         "conserved": outputs[K.ENERGY] + kinetic + integrator.conserved_correction(),
         "volume": state.volume(), "pressure_bar": pressure(state, outputs) / units.bar,
     }
+    if not integrator.tracks_conserved:
+        del columns["conserved"]
     names = list(columns)
     table = torch.stack([columns[n].to(state.dtype).expand(state.n_systems) for n in names], 1).cpu().tolist()
     n_atoms, flags, periodic = state.n_atoms.tolist(), stopped.tolist(), state.periodic.tolist()
@@ -131,6 +133,7 @@ class MolecularDynamics:
         A writer or log passed as an object stays open (a run in chunks); ``record_start=False`` skips the
         record of the starting state (a run resumed from a checkpoint, whose output already holds it)."""
         self.evaluate.check(state)
+        self.integrator.check(state)
         dt_ps = self.integrator.dt / (1000 * units.fs)
         b = state.n_systems
         if self.frozen is None or self.frozen.shape[0] != b:
@@ -157,7 +160,8 @@ class MolecularDynamics:
                 if writer is not None and (final or done % trajectory_interval == 0):
                     writer.write(state, outputs, time_ps)
                 if (logger is not None or keep_thermo) and (final or done % log_interval == 0):
-                    rows = thermo_rows(state, outputs, self.integrator, time_ps, frozen | (stopped_step >= 0))
+                    rows = thermo_rows(state, self._with_virial(state, outputs), self.integrator, time_ps,
+                                       frozen | (stopped_step >= 0))
                     if keep_thermo:
                         thermo.extend(rows)
                     if logger is not None:
@@ -186,7 +190,9 @@ class MolecularDynamics:
                     record(final=last)
                 if bar is not None and (last or done % max(1, steps // 200) == 0):
                     bar[0].update(bar[1], completed=done)
-                if done % log_interval == 0 and bool(frozen.all()):  # this step was just recorded
+                if done % log_interval == 0 and bool(frozen.all()):  # this step's thermo was just recorded
+                    if writer is not None and not last and done % trajectory_interval != 0:
+                        writer.write(state, outputs, state.step * dt_ps)  # the frame every system ended on
                     break
             wall = time.perf_counter() - t0
         self._last = (self._key(state), outputs)
@@ -200,6 +206,16 @@ class MolecularDynamics:
         return MDResult(state=state, thermo=thermo, stopped_step=stopped_step.cpu().numpy(),
                         nonfinite_step=nonfinite_step.cpu().numpy(), steps=state.step - start_step,
                         wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds, info=info)
+
+    def _with_virial(self, state: SimState, outputs: Outputs) -> Outputs:
+        """``outputs`` with the virial the pressure column needs: ensembles without a barostat do not compute it
+        per step, so for periodic systems it is evaluated here, once per logged step (the plain model, so a
+        compiled step is not compiled a second time for stress)."""
+        if K.VIRIAL in outputs or not bool(state.periodic.any()):
+            return outputs
+        graph = state_graph(state, *self.evaluate.edges(state))
+        extra = self.evaluate.model(graph, compute_forces=True, compute_stress=True)
+        return {**outputs, K.VIRIAL: extra[K.VIRIAL].detach()}
 
     @property
     def graph_info(self) -> dict[str, Any] | None:
@@ -301,9 +317,9 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
            checkpoint_tag: dict[str, Any] | None = None) -> MDResult:
     """Run MD on ASE structures, all systems batched into one state.
 
-    Momenta already set on the structures are used; otherwise they are drawn from Maxwell–Boltzmann at
-    ``initial_temperature_K`` (default ``temperature_K``).  Ensembles: ``nve``, ``nvt`` (Langevin BAOAB),
-    ``nvt-csvr`` (Bussi) and ``npt`` (stochastic cell rescaling + CSVR; ``pressure_bar``).  Conserving
+    Momenta already set on a structure are used; a structure without them gets momenta drawn from
+    Maxwell–Boltzmann at ``initial_temperature_K`` (default ``temperature_K``).  Ensembles: ``nve``, ``nvt``
+    (Langevin BAOAB), ``nvt-csvr`` (Bussi) and ``npt`` (stochastic cell rescaling + CSVR; ``pressure_bar``).  Conserving
     ensembles remove the centre-of-mass momentum and count ``3N − 3`` degrees of freedom.  Trajectories go to
     ``.h5``/``.extxyz``/``.traj`` and the thermo log to ``.csv``/``.jsonl`` (by suffix).  ``cuda_graph``: see
     :class:`MolecularDynamics` (``stop_when`` must then be tensor operations only); so is ``compile``.
@@ -337,14 +353,17 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
             resumed = load_md_checkpoint(checkpoint, device=state.device, dtype=state.dtype)
             resumable.check_settings(resumed.meta.get("settings", {}), settings, checkpoint)
             state = resumed.state
-    if resumed is None:
-        has_momenta = any(np.any(a.get_momenta() != 0) for a in atoms_list)
-        if has_momenta:
-            if conserving:
-                state.remove_com_momentum()
-        else:
+    if resumed is None:  # each structure keeps its own momenta; those without any are drawn
+        given = [bool(np.any(a.get_momenta() != 0)) for a in atoms_list]
+        if not all(given):
+            kept = state.momenta.clone()
             initial = temperature if initial_temperature_K is None else initial_temperature_K
             maxwell_boltzmann(state, initial, generator=generator, remove_com=conserving)
+            if any(given):
+                keep = torch.tensor(given, device=state.device)[state.system, None]
+                state.momenta = torch.where(keep, kept, state.momenta)
+        if any(given) and conserving:
+            state.remove_com_momentum()
     if checkpoint is not None:
         return resumable.run_resumable(md, state, steps, checkpoint, checkpoint_interval, settings, resumed,
                                        trajectory=trajectory, trajectory_interval=trajectory_interval, log=log,

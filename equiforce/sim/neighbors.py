@@ -191,16 +191,35 @@ def build_neighbor_list(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.
     if not edges:
         return (torch.zeros(2, 0, dtype=torch.long, device=positions.device),
                 torch.zeros(0, 3, dtype=positions.dtype, device=positions.device))
-    return torch.cat(edges, dim=1), torch.cat(shifts)
+    return canonical_order(torch.cat(edges, dim=1), torch.cat(shifts), positions.shape[0])
+
+
+def canonical_order(edge_index: torch.Tensor, shifts: torch.Tensor, n_atoms: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges sorted by (centre, neighbour, shift): the same pairs always come in the same order, whichever
+    builder found them and from whichever positions, so sums over edges round the same way — a run resumed
+    from a checkpoint (whose list is built afresh) continues bit for bit as the uninterrupted run would."""
+    if edge_index.shape[1] == 0:
+        return edge_index, shifts
+    whole = shifts.round().long()
+    reach = int(whole.abs().max())
+    width = 2 * reach + 1
+    code = ((whole[:, 0] + reach) * width + whole[:, 1] + reach) * width + whole[:, 2] + reach
+    key = (edge_index[0] * n_atoms + edge_index[1]) * width**3 + code
+    order = torch.argsort(key)
+    return edge_index[:, order], shifts[order]
 
 
 class VerletNeighborList:
     """A neighbour list with a skin, rebuilt only when a pair could have crossed the cutoff.
 
-    ``check_interval="auto"`` tests the rebuild criterion at an adaptive interval: after each test it
-    skips ``k`` steps where ``k·dt·4·v_max`` fits in the remaining margin (velocity doubling assumed), so a
-    GPU run synchronises with the host roughly once per ``k`` steps instead of every step.  Use ``1`` to
-    test every step.
+    ``check_interval="auto"`` tests the rebuild criterion at an adaptive interval, so a GPU run synchronises
+    with the host roughly once per ``k`` steps instead of every step: after each test it skips the ``k`` steps
+    whose worst case still fits in the remaining margin — twice the larger of (a) two atoms each moving at the
+    fastest speed plus the fastest acceleration seen (from the velocities' change since the last test) and (b)
+    the rate at which the margin was actually used since the last test (which also covers a changing cell in
+    NPT).  Right after a build it tests every step until it has those rates.  This is a bound on what the
+    dynamics did so far, not a proof: ``check_interval=1`` tests every step and is exact.
     """
 
     def __init__(self, cutoff: float, skin: float = 0.5, check_interval: int | str = "auto",
@@ -215,6 +234,8 @@ class VerletNeighborList:
         self._ref_positions: torch.Tensor | None = None
         self._ref_cell: torch.Tensor | None = None
         self._countdown = 0
+        self._last_check: tuple[torch.Tensor, float] | None = None  # velocities and margin at the last test
+        self._steps_since_check = 0
 
     def build(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, ptr: torch.Tensor) -> None:
         self.edge_index, self.shifts = build_neighbor_list(positions.detach(), cell.detach(), pbc, ptr,
@@ -222,6 +243,7 @@ class VerletNeighborList:
         self._ref_positions, self._ref_cell = positions.detach().clone(), cell.detach().clone()
         self.builds += 1
         self._countdown = 0
+        self._last_check = None
 
     def margin(self, positions: torch.Tensor, cell: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
         """[B] distance budget left before a pair outside the list could come within the cutoff."""
@@ -249,8 +271,8 @@ class VerletNeighborList:
         """Rebuild if needed; returns whether it did.  ``velocities`` and ``dt`` enable adaptive checks.
 
         ``lookahead`` k (needs ``velocities`` and ``dt``): the list must also hold for the positions k steps
-        ahead — for a caller that checks before a step whose forces it cannot check itself (a CUDA graph).
-        Each step may use up ``4·v_max·dt`` of the margin (a pair's two atoms, velocities doubling)."""
+        ahead — for a caller that checks before a step whose forces it cannot check itself (a CUDA graph)."""
+        self._steps_since_check += 1
         if self.edge_index is None or self._ref_positions.shape != positions.shape:
             self.build(positions, cell, pbc, ptr)
             return True
@@ -258,20 +280,39 @@ class VerletNeighborList:
             self._countdown -= 1
             return False
         margin = self.margin(positions, cell, system).min()
-        adaptive = self.check_interval == "auto" or lookahead > 0
-        if adaptive and velocities is not None and dt is not None:
-            vmax = torch.linalg.vector_norm(velocities.detach(), dim=-1).max()
-            margin_value, vmax_value = torch.stack([margin, vmax.to(margin.dtype)]).tolist()
-        else:
-            margin_value, vmax_value = float(margin), 0.0
-        per_step = 4.0 * vmax_value * (dt or 0.0)
-        margin_value -= lookahead * per_step
-        if margin_value <= 0:
+        adaptive = (self.check_interval == "auto" or lookahead > 0) and velocities is not None and dt is not None
+        if not adaptive:
+            if float(margin) <= 0:
+                self.build(positions, cell, pbc, ptr)
+                return True
+            self._countdown = 0 if self.check_interval == "auto" else int(self.check_interval) - 1
+            return False
+        velocities = velocities.detach()
+        vmax = torch.linalg.vector_norm(velocities, dim=-1).max()
+        amax = torch.zeros_like(vmax)
+        previous = self._last_check
+        steps = max(self._steps_since_check, 1)
+        if previous is not None and previous[0].shape == velocities.shape:
+            amax = torch.linalg.vector_norm(velocities - previous[0], dim=-1).max() / (steps * dt)
+        margin_value, vmax_value, amax_value = torch.stack([margin, vmax.to(margin.dtype),
+                                                            amax.to(margin.dtype)]).tolist()
+        used_rate = (previous[1] - margin_value) / steps if previous is not None else None
+        self._last_check, self._steps_since_check = (velocities.clone(), margin_value), 0
+
+        def worst(k: int) -> float:
+            """Margin k steps may use up: twice the larger of the kinematic bound and the observed rate."""
+            moved = 2.0 * (vmax_value * k * dt + 0.5 * amax_value * (k * dt) ** 2)  # a pair: two atoms
+            return 2.0 * max(moved, (used_rate or 0.0) * k)
+
+        if margin_value - worst(lookahead) <= 0:
             self.build(positions, cell, pbc, ptr)
             return True
         if self.check_interval == "auto":
-            if per_step > 0:
-                self._countdown = max(0, min(self.max_interval, int(margin_value / per_step)) - 1)
+            skip = 0
+            if used_rate is not None:  # rates known: skip while the worst case of the steps skipped fits
+                while skip < self.max_interval - 1 and margin_value - worst(lookahead + skip + 2) > 0:
+                    skip += 1
+            self._countdown = skip
         else:
             self._countdown = int(self.check_interval) - 1
         return False

@@ -95,6 +95,9 @@ def fire(state: SimState, evaluate: BatchEvaluator, fmax: float = 0.05, max_step
     cell_filter = CellFilter(state, scalar_pressure_bar, hydrostatic) if relax_cell else None
     if relax_cell and not bool(state.periodic.all()):
         raise ValueError("relax_cell needs every system fully periodic with a non-zero volume")
+    if relax_cell and state.fixed is not None:
+        raise ValueError("relax_cell with fixed atoms (FixAtoms) is not supported: the cell's deformation would "
+                         "move them; relax positions only, or use ASE's optimizer with equiforce.Calculator")
     vel = torch.zeros_like(state.positions)
     vel_cell = torch.zeros_like(state.cell)
     dt = torch.full((b,), p.dt, dtype=dtype, device=device)
@@ -109,7 +112,7 @@ def fire(state: SimState, evaluate: BatchEvaluator, fmax: float = 0.05, max_step
             g_atoms, g_cell = cell_filter.forces(state, outputs)
             largest = torch.maximum(_row_norm_max(g_atoms, state), torch.linalg.vector_norm(g_cell, dim=-1).amax(-1))
         else:
-            g_atoms, g_cell = outputs[K.FORCES], torch.zeros_like(state.cell)
+            g_atoms, g_cell = state.without_fixed(outputs[K.FORCES]), torch.zeros_like(state.cell)
             largest = _row_norm_max(g_atoms, state)
         done = done | (largest < fmax)
         if bool(done.all()) or int(steps_taken.max()) >= max_steps:

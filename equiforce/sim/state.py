@@ -17,13 +17,29 @@ from ase import Atoms, units
 KB = units.kB  # eV/K
 
 
+def fixed_atoms(atoms: Atoms, index: int = 0) -> np.ndarray:
+    """[n] bool: the atoms an ASE ``FixAtoms`` holds in place.  Any other constraint is refused by name: the
+    native engine would otherwise ignore it silently (ASE's own dynamics, with ``equiforce.Calculator``, keep
+    every constraint ASE has)."""
+    from ase.constraints import FixAtoms
+
+    mask = np.zeros(len(atoms), dtype=bool)
+    for constraint in atoms.constraints:
+        if not isinstance(constraint, FixAtoms):
+            raise ValueError(f"structure {index}: constraint {type(constraint).__name__} is not supported by the "
+                             "native engine (FixAtoms is); run ASE's dynamics or optimizers with equiforce.Calculator")
+        mask[constraint.get_indices()] = True
+    return mask
+
+
 @dataclass
 class SimState:
     """Flat tensors for ``B`` systems holding ``N`` atoms in total.
 
     ``system`` [N] maps each atom to its system; ``ptr`` [B+1] are atom offsets; ``dof`` [B] the number of
     kinetic degrees of freedom used for the temperature (3N, or 3N - 3 when the centre-of-mass momentum is
-    removed and conserved).
+    removed and conserved; 3 fewer per fixed atom).  ``fixed`` [N] bool marks atoms held in place (ASE's
+    ``FixAtoms``): integrators and FIRE give them no force and no momentum; ``None`` when there are none.
     """
 
     positions: torch.Tensor  # [N, 3] Å
@@ -37,6 +53,7 @@ class SimState:
     dof: torch.Tensor  # [B] float
     step: int = 0
     info: dict = field(default_factory=dict)
+    fixed: torch.Tensor | None = None  # [N] bool, or None
 
     # ----------------------------------------------------------------- construction and export
     @classmethod
@@ -59,16 +76,21 @@ class SimState:
         def as_float(array) -> torch.Tensor:
             return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)
 
+        fixed = np.concatenate([fixed_atoms(a, k) for k, a in enumerate(atoms_list)])
+        n_fixed = torch.as_tensor(np.add.reduceat(fixed.astype(np.int64), ptr[:-1].numpy()))
+        momenta = cat(lambda a: a.get_momenta())
+        momenta[fixed] = 0.0
         return cls(
             positions=as_float(cat(lambda a: a.positions)),
-            momenta=as_float(cat(lambda a: a.get_momenta())),
+            momenta=as_float(momenta),
             masses=as_float(cat(lambda a: a.get_masses())),
             numbers=torch.as_tensor(np.concatenate([a.numbers for a in atoms_list]), dtype=torch.long, device=device),
             cell=as_float(np.stack([np.asarray(a.cell, dtype=np.float64) for a in atoms_list])),
             pbc=torch.as_tensor(np.stack([a.pbc for a in atoms_list]), dtype=torch.bool, device=device),
             system=torch.repeat_interleave(torch.arange(len(atoms_list)), n_atoms).to(device),
             ptr=ptr.to(device),
-            dof=(3.0 * n_atoms).to(device=device, dtype=dtype),
+            dof=(3.0 * (n_atoms - n_fixed)).to(device=device, dtype=dtype),
+            fixed=torch.as_tensor(fixed, device=device) if fixed.any() else None,
         )
 
     def to_atoms(self) -> list[Atoms]:
@@ -76,13 +98,24 @@ class SimState:
         pos, mom = self.positions.detach().cpu().double().numpy(), self.momenta.detach().cpu().double().numpy()
         masses, numbers = self.masses.detach().cpu().double().numpy(), self.numbers.cpu().numpy()
         cell, pbc, ptr = self.cell.detach().cpu().double().numpy(), self.pbc.cpu().numpy(), self.ptr.cpu().tolist()
+        fixed = self.fixed.cpu().numpy() if self.fixed is not None else None
         out = []
         for b in range(self.n_systems):
             s = slice(ptr[b], ptr[b + 1])
             atoms = Atoms(numbers=numbers[s], positions=pos[s], cell=cell[b], pbc=pbc[b], masses=masses[s])
             atoms.set_momenta(mom[s], apply_constraint=False)
+            if fixed is not None and fixed[s].any():
+                from ase.constraints import FixAtoms
+
+                atoms.set_constraint(FixAtoms(mask=fixed[s]))
             out.append(atoms)
         return out
+
+    def without_fixed(self, per_atom: torch.Tensor) -> torch.Tensor:
+        """``per_atom`` [N, ...] with the rows of fixed atoms zeroed (forces, momenta, FIRE steps)."""
+        if self.fixed is None:
+            return per_atom
+        return per_atom.masked_fill(self.fixed.reshape(-1, *([1] * (per_atom.dim() - 1))), 0.0)
 
     def clone(self) -> SimState:
         return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)
@@ -139,12 +172,17 @@ class SimState:
         return torch.linalg.det(self.cell).abs() * self.periodic
 
     def remove_com_momentum(self) -> None:
-        """Zero each system's total momentum (and count 3 fewer degrees of freedom, once)."""
+        """Zero each system's total momentum (and count 3 fewer degrees of freedom, once).  A system with fixed
+        atoms is left as it is: the fixed atoms take up momentum, so its total is not conserved anyway."""
+        free = torch.ones(self.n_systems, dtype=torch.bool, device=self.device)
+        if self.fixed is not None:
+            free = self.per_system(self.fixed.to(self.dtype)) == 0
         total = self.per_system(self.momenta)
         mass = self.per_system(self.masses)
-        self.momenta = self.momenta - self.masses[:, None] * (total / mass[:, None])[self.system]
+        shift = torch.where(free[:, None], total / mass[:, None], torch.zeros_like(total))
+        self.momenta = self.momenta - self.masses[:, None] * shift[self.system]
         if not self.info.get("com_removed", False):
-            self.dof = torch.clamp(self.dof - 3.0, min=1.0)
+            self.dof = torch.where(free, torch.clamp(self.dof - 3.0, min=1.0), self.dof)
             self.info["com_removed"] = True
 
 
@@ -157,7 +195,7 @@ def maxwell_boltzmann(state: SimState, temperature_K: float | torch.Tensor, gene
     temperature = torch.as_tensor(temperature_K, dtype=state.dtype, device=state.device).expand(state.n_systems)
     noise = torch.randn(state.positions.shape, generator=generator, dtype=state.dtype, device=state.device)
     sigma = torch.sqrt(state.masses * KB * temperature[state.system])
-    state.momenta = noise * sigma[:, None]
+    state.momenta = state.without_fixed(noise * sigma[:, None])
     if remove_com:
         state.remove_com_momentum()
     current = state.temperature()

@@ -35,24 +35,33 @@ def _msd_fft(x: np.ndarray) -> np.ndarray:
 
 
 def mean_squared_displacement(positions: np.ndarray, timestep_ps: float, max_lag: int | None = None,
-                              atoms: np.ndarray | None = None,
-                              remove_drift: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """⟨|r(t0 + t) − r(t0)|²⟩ over time origins and the selected atoms.
+                              atoms: np.ndarray | None = None, remove_drift: bool = True,
+                              axes: Sequence[int] = (0, 1, 2)) -> tuple[np.ndarray, np.ndarray]:
+    """⟨|r(t0 + t) − r(t0)|²⟩ over time origins and the selected atoms, over the Cartesian ``axes`` only.
 
     ``positions [T, N, 3]`` unwrapped, one frame every ``timestep_ps``; ``atoms`` a boolean or index
-    selection (default all); ``remove_drift`` subtracts the mean displacement of all atoms per frame.
+    selection (default all); ``remove_drift`` subtracts the mean displacement of all atoms per frame;
+    ``axes`` e.g. ``(0, 1)`` for the in-plane MSD of a slab or interface.
     Returns ``(lag_ps [L], msd_A2 [L])``.
     """
     positions = np.asarray(positions, dtype=np.float64)
     if positions.ndim != 3 or positions.shape[-1] != 3:
         raise ValueError(f"positions must be [frames, atoms, 3], got {positions.shape}")
+    axes = _checked_axes(axes)
     if remove_drift:
         positions = positions - (positions.mean(1, keepdims=True) - positions[:1].mean(1, keepdims=True))
-    selected = positions if atoms is None else positions[:, atoms]
+    selected = (positions if atoms is None else positions[:, atoms])[..., axes]
     n_frames, n_atoms = selected.shape[:2]
     msd = _msd_fft(selected.reshape(n_frames, -1)) / n_atoms
     max_lag = n_frames if max_lag is None else min(max_lag, n_frames)
     return np.arange(max_lag) * timestep_ps, msd[:max_lag]
+
+
+def _checked_axes(axes: Sequence[int]) -> list[int]:
+    axes = [int(a) for a in axes]
+    if not axes or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
+        raise ValueError(f"axes must be distinct Cartesian axes out of 0, 1, 2, got {axes}")
+    return axes
 
 
 def _slope(t: np.ndarray, y: np.ndarray) -> float:
@@ -95,13 +104,23 @@ class Diffusion:
 
 def diffusion_coefficient(positions: np.ndarray, timestep_ps: float,
                           fit_window_ps: tuple[float, float] | None = None, n_blocks: int = 5,
-                          atoms: np.ndarray | None = None, dimension: int = 3,
-                          remove_drift: bool = True) -> Diffusion:
+                          atoms: np.ndarray | None = None, dimension: int | None = None,
+                          remove_drift: bool = True, axes: Sequence[int] | None = None) -> Diffusion:
     """Einstein relation ``MSD = 2 d D t`` fitted over ``fit_window_ps`` (default: 10–50 % of a block).
 
-    The error bar is from block averaging: the run is cut into ``n_blocks`` equal parts, D is fitted in
-    each with the same window, and ``D_err = std/sqrt(n_blocks)``.
+    ``axes`` picks the directions (default all three; ``(0, 1)`` for in-plane diffusion in a slab), and ``d`` is
+    their number; ``dimension`` alone may say 3 (a lower one needs its ``axes``, since which directions to drop
+    cannot be guessed).  The error bar is from block averaging: the run is cut into ``n_blocks`` equal parts,
+    D is fitted in each with the same window, and ``D_err = std/sqrt(n_blocks)``.
     """
+    if axes is None:
+        if dimension not in (None, 3):
+            raise ValueError(f"dimension {dimension} needs the axes to keep, e.g. axes=(0, 1) for x and y")
+        axes = (0, 1, 2)
+    axes = _checked_axes(axes)
+    if dimension is not None and dimension != len(axes):
+        raise ValueError(f"dimension {dimension} does not match axes {axes}")
+    dimension = len(axes)
     positions = np.asarray(positions, dtype=np.float64)
     n_frames = positions.shape[0]
     block = n_frames // max(1, n_blocks)
@@ -117,9 +136,9 @@ def diffusion_coefficient(positions: np.ndarray, timestep_ps: float,
         inside = (lag >= t0) & (lag <= t1)
         return _slope(lag[inside], msd[inside]) / (2 * dimension)
 
-    lag, msd = mean_squared_displacement(positions, timestep_ps, atoms=atoms, remove_drift=remove_drift)
+    lag, msd = mean_squared_displacement(positions, timestep_ps, atoms=atoms, remove_drift=remove_drift, axes=axes)
     blocks = np.array([fit(*mean_squared_displacement(positions[k * block:(k + 1) * block], timestep_ps,
-                                                      atoms=atoms, remove_drift=remove_drift))
+                                                      atoms=atoms, remove_drift=remove_drift, axes=axes))
                        for k in range(n_blocks)])
     error = float(blocks.std(ddof=1) / np.sqrt(n_blocks)) if n_blocks > 1 else float("nan")
     return Diffusion(D=fit(lag, msd), D_err=error, fit_window_ps=(t0, t1), lag_ps=lag, msd=msd, block_D=blocks,
