@@ -153,8 +153,8 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
 
 def hessian_errors(model: Potential, configs: Sequence[Configuration], device: torch.device | str = "cpu") -> dict:
     """Full model Hessians (3N backward passes each) against the labels: entry-wise ``hessian_mae``/``_rmse``
-    in meV/Å², and ``frequency_mae_cm`` over the harmonic frequencies above the 6 (periodic: 3) lowest |ω|
-    (the rigid-body modes), each set sorted; ``n_hessians`` structures."""
+    in meV/Å², and ``frequency_mae_cm`` over the harmonic frequencies above the rigid-body modes (the 6, 5 for a
+    linear molecule, 3 for a periodic cell, lowest |ω|), each set sorted; ``n_hessians`` structures."""
     from equiforce.sim.hessian import frequencies_from_hessian, hessian
 
     abs_sum = sq_sum = count = 0.0
@@ -166,12 +166,23 @@ def hessian_errors(model: Potential, configs: Sequence[Configuration], device: t
         abs_sum += float(np.abs(error).sum())
         sq_sum += float(np.square(error).sum())
         count += error.size
-        skip = 3 if config.pbc.any() else 6
+        skip = rigid_body_modes(atoms)
         freqs = [frequencies_from_hessian(h, atoms.get_masses()) for h in (predicted, config.hessian)]
         freqs = [np.sort(f[np.argsort(np.abs(f))[skip:]]) for f in freqs]
         freq_errors.append(np.abs(freqs[0] - freqs[1]))
     return {"hessian_mae": 1000.0 * abs_sum / count, "hessian_rmse": 1000.0 * float(np.sqrt(sq_sum / count)),
             "frequency_mae_cm": float(np.mean(np.concatenate(freq_errors))), "n_hessians": len(configs)}
+
+
+def rigid_body_modes(atoms) -> int:
+    """Zero-frequency modes of a free structure: 3 translations for a periodic cell; for a molecule 3 + 3
+    rotations, or 3 + 2 when it is linear (no rotation about its axis), 3 for a single atom."""
+    if atoms.pbc.any():
+        return 3
+    if len(atoms) == 1:
+        return 3
+    inertia = np.sort(atoms.get_moments_of_inertia())
+    return 5 if inertia[0] < 1e-6 * max(inertia[-1], 1e-12) else 6
 
 
 _PANELS = (("energy_per_atom", "energy per atom", "eV/atom"), ("forces", "force", "eV/Å"),

@@ -42,3 +42,15 @@ def test_errors_by_config_type_match_separate_evaluations_and_the_overall_pass()
 
 def test_one_config_type_gives_no_breakdown():
     assert "by_config_type" not in evaluate(make_model("small"), _labelled(3, "md300K", 3), by_config_type=True)
+
+
+def test_rigid_body_modes_count_a_linear_molecule_right():
+    """Frequencies are compared above the rigid-body modes: a linear molecule has one rotation fewer (a real
+    bending mode would otherwise be dropped)."""
+    from ase import Atoms
+    from ase.build import bulk, molecule
+
+    from equiforce.evaluate import rigid_body_modes
+
+    assert [rigid_body_modes(molecule(name)) for name in ("CO2", "C2H2", "H2O", "CH3CH2OH")] == [5, 5, 6, 6]
+    assert rigid_body_modes(bulk("Cu")) == 3 and rigid_body_modes(Atoms("Ar")) == 3
