@@ -159,3 +159,27 @@ def test_damaged_headers_are_model_file_errors(tmp_path, change, message):
     save_file(tensors, str(path), metadata={"equiforce": json.dumps(header)})
     with pytest.raises(ModelFileError, match=message):
         equiforce.load_model(path)
+
+
+def test_a_spec_larger_than_its_weights_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """A hostile or damaged header asking for a huge model gets no memory: shapes are checked on the meta device."""
+    from safetensors.torch import save_file
+
+    import equiforce.models.file as model_file
+
+    good = equiforce.save_model(make_model("L1-corr3"), tmp_path / "good.eqf")
+    header = read_header(good)
+    header["spec"] = {**header["spec"], "channels": 100_000}
+    tensors = {k: v.contiguous() for k, v in make_model("L1-corr3").state_dict().items()}
+    path = tmp_path / "huge.eqf"
+    save_file(tensors, str(path), metadata={"equiforce": json.dumps(header)})
+    real_build, devices = model_file.build_model, []
+
+    def recording_build(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)  # the ambient device: meta inside the check
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(model_file, "build_model", recording_build)
+    with pytest.raises(ModelFileError, match=r"weights do not match the spec \(.*the spec needs"):
+        equiforce.load_model(path)
+    assert devices == ["meta"]  # only the shape check ran: no real (huge) model was ever allocated

@@ -83,6 +83,24 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 SAVED_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def check_weight_shapes(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], path: str | os.PathLike,
+                        prefix: str = "", leading: tuple[int, ...] = ()) -> None:
+    """Refuse a file whose weights do not fit its spec *before* the model is built: the spec alone says how
+    large the model is, so a damaged or hostile header (``channels: 100000``) must not get memory it then fills.
+    The expected shapes come from the model built on the ``meta`` device (no memory); ``prefix`` selects the
+    file's tensors of this model, ``leading`` the dimensions stacked in front (an ensemble's members)."""
+    with torch.device("meta"):
+        template = build_model(spec).state_dict()
+    expected = {prefix + name: leading + tuple(value.shape) for name, value in template.items()}
+    found = {name: shape for name, shape in shapes.items() if name.startswith(prefix)}
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
+    if missing or extra or wrong:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+                 "; ".join(f"{name} is {found[name]}, the spec needs {expected[name]}" for name in wrong[:3])]
+        raise ModelFileError(f"{path}: weights do not match the spec ({'; '.join(p for p in parts if p)})")
+
+
 def saved_dtype(header: dict[str, Any], path: str | os.PathLike) -> torch.dtype:
     """The weights' dtype a header names: only the floating types equiforce writes (never an arbitrary
     ``torch`` attribute looked up by name)."""
@@ -108,11 +126,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         spec = ModelSpec.model_validate(header["spec"])
     except Exception as err:
         raise ModelFileError(f"{path}: invalid model spec: {err}") from None
-    model = build_model(spec, dtype=saved_dtype(header, path))
-    tensors = {}
     with safe_open(str(path), framework="pt") as handle:
-        for name in handle.keys():
-            tensors[name] = handle.get_tensor(name)
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    check_weight_shapes(spec, {k: tuple(v.shape) for k, v in tensors.items()}, path)
+    model = build_model(spec, dtype=saved_dtype(header, path))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

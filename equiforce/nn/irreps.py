@@ -38,12 +38,13 @@ def coupling_paths(lmax_1: int, lmax_2: int, lmax_out: int) -> list[tuple[int, i
 @lru_cache(maxsize=64)
 def _cg_dense(lmax_1: int, lmax_2: int, lmax_out: int) -> torch.Tensor:
     paths = coupling_paths(lmax_1, lmax_2, lmax_out)
-    cg = torch.zeros(len(paths), irreps_dim(lmax_1), irreps_dim(lmax_2), irreps_dim(lmax_out),
-                     dtype=torch.float64)
-    for p, (l1, l2, l3) in enumerate(paths):
-        # component normalisation: unit-variance inputs give unit-variance outputs per path
-        cg[p, block(l1), block(l2), block(l3)] = o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * (
-            (2 * l3 + 1) ** 0.5)
+    with torch.device("cpu"):  # real numbers even inside a meta-device build (the weight-shape check of a file)
+        cg = torch.zeros(len(paths), irreps_dim(lmax_1), irreps_dim(lmax_2), irreps_dim(lmax_out),
+                         dtype=torch.float64)
+        for p, (l1, l2, l3) in enumerate(paths):
+            # component normalisation: unit-variance inputs give unit-variance outputs per path
+            cg[p, block(l1), block(l2), block(l3)] = o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * (
+                (2 * l3 + 1) ** 0.5)
     return cg
 
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from equiforce.errors import ModelFileError
-from equiforce.models.file import METADATA_KEY, model_header, saved_dtype
+from equiforce.models.file import METADATA_KEY, check_weight_shapes, model_header, saved_dtype
 from equiforce.models.potential import build_model
 from equiforce.models.spec import ModelSpec
 from equiforce.uq.base import UQModel
@@ -107,11 +107,15 @@ def load_uq_model(path: str | os.PathLike, header: dict[str, Any], device: str |
             bad = next(k for k, t in stacked.items() if t.dim() == 0 or t.shape[0] != n_members)
             raise MemberMismatchError(f"{path}: weight {bad} holds {tuple(stacked[bad].shape)[:1]} members, the "
                                       f"header lists {n_members}")
+        check_weight_shapes(spec, {k: tuple(v.shape) for k, v in tensors.items()}, path, prefix="members.",
+                            leading=(n_members,))
         info = [{k: v for k, v in m.items() if k != "spec"} for m in members]
         model: UQModel = EnsemblePotential(spec, stacked, weights_dtype, calibration=calibration, seen_elements=seen,
                                            members_info=info)
     else:
         heads_cfg = uq.get("heads") or {}
+        check_weight_shapes(spec, {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("backbone.")},
+                            path, prefix="backbone.")
         backbone = build_model(spec, dtype=weights_dtype)
         try:
             backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items()
