@@ -61,6 +61,14 @@ class FlakyEMT(EMT):
         super().calculate(atoms, properties, system_changes)
 
 
+class ShortForcesEMT(EMT):
+    """A broken wrapper: EMT whose forces lose their last row."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results["forces"] = self.results["forces"][:-1]
+
+
 def tiny_config(directory: Path, oracle: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
     """A learning run on a 4-atom Cu cell that finishes in seconds."""
     config: dict[str, Any] = {

@@ -52,3 +52,23 @@ def test_structures_round_trip_exactly():
     back = atoms_from_json(json.loads(json.dumps(atoms_to_json(atoms))))
     assert (back.positions == atoms.positions).all() and (back.numbers == atoms.numbers).all()
     assert (back.pbc == atoms.pbc).all()
+
+
+def test_one_writer_at_a_time(tmp_path):
+    """A second process (or object) on the same run would pay for every oracle call twice."""
+    path = tmp_path / "journal.jsonl"
+    with Journal(path):
+        with pytest.raises(JournalError, match="in use by another process"):
+            Journal(path)
+    with Journal(path) as journal:  # released on close
+        journal.append({"type": "label", "id": "a"})
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    """Plain JSON has no NaN: the journal must parse in any JSON reader."""
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:
+        journal.append({"type": "evaluated", "valid": {"spearman": float("nan"), "mae": 1.5, "x": [float("inf")]}})
+    line = path.read_text().strip()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line)["valid"] == {"spearman": None, "mae": 1.5, "x": [None]}

@@ -108,8 +108,36 @@ def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
     path = tmp_path / "learn.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", oracle=oracle)))
     assert main(["learn", str(path), "--no-progress"]) == 2
-    assert "all failed" in capsys.readouterr().err
+    assert "the oracle failed on all 8 structures it was given" in capsys.readouterr().err
     assert len(read_journal(tmp_path / "run" / "journal.jsonl")) == 1 + 8  # the selection and 8 failures
+
+
+def test_an_oracle_that_fails_after_the_start_is_not_paid_to_fail_until_the_budget_ends(tmp_path, capsys):
+    """With training data of its own the loop could go on without one label: every call of a batch failing is
+    a broken oracle, said at once, not a run that spends its budget on failures and reports success."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from equiforce.data.io import write_extxyz
+    from equiforce.data.structure import Configuration
+
+    configs = []
+    for k in range(10):
+        atoms = bulk("Cu", cubic=True)
+        atoms.rattle(0.08, seed=100 + k)
+        atoms.calc = EMT()
+        configs.append(Configuration.from_atoms(atoms.copy(), energy=atoms.get_potential_energy(),
+                                                forces=atoms.get_forces()))
+    write_extxyz(configs, tmp_path / "old.xyz")
+    oracle = {"name": "custom", "calculator": "tests.active_helpers:FlakyEMT", "kwargs": {"fail_all": True}}
+    path = tmp_path / "learn.yaml"
+    config = tiny_config(tmp_path / "run", oracle=oracle, start={"data": [str(tmp_path / "old.xyz")]},
+                         stop={"max_rounds": 4})
+    path.write_text(yaml.safe_dump(config))
+    assert main(["learn", str(path), "--no-progress"]) == 2
+    assert "the oracle failed on all" in capsys.readouterr().err
+    records = read_journal(tmp_path / "run" / "journal.jsonl")
+    assert not any(r["type"] == "trained" for r in records)  # stopped at the first batch, before any training
 
 
 def test_existing_data_joins_the_training_set_without_oracle_calls(tmp_path):

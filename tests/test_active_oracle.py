@@ -158,3 +158,21 @@ def test_a_factory_returning_no_executor_is_refused_by_name():
     with pytest.raises(ConfigError, match="not_an_executor.*neither an Executor nor a context manager"):
         with open_executor(ExecutorConfig(kind="custom", factory="tests.active_helpers:not_an_executor")):
             pass
+
+
+def test_a_result_of_the_wrong_shape_is_a_failure_not_a_label():
+    """Journaled as a label, forces for 3 of 4 atoms would break every training after it, and every resume."""
+    spec = {"calculator": "tests.active_helpers:ShortForcesEMT", "kwargs": {}, "timeout": 30, "stress": False}
+    record = compute(spec, item("r001-0004"))
+    assert record["type"] == "failure" and record["kind"] == "result"
+    assert "forces of shape (3, 3) for 4 atoms" in record["error"]
+
+
+def test_a_process_pool_runs_every_call_it_holds_so_no_timeout_clock_runs_in_a_queue():
+    from equiforce.active.oracle import RestartablePool
+
+    pool = RestartablePool(workers=2, threads_per_worker=1)
+    try:
+        assert pool.in_flight_limit == 2
+    finally:
+        pool.shutdown()

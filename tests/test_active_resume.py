@@ -144,3 +144,16 @@ def test_kill_9_with_the_process_pool_leaves_no_worker_and_repeats_no_call(tmp_p
     assert not labelled & set(logged_calls(log)[n_calls:]), "a journaled call was repeated"
     outcomes = [r["id"] for r in read_journal(run / "journal.jsonl") if r["type"] in ("label", "failure")]
     assert len(outcomes) == len(set(outcomes)) and labelled <= set(outcomes)
+
+
+def test_a_run_killed_after_its_budget_was_spent_resumes_to_the_same_end(tmp_path):
+    """Killed in the last round's training, after the oracle budget was spent: the resumed run must replay the
+    earlier rounds as they ran (they did not stop then), train the last one and stop there, as in one piece."""
+    run = tmp_path / "run"
+    config = tiny_config(run, stop={"max_rounds": 5, "max_oracle_calls": 16})
+    assert run_session(config, None, fault="trained:3") == -signal.SIGKILL
+    assert run_session(config, str(run)) == 0
+    records = read_journal(run / "journal.jsonl")
+    stopped = [r for r in records if r["type"] == "stopped"]
+    assert [(r["round"], r["reason"]) for r in stopped] == [(3, "oracle budget spent (16 of 16 calls)")]
+    assert [r["round"] for r in records if r["type"] == "trained"] == [1, 2, 3]

@@ -51,6 +51,34 @@ def _parse(lines: list[bytes], path: Path) -> Iterator[dict[str, Any]]:
         yield record
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (a Spearman ρ of one structure, an empty mean) as ``None``: plain
+    JSON has no NaN, and a journal "read by anything" must parse in any JSON reader."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
+def _exclusive_lock(path: Path) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on ``path`` (None where the platform has no flock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise JournalError(f"{path.parent} is in use by another process (it holds {path.name}): one `equiforce "
+                           "learn` per run directory; wait for the other to end or stop it") from None
+    return fd
+
+
 def read_journal(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every complete record, in order (a final line cut by a crash is ignored)."""
     path = Path(path)
@@ -63,11 +91,17 @@ def read_journal(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class Journal:
-    """Append-only record of everything a run decided and every oracle result it received."""
+    """Append-only record of everything a run decided and every oracle result it received.
+
+    One writer at a time: an exclusive lock (``journal.jsonl.lock``, released by the kernel when the process
+    ends, ``kill -9`` included) keeps a second process on the same run — another terminal, a requeued batch
+    job whose first copy still runs — from paying for every oracle call twice and interleaving records.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
         self._repair()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._sync_directory()
@@ -95,7 +129,7 @@ class Journal:
         """Write one record as one line and make it durable before returning."""
         if "type" not in record:
             raise ValueError("a journal record needs a 'type'")
-        line = (json.dumps(record, separators=(",", ":"), allow_nan=True) + "\n").encode("utf-8")
+        line = (json.dumps(strict_json(record), separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
         view = memoryview(line)
         while view:  # a regular file takes the whole line in one write; loop in case it does not
             written = os.write(self._fd, view)
@@ -109,6 +143,9 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
 
     def __enter__(self) -> Journal:
         return self

@@ -30,18 +30,21 @@ from ase import Atoms
 from equiforce.active.config import LearnConfig, parse_learn_config, read_yaml
 from equiforce.active.display import Display
 from equiforce.active.explore import TORSION_SOURCE, distort, exploration_seeds, explore, from_md
-from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json
+from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json, strict_json
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
 from equiforce.active.torsions import random_conformer, rotatable_bonds
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, EquiforceError
-from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.atomic_io import atomic_write, atomic_write_text
 
 CONFIG = "config.yaml"
 FINAL_MODEL = "model.eqf"
 MIN_FINAL_VALID = 5  # fewer validation structures than this: keep the last round's model
 FAULT_ENV = "EQUIFORCE_LEARN_FAULT"
+# a batch this large failing in every call is a broken oracle (settings, a licence, a dead cluster), not bad
+# structures: stop and say so instead of spending the whole budget on failures
+MIN_CALLS_FOR_BROKEN_ORACLE = 3
 """Fault injection for the kill/resume tests: ``POINT:N`` sends SIGKILL to this process the N-th time the
 loop passes POINT (label, train, trained, explore, selected)."""
 
@@ -220,6 +223,7 @@ class Learner:
 
     def record(self, record: dict[str, Any]) -> None:
         record.setdefault("elapsed", self.elapsed())
+        record.update(strict_json(record))  # NaN → None here too, so this run decides on what a resume reads
         self.journal.append(record)
         self.state.apply(record)
 
@@ -262,16 +266,25 @@ class Learner:
         spec = oracle_spec(self.cfg.oracle)
         requests = [{"id": item["id"], "atoms": item["atoms"]} for item in pending]
 
+        failures: list[dict[str, Any]] = []
+
         def arrived(result: dict[str, Any]) -> None:
             if result["id"] in self.state.outcomes:  # a late duplicate (after a timeout): keep the first
                 return
             self.record(result)
             self.display.calls(self.state.calls)
             if result["type"] == "failure":
+                failures.append(result)
                 self.display.info(f"oracle failure on {result['id']} ({result['kind']}): {result['error']}")
             fault_point("label")
 
         label(requests, spec, executor, arrived)
+        if len(requests) >= MIN_CALLS_FOR_BROKEN_ORACLE and len(failures) == len(requests):
+            first = failures[0]
+            raise EquiforceError(f"the oracle failed on all {len(requests)} structures it was given (first, "
+                                 f"{first['id']}: {first['kind']}: {first['error']}); the failures are journaled "
+                                 f"and not repeated — fix the oracle and continue with `equiforce learn --resume "
+                                 f"{self.dir}`")
 
     def existing_data(self) -> tuple[list[Configuration], list[Configuration]]:
         """``start.data`` split into train/validation (read once; not oracle calls)."""
@@ -464,6 +477,12 @@ class Learner:
 
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.journal.close()  # and its lock, also when the run fails
+
+    def _run(self) -> dict[str, Any]:
         from equiforce.active.report import write_report
 
         cfg = self.cfg
@@ -481,8 +500,11 @@ class Learner:
                         else self.rate(round_)
                     self.display.round_done(round_, evaluated, self.state.calls)
                     write_report(self.dir, self.journal.records(), cfg, plots=False)
-                    reason = self.stop_reason(round_, evaluated)
-                    if reason is None and not self.state.has("selected", round_):
+                    # a round that selected picks did not stop when it ran: a resumed run replays it without
+                    # asking again (the budget, say, counts every call since and would stop it too early)
+                    selected = self.state.has("selected", round_)
+                    reason = None if selected else self.stop_reason(round_, evaluated)
+                    if reason is None and not selected:
                         reason = self.explore_and_select(round_, evaluated)
                     if reason is not None:
                         self.record({"type": "stopped", "round": round_, "reason": reason, "calls": self.state.calls})
@@ -490,13 +512,8 @@ class Learner:
                     self.label_pending(executor)
                     round_ += 1
         chosen = self.choose_final()
-        final = self.dir / FINAL_MODEL
-        tmp = final.with_suffix(".eqf.tmp")
-        shutil.copyfile(self.model_path(chosen), tmp)
-        os.replace(tmp, final)
-        summary = write_report(self.dir, self.journal.records(), cfg)
-        self.journal.close()
-        return summary
+        atomic_write(self.dir / FINAL_MODEL, lambda tmp: shutil.copyfile(self.model_path(chosen), tmp))
+        return write_report(self.dir, self.journal.records(), cfg)
 
 
 def prepare(config: LearnConfig | None, config_path: Path | None, resume: Path | None) -> tuple[LearnConfig, Path]:

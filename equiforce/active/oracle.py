@@ -48,6 +48,12 @@ class OracleFailure(RuntimeError):
     kind = "scf"
 
 
+class OracleResultError(OracleFailure):
+    """The oracle answered, but not with one energy and per-atom forces (a broken calculator or wrapper)."""
+
+    kind = "result"
+
+
 class OracleTimeout(Exception):
     kind = "timeout"
 
@@ -133,12 +139,20 @@ def compute(spec: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
             atoms = atoms_from_json(item["atoms"])
             atoms.info["equiforce_id"] = item["id"]
             atoms.calc = calc
-            energy = float(atoms.get_potential_energy())
+            energy_value = np.asarray(atoms.get_potential_energy(), dtype=np.float64)
             forces = np.asarray(atoms.get_forces(), dtype=np.float64)
             stress = None
             if spec.get("stress", True) and atoms.pbc.all() and "stress" in getattr(calc, "implemented_properties",
                                                                                    ()):
                 stress = np.asarray(atoms.get_stress(voigt=False), dtype=np.float64)
+        # a result of the wrong shape, once journaled, would break every training after it (and every resume)
+        if energy_value.size != 1:
+            raise OracleResultError(f"the oracle returned an energy of shape {energy_value.shape}, not one number")
+        if forces.shape != (len(atoms), 3):
+            raise OracleResultError(f"the oracle returned forces of shape {forces.shape} for {len(atoms)} atoms")
+        if stress is not None and stress.shape != (3, 3):
+            raise OracleResultError(f"the oracle returned a stress of shape {stress.shape}, not 3 × 3")
+        energy = float(energy_value.reshape(-1)[0])
         if not (np.isfinite(energy) and np.isfinite(forces).all() and (stress is None or np.isfinite(stress).all())):
             raise OracleFailure("the oracle returned a non-finite energy, force or stress")
         record: dict[str, Any] = {"type": "label", "id": item["id"], "energy": energy, "forces": forces.tolist(),
@@ -181,7 +195,9 @@ class RestartablePool(cf.Executor):
 
     def __init__(self, workers: int, threads_per_worker: int) -> None:
         self._args = (workers, threads_per_worker)
-        self.in_flight_limit = workers + 1  # what the pool's own call queue holds
+        # one call per worker: a ProcessPoolExecutor marks a call "running" as soon as it enters its call queue
+        # (workers + 1 places), so a call queued behind busy workers had its timeout clock run while it waited
+        self.in_flight_limit = workers
         self._pool = self._new()
 
     def _new(self) -> cf.ProcessPoolExecutor:

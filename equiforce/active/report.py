@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from equiforce.active.journal import strict_json
 from equiforce.utils.atomic_io import atomic_write_text
 
 
@@ -207,5 +208,6 @@ def write_report(directory: Path, records: list[dict[str, Any]], cfg: Any = None
                   "![MD stability](md_stability.png)", ""]
     lines += extra_lines or []
     atomic_write_text(directory / "report.md", "\n".join(lines) + "\n")
-    atomic_write_text(directory / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    atomic_write_text(directory / "summary.json",
+                      json.dumps(strict_json(summary), indent=2, default=float, allow_nan=False) + "\n")
     return summary
