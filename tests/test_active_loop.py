@@ -103,6 +103,24 @@ def test_oracle_failures_are_recorded_and_skipped(tmp_path):
     assert summary["finished"]
 
 
+def emt_copper_file(path) -> None:
+    """Ten rattled Cu cells labelled by EMT: existing training data (``start.data``), no oracle call."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from equiforce.data.io import write_extxyz
+    from equiforce.data.structure import Configuration
+
+    configs = []
+    for k in range(10):
+        atoms = bulk("Cu", cubic=True)
+        atoms.rattle(0.08, seed=100 + k)
+        atoms.calc = EMT()
+        configs.append(Configuration.from_atoms(atoms.copy(), energy=atoms.get_potential_energy(),
+                                                forces=atoms.get_forces()))
+    write_extxyz(configs, path)
+
+
 def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
     oracle = {"name": "custom", "calculator": "tests.active_helpers:FlakyEMT", "kwargs": {"fail_all": True}}
     path = tmp_path / "learn.yaml"
@@ -115,20 +133,7 @@ def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
 def test_an_oracle_that_fails_after_the_start_is_not_paid_to_fail_until_the_budget_ends(tmp_path, capsys):
     """With training data of its own the loop could go on without one label: every call of a batch failing is
     a broken oracle, said at once, not a run that spends its budget on failures and reports success."""
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-
-    from equiforce.data.io import write_extxyz
-    from equiforce.data.structure import Configuration
-
-    configs = []
-    for k in range(10):
-        atoms = bulk("Cu", cubic=True)
-        atoms.rattle(0.08, seed=100 + k)
-        atoms.calc = EMT()
-        configs.append(Configuration.from_atoms(atoms.copy(), energy=atoms.get_potential_energy(),
-                                                forces=atoms.get_forces()))
-    write_extxyz(configs, tmp_path / "old.xyz")
+    emt_copper_file(tmp_path / "old.xyz")
     oracle = {"name": "custom", "calculator": "tests.active_helpers:FlakyEMT", "kwargs": {"fail_all": True}}
     path = tmp_path / "learn.yaml"
     config = tiny_config(tmp_path / "run", oracle=oracle, start={"data": [str(tmp_path / "old.xyz")]},
@@ -141,20 +146,7 @@ def test_an_oracle_that_fails_after_the_start_is_not_paid_to_fail_until_the_budg
 
 
 def test_existing_data_joins_the_training_set_without_oracle_calls(tmp_path):
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-
-    from equiforce.data.io import write_extxyz
-    from equiforce.data.structure import Configuration
-
-    configs = []
-    for k in range(10):
-        atoms = bulk("Cu", cubic=True)
-        atoms.rattle(0.08, seed=100 + k)
-        atoms.calc = EMT()
-        configs.append(Configuration.from_atoms(atoms.copy(), energy=atoms.get_potential_energy(),
-                                                forces=atoms.get_forces()))
-    write_extxyz(configs, tmp_path / "old.xyz")
+    emt_copper_file(tmp_path / "old.xyz")
     cfg = parse_learn_config(tiny_config(tmp_path / "run", start={"data": [str(tmp_path / "old.xyz")]},
                                          stop={"max_rounds": 1}))
     summary = learn(cfg, progress=False)
