@@ -50,3 +50,30 @@ def test_hessian_with_edge_chunks_is_unchanged():
         np.testing.assert_allclose(hessian(model, atoms), reference, rtol=0, atol=1e-10)
     finally:
         model.set_edge_chunk("auto")
+
+
+def test_an_ensembles_hessian_is_the_mean_of_its_members():
+    from tests.uq_helpers import ensemble
+
+    model = ensemble(3)
+    atoms = molecule("H2O")
+    atoms.rattle(0.02, seed=1)
+    members = [hessian(model.member(m), atoms) for m in range(3)]
+    np.testing.assert_allclose(hessian(model, atoms), np.mean(members, axis=0), atol=1e-12)
+
+
+def test_a_float32_calculator_leaves_the_callers_float64_model_alone():
+    """Module.to works in place: the calculator must take a copy, not change the model its caller (and every other
+    calculator on it) still uses."""
+    import torch
+
+    model = make_model("L1-corr3")
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = equiforce.Calculator(model)
+    before = atoms.get_potential_energy()
+    other = atoms.copy()
+    other.calc = equiforce.Calculator(model, dtype="float32")
+    assert abs(other.get_potential_energy() - before) < 1e-3
+    assert next(model.parameters()).dtype == torch.float64
+    atoms.rattle(0.01, seed=2)  # the first calculator still works, in float64
+    assert atoms.get_potential_energy() != before

@@ -80,3 +80,40 @@ def test_md_command_compiled_reports_the_compilation(tmp_path, monkeypatch):
     assert runs["compiled"]["compile"]["compiled"] is True and "compile" not in runs["eager"]
     for a, b in zip(*(read(tmp_path / name / "final.extxyz", index=":") for name in runs)):
         assert abs(a.positions - b.positions).max() < 1e-9
+
+
+def test_relax_writes_the_potential_energy_with_forces_and_the_enthalpy_apart(tmp_path, capsys):
+    """Under pressure FIRE minimises E + pV; the file's energy must stay the potential energy (it is data), with
+    the enthalpy beside it, and the forces and stress attached."""
+    from ase.build import bulk
+
+    model = equiforce.save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    cu = bulk("Cu", "fcc", a=3.7, cubic=True)
+    cu.rattle(0.02, seed=0)
+    write(tmp_path / "cu.extxyz", cu)
+    out = tmp_path / "relaxed.extxyz"
+    assert _main(["relax", str(model), str(tmp_path / "cu.extxyz"), "--cell", "--pressure", "100000", "--steps",
+                  "5", "--device", "cpu", "--out", str(out)]) in (0, 1)
+    relaxed = read(out)
+    check = relaxed.copy()
+    check.calc = equiforce.Calculator(tmp_path / "m.eqf")
+    # (extxyz keeps positions to 1e-8 Å: the check's recomputation differs by that much)
+    assert relaxed.get_potential_energy() == pytest.approx(check.get_potential_energy(), abs=1e-6)
+    assert abs(relaxed.get_forces() - check.get_forces()).max() < 1e-6
+    assert abs(relaxed.get_stress() - check.get_stress()).max() < 1e-6
+    p_v = 100000 * 1e-4 / 160.21766208 * relaxed.get_volume()  # bar → eV/Å³, times V
+    assert relaxed.info["enthalpy"] == pytest.approx(relaxed.get_potential_energy() + p_v, rel=1e-6)
+    capsys.readouterr()
+    for argv, message in ((["--pressure", "10"], "--pressure acts on the cell"),
+                          (["--cell"], "--cell relaxes periodic cells")):
+        write(tmp_path / "mol.extxyz", molecule("H2O"))
+        assert _main(["relax", str(model), str(tmp_path / "mol.extxyz"), *argv, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_checkpoints_need_a_trajectory_that_can_be_cut_back(tmp_path, capsys):
+    model = equiforce.save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    write(tmp_path / "in.extxyz", molecule("H2O"))
+    assert _main(["md", str(model), str(tmp_path / "in.extxyz"), "--steps", "2", "--checkpoint-every", "2",
+                  "--format", "traj", "--out", str(tmp_path / "md"), "--no-progress"]) == 2
+    assert "cannot be cut back" in capsys.readouterr().err and not (tmp_path / "md").exists()

@@ -170,3 +170,19 @@ def test_starting_lammps_leaves_torch_threads_alone():
     torch.set_num_threads(2)  # LAMMPS would set OpenMP's count to 1 (the fixture restores it afterwards)
     new_lammps().close()
     assert torch.get_num_threads() == 2
+
+
+def test_atoms_added_during_a_run_are_taken_in(model):
+    """fix deposit, create_atoms: LAMMPS passes more atoms than the model started with; the model takes the new
+    set (elements checked, the neighbour list built afresh) and its forces match the calculator's."""
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    cu.rattle(0.03, seed=4)
+    lmp, potential = lammps_from_atoms(cu, model)
+    potential.run(0)
+    lmp.command("create_atoms 1 single 0.9 0.9 0.9 units box")  # type 1: the first element, Cu
+    potential.run(0)
+    assert int(lmp.get_natoms()) == len(cu) + 1
+    atoms = _atoms_in_lammps(lmp, {1: "Cu"})
+    atoms.calc = equiforce.Calculator(model)
+    assert lmp.get_thermo("pe") == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+    np.testing.assert_allclose(_forces(lmp), atoms.get_forces(), atol=1e-9)

@@ -138,3 +138,25 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.to(device).eval()
+
+
+def load_for_inference(model_or_path: torch.nn.Module | str | os.PathLike, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A model object or model file on ``device`` in ``dtype`` (default: as it is), in eval mode.
+
+    A model object already there is used as it is; otherwise a *copy* is moved (``Module.to`` works in place, so
+    a float32 calculator made from a float64 model would change the caller's model under every other user).
+    """
+    if not isinstance(model_or_path, torch.nn.Module):
+        return load_model(model_or_path, device=device, dtype=dtype).eval()
+    model, wanted = model_or_path, torch.device(device)
+    reference = next(iter(model.parameters()), None)
+    elsewhere = reference is not None and (reference.device.type != wanted.type
+                                           or (wanted.index is not None and reference.device.index != wanted.index))
+    if elsewhere or (reference is not None and dtype is not None and reference.dtype != dtype):
+        import copy
+
+        model = copy.deepcopy(model).to(device=device)
+        if dtype is not None:
+            model = model.to(dtype=dtype)
+    return model.eval()

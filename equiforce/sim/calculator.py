@@ -17,7 +17,7 @@ from equiforce.data import keys as K
 from equiforce.data.graph import collate, to_device
 from equiforce.data.neighbors import neighbor_list
 from equiforce.data.structure import full_to_voigt
-from equiforce.models.file import load_model
+from equiforce.models.file import load_for_inference
 from equiforce.models.potential import Potential
 from equiforce.uq import keys as UK
 
@@ -26,6 +26,21 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     return {"float32": torch.float32, "float64": torch.float64}[str(dtype)]
+
+
+def inference_graph(atoms, cutoff: float, device: str | torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The batch of one structure, for inference (no label checks: MD may legitimately bring atoms close)."""
+    i, j, shifts = neighbor_list(atoms.positions, np.asarray(atoms.cell), atoms.pbc, cutoff)
+    graph = {
+        K.POSITIONS: torch.as_tensor(atoms.positions),
+        K.NUMBERS: torch.as_tensor(atoms.numbers, dtype=torch.long),
+        K.CELL: torch.as_tensor(np.asarray(atoms.cell)).unsqueeze(0),
+        K.PBC: torch.as_tensor(atoms.pbc).unsqueeze(0),
+        K.EDGE_INDEX: torch.as_tensor(np.stack([i, j])),
+        K.SHIFTS: torch.as_tensor(shifts),
+        K.N_ATOMS: torch.tensor([len(atoms)]),
+    }
+    return to_device(collate([graph]), device, dtype)
 
 
 class Calculator(AseCalculator):
@@ -43,14 +58,8 @@ class Calculator(AseCalculator):
     def __init__(self, model_or_path: Potential | str | os.PathLike, device: str = "cpu",
                  dtype: str | torch.dtype | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        torch_dtype = _resolve_dtype(dtype)
-        if isinstance(model_or_path, torch.nn.Module):  # a Potential or a model with uncertainty
-            model = model_or_path.to(device=device)
-            if torch_dtype is not None:
-                model = model.to(dtype=torch_dtype)
-        else:
-            model = load_model(model_or_path, device=device, dtype=torch_dtype)
-        self.model = model.eval()
+        # a model object elsewhere or in another dtype is copied, never moved under its other users
+        self.model = load_for_inference(model_or_path, device=device, dtype=_resolve_dtype(dtype))
         self.device = torch.device(device)
         self.dtype = next(self.model.parameters()).dtype
         self.has_uncertainty = not isinstance(self.model, Potential) and hasattr(self.model, "calibration")
@@ -58,19 +67,7 @@ class Calculator(AseCalculator):
             self.implemented_properties = [*type(self).implemented_properties, *self.uncertainty_properties]
 
     def _graph(self, atoms) -> dict[str, torch.Tensor]:
-        """Inference graph (no label checks: MD may legitimately bring atoms close)."""
-        i, j, shifts = neighbor_list(atoms.positions, np.asarray(atoms.cell), atoms.pbc, self.model.cutoff)
-        n = len(atoms)
-        graph = {
-            K.POSITIONS: torch.as_tensor(atoms.positions),
-            K.NUMBERS: torch.as_tensor(atoms.numbers, dtype=torch.long),
-            K.CELL: torch.as_tensor(np.asarray(atoms.cell)).unsqueeze(0),
-            K.PBC: torch.as_tensor(atoms.pbc).unsqueeze(0),
-            K.EDGE_INDEX: torch.as_tensor(np.stack([i, j])),
-            K.SHIFTS: torch.as_tensor(shifts),
-            K.N_ATOMS: torch.tensor([n]),
-        }
-        return to_device(collate([graph]), self.device, self.dtype)
+        return inference_graph(atoms, self.model.cutoff, self.device, self.dtype)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

@@ -48,8 +48,9 @@ def cmd_md(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resume: no checkpoint {checkpoint} (written with --checkpoint-every N)")
     if checkpoint.exists() and not args.resume:
         raise ConfigError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
-    if args.resume and args.format == "traj":
-        raise ConfigError("--resume needs an h5 or extxyz trajectory (an ASE .traj file cannot be cut back)")
+    if (args.resume or args.checkpoint_every > 0) and args.format == "traj":
+        raise ConfigError("--checkpoint-every and --resume need an h5 or extxyz trajectory (an ASE .traj file "
+                          "cannot be cut back to a checkpoint)")
     model, structures, device = _load(args)
     if args.compile:
         from equiforce.models.compiled import compilable
@@ -114,11 +115,18 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
     from equiforce.sim.relax import relax
 
+    if args.pressure and not args.cell:
+        raise ConfigError("--pressure acts on the cell: add --cell (or leave --pressure out)")
     model, structures, device = _load(args)
+    if args.cell and not all(a.pbc.all() and abs(a.cell.volume) > 1e-8 for a in structures):
+        raise ConfigError(f"--cell relaxes periodic cells: every structure in {args.structures} must be periodic "
+                          "in all three directions with a non-zero volume")
     result = relax(model, structures, fmax=args.fmax, max_steps=args.steps, relax_cell=args.cell,
                    scalar_pressure_bar=args.pressure, device=device)
-    for b, atoms in enumerate(result.atoms):
-        atoms.info.update(energy=float(result.energy[b]), converged=bool(result.converged[b]))
+    for b, atoms in enumerate(result.atoms):  # energy, forces (stress) are attached as the structure's results
+        atoms.info["converged"] = bool(result.converged[b])
+        if result.enthalpy is not None:
+            atoms.info["enthalpy"] = float(result.enthalpy[b])
     write(args.out, result.atoms)
     print(f"{int(result.converged.sum())}/{len(result.atoms)} converged (fmax {args.fmax} eV/Å); wrote {args.out}")
     return 0 if result.converged.all() else 1

@@ -17,19 +17,10 @@ import torch
 from ase import Atoms
 
 from equiforce.data import keys as K
-from equiforce.models.file import load_model
+from equiforce.models.file import load_for_inference
 from equiforce.sim.evaluator import BatchEvaluator, model_dtype
 from equiforce.sim.state import SimState
 from equiforce.uq import keys as UK
-
-
-def load_for_inference(model_or_path: torch.nn.Module | str | os.PathLike, device: str = "cpu",
-                       dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A model object or model file on ``device`` in ``dtype`` (default: as saved), in eval mode."""
-    if isinstance(model_or_path, torch.nn.Module):
-        model = model_or_path.to(device=device)
-        return (model.to(dtype=dtype) if dtype is not None else model).eval()
-    return load_model(model_or_path, device=device, dtype=dtype).eval()
 
 
 class StructureEvaluator:
@@ -63,9 +54,17 @@ class StructureEvaluator:
         """``energy`` (eV), ``forces`` [N, 3] (eV/Å), ``node_energy`` [N], ``stress`` [3, 3] (eV/Å³, ASE sign)
         when asked, and for a model with uncertainty ``energy_std``, ``forces_std`` [N] and ``max_forces_std``."""
         positions = np.asarray(positions, dtype=np.float64)
-        if positions.shape != (self.n_atoms, 3):
-            raise ValueError(f"the engine passed {positions.shape[0]} atoms but the model covers {self.n_atoms}")
         device = self.state.device
+        if positions.shape != (self.n_atoms, 3):
+            if numbers is None or positions.ndim != 2 or positions.shape[1:] != (3,) or len(numbers) != len(positions):
+                raise ValueError(f"the engine passed {positions.shape[0]} atoms but the model covers {self.n_atoms} "
+                                 "(an engine that adds or removes atoms must pass their atomic numbers)")
+            # atoms added or removed (LAMMPS fix deposit, evaporate): a state for the new set; the neighbour list
+            # sees the new atom count and is built afresh
+            self.model.check_elements(sorted(set(np.asarray(numbers).tolist())))
+            self._numbers = np.asarray(numbers, dtype=np.int64).copy()
+            atoms = Atoms(numbers=self._numbers, pbc=self.pbc, cell=np.eye(3) if any(self.pbc) else None)
+            self.state = SimState.from_atoms(atoms, device=device, dtype=self.dtype)
         if numbers is not None and not np.array_equal(numbers, self._numbers):  # the engine reordered its atoms
             if sorted(numbers.tolist()) != sorted(self._numbers.tolist()):
                 self.model.check_elements(sorted(set(numbers.tolist())))

@@ -7,17 +7,25 @@ import torch
 from ase import units
 
 from equiforce.data import keys as K
-from equiforce.data.graph import to_device
+from equiforce.models.file import load_for_inference
 from equiforce.models.potential import Potential
-from equiforce.sim.calculator import Calculator
+from equiforce.sim.calculator import inference_graph
 
 
 def hessian(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
-    """``∂²E/∂r_a∂r_b`` as a ``[3N, 3N]`` array in eV/Å², exact (autograd through the forces)."""
+    """``∂²E/∂r_a∂r_b`` as a ``[3N, 3N]`` array in eV/Å², exact (autograd through the forces).
+
+    An ensemble's Hessian is the mean of its members' (its energy is their mean); a model with uncertainty
+    heads has its backbone's.  The caller's model is not moved (a copy goes to another ``device``).
+    """
+    from equiforce.uq.ensemble import EnsemblePotential
+
     model.check_elements(atoms.numbers)
+    if isinstance(model, EnsemblePotential):  # its batched pass detaches positions: one member at a time
+        return np.mean([hessian(model.member(m), atoms, device) for m in range(model.n_members)], axis=0)
+    model = load_for_inference(model, device=device)
     dtype = next(model.parameters()).dtype
-    graph = Calculator(model, device=device)._graph(atoms)
-    graph = to_device(graph, device, dtype)
+    graph = inference_graph(atoms, model.cutoff, device, dtype)
     positions = graph[K.POSITIONS].detach().requires_grad_(True)
     graph = {**graph, K.POSITIONS: positions}
     forces = model(graph, compute_forces=True, create_graph=True)[K.FORCES].reshape(-1)

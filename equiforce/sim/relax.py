@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
 from torch import nn
 
 from equiforce.data import keys as K
+from equiforce.data.structure import full_to_voigt
 from equiforce.sim.evaluator import BatchEvaluator, model_device, model_dtype
 from equiforce.sim.state import SimState
 
@@ -38,11 +40,12 @@ class FIREParams:
 @dataclass
 class RelaxResult:
     state: SimState
-    atoms: list[Atoms]
-    energy: np.ndarray  # [B] eV (plus p·V when relaxing the cell under pressure)
+    atoms: list[Atoms]  # with the final energy, forces (and stress) attached as ASE results
+    energy: np.ndarray  # [B] eV, the potential energy
     fmax: np.ndarray  # [B] eV/Å, largest generalised force at the end
     converged: np.ndarray  # [B] bool
     steps: np.ndarray  # [B] force evaluations until convergence (or the limit)
+    enthalpy: np.ndarray | None = None  # [B] eV, energy + p·V (a cell relaxed under pressure: what FIRE minimised)
 
 
 def _row_norm_max(per_atom: torch.Tensor, state: SimState) -> torch.Tensor:
@@ -146,20 +149,34 @@ def fire(state: SimState, evaluate: BatchEvaluator, fmax: float = 0.05, max_step
         else:
             state.positions = state.positions + dr
     energy = outputs[K.ENERGY]
-    if cell_filter is not None:
-        energy = energy + cell_filter.pressure * torch.linalg.det(state.cell).abs()
     summary = {"energy": energy.cpu().double().numpy(), "fmax": largest.cpu().double().numpy(),
-               "converged": done.cpu().numpy(), "steps": steps_taken.cpu().numpy()}
+               "converged": done.cpu().numpy(), "steps": steps_taken.cpu().numpy(),
+               "forces": outputs[K.FORCES].detach().cpu().double().numpy()}
+    if cell_filter is not None:
+        enthalpy = energy + cell_filter.pressure * torch.linalg.det(state.cell).abs()
+        summary["enthalpy"] = enthalpy.cpu().double().numpy()
+        summary["stress"] = outputs[K.STRESS].detach().cpu().double().numpy()
     return state, summary
 
 
 def relax(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], fmax: float = 0.05, max_steps: int = 1000,
           relax_cell: bool = False, scalar_pressure_bar: float = 0.0, hydrostatic: bool = False,
           device: str | None = None, params: FIREParams | None = None, skin: float = 0.5) -> RelaxResult:
-    """Relax ASE structures (all at once, batched) with FIRE; ``relax_cell`` also relaxes each cell."""
+    """Relax ASE structures (all at once, batched) with FIRE; ``relax_cell`` also relaxes each cell (under
+    ``scalar_pressure_bar``: then the enthalpy is minimised, and reported as ``enthalpy`` beside ``energy``)."""
+    if scalar_pressure_bar and not relax_cell:
+        raise ValueError("a pressure acts only on the cell: scalar_pressure_bar needs relax_cell=True")
     device = device or str(model_device(model))
     state = SimState.from_atoms(atoms_list, device=device, dtype=model_dtype(model))
     evaluate = BatchEvaluator(model, skin=skin, check_interval=1)
     evaluate.check(state)
     state, summary = fire(state, evaluate, fmax, max_steps, relax_cell, scalar_pressure_bar, hydrostatic, params)
-    return RelaxResult(state=state, atoms=state.to_atoms(), **summary)
+    forces, stress = summary.pop("forces"), summary.pop("stress", None)
+    atoms = state.to_atoms()
+    ptr = state.ptr.cpu().tolist()
+    for b, structure in enumerate(atoms):
+        results = {"energy": float(summary["energy"][b]), "forces": forces[ptr[b]:ptr[b + 1]]}
+        if stress is not None:
+            results["stress"] = full_to_voigt(stress[b])
+        structure.calc = SinglePointCalculator(structure, **results)
+    return RelaxResult(state=state, atoms=atoms, **summary)
