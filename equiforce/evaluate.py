@@ -46,9 +46,10 @@ def as_graphs(model: Potential, data: Sequence[Configuration | Graph]) -> list[G
 
 
 def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, device: torch.device,
-                metrics: ErrorMetrics | None = None, loss_fn=None, compute_forces: bool = True,
-                compute_stress: bool | None = None, hessian_vectors: int = 0) -> float | None:
-    """Predict every graph in order; feed ``metrics``; return the mean of ``loss_fn`` per graph (or None).
+                metrics=None, compute_forces: bool = True, compute_stress: bool | None = None,
+                hessian_vectors: int = 0) -> None:
+    """Predict every graph in order and feed each batch to ``metrics`` (anything with ``update(pred, batch)``:
+    :class:`ErrorMetrics`, a :class:`~equiforce.train.loss.LossSums`, several through :class:`Fanout`).
 
     Forces need autograd even at evaluation, so this runs with grad enabled but builds no second-order
     graph — except for batches with Hessian labels when ``hessian_vectors`` > 0: their ``H·v`` products use
@@ -60,7 +61,6 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
-    total, count = None, 0
     try:
         with torch.enable_grad():
             for start in range(0, len(graphs), batch_size):
@@ -77,16 +77,11 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
                 pred = {k: v.detach() for k, v in pred.items()}
                 if metrics is not None:
                     metrics.update(pred, batch)
-                if loss_fn is not None:
-                    loss = loss_fn(pred, batch)[0].detach() * len(chunk)
-                    total = loss if total is None else total + loss
-                count += len(chunk)
     finally:
         model.train(was_training)
-    return None if total is None else float(total) / max(count, 1)
 
 
-class _Fanout:
+class Fanout:
     """Feeds each batch to several sinks (the overall metrics, a group's, a σ collector), so one pass gives all."""
 
     def __init__(self, *sinks) -> None:
@@ -134,11 +129,11 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     if len(groups) > 1:
         for name, members in sorted(groups.items()):
             group_metrics = ErrorMetrics()
-            run_batches(model, members, batch_size, device, _Fanout(metrics, group_metrics, *observers),
+            run_batches(model, members, batch_size, device, Fanout(metrics, group_metrics, *observers),
                         compute_stress=compute_stress)
             per_group[name] = {**group_metrics.compute(), **_counts(members)}
     elif graphs:
-        run_batches(model, graphs, batch_size, device, _Fanout(metrics, *observers), compute_stress=compute_stress)
+        run_batches(model, graphs, batch_size, device, Fanout(metrics, *observers), compute_stress=compute_stress)
     result: dict = dict(metrics.compute())
     labelled = [c for c in configs if hessians and isinstance(c, Configuration) and c.hessian is not None]
     if labelled:

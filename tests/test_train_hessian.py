@@ -218,7 +218,7 @@ def test_cli_eval_reports_hessian_and_frequency_rows(tmp_path, teacher, capsys):
 
 
 def test_resume_with_hessians_is_exact(tmp_path, teacher):
-    """The random vectors come from the checkpointed generator: a killed and resumed run ends bit-identical."""
+    """The random vectors are seeded by the run's seed and step: a killed and resumed run ends bit-identical."""
     from safetensors.torch import load_file
 
     train = teacher_labelled(6, seed=7, teacher=teacher)
@@ -240,3 +240,19 @@ def test_resume_with_hessians_is_exact(tmp_path, teacher):
     ours, theirs = load_file(tmp_path / "b" / "last.eqf"), load_file(tmp_path / "a" / "last.eqf")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert resumed["valid"] == straight["valid"] and "hessian_vp_mae" in straight["valid"]
+
+
+def test_hessian_vectors_leave_the_shuffling_stream_alone(tmp_path, teacher):
+    """Under DDP every rank must shuffle alike; drawing Hessian vectors (as many as a rank's batches have atoms)
+    from the shuffling generator made the ranks' orders drift apart (overlapping data, or a hang)."""
+    from equiforce.train.checkpoint import load_checkpoint
+    from equiforce.train.trainer import _hessian_seed
+
+    train = teacher_labelled(6, seed=7, teacher=teacher)
+    training = dict(epochs=1, batch_size=2, lr=0.01, device="cpu", seed=3, hessian_vectors=2)
+    result = train_configs(train, None, SMALL, training, tmp_path / "run", valid_fraction=0.34, progress=False)
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["rng"]["shuffle"]
+    expected = torch.Generator().manual_seed(3)
+    torch.randperm(result["n_train"], generator=expected)  # one epoch: one shuffle, and nothing else drawn
+    assert torch.equal(saved, expected.get_state())
+    assert len({_hessian_seed(3, step, rank) for step in range(50) for rank in range(4)}) == 200

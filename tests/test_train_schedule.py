@@ -253,3 +253,27 @@ def test_weight_decay_on_all_reaches_every_parameter():
     groups = build_optimizer(model, cfg).param_groups
     assert [g["weight_decay"] for g in groups] == [0.1]
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_validation_loss_is_the_same_for_any_batching(tmp_path):
+    """The whole-set loss (each term summed, divided once): batches of 2, 3 or 5 structures of different sizes (or a
+    DDP shard) must not change the number that picks best.eqf and drives the plateau schedule."""
+    frames = emt_frames(20, seed=1)
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    for k in range(0, len(frames), 3):  # structures of 4 and 8 atoms
+        atoms = frames[k].repeat((2, 1, 1))
+        atoms.calc = EMT()
+        labels = dict(energy=atoms.get_potential_energy(), forces=atoms.get_forces(), stress=atoms.get_stress())
+        atoms.calc = SinglePointCalculator(atoms, **labels)
+        frames[k] = atoms
+    write(tmp_path / "train.xyz", frames, format="extxyz")
+    write(tmp_path / "test.xyz", frames[:2], format="extxyz")
+    losses = []
+    for size in (2, 3, 5):
+        out = tmp_path / f"b{size}"
+        train(load_config(write_config(tmp_path / f"c{size}.yaml", tmp_path, out, epochs=1, lr=1e-30,
+                                       valid_batch_size=size)), progress=False)
+        losses.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["valid_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-10) and losses[0] == pytest.approx(losses[2], rel=1e-10)

@@ -32,7 +32,7 @@ from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError, TrainingError
-from equiforce.evaluate import evaluate, resolve_device, run_batches
+from equiforce.evaluate import Fanout, evaluate, resolve_device, run_batches
 from equiforce.models.compiled import CompiledForces
 from equiforce.models.file import load_model, save_model
 from equiforce.models.potential import Potential, build_model
@@ -49,7 +49,8 @@ from equiforce.train.config import (
 )
 from equiforce.train.ema import EMA
 from equiforce.train.hessian_loss import batch_has_hessians, hessian_vector_products
-from equiforce.train.loss import WeightedLoss
+from equiforce.train.loss import TERMS as LOSS_TERMS
+from equiforce.train.loss import LossSums, WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
 from equiforce.utils.atomic_io import atomic_write_text
@@ -274,6 +275,18 @@ def refit_shift(eval_model: Potential, models: Sequence[Potential], graphs: Sequ
         model.shift_correction += delta
 
 
+def _hessian_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's random Hessian vectors: fixed by the run's seed, the step and the rank (so an exact
+    resume draws the same ones), and apart from the shuffling stream, which every rank must draw alike."""
+    return (seed * 1_000_003 + step * 9_973 + rank * 104_729 + 17) % (2**63)
+
+
+def _any_rank_has(part_sums: dict[str, Any], ranks: distributed.Ranks, device: torch.device) -> list[bool]:
+    """Per loss term, whether any rank computed it (a Hessian term only on ranks with Hessian batches)."""
+    present = torch.tensor([float(k in part_sums) for k in LOSS_TERMS], device=device)
+    return [bool(v > 0) for v in distributed.all_sum(present, ranks)]
+
+
 def _check_finite_loss(value: float, which: str, epoch: int, last_saved: int, out: Path) -> None:
     """Stop a diverged run at once: a NaN loss is never "better", so no best model would ever be written, and
     every further epoch only overwrites the last good checkpoint with NaN weights."""
@@ -431,7 +444,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                                         ranks)
             loss_sum = torch.zeros((), dtype=dtype, device=device)
             part_sums: dict[str, torch.Tensor] = {}
-            n_seen = 0
+            n_seen = 0  # structures stepped on (a wrapped-around batch of a DDP shard counts again)
             lr = schedule(state["step"], progress_at(epoch - 1, 0.0), epoch - 1)
             first_lr = lr
             for k, chunk in enumerate(batches):
@@ -448,9 +461,10 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                     batch[K.POSITIONS] = batch[K.POSITIONS].detach().requires_grad_(True)
                 pred = net(batch, compute_forces=train_forces or hessian_step, compute_stress=train_stress,
                            create_graph=True)
-                if hessian_step:
+                if hessian_step:  # vectors from their own stream: the shuffling stream stays the same on every rank
+                    vectors = torch.Generator().manual_seed(_hessian_seed(training.seed, state["step"], ranks.rank))
                     pred = {**pred, **hessian_vector_products(pred[K.FORCES], batch[K.POSITIONS], batch,
-                                                              training.hessian_vectors, generator)}
+                                                              training.hessian_vectors, vectors)}
                 loss, parts = loss_fn(pred, batch)
                 loss.backward()
                 if training.clip_grad is not None:
@@ -463,15 +477,19 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                 n_seen += len(chunk)
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value * len(chunk)
-            if ranks.active:  # every rank reports the whole epoch
+            n_stepped = n_seen
+            if ranks.active:  # every rank reports the whole epoch (the same terms in the same order on every rank)
                 loss_sum = distributed.all_sum(loss_sum, ranks)
-                part_sums = {k: distributed.all_sum(torch.as_tensor(v, device=device), ranks)
-                             for k, v in part_sums.items()}
-                n_seen = int(distributed.all_sum(torch.tensor(n_seen, device=device), ranks))
-                n_seen = min(n_seen, n_train)  # wrapped-around batches are seen twice, counted once
+                reduced = distributed.all_sum(torch.stack([torch.as_tensor(part_sums.get(k, 0.0), dtype=dtype,
+                                                                           device=device) for k in LOSS_TERMS]), ranks)
+                part_sums = {k: v for k, v, seen in zip(LOSS_TERMS, reduced, _any_rank_has(part_sums, ranks, device))
+                             if seen}
+                n_stepped = int(distributed.all_sum(torch.tensor(n_seen, device=device), ranks))
+                n_seen = min(n_stepped, n_train)  # wrapped-around batches are seen twice, counted once
+            # the mean over what was stepped on (a wrapped-around batch's loss is in the sum: so is its count)
             record: dict[str, Any] = {"epoch": epoch, "lr": first_lr, "lr_end": lr, "stage": state["stage"],
-                                      "train_loss": float(loss_sum) / n_seen}
-            record.update({f"train_loss_{k}": float(v) / n_seen for k, v in part_sums.items()})
+                                      "train_loss": float(loss_sum) / n_stepped}
+            record.update({f"train_loss_{k}": float(v) / n_stepped for k, v in part_sums.items()})
             _check_finite_loss(record["train_loss"], "training", epoch, state["epoch"], out)
             # the training steps alone (float() above waited for the device): what peers report as throughput;
             # "time" below adds the shift refit, validation and saving the best model
@@ -485,16 +503,14 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                             training.valid_batch_size)
             metrics = ErrorMetrics()
             if valid_graphs:
-                record["valid_loss"] = run_batches(eval_model, valid_graphs, training.valid_batch_size, device,
-                                                   metrics, loss_fn, compute_forces=valid_forces,
-                                                   compute_stress=valid_stress,
-                                                   hessian_vectors=valid_hessian_vectors)
+                valid_loss = LossSums(loss_fn)  # a whole-set loss: the same for any batching or sharding
+                run_batches(eval_model, valid_graphs, training.valid_batch_size, device, Fanout(metrics, valid_loss),
+                            compute_forces=valid_forces, compute_stress=valid_stress,
+                            hessian_vectors=valid_hessian_vectors)
                 if ranks.active and len(valid_graphs) < n_valid:  # sharded: reduce the sums of all ranks
-                    total = torch.tensor([record["valid_loss"] * len(valid_graphs), len(valid_graphs)],
-                                         dtype=torch.float64, device=device)
-                    total = distributed.all_sum(total, ranks)
-                    record["valid_loss"] = float(total[0] / total[1])
+                    valid_loss.reduce(lambda t: distributed.all_sum(t, ranks))
                     metrics.reduce_sums(lambda t: distributed.all_sum(t, ranks))
+                record["valid_loss"] = valid_loss.value()
                 record.update({f"valid_{k}": v for k, v in metrics.compute().items()})
                 _check_finite_loss(record["valid_loss"], "validation", epoch, state["epoch"], out)
             prefix = "valid_" if valid_graphs else "train_"
