@@ -351,6 +351,10 @@ def main() -> None:
     listed = [int(s) for s in args.sizes.split(",") if s.strip()]
     largest_fit: dict[str, Any] = {"equiforce": None, "mace": None}
     mace_fits = not args.no_mace and MACE_PYTHON.exists()
+    peer = ("not asked (--no-mace)" if args.no_mace else "measured" if MACE_PYTHON.exists()
+            else f"absent: no {MACE_PYTHON} (bash benchmarks/peers/mace/install.sh, or EQUIFORCE_MACE_PYTHON)")
+    if not args.no_mace and not MACE_PYTHON.exists():  # said, not silently left out of the table
+        print(f"MACE peer {peer}", flush=True)
     for natoms in cu_sizes(listed, args.ramp, args.max_atoms, args.ramp_factor):
         actual = 4 * box_side(natoms) ** 3
         fits = add(equiforce_row(args, "cu", "native", natoms=natoms), "fcc-Cu", natoms=actual)
@@ -395,7 +399,7 @@ def main() -> None:
     result = {"benchmark": "md_speed", "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device,
               "dtype": args.dtype, "host": platform.node(), "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
-              "model": REFERENCE_SPEC, "rows": rows, "failed": failed}
+              "model": REFERENCE_SPEC, "rows": rows, "failed": failed, "mace_peer": peer}
     if args.ramp:
         result["largest_fit"] = largest_fit  # largest Cu box each engine ran (None: not one)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
