@@ -117,3 +117,15 @@ def test_checkpoints_need_a_trajectory_that_can_be_cut_back(tmp_path, capsys):
     assert _main(["md", str(model), str(tmp_path / "in.extxyz"), "--steps", "2", "--checkpoint-every", "2",
                   "--format", "traj", "--out", str(tmp_path / "md"), "--no-progress"]) == 2
     assert "cannot be cut back" in capsys.readouterr().err and not (tmp_path / "md").exists()
+
+
+def test_md_final_structures_carry_their_energy_and_forces(tmp_path):
+    model = equiforce.save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    write(tmp_path / "in.extxyz", [molecule("H2O"), molecule("CH4")])
+    assert _main(["md", str(model), str(tmp_path / "in.extxyz"), "--steps", "3", "--device", "cpu", "--out",
+                  str(tmp_path / "md"), "--no-progress", "--seed", "0"]) == 0
+    for atoms in read(tmp_path / "md" / "final.extxyz", index=":"):
+        check = atoms.copy()
+        check.calc = equiforce.Calculator(tmp_path / "m.eqf")
+        assert atoms.get_potential_energy() == pytest.approx(check.get_potential_energy(), abs=1e-6)
+        assert abs(atoms.get_forces() - check.get_forces()).max() < 1e-6

@@ -44,10 +44,22 @@ class MDResult:
     wall_time_s: float
     neighbor_builds: int
     info: dict[str, Any] = field(default_factory=dict)
+    outputs: Outputs | None = None  # the model's outputs at the final state
 
     @property
     def atoms(self) -> list[Atoms]:
-        return self.state.to_atoms()
+        """One ASE structure per system, with momenta and (when known) its final energy and forces attached."""
+        atoms = self.state.to_atoms()
+        if self.outputs is None or K.FORCES not in self.outputs:
+            return atoms
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        energy = self.outputs[K.ENERGY].detach().cpu().double().numpy()
+        forces = self.outputs[K.FORCES].detach().cpu().double().numpy()
+        ptr = self.state.ptr.cpu().tolist()
+        for b, structure in enumerate(atoms):
+            structure.calc = SinglePointCalculator(structure, energy=float(energy[b]), forces=forces[ptr[b]:ptr[b + 1]])
+        return atoms
 
 
 def thermo_rows(state: SimState, outputs: Outputs, integrator: Integrator, time_ps: float,
@@ -205,7 +217,8 @@ class MolecularDynamics:
             info["compile"] = compiled
         return MDResult(state=state, thermo=thermo, stopped_step=stopped_step.cpu().numpy(),
                         nonfinite_step=nonfinite_step.cpu().numpy(), steps=state.step - start_step,
-                        wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds, info=info)
+                        wall_time_s=wall, neighbor_builds=self.evaluate.neighbors.builds, info=info,
+                        outputs=outputs)
 
     def _with_virial(self, state: SimState, outputs: Outputs) -> Outputs:
         """``outputs`` with the virial the pressure column needs: ensembles without a barostat do not compute it

@@ -100,7 +100,7 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
             logger.close()
     return MDResult(state=state, thermo=thermo, stopped_step=result.stopped_step,
                     nonfinite_step=result.nonfinite_step, steps=state.step - start_step, wall_time_s=wall,
-                    neighbor_builds=result.neighbor_builds,
+                    neighbor_builds=result.neighbor_builds, outputs=result.outputs,
                     info={**result.info, "resumed": resumed is not None, "checkpoint": str(Path(path))})
 
 
