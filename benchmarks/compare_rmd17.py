@@ -63,7 +63,7 @@ def run_equiforce(args: argparse.Namespace, extra: list[str], out: Path) -> dict
 def run_mace(args: argparse.Namespace, split_dir: Path, out: Path) -> dict:
     if not PEER_PYTHON.exists():
         raise SystemExit(f"MACE peer not installed ({PEER_PYTHON}); run benchmarks/peers/mace/install.sh")
-    dtype = "float32" if args.dtype in ("float32", "tf32") else "float64"
+    dtype = args.dtype
     command = [str(PEER_PYTHON), str(HERE / "peers" / "mace" / "train_rmd17.py"), "--split", str(split_dir),
                "--budget-min", str(args.budget_min), "--device", args.device, "--dtype", dtype,
                "--hidden-irreps", args.mace_hidden_irreps, "--work-dir", str(out.parent / "mace"),
@@ -101,7 +101,9 @@ def main() -> None:
     p.add_argument("--molecule", default=None)
     p.add_argument("--budget-min", type=float, default=10.0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32", "tf32"])
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                   help="both engines train in it (TF32 has no MACE counterpart here: use rmd17.py --dtype tf32 "
+                        "alone)")
     p.add_argument("--mace-hidden-irreps", default="128x0e+128x1o")
     p.add_argument("--split-seed", type=int, default=1)
     p.add_argument("--skip-mace", action="store_true", help="reuse an earlier mace.json in the output folder")

@@ -6,8 +6,8 @@
 
 ``--trajectories`` K independent Langevin NVT runs, all in one batched state of the native engine, start
 from K reference frames with Maxwell–Boltzmann velocities.  A trajectory fails once a bond (a pair closer
-than 1.2 × the sum of covalent radii in the mean reference geometry) deviates from its mean reference length
-by more than ``--bond-threshold`` (0.5 Å); it is then frozen and the others go on.  Reported:
+than 1.2 × the sum of covalent radii in most reference frames) deviates from its mean distance over the
+reference frames by more than ``--bond-threshold`` (0.5 Å); it is then frozen and the others go on.  Reported:
 
 * ``stable`` / ``trajectories`` and ``mean_time_to_failure_ps`` (a stable run counts its full length);
 * ``hr_distance`` = ∫|h_sim(r) − h_ref(r)| dr between the interatomic-distance distributions of the stable
