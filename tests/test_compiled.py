@@ -59,6 +59,23 @@ def test_weight_gradients_of_the_force_loss_match_the_model(name):
     assert compiled.report()["compiled"] is True
 
 
+@pytest.mark.slow  # one aot_eager trace, ~25 s on 2 cores
+def test_a_scalar_only_model_with_two_layers_compiles_for_md():
+    """max_l 0: the element-wise skip's reshape of a size-1 irreps axis was traced as a view the compiler's stride
+    propagation refused, so such models silently ran uncompiled (in MD; their compiled *training* step still falls
+    back to the uncompiled one, with a warning: its second-order path trips over the same kind of view)."""
+    from equiforce.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec(elements=[1, 6, 8], channels=4, max_l=0, sh_lmax=1, correlation=2, num_layers=2,
+                                  radial_mlp=[8], cutoff=4.0, avg_num_neighbors=6.0)).eval()
+    compiled = CompiledForces(model, backend="aot_eager")
+    for batch in _batches()[:2]:
+        reference = model(batch, compute_forces=True)
+        got = compiled(batch, compute_forces=True)
+        torch.testing.assert_close(got[K.FORCES], reference[K.FORCES], rtol=1e-10, atol=1e-10)
+    assert compiled.report()["compiled"] is True
+
+
 def _check_stress(size_lists: list[list[tuple[int, int, int]]]) -> None:
     model = make_model("L1-corr3").train()
     compiled = CompiledForces(model, backend="aot_eager")

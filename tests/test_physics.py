@@ -288,3 +288,27 @@ def test_automatic_edge_chunks_only_for_large_systems_on_cpu_in_evaluation(monke
     model(graph)
     model.eval()
     assert not calls  # training: one pass unless a chunk is set explicitly
+
+
+def test_a_molecule_in_a_box_has_no_stress(model):
+    """Stress needs a periodic direction: a cell kept with pbc all False (a molecule in a box) must give zero, as
+    no cell does; a slab (periodic in two directions) keeps its stress."""
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=3)
+    atoms.set_cell([10.0, 10.0, 10.0])
+    atoms.center()
+    boxed = predict(model, [atoms], stress=True)
+    assert float(np.abs(boxed[K.STRESS]).max()) == 0.0
+    atoms.pbc = [True, True, False]
+    assert float(np.abs(predict(model, [atoms], stress=True)[K.STRESS]).max()) > 0.0
+
+
+def test_the_radial_basis_is_finite_at_zero_distance():
+    """sin(f r)/r is f at r = 0; written as a quotient it was 0/0 = NaN there."""
+    from equiforce.nn.radial import BesselBasis
+
+    basis = BesselBasis(5.0, 8)
+    at_zero = basis(torch.zeros(1, dtype=torch.float64))
+    near = basis(torch.full((1,), 1e-9, dtype=torch.float64))
+    assert torch.isfinite(at_zero).all()
+    torch.testing.assert_close(at_zero, near, rtol=1e-12, atol=0.0)

@@ -319,9 +319,13 @@ class Potential(nn.Module):
             if compute_stress:
                 d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(cell)
                 volume = torch.linalg.det(cell).abs()
-                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+                # stress needs a periodic direction and a volume: a molecule in a box (pbc all False) has none
+                periodic = volume > 0
+                if K.PBC in graph:
+                    periodic = periodic & graph[K.PBC].reshape(num_graphs, 3).any(-1)
+                safe = torch.where(periodic, volume, torch.ones_like(volume))
                 out[K.VIRIAL] = -d_strain
-                out[K.STRESS] = torch.where((volume > 0)[:, None, None], d_strain / safe[:, None, None],
+                out[K.STRESS] = torch.where(periodic[:, None, None], d_strain / safe[:, None, None],
                                             torch.zeros_like(d_strain))
         return out
 

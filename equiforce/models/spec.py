@@ -40,9 +40,9 @@ class ModelSpec(BaseModel):
                                 "covalent radii, which lies inside the bond-length range of typical data (C-H, "
                                 "O-H), so the network must learn to cancel it there; 'fade': only where "
                                 "short_range_fade hands a pair from the network to the prior — ZBL times one minus "
-                                "the fade, fully on below r_in, off beyond r_out (and the covalent switch as well), "
-                                "so network and prior partition the distance range; pairs without a fade range "
-                                "keep the covalent range")
+                                "the fade, off beyond r_out, and times its covalent switch as well (so for a pair "
+                                "whose r_in lies beyond its covalent-radius sum, such as H-H, neither acts in "
+                                "between: docs/design.md); pairs without a fade range keep the covalent range")
     product_branches: int = Field(1, ge=1, le=8, description="independent iterations summed in the many-body "
                                                               "product (rank of its weight factorisation)")
     element_messages: bool = Field(False, description="first layer: mix the channels of the atomic basis with "

@@ -23,7 +23,7 @@ class IrrepsLinear(nn.Module):
         parts = []
         for l in range(self.lmax + 1):
             xl = x[:, :, l * l:(l + 1) * (l + 1)].transpose(1, 2).reshape(-1, x.shape[1])
-            parts.append((xl @ self.weight[l]).view(n, 2 * l + 1, -1).transpose(1, 2))
+            parts.append((xl @ self.weight[l]).reshape(n, 2 * l + 1, -1).transpose(1, 2))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return out * self.norm
 
@@ -42,5 +42,8 @@ class ElementIrrepsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         n, c, d = x.shape
-        xe = (x.unsqueeze(2) * onehot[:, None, :, None]).reshape(n, c * self.num_elements, d)
-        return self.linear(xe)
+        xe = x.unsqueeze(2) * onehot[:, None, :, None]
+        if d == 1:  # scalar-only features: a traced graph records the reshape below as a view that the compiler's
+            # stride propagation cannot take (such models never compiled); a contiguous copy first
+            xe = xe.clone(memory_format=torch.contiguous_format)
+        return self.linear(xe.reshape(n, c * self.num_elements, d))

@@ -20,7 +20,8 @@ class BesselBasis(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:  # [E] -> [E, num_basis]
         r = r.unsqueeze(-1)
-        return self.prefactor * torch.sin(self.frequencies * r) / r
+        # sin(f r)/r as f·sinc(f r/π): the same function, finite (f) at r = 0 instead of 0/0 = NaN
+        return self.prefactor * self.frequencies * torch.sinc(self.frequencies * r / math.pi)
 
 
 class PolynomialEnvelope(nn.Module):
