@@ -20,8 +20,9 @@ class BesselBasis(nn.Module):
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:  # [E] -> [E, num_basis]
         r = r.unsqueeze(-1)
-        # sin(f r)/r as f·sinc(f r/π): the same function, finite (f) at r = 0 instead of 0/0 = NaN
-        return self.prefactor * self.frequencies * torch.sinc(self.frequencies * r / math.pi)
+        # 0/0 = NaN at r = 0 on purpose: two atoms on top of each other have no meaningful energy (its limit depends
+        # on the direction they came from), and a NaN is what stops MD and the OpenMM/LAMMPS bridges with an error
+        return self.prefactor * torch.sin(self.frequencies * r) / r
 
 
 class PolynomialEnvelope(nn.Module):
