@@ -172,9 +172,7 @@ def hessian_errors(model: Potential, configs: Sequence[Configuration], device: t
 def rigid_body_modes(atoms) -> int:
     """Zero-frequency modes of a free structure: 3 translations for a periodic cell; for a molecule 3 + 3
     rotations, or 3 + 2 when it is linear (no rotation about its axis), 3 for a single atom."""
-    if atoms.pbc.any():
-        return 3
-    if len(atoms) == 1:
+    if atoms.pbc.any() or len(atoms) == 1:
         return 3
     inertia = np.sort(atoms.get_moments_of_inertia())
     return 5 if inertia[0] < 1e-6 * max(inertia[-1], 1e-12) else 6

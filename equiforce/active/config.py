@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from equiforce.errors import ConfigError
 from equiforce.train.config import ModelConfig, TrainingConfig, format_validation_error, parse_duration
+from equiforce.utils.yaml_io import read_yaml_file as read_yaml
 
 DEFAULT_ROUND_TIME = 120.0  # s of training per round when training.max_time is not given
 
@@ -264,12 +265,6 @@ def parse_learn_config(data: Any, source: str = "<config>") -> LearnConfig:
         return LearnConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    from equiforce.utils.yaml_io import read_yaml_file
-
-    return read_yaml_file(path)
 
 
 def load_learn_config(path: str | os.PathLike) -> LearnConfig:

@@ -42,11 +42,11 @@ CONFIG = "config.yaml"
 FINAL_MODEL = "model.eqf"
 MIN_FINAL_VALID = 5  # fewer validation structures than this: keep the last round's model
 FAULT_ENV = "EQUIFORCE_LEARN_FAULT"
+"""Fault injection for the kill/resume tests: ``POINT:N`` sends SIGKILL to this process the N-th time the
+loop passes POINT (label, train, trained, explore, selected)."""
 # a batch this large failing in every call is a broken oracle (settings, a licence, a dead cluster), not bad
 # structures: stop and say so instead of spending the whole budget on failures
 MIN_CALLS_FOR_BROKEN_ORACLE = 3
-"""Fault injection for the kill/resume tests: ``POINT:N`` sends SIGKILL to this process the N-th time the
-loop passes POINT (label, train, trained, explore, selected)."""
 
 
 # ------------------------------------------------------------------------------------------------ fault hook

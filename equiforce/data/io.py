@@ -149,7 +149,8 @@ def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | 
     try:
         frames = read(source, index=index, format=format)
     except (StopIteration, IndexError) as err:  # an index past the end (ASE's own words are empty or cryptic)
-        total = _frame_count(source, format)
+        scan = _scan_frames(source, format)
+        total = scan[0] if scan is not None and scan[0] > 0 else None
         if total is None:
             raise DataError(f"cannot read structures: {type(err).__name__}: {err}", source=str(source)) from err
         raise DataError(f"index {index!r} is out of range: the file has {total} frames", source=str(source)) from err
@@ -164,19 +165,6 @@ def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | 
     return [frames] if isinstance(frames, Atoms) else list(frames)
 
 
-def _frame_count(source: str | os.PathLike, format: str | None) -> int | None:
-    """Frames that parse, counted one by one; ``None`` when the file cannot be read at all."""
-    from ase.io import iread
-
-    count = 0
-    try:
-        for _ in iread(source, index=":", format=format):
-            count += 1
-    except Exception:  # noqa: BLE001 - a count for an error message only
-        return count or None
-    return count
-
-
 def _guessed_format(source: str | os.PathLike) -> str | None:
     from ase.io.formats import filetype
 
@@ -186,13 +174,9 @@ def _guessed_format(source: str | os.PathLike) -> str | None:
         return None
 
 
-def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> int | None:
-    """The number of the first frame ASE cannot parse, so an error can say where a long file is broken.
-
-    ASE's exceptions name a token, not its place; reading frame by frame again (only after a failure) finds
-    it.  ``None`` when every frame reads, or when the file cannot be opened or its format is unknown (no
-    frame is to blame then).
-    """
+def _scan_frames(source: str | os.PathLike, format: str | None = None) -> tuple[int, bool] | None:
+    """Frames that parse, read one by one, and whether a parse error stopped the reading; ``None`` when the
+    file cannot be opened or its format is unknown.  Only run after a failure (a count, the broken frame)."""
     from ase.io import iread
     from ase.io.formats import UnknownFileTypeError
 
@@ -204,8 +188,15 @@ def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> i
     except (FileNotFoundError, PermissionError, IsADirectoryError, UnknownFileTypeError):
         return None
     except Exception:  # noqa: BLE001 - any parse error marks the frame; the caller reports the first one
-        return count
-    return None
+        return count, True
+    return count, False
+
+
+def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> int | None:
+    """The number of the first frame ASE cannot parse, so an error can say where a long file is broken (ASE's
+    exceptions name a token, not its place); ``None`` when every frame reads or the file cannot be opened."""
+    scan = _scan_frames(source, format)
+    return scan[0] if scan is not None and scan[1] else None
 
 
 def _read_db(source: str, index: str | int, keys: dict, required: dict) -> list[Configuration]:

@@ -23,7 +23,7 @@ class IrrepsLinear(nn.Module):
         parts = []
         for l in range(self.lmax + 1):
             xl = x[:, :, l * l:(l + 1) * (l + 1)].transpose(1, 2).reshape(-1, x.shape[1])
-            parts.append((xl @ self.weight[l]).reshape(n, 2 * l + 1, -1).transpose(1, 2))
+            parts.append((xl @ self.weight[l]).view(n, 2 * l + 1, -1).transpose(1, 2))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return out * self.norm
 

@@ -120,10 +120,12 @@ class Langevin(Integrator):
         c1 = math.exp(-self.friction * self.dt)
         kt = KB * _per_system(self.temperature_K, state)[state.system]
         noise = torch.randn(state.momenta.shape, generator=self.generator, dtype=state.dtype, device=state.device)
-        before = state.kinetic_energy()
-        state.momenta = c1 * state.momenta + state.without_fixed(torch.sqrt((1 - c1 * c1) * state.masses * kt)[:, None]
-                                                                 * noise)
-        self.heat = self.heat + (before - state.kinetic_energy())
+        before = state.momenta
+        kick = torch.sqrt((1 - c1 * c1) * state.masses * kt)[:, None] * noise
+        state.momenta = c1 * before + state.without_fixed(kick)
+        # the kinetic energy the O step took out, per atom, summed per system once
+        self.heat = self.heat + state.per_system(0.5 * (before * before - state.momenta * state.momenta).sum(-1)
+                                                 / state.masses)
         self.drift(state, 0.5)
         outputs = self.evaluate(state, evaluate)
         self.kick(state, outputs, 0.5)

@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 
 from equiforce.errors import ConfigError
 from equiforce.models.spec import WIDE_BOND_SWITCH, ModelSpec
+from equiforce.utils.yaml_io import read_yaml_file
 
 COMPUTED_SPEC_FIELDS = ("elements", "e0s", "avg_num_neighbors", "energy_scale", "energy_shift")
 """ModelSpec fields that training computes from the data rather than reads from the config."""
@@ -325,6 +326,4 @@ def parse_config(data: Any, source: str = "<config>") -> TrainConfig:
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Read and validate a YAML training configuration."""
-    from equiforce.utils.yaml_io import read_yaml_file
-
     return parse_config(read_yaml_file(path), str(path))

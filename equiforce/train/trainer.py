@@ -281,12 +281,6 @@ def _hessian_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 9_973 + rank * 104_729 + 17) % (2**63)
 
 
-def _any_rank_has(part_sums: dict[str, Any], ranks: distributed.Ranks, device: torch.device) -> list[bool]:
-    """Per loss term, whether any rank computed it (a Hessian term only on ranks with Hessian batches)."""
-    present = torch.tensor([float(k in part_sums) for k in LOSS_TERMS], device=device)
-    return [bool(v > 0) for v in distributed.all_sum(present, ranks)]
-
-
 def _check_finite_loss(value: float, which: str, epoch: int, last_saved: int, out: Path) -> None:
     """Stop a diverged run at once: a NaN loss is never "better", so no best model would ever be written, and
     every further epoch only overwrites the last good checkpoint with NaN weights."""
@@ -478,13 +472,16 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                 for name, value in parts.items():
                     part_sums[name] = part_sums.get(name, 0.0) + value * len(chunk)
             n_stepped = n_seen
-            if ranks.active:  # every rank reports the whole epoch (the same terms in the same order on every rank)
-                loss_sum = distributed.all_sum(loss_sum, ranks)
-                reduced = distributed.all_sum(torch.stack([torch.as_tensor(part_sums.get(k, 0.0), dtype=dtype,
-                                                                           device=device) for k in LOSS_TERMS]), ranks)
-                part_sums = {k: v for k, v, seen in zip(LOSS_TERMS, reduced, _any_rank_has(part_sums, ranks, device))
-                             if seen}
-                n_stepped = int(distributed.all_sum(torch.tensor(n_seen, device=device), ranks))
+            if ranks.active:  # every rank reports the whole epoch: one all-reduce of the same vector on every rank
+                # [loss sum, each term's sum, whether this rank computed the term (Hessians: only some do), count]
+                local = [loss_sum, *(part_sums.get(k, 0.0) for k in LOSS_TERMS),
+                         *(float(k in part_sums) for k in LOSS_TERMS), float(n_seen)]
+                total = distributed.all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                                         for v in local]), ranks)
+                n_terms = len(LOSS_TERMS)
+                loss_sum = total[0]
+                part_sums = {k: total[1 + i] for i, k in enumerate(LOSS_TERMS) if total[1 + n_terms + i] > 0}
+                n_stepped = int(round(float(total[-1])))
                 n_seen = min(n_stepped, n_train)  # wrapped-around batches are seen twice, counted once
             # the mean over what was stepped on (a wrapped-around batch's loss is in the sum: so is its count)
             record: dict[str, Any] = {"epoch": epoch, "lr": first_lr, "lr_end": lr, "stage": state["stage"],

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from equiforce.errors import ConfigError
 from equiforce.train.config import TrainConfig, format_validation_error
+from equiforce.utils.yaml_io import read_yaml_file
 
 
 class _Section(BaseModel):
@@ -59,6 +60,4 @@ def parse_uq_config(data: Any, source: str = "<config>") -> UQTrainConfig:
 
 def load_uq_config(path: str | os.PathLike) -> UQTrainConfig:
     """Read and validate a ``train-uq`` YAML file."""
-    from equiforce.utils.yaml_io import read_yaml_file
-
     return parse_uq_config(read_yaml_file(path), str(path))

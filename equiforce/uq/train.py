@@ -142,7 +142,7 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
             if unknown:
                 raise DataError(f"element(s) {unknown} never appear in the training or validation data {seen}: "
                                 "no σ for them", source=c.source, frame=c.frame, field="numbers")
-        graphs(test, config.model.cutoff)
+        test_graphs = graphs(test, config.model.cutoff)  # geometry problems named now too
 
     if uq.method == "ensemble":
         paths = train_members(split, config, out, progress, extra)
@@ -169,5 +169,7 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
                               "valid": uq_report(predict(model, graphs(split.valid, model.cutoff), device=device))}
     if test is not None:
         model.check_elements({int(z) for c in test for z in c.numbers})
-        result["test"] = uq_report(predict(model, graphs(test, model.cutoff), device=device))
+        if model.cutoff != config.model.cutoff:  # a given backbone brings its own cutoff
+            test_graphs = graphs(test, model.cutoff)
+        result["test"] = uq_report(predict(model, test_graphs, device=device))
     return result
