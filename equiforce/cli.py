@@ -64,12 +64,21 @@ def _console():
     return Console(highlight=False)
 
 
+def _other_rank() -> bool:
+    """True on ranks other than 0 of a torchrun job: they trained their share and print nothing."""
+    from equiforce.train.distributed import joined
+
+    return not joined().main
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from equiforce.train.config import load_config
     from equiforce.train.trainer import train
 
     config = load_config(args.config)
     result = train(config, progress=False if args.no_progress else None)
+    if _other_rank():
+        return 0
     console = _console()
     if "uq_method" in result:  # a fine-tuned model with uncertainty: its members/backbone, then the σ recalibrated
         epochs = ", ".join(f"{p['best_epoch']} of {p['epochs']}" for p in result["parts"])
@@ -160,6 +169,8 @@ def cmd_train_uq(args: argparse.Namespace) -> int:
     from equiforce.uq.train import train_uq
 
     result = train_uq(load_uq_config(args.config), progress=False if args.no_progress else None)
+    if _other_rank():
+        return 0
     console = _console()
     console.print(f"{result['method']} model with calibrated uncertainty: {result['model']}")
     console.print(uq_table("validation (calibration set)", result["valid"]))

@@ -84,7 +84,22 @@ def test_learn_end_to_end_on_emt(tmp_path, capsys):
     config["select"]["per_round"] = 5
     path.write_text(yaml.safe_dump(config))
     assert main(["learn", str(path), "--no-progress"]) == 2
-    assert "different config" in capsys.readouterr().err
+    assert "select.per_round changed" in capsys.readouterr().err
+    # the kept config edited where the results depend on it: the resume is refused (the journal keeps the start's)
+    kept_path = run / "config.yaml"
+    original = kept_path.read_text()
+    kept = yaml.safe_load(original)
+    kept["select"]["per_round"], kept["training"]["lr"] = 5, 0.5
+    kept_path.write_text(yaml.safe_dump(kept))
+    assert main(["learn", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "started with a different config" in err and "select.per_round" in err and "training.lr" in err
+    # how it reports, stops and runs may change
+    kept = yaml.safe_load(original)
+    kept["executor"], kept["stop"]["max_rounds"] = {"kind": "thread", "workers": 1}, 9
+    kept_path.write_text(yaml.safe_dump(kept))
+    assert main(["learn", "--resume", str(run), "--no-progress"]) == 0
+    assert len(calls_in(log)) == n_calls  # a stopped run stays stopped
 
 
 def test_oracle_failures_are_recorded_and_skipped(tmp_path):

@@ -67,3 +67,23 @@ def test_two_ranks_equal_one_process_with_the_union_batch(tmp_path, compiled):
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-8, atol=1e-10)
     assert read_header(tmp_path / "two" / "best.eqf")["extra"]["training"]["epoch"] == single["best_epoch"]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="no torchrun")
+def test_train_uq_under_torchrun_writes_one_model_and_prints_once(tmp_path):
+    data = tmp_path / "train.xyz"
+    write(data, emt_frames(30, seed=4), format="extxyz")  # 18 train / 12 valid (calibration needs 10)
+    path = config(tmp_path / "uq.yaml", data, tmp_path / "uq", 2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["valid_fraction"] = 0.4
+    cfg["training"]["epochs"] = 1
+    cfg["uq"] = {"method": "ensemble", "members": 2}
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "equiforce.cli", "train-uq", str(path),
+               "--no-progress"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("model with calibrated uncertainty") == 1  # rank 0 alone reports
+    assert read_header(tmp_path / "uq" / "uq.eqf")["extra"]["uq_method"] == "ensemble"
+    assert not list((tmp_path / "uq").glob(".uq.eqf.*"))  # no temporary file of a second writer left behind

@@ -195,9 +195,41 @@ def absolute_paths(cfg: LearnConfig) -> LearnConfig:
     return cfg.model_copy(update={"start": start, "report": report})
 
 
+CHANGEABLE_ON_RESUME = frozenset({"directory", "report", "threads", "executor", "stop"})
+"""Config sections a run may change between sessions: where it lives, how it reports, how many processes it
+uses and when it stops.  Everything else decides which structures are labelled and how models are trained, and a
+change mid-run would mix two experiments in one journal."""
+
+
+def fixed_config(cfg: LearnConfig) -> dict[str, Any]:
+    """The part of ``cfg`` a resumed run must keep (JSON form)."""
+    return cfg.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME))
+
+
 def config_digest(cfg: LearnConfig) -> str:
-    text = json.dumps(cfg.model_dump(mode="json", exclude={"directory", "report"}), sort_keys=True)
+    text = json.dumps(fixed_config(cfg), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two JSON trees."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [name for key in sorted(set(before) | set(after), key=str)
+                for name in changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")]
+    return [] if before == after else [prefix.rstrip(".") or "(config)"]
+
+
+def check_kept_config(records: Sequence[dict[str, Any]], cfg: LearnConfig, where: Path) -> None:
+    """Refuse a resume whose config was edited where the run's results depend on it (the journal keeps the
+    config the run started with)."""
+    started = next((r for r in records if r["type"] == "config"), None)
+    if started is None:  # a journal from before configs were journaled: trust the kept file
+        return
+    changed = changed_keys(started["config"], fixed_config(cfg))
+    if changed:
+        raise ConfigError(f"{where}: the run started with a different config ({', '.join(changed[:8])} changed); "
+                          f"a resumed run may change only {', '.join(sorted(CHANGEABLE_ON_RESUME - {'directory'}))}. "
+                          "Undo the edit, or start a new run in another directory")
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -207,7 +239,13 @@ class Learner:
     def __init__(self, cfg: LearnConfig, directory: Path, progress: bool | None = None) -> None:
         self.cfg, self.dir = cfg, directory
         self.journal = Journal(directory / JOURNAL)
-        self.state = RunState.replay(self.journal.records())
+        records = self.journal.records()
+        try:
+            check_kept_config(records, cfg, directory / CONFIG)
+        except ConfigError:
+            self.journal.close()
+            raise
+        self.state = RunState.replay(records)
         self.display = Display(progress if progress is not None else cfg.report.progress, cfg.stop.max_oracle_calls)
         self.starts = load_structures(cfg.start.structures)
         self.t0, self.before = time.perf_counter(), self.state.elapsed  # active seconds of earlier sessions
@@ -217,6 +255,8 @@ class Learner:
             from equiforce.data.io import read_configurations
 
             self.test_set = read_configurations(cfg.report.test)
+        if not any(r["type"] == "config" for r in records):
+            self.record({"type": "config", "digest": config_digest(cfg), "config": fixed_config(cfg)})
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.t0
@@ -529,13 +569,15 @@ def prepare(config: LearnConfig | None, config_path: Path | None, resume: Path |
     directory = Path(config.directory)
     if (directory / JOURNAL).exists():
         kept = parse_learn_config(read_yaml(directory / CONFIG), str(directory / CONFIG))
-        if config_digest(kept) != config_digest(config):
-            raise ConfigError(f"{directory} holds a run with a different config ({config_path}); resume it with "
+        changed = changed_keys(fixed_config(kept), fixed_config(config))
+        if changed:
+            raise ConfigError(f"{directory} holds a run with a different config ({config_path}: "
+                              f"{', '.join(changed[:8])} changed); resume it with "
                               f"`equiforce learn --resume {directory}` or choose another `directory`")
-        return config, directory
     directory.mkdir(parents=True, exist_ok=True)
     import yaml
 
+    # kept (again) so a later `--resume` uses this session's report/stop/executor settings too
     atomic_write_text(directory / CONFIG, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return config, directory
 

@@ -43,6 +43,13 @@ def setup(device_type: str) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def joined() -> Ranks:
+    """This process's place in a process group already joined (by the trainer), without joining one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def device_for(ranks: Ranks, device: torch.device) -> torch.device:
     """One GPU per local rank; CPU stays CPU."""
     if device.type == "cuda" and ranks.active:

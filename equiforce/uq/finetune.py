@@ -20,6 +20,7 @@ from equiforce.data import keys as K
 from equiforce.data.graph import Graph
 from equiforce.models.file import load_model
 from equiforce.models.potential import Potential
+from equiforce.train import distributed
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import MIN_STRUCTURES, CalibrationError
 from equiforce.uq.ensemble import EnsemblePotential
@@ -68,7 +69,11 @@ def fine_tune_uq(model: UQModel, tune_one: TuneOne, train_graphs: Sequence[Graph
     else:
         raise TypeError(f"no fine-tuning for uncertainty models of type {type(model).__name__}")
     kind = "ensemble" if isinstance(tuned, EnsemblePotential) else "heads"
-    path = save_uq_model(tuned, out / UQ_MODEL, extra={**(extra or {}), "uq_method": kind})
+    ranks = distributed.joined()  # under torchrun rank 0 alone writes the file, the others wait for it
+    path = out / UQ_MODEL
+    if ranks.main:
+        save_uq_model(tuned, path, extra={**(extra or {}), "uq_method": kind})
+    distributed.barrier(ranks)
     return {"best_model": str(path), "uq_method": kind, "parts": parts,
             "epochs": sum(p["epochs"] for p in parts) / len(parts),
             "calibration": tuned.calibration.to_json(), "output_dir": str(out)}

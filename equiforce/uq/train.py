@@ -24,6 +24,7 @@ from equiforce.data.structure import Configuration
 from equiforce.errors import DataError
 from equiforce.models.file import load_model
 from equiforce.models.potential import Potential
+from equiforce.train import distributed
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import MIN_STRUCTURES, CalibrationError
 from equiforce.uq.config import UQConfig, UQTrainConfig
@@ -163,7 +164,11 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
         model = build_uq_potential(backbone, graphs(split.train, cutoff), graphs(split.valid, cutoff),
                                    method=uq.calibration, device=device, seed=config.training.seed,
                                    **uq.heads.model_dump())
-    path = save_uq_model(model, out / UQ_MODEL, extra={**extra, "uq_method": uq.method})
+    ranks = distributed.joined()  # under torchrun every rank trained its share; rank 0 alone writes the file
+    path = out / UQ_MODEL
+    if ranks.main:
+        save_uq_model(model, path, extra={**extra, "uq_method": uq.method})
+    distributed.barrier(ranks)
     result: dict[str, Any] = {"model": str(path), "method": uq.method,
                               "calibration": model.calibration.to_json(),
                               "valid": uq_report(predict(model, graphs(split.valid, model.cutoff), device=device))}
