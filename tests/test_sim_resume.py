@@ -53,6 +53,31 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, ensemble, fmt)
         assert [f.info["step"] for f in b] == [f.info["step"] for f in a] and len(a) == 2 * 9
 
 
+@pytest.mark.parametrize("fmt", ["h5", "extxyz"])
+def test_finished_run_off_the_grid_extends_onto_it(tmp_path, fmt):
+    """A run of 13 steps (records every 5, plus its last step) extended to 30 writes the frames and rows of one run
+    of 30 steps: the off-grid record of step 13 is cut off and the grid stays at multiples of 5."""
+    model = make_model("L1-corr3")
+    common = dict(ensemble="nvt", temperature_K=400.0, timestep_fs=0.5, seed=4, trajectory_interval=5,
+                  log_interval=5)
+    whole = run_md(model, MOLECULES, steps=30, trajectory=tmp_path / f"whole.{fmt}", log=tmp_path / "whole.csv",
+                   **common)
+    parts = dict(trajectory=tmp_path / f"parts.{fmt}", log=tmp_path / "parts.csv", checkpoint=tmp_path / "md.ckpt",
+                 checkpoint_interval=10)
+    run_md(model, MOLECULES, steps=13, **common, **parts)
+    with open(tmp_path / "parts.csv", newline="") as handle:
+        assert sorted({int(r["step"]) for r in csv.DictReader(handle)}) == [0, 5, 10, 13]  # its last step kept
+    extended = run_md(model, MOLECULES, steps=30, resume=True, **common, **parts)
+    assert extended.state.step == 30
+    np.testing.assert_array_equal(_positions(extended), _positions(whole))
+    assert (tmp_path / "parts.csv").read_text() == (tmp_path / "whole.csv").read_text()
+    if fmt == "h5":
+        with h5py.File(tmp_path / "parts.h5") as b:
+            assert b["step"][:].tolist() == list(range(0, 31, 5))
+    else:
+        assert [f.info["step"] for f in read(tmp_path / "parts.extxyz", index=":")][::2] == list(range(0, 31, 5))
+
+
 def test_npt_resumes_with_its_cell_and_thermostat(tmp_path):
     model = make_model("L1-corr3")
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))

@@ -88,6 +88,12 @@ def thermo_rows(state: SimState, outputs: Outputs, integrator: Integrator, time_
     return rows
 
 
+def _position(output: Any) -> int | None:
+    """Where a trajectory writer or thermo log stands (None for one that cannot say: a user's own observer)."""
+    position = getattr(output, "position", None)
+    return position() if callable(position) else None
+
+
 class MolecularDynamics:
     """A batched MD driver: integrator + evaluator + stopping + output.
 
@@ -166,21 +172,30 @@ class MolecularDynamics:
                 stack.callback(logger.close)
             bar = _progress(stack, steps) if progress else None
 
+            # records fall on the run's step grid (step 0, interval, 2 interval, ...), also for a run continued from
+            # an off-grid step, so an extended run writes the frames one uninterrupted run would; ``grid_at``: where
+            # the outputs stood before an off-grid final record (a resumed extension cuts them back to it)
+            grid_at: dict[str, int | None] = {"trajectory": _position(writer), "log": _position(logger)}
+
             def record(final: bool = False) -> None:
-                done = state.step - start_step
                 time_ps = state.step * dt_ps
-                if writer is not None and (final or done % trajectory_interval == 0):
+                on_traj, on_log = state.step % trajectory_interval == 0, state.step % log_interval == 0
+                if writer is not None and (final or on_traj):
                     writer.write(state, outputs, time_ps)
-                if (logger is not None or keep_thermo) and (final or done % log_interval == 0):
+                    if on_traj:
+                        grid_at["trajectory"] = _position(writer)
+                if (logger is not None or keep_thermo) and (final or on_log):
                     rows = thermo_rows(state, self._with_virial(state, outputs), self.integrator, time_ps,
                                        frozen | (stopped_step >= 0))
                     if keep_thermo:
                         thermo.extend(rows)
                     if logger is not None:
                         logger.write(rows)
+                        if on_log:
+                            grid_at["log"] = _position(logger)
 
             if not continued and record_start:  # a continued run recorded this state when the previous one ended
-                record()
+                record(final=True)  # the starting state, on the grid or not
             graphed = self._graphed_step() if self.cuda_graph else None
             if graphed is not None:
                 self.integrator.prepare(state)
@@ -198,18 +213,18 @@ class MolecularDynamics:
                         state, outputs, (frozen, stopped_step, nonfinite_step), self.evaluate, check)
                 done = state.step - start_step
                 last = done == steps
-                if last or done % log_interval == 0 or done % trajectory_interval == 0:
+                if last or state.step % log_interval == 0 or state.step % trajectory_interval == 0:
                     record(final=last)
                 if bar is not None and (last or done % max(1, steps // 200) == 0):
                     bar[0].update(bar[1], completed=done)
-                if done % log_interval == 0 and bool(frozen.all()):  # this step's thermo was just recorded
-                    if writer is not None and not last and done % trajectory_interval != 0:
+                if state.step % log_interval == 0 and bool(frozen.all()):  # this step's thermo was just recorded
+                    if writer is not None and not last and state.step % trajectory_interval != 0:
                         writer.write(state, outputs, state.step * dt_ps)  # the frame every system ended on
                     break
             wall = time.perf_counter() - t0
         self._last = (self._key(state), outputs)
         self.frozen, self.stopped_step, self.nonfinite_step = frozen, stopped_step, nonfinite_step
-        info: dict[str, Any] = {"model_calls": self.evaluate.calls}
+        info: dict[str, Any] = {"model_calls": self.evaluate.calls, "grid_at": grid_at}
         if self._graphed is not None:
             info["cuda_graph"] = self.graph_info
         compiled = self.evaluate.compile_report()

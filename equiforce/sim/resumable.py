@@ -5,7 +5,8 @@ chunks' records fall exactly where one uninterrupted run would put them).  After
 stop flags, the thermostat's random stream and carried quantities, and how far the trajectory and the
 thermo log had been written go to one checkpoint file (:mod:`equiforce.sim.checkpoint`, atomic).  A resumed
 run cuts the trajectory and the log back to that point — what was written after it belongs to steps that
-are run again — and continues the same trajectories.
+are run again — and continues the same trajectories.  Records fall on the absolute step grid, so a finished
+run extended to more steps (its off-grid last record cut off) writes what one run of the new length writes.
 """
 
 from __future__ import annotations
@@ -72,14 +73,20 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
     meta = resumed.meta if resumed is not None else {}
     if resumed is not None:
         restore(md, resumed)
-    writer = (open_trajectory(trajectory, precision, resume_at=meta.get("trajectory_at") if resumed else None)
+    # a finished run extended: its off-grid final record (the last step was not a multiple of the intervals) is
+    # cut off, so the outputs hold the frames and rows one uninterrupted run of the new length writes
+    extending = resumed is not None and state.step < steps and not bool(md.frozen.all())
+    traj_at = meta.get("trajectory_grid_at", meta.get("trajectory_at")) if extending else meta.get("trajectory_at")
+    log_at = meta.get("log_grid_at", meta.get("log_at")) if extending else meta.get("log_at")
+    writer = (open_trajectory(trajectory, precision, resume_at=traj_at if resumed else None)
               if trajectory is not None else None)
-    logger = ThermoLog(log, resume_at=meta.get("log_at") if resumed else None) if log is not None else None
+    logger = ThermoLog(log, resume_at=log_at if resumed else None) if log is not None else None
     generator = getattr(md.integrator, "generator", None)
     start_step, thermo, wall = state.step, [], 0.0
     try:
         while True:  # at least one call: a run with nothing left still reports its state
-            chunk = max(0, min(interval, steps - state.step))
+            # chunks end on multiples of ``interval`` (on the record grid), also after an off-grid start
+            chunk = max(0, min(interval - state.step % interval, steps - state.step))
             result = md.run(state, chunk, trajectory=writer, trajectory_interval=trajectory_interval, log=logger,
                             log_interval=log_interval, progress=progress, keep_thermo=keep_thermo,
                             precision=precision, record_start=resumed is None)
@@ -90,7 +97,9 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
             save_md_checkpoint(path, state, md.flags, generator, carried, {
                 "settings": settings, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "trajectory_at": writer.position() if writer is not None else None,
-                "log_at": logger.position() if logger is not None else None})
+                "log_at": logger.position() if logger is not None else None,
+                "trajectory_grid_at": result.info["grid_at"]["trajectory"],
+                "log_grid_at": result.info["grid_at"]["log"]})
             if state.step >= steps or bool(md.frozen.all()):
                 break
     finally:
