@@ -40,7 +40,7 @@ from equiforce.data.stats import closest_pairs  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.evaluate import as_graphs, evaluate, resolve_device, run_batches  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
-from equiforce.models.potential import Potential, with_short_range_fade  # noqa: E402
+from equiforce.models.potential import Potential, with_short_range_fade, with_zbl_range  # noqa: E402
 from equiforce.models.spec import fade_from_closest  # noqa: E402
 from equiforce.train.metrics import ErrorMetrics  # noqa: E402
 from equiforce.train.trainer import train_configs  # noqa: E402
@@ -260,9 +260,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--max-l", type=int, default=1)
     p.add_argument("--no-zbl", action="store_true", help="no ZBL short-range repulsion prior")
-    p.add_argument("--zbl-range", choices=["covalent", "fade"], default=None,
+    p.add_argument("--zbl-range", choices=["covalent", "fade", "handover"], default=None,
                    help="where the ZBL prior acts (ModelSpec.zbl_range; default: that of new models): up to the "
-                        "covalent-radius sum, or only where short_range_fade hands a pair to it")
+                        "covalent-radius sum, only where short_range_fade hands a pair to it (within the covalent "
+                        "range), or exactly what the fade hands over; with --model, 'fade' <-> 'handover' re-rates "
+                        "the trained model (both give the prior zero on every training pair)")
     p.add_argument("--shift-gate", choices=["coordination", "bonds"], default=None,
                    help="how the per-atom shift switches on (ModelSpec.shift_gate; default: that of new models)")
     p.add_argument("--bond-switch", type=float, nargs=2, default=None, metavar=("ON", "OFF"),
@@ -341,6 +343,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if fade_added:
         graphs = [config_to_graph(c, model.cutoff, torch.float64) for c in read_configurations(data / "train.xyz")]
         model = with_short_range_fade(model, fade_from_closest(closest_pairs(graphs)))
+    zbl_range_changed = args.model is not None and args.zbl_range not in (None, model.spec.zbl_range)
+    if zbl_range_changed:
+        try:
+            model = with_zbl_range(model, args.zbl_range)
+        except ValueError as err:
+            raise SystemExit(f"{model_path}: {err}") from None
     test_configs = read_configurations(data / "test_MD.xyz")
     test = evaluate(model, test_configs, batch_size=50, device=device)
     isolated = {int(c.numbers[0]): float(c.energy) for c in read_configurations(data / "isolated_atoms.xyz")}
@@ -375,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "device": str(device), "dtype": args.dtype, "eval_dtype": args.eval_dtype,
               "budget_min": args.budget_min if args.model is None else None,
               "model_file": str(model_path), "short_range_fade": model.spec.short_range_fade,
-              "short_range_fade_added": fade_added, "wall_s": time.perf_counter() - start,
+              "short_range_fade_added": fade_added, "zbl_range": model.spec.zbl_range,
+              "zbl_range_changed": zbl_range_changed, "wall_s": time.perf_counter() - start,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     engines = {"equiforce": curves}
     if peer is not None:

@@ -19,7 +19,7 @@ from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError
 from equiforce.models import ModelSpec, build_model
 from equiforce.models.file import load_model, save_model
-from equiforce.models.potential import with_short_range_fade
+from equiforce.models.potential import with_short_range_fade, with_zbl_range
 from equiforce.models.spec import AUTO_FADE_FRACTIONS, fade_from_closest, pair_key, pair_numbers
 from equiforce.train.trainer import train_configs
 
@@ -178,3 +178,61 @@ def test_training_fades_below_the_closest_pairs_of_its_data(tmp_path):
     with pytest.raises(ConfigError, match="short_range_fade"):
         train_configs(frames, None, {**TINY_MODEL, "short_range_fade": {"H-N": (0.5, 0.8)}}, TINY_TRAINING,
                       tmp_path / "bad", progress=False, e0s=e0s)
+
+
+def test_zbl_range_handover_gives_the_prior_exactly_what_the_network_lets_go():
+    """``zbl_range: handover``: like ``fade`` beyond r_out (the network alone), but without the covalent switch, so
+    a pair whose r_in lies beyond its covalent-radius sum (H-H: 0.62 Å) is not left with neither acting."""
+    fade, handover = fade_model(FADE, zbl_range="fade"), fade_model(FADE, zbl_range="handover")
+    bare = fade_model(FADE, zbl=False)
+
+    def energy(model, atoms: Atoms) -> float:
+        return float(outputs(model, atoms)["energy"][0])
+
+    ethanol = molecule("CH3CH2OH")  # every pair beyond its range: bit for bit the same model as `fade`
+    for key in ("energy", "forces"):
+        np.testing.assert_array_equal(outputs(handover, ethanol)[key], outputs(fade, ethanol)[key])
+    gap = dimer("H", "H", 1.0)  # below H-H's r_in (1.2), beyond its covalent sum: `fade` leaves nothing there
+    assert energy(fade, gap) == pytest.approx(energy(bare, gap), abs=1e-12)  # the network is gone, so is the prior
+    assert energy(handover, gap) > energy(bare, gap) + 0.1
+    inside = dimer("H", "H", 1.4)
+    assert energy(bare, inside) < energy(handover, inside)
+    assert energy(handover, dimer("H", "H", 1.6)) == energy(bare, dimer("H", "H", 1.6))
+    unlisted = dimer("C", "C", 1.2)  # no C-C range: the covalent prior, as in the other ranges
+    assert energy(handover, unlisted) == pytest.approx(energy(fade_model(FADE), unlisted), rel=1e-12)
+    h = 1e-5
+    for r in np.linspace(0.5, 1.7, 13):  # forces: the derivative of the energy across the handover
+        forces = outputs(handover, dimer("H", "H", r))["forces"]
+        slope = (energy(handover, dimer("H", "H", r + h)) - energy(handover, dimer("H", "H", r - h))) / (2 * h)
+        assert forces[1, 2] == pytest.approx(-slope, rel=1e-6, abs=1e-8)
+
+
+def test_with_zbl_range_switches_only_between_ranges_that_keep_the_trained_model():
+    model = fade_model(FADE, zbl_range="fade")
+    moved = with_zbl_range(model, "handover")
+    assert moved.spec.zbl_range == "handover" and moved.spec.short_range_fade == model.spec.short_range_fade
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(moved.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only 'fade' <-> 'handover'"):
+        with_zbl_range(model, "covalent")
+    with pytest.raises(ValueError, match="only 'fade' <-> 'handover'"):
+        with_zbl_range(fade_model(None, zbl_range="fade"), "handover")  # no fade range: the prior would move
+
+
+@pytest.mark.parametrize("check", ["test_rotation_reflection_translation",
+                                   "test_forces_are_finite_difference_of_energy",
+                                   "test_stress_is_strain_derivative_of_energy", "test_smooth_at_cutoff",
+                                   "test_periodic_supercell"])
+def test_handover_model_passes_the_physics_suite(check):
+    """conftest's ``L2-corr2-zbl`` (ranges its test structures straddle) with ``zbl_range: handover``."""
+    from tests import test_physics
+    from tests.conftest import make_model
+
+    model = with_zbl_range(make_model("L2-corr2-zbl"), "handover")
+    test = getattr(test_physics, check)
+    if check == "test_rotation_reflection_translation":
+        test(model, reflect=True)
+    elif check == "test_periodic_supercell":
+        test(model, small_cell=False)
+    else:
+        test(model)

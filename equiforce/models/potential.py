@@ -13,6 +13,7 @@ Forces, virial and stress are exact autograd derivatives of that one energy.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -278,9 +279,15 @@ class Potential(nn.Module):
         node_energy = (self.e0[species] + shift * self._gate(species, edge_index, lengths, envelope)
                        + self.energy_scale * atomic)
         if self.zbl is not None:
-            pair = self.zbl(species[centre], species[neighbour], lengths)
-            if fade is not None and self.spec.zbl_range == "fade":  # the prior acts only where the network lets go
-                pair = pair * torch.where(listed, 1.0 - fade, torch.ones_like(fade))
+            zi, zj = species[centre], species[neighbour]
+            if fade is not None and self.spec.zbl_range == "handover":  # the prior takes exactly what the network
+                # lets go of a listed pair (no covalent switch: for H-H it would end before the fade begins)
+                pair = torch.where(listed, self.zbl.unswitched(zi, zj, lengths) * (1.0 - fade),
+                                   self.zbl(zi, zj, lengths))
+            else:
+                pair = self.zbl(zi, zj, lengths)
+                if fade is not None and self.spec.zbl_range == "fade":  # the prior acts only where the network
+                    pair = pair * torch.where(listed, 1.0 - fade, torch.ones_like(fade))  # lets go
             node_energy = node_energy.index_add(0, centre, pair)
         return sum_per_graph(node_energy, batch, graph[K.CELL].shape[0]), node_energy, features
 
@@ -351,7 +358,23 @@ def with_short_range_fade(model: Potential, fade: dict[str, tuple[float, float]]
     active-learning round whose new structures come closer than the last ones — can move them and keep
     everything it learnt.
     """
-    spec = ModelSpec.model_validate({**model.spec.model_dump(), "short_range_fade": fade})
+    return _with_spec(model, short_range_fade=fade)
+
+
+def with_zbl_range(model: Potential, zbl_range: str) -> Potential:
+    """A copy of ``model`` whose ZBL prior acts over ``zbl_range`` — between ``fade`` and ``handover`` the very
+    model it was trained as (every training pair lies beyond its fade range, where both give the prior zero)."""
+    allowed = {"fade", "handover"}
+    if zbl_range != model.spec.zbl_range and not (
+            model.spec.zbl and model.spec.short_range_fade and {zbl_range, model.spec.zbl_range} <= allowed):
+        raise ValueError(f"zbl_range {model.spec.zbl_range!r} -> {zbl_range!r} would change what the trained model "
+                         "predicts on its own data; only 'fade' <-> 'handover' (with a short-range fade) keeps it")
+    return _with_spec(model, zbl_range=zbl_range)
+
+
+def _with_spec(model: Potential, **changes: Any) -> Potential:
+    """A copy of ``model`` (same weights, dtype, device, edge chunk) with spec entries that are not weights changed."""
+    spec = ModelSpec.model_validate({**model.spec.model_dump(), **changes})
     reference = next(model.parameters())
     new = build_model(spec, dtype=reference.dtype)
     new.load_state_dict(model.state_dict())

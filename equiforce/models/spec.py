@@ -35,14 +35,16 @@ class ModelSpec(BaseModel):
     energy_scale: float = Field(1.0, gt=0, description="scale of the network's atomic energies, eV")
     energy_shift: float = Field(0.0, description="per-atom shift added after the E0s, eV")
     zbl: bool = Field(False, description="add a ZBL short-range repulsion prior")
-    zbl_range: Literal["covalent", "fade"] = Field(
+    zbl_range: Literal["covalent", "fade", "handover"] = Field(
         "covalent", description="where the ZBL prior acts: 'covalent': switched off smoothly at the sum of the two "
                                 "covalent radii, which lies inside the bond-length range of typical data (C-H, "
                                 "O-H), so the network must learn to cancel it there; 'fade': only where "
                                 "short_range_fade hands a pair from the network to the prior — ZBL times one minus "
                                 "the fade, off beyond r_out, and times its covalent switch as well (so for a pair "
                                 "whose r_in lies beyond its covalent-radius sum, such as H-H, neither acts in "
-                                "between: docs/design.md); pairs without a fade range keep the covalent range")
+                                "between: docs/design.md); 'handover': ZBL times one minus the fade alone, "
+                                "without the covalent switch, so the prior takes over exactly what the network "
+                                "lets go of; pairs without a fade range keep the covalent range")
     product_branches: int = Field(1, ge=1, le=8, description="independent iterations summed in the many-body "
                                                               "product (rank of its weight factorisation)")
     element_messages: bool = Field(False, description="first layer: mix the channels of the atomic basis with "

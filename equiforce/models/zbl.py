@@ -27,12 +27,20 @@ class ZBLRepulsion(nn.Module):
         self.cutoff = float(cutoff)
         self.switch = PolynomialEnvelope(1.0, p)
 
-    def forward(self, species_i: torch.Tensor, species_j: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """Energy of each directed edge (half a pair), ``[E]`` in eV."""
+    def unswitched(self, species_i: torch.Tensor, species_j: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Energy of each directed edge (half a pair) without the covalent switch, ``[E]`` in eV: for a caller
+        that switches the prior off itself (``zbl_range: handover``, by the short-range fade)."""
         zi, zj = self.z[species_i], self.z[species_j]
         a = 0.46850 / (zi**0.23 + zj**0.23)
         x = (r / a).unsqueeze(-1)
         phi = (self.phi_c * torch.exp(-self.phi_e * x)).sum(-1)
+        return 0.5 * COULOMB_EV_A * zi * zj / r * phi
+
+    def covalent_switch(self, species_i: torch.Tensor, species_j: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """1 at short range, smoothly 0 at the sum of the two covalent radii (or the cutoff, if nearer)."""
         r_max = (self.radius[species_i] + self.radius[species_j]).clamp(max=self.cutoff)
-        energy = COULOMB_EV_A * zi * zj / r * phi * self.switch(r / r_max)
-        return 0.5 * energy
+        return self.switch(r / r_max)
+
+    def forward(self, species_i: torch.Tensor, species_j: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Energy of each directed edge (half a pair), ``[E]`` in eV."""
+        return self.unswitched(species_i, species_j, r) * self.covalent_switch(species_i, species_j, r)
