@@ -94,12 +94,24 @@ def test_learn_end_to_end_on_emt(tmp_path, capsys):
     assert main(["learn", "--resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "started with a different config" in err and "select.per_round" in err and "training.lr" in err
-    # how it reports, stops and runs may change
+    # how it reports, stops and runs may change: a new executor alone leaves a stopped run stopped ...
     kept = yaml.safe_load(original)
-    kept["executor"], kept["stop"]["max_rounds"] = {"kind": "thread", "workers": 1}, 9
+    kept["executor"] = {"kind": "thread", "workers": 1}
     kept_path.write_text(yaml.safe_dump(kept))
     assert main(["learn", "--resume", str(run), "--no-progress"]) == 0
-    assert len(calls_in(log)) == n_calls  # a stopped run stays stopped
+    assert len(calls_in(log)) == n_calls
+    # ... one more round allowed continues it from round 3 (explore, label, train round 4), then it stops again
+    kept["stop"]["max_rounds"] = 4
+    kept_path.write_text(yaml.safe_dump(kept))
+    assert main(["learn", "--resume", str(run), "--no-progress"]) == 0
+    records = read_journal(run / "journal.jsonl")
+    assert [r["round"] for r in records if r["type"] == "continued"] == [3]
+    assert [r["round"] for r in records if r["type"] == "trained"] == [1, 2, 3, 4]
+    assert [r["reason"][:10] for r in records if r["type"] == "stopped"] == ["max_rounds"] * 2
+    assert len(calls_in(log)) > n_calls and len(set(calls_in(log))) == len(calls_in(log))  # no call repeated
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and len(summary["rounds"]) == 4 and summary["final_round"] is not None
+    assert [r["round"] for r in records if r["type"] == "final"][-1] == summary["final_round"]
 
 
 def test_oracle_failures_are_recorded_and_skipped(tmp_path):

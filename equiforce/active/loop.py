@@ -95,6 +95,10 @@ class RunState:
             self.outcomes.setdefault(record["id"], record)  # the first result counts (never two)
         elif kind == "stopped":
             self.stopped = record
+        elif kind == "continued":  # new stop settings lifted the stop: the loop goes on from that round
+            self.stopped = None
+            self.by_type.pop("final", None)
+            self.by_type.get("stopped", {}).pop(int(record["round"]), None)
         if "round" in record:
             self.by_type.setdefault(kind, {})[int(record["round"])] = record
         if "elapsed" in record:
@@ -515,6 +519,25 @@ class Learner:
                                f"{record['valid_scores'].get(str(last), float('nan')):.1f})")
         return int(record["round"])
 
+    def continue_if_stop_lifted(self) -> None:
+        """A stopped run resumed with other stop settings (a larger budget, more rounds, a tighter target) goes
+        on from the round it stopped at, if the new settings no longer stop it there."""
+        stopped = self.state.stopped
+        assert stopped is not None
+        then, now = stopped.get("stop"), self.cfg.stop.model_dump(mode="json")
+        if then is None or then == now:  # unchanged (or a stop journaled before the settings were kept with it)
+            return
+        round_ = int(stopped["round"])
+        if not self.state.has("evaluated", round_):
+            return
+        reason = self.stop_reason(round_, self.state.get("evaluated", round_))
+        if reason is not None:
+            self.display.info(f"the run stopped at round {round_} ({stopped['reason']}); the new stop settings stop "
+                              f"it there too ({reason})")
+            return
+        self.display.info(f"continuing after round {round_}: the new stop settings lift '{stopped['reason']}'")
+        self.record({"type": "continued", "round": round_, "after": stopped["reason"], "stop": now})
+
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         try:
@@ -526,6 +549,8 @@ class Learner:
         from equiforce.active.report import write_report
 
         cfg = self.cfg
+        if self.state.stopped is not None:
+            self.continue_if_stop_lifted()
         if self.state.stopped is None:
             check_oracle(cfg.oracle)
             with self.display, open_executor(cfg.executor) as executor:
@@ -547,7 +572,8 @@ class Learner:
                     if reason is None and not selected:
                         reason = self.explore_and_select(round_, evaluated)
                     if reason is not None:
-                        self.record({"type": "stopped", "round": round_, "reason": reason, "calls": self.state.calls})
+                        self.record({"type": "stopped", "round": round_, "reason": reason, "calls": self.state.calls,
+                                     "stop": cfg.stop.model_dump(mode="json")})
                         break
                     self.label_pending(executor)
                     round_ += 1

@@ -169,7 +169,14 @@ def write_report(directory: Path, records: list[dict[str, Any]], cfg: Any = None
     rows = round_rows(records)
     outcomes = [r for r in records if r["type"] in ("label", "failure")]
     failures = Counter(r["kind"] for r in outcomes if r["type"] == "failure")
-    stopped = next((r for r in reversed(records) if r["type"] == "stopped"), None)
+    stopped = final = None
+    for record in records:  # a stopped run continued with new stop settings is running again
+        if record["type"] == "stopped":
+            stopped = record
+        elif record["type"] == "final":
+            final = record
+        elif record["type"] == "continued":
+            stopped = final = None
     oracle_seconds = sum(float(r.get("seconds") or 0.0) for r in outcomes)
     summary: dict[str, Any] = {
         "oracle_calls": len(outcomes), "labels": len(outcomes) - sum(failures.values()),
@@ -192,7 +199,6 @@ def write_report(directory: Path, records: list[dict[str, Any]], cfg: Any = None
              f"{sum(failures.values())} failures{kinds}), {oracle_seconds:.0f} s of oracle time",
              f"- status: {status}",
              f"- wall time (active, over all sessions): {summary['elapsed_s'] / 60:.1f} min", ""]
-    final = next((r for r in reversed(records) if r["type"] == "final"), None)
     summary["final_round"] = int(final["round"]) if final else None
     if rows:
         chosen = next((row for row in rows if final and row["round"] == final["round"]), rows[-1])
