@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from equiforce.active.journal import read_journal
 from equiforce.demo.main import DEFAULT_DEMO, run_demo
 from equiforce.models.file import load_model
 from tests.uq_helpers import single_thread  # noqa: F401 - one thread for tiny models
@@ -25,7 +26,7 @@ def test_ethanol_demo_plumbing(tmp_path, capsys):
     for name in FILES:
         assert (out / name).is_file(), name
     assert summary["rounds"] == 1 and summary["oracle_calls"] == 24 and summary["n_test"] == 6
-    boot = json.loads((out / "learn" / "journal.jsonl").read_text().splitlines()[0])["items"]
+    boot = next(r for r in read_journal(out / "learn" / "journal.jsonl") if r["type"] == "selected")["items"]
     assert [i["source"] for i in boot] == ["start"] + ["rattle"] * 11 + ["torsion"] * 12  # other conformers too
     assert "wall time" in summary["stopped"]
     assert summary["md"]["steps"] == 40 and summary["md"]["criterion"].startswith("bond length")

@@ -154,7 +154,7 @@ def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
     path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run", oracle=oracle)))
     assert main(["learn", str(path), "--no-progress"]) == 2
     assert "the oracle failed on all 8 structures it was given" in capsys.readouterr().err
-    assert len(read_journal(tmp_path / "run" / "journal.jsonl")) == 1 + 8  # the selection and 8 failures
+    assert len(read_journal(tmp_path / "run" / "journal.jsonl")) == 1 + 1 + 8  # the config, the selection, 8 failures
 
 
 def test_an_oracle_that_fails_after_the_start_is_not_paid_to_fail_until_the_budget_ends(tmp_path, capsys):
