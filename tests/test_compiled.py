@@ -228,6 +228,28 @@ def test_npt_stress_through_the_compiled_model():
     np.testing.assert_allclose(runs[1].atoms[0].positions, runs[0].atoms[0].positions, atol=1e-9)
 
 
+@pytest.mark.slow  # one aot_eager trace with stress, ~30 s on 2 cores
+def test_a_molecule_in_a_box_has_no_stress_through_the_compiled_model():
+    """The trace reads ``pbc`` as the eager model does: a boxed molecule (pbc all False) in a batch with a periodic
+    cell gets zero stress, the cell its own."""
+    model = make_model("small")
+    boxed = molecule("CH3CH2OH")
+    boxed.set_cell([9.0, 9.0, 9.0])
+    boxed.center()
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cell.rattle(0.05, seed=1)
+    batch = collate([atoms_to_graph(boxed, model.cutoff), atoms_to_graph(cell, model.cutoff)])
+    compiled = CompiledForces(model, backend="aot_eager")
+    out = compiled(batch, compute_forces=True, compute_stress=True)
+    reference = model(batch, compute_forces=True, compute_stress=True)
+    assert float(out[K.STRESS][0].abs().max()) == 0.0
+    torch.testing.assert_close(out[K.STRESS], reference[K.STRESS].detach(), rtol=1e-10, atol=1e-12)
+    without_pbc = {k: v for k, v in batch.items() if k != K.PBC}  # read as the eager model reads it: periodic
+    torch.testing.assert_close(compiled(without_pbc, compute_stress=True)[K.STRESS],  # the same trace
+                               model(without_pbc, compute_stress=True)[K.STRESS].detach(), rtol=1e-10, atol=1e-12)
+    assert len(compiled._graphs) == 1
+
+
 def test_only_plain_potentials_compile_for_md():
     with pytest.raises(ValueError, match="plain potential or one with uncertainty heads"):
         MolecularDynamics(torch.nn.ModuleList([make_model("L1-corr3")]), None, compile=True)

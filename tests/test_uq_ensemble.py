@@ -9,6 +9,7 @@ import pytest
 import torch
 from ase.build import bulk, molecule
 
+from equiforce.data import atoms_to_graph, collate
 from equiforce.data import keys as K
 from equiforce.models import ModelSpec, build_model
 from equiforce.uq import keys as UK
@@ -155,3 +156,17 @@ def test_members_run_one_by_one_exactly_when_a_member_would_chunk():
         torch.testing.assert_close(chunked[key], whole[key], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="member pass must be one of"):
         model.set_member_pass("parallel")
+
+
+def test_a_molecule_in_a_box_has_no_stress_or_stress_sigma():
+    """Both member passes read ``pbc`` as a plain model does: a boxed molecule (pbc all False) gets zero stress and
+    zero stress σ, the batched pass as the one-by-one pass."""
+    atoms = molecule("CH4")
+    atoms.set_cell([9.0, 9.0, 9.0])
+    atoms.center()
+    ensemble = EnsemblePotential.from_members([make_model("L1-corr3", seed=s) for s in (0, 1)])
+    batch = collate([atoms_to_graph(atoms, ensemble.cutoff)])
+    for mode in ("batched", "sequential"):
+        out = ensemble.set_member_pass(mode)(batch, compute_stress=True, calibrated=False)
+        assert float(out[K.STRESS].abs().max()) == 0.0, mode
+        assert float(out[UK.STRESS_STD].abs().max()) == 0.0, mode

@@ -54,9 +54,13 @@ def test_stress_sigma_for_periodic_cells(uq_model):
 
     cu = bulk("Cu", "fcc", a=3.6, cubic=True)
     cu.rattle(0.03, seed=1)
-    out = uq_model(batch_of([cu, molecule("H2O")]), compute_stress=True)
+    boxed = molecule("H2O")  # a molecule in a box (pbc all False): no stress, so no stress σ either
+    boxed.set_cell([8.0, 8.0, 8.0])
+    boxed.center()
+    out = uq_model(batch_of([cu, molecule("H2O"), boxed]), compute_stress=True)
     assert uq_model.heads.stress_trained
-    assert bool((out[UK.STRESS_STD][0] > 0).all()) and float(out[UK.STRESS_STD][1].abs().max()) == 0.0
+    assert bool((out[UK.STRESS_STD][0] > 0).all()) and float(out[UK.STRESS_STD][1:].abs().max()) == 0.0
+    assert float(out[K.STRESS][2].abs().max()) == 0.0
 
 
 def test_extrapolation_raises_sigma_far_from_training(uq_model):

@@ -38,6 +38,16 @@ def sum_per_graph(values: torch.Tensor, batch: torch.Tensor, num_graphs: int, di
     return values.new_zeros(shape).index_add(dim, batch, values)
 
 
+def stress_volume(graph: Graph, cell: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per structure ``[B]``: whether it has a stress — a periodic direction (``pbc``, where the graph says) and a
+    volume; a molecule in a box has neither direction — and its volume, made safe to divide by (1 where not)."""
+    volume = torch.linalg.det(cell).abs()
+    periodic = volume > 0
+    if K.PBC in graph:
+        periodic = periodic & graph[K.PBC].reshape(cell.shape[0], 3).any(-1)
+    return periodic, torch.where(periodic, volume, torch.ones_like(volume))
+
+
 def config_to_graph(config: Configuration, cutoff: float, dtype: torch.dtype = torch.float64) -> Graph:
     """Build the neighbour graph of one configuration, with its labels.
 

@@ -40,9 +40,9 @@ from equiforce.data import keys as K
 from equiforce.models.potential import InteractionBlock, Potential
 
 Tensor = torch.Tensor
-INPUT_KEYS = (K.POSITIONS, K.CELL, K.NUMBERS, K.EDGE_INDEX, K.SHIFTS, K.BATCH)
-# the dimension of each input that changes from batch to batch (atoms, graphs, atoms, edges, edges, atoms)
-DYNAMIC_DIMS = {K.POSITIONS: 0, K.CELL: 0, K.NUMBERS: 0, K.EDGE_INDEX: 1, K.SHIFTS: 0, K.BATCH: 0}
+INPUT_KEYS = (K.POSITIONS, K.CELL, K.NUMBERS, K.EDGE_INDEX, K.SHIFTS, K.BATCH, K.PBC)
+# the dimension of each input that changes from batch to batch (atoms, graphs, atoms, edges, edges, atoms, graphs)
+DYNAMIC_DIMS = {K.POSITIONS: 0, K.CELL: 0, K.NUMBERS: 0, K.EDGE_INDEX: 1, K.SHIFTS: 0, K.BATCH: 0, K.PBC: 0}
 OUTPUT_KEYS = (K.ENERGY, K.FORCES, K.VIRIAL, K.STRESS)
 
 
@@ -144,6 +144,9 @@ class CompiledForces(nn.Module):
         if not create_graph and torch.is_grad_enabled():
             with torch.no_grad():
                 return self.forward(batch, compute_forces, compute_stress, create_graph)
+        if K.PBC not in batch:  # as the eager model reads a batch without pbc: periodic wherever it has a volume
+            batch = {**batch, K.PBC: torch.ones(batch[K.CELL].shape[0], 3, dtype=torch.bool,
+                                                device=batch[K.CELL].device)}
         missing = [key for key in INPUT_KEYS if key not in batch]
         if missing:
             raise KeyError(f"a compiled model needs a collated batch; missing {missing}")

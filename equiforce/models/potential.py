@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from equiforce.data import keys as K
-from equiforce.data.graph import edge_vectors, sum_per_graph
+from equiforce.data.graph import edge_vectors, stress_volume, sum_per_graph
 from equiforce.errors import UnknownElementError
 from equiforce.models.spec import ModelSpec, pair_numbers
 from equiforce.models.zbl import ZBLRepulsion
@@ -325,12 +325,7 @@ class Potential(nn.Module):
                 out[K.FORCES] = -grads[0] if grads[0] is not None else torch.zeros_like(positions)
             if compute_stress:
                 d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(cell)
-                volume = torch.linalg.det(cell).abs()
-                # stress needs a periodic direction and a volume: a molecule in a box (pbc all False) has none
-                periodic = volume > 0
-                if K.PBC in graph:
-                    periodic = periodic & graph[K.PBC].reshape(num_graphs, 3).any(-1)
-                safe = torch.where(periodic, volume, torch.ones_like(volume))
+                periodic, safe = stress_volume(graph, cell)  # a molecule in a box (pbc all False) has none
                 out[K.VIRIAL] = -d_strain
                 out[K.STRESS] = torch.where(periodic[:, None, None], d_strain / safe[:, None, None],
                                             torch.zeros_like(d_strain))

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from equiforce.data import keys as K
+from equiforce.data.graph import stress_volume
 from equiforce.errors import ModelFileError
 from equiforce.models.potential import InteractionBlock, Potential, build_model
 from equiforce.models.spec import ModelSpec
@@ -245,10 +246,9 @@ class EnsemblePotential(UQModel):
                 members[K.FORCES] = -grads[0] if grads[0] is not None else torch.zeros_like(pos_m)
             if compute_stress:
                 d_strain = grads[-1] if grads[-1] is not None else torch.zeros_like(strain)
-                volume = torch.linalg.det(cell).abs()
-                periodic = (volume > 0)[None, :, None, None]
-                safe = torch.where(volume > 0, volume, torch.ones_like(volume))[None, :, None, None]
-                members[K.STRESS] = torch.where(periodic, d_strain / safe, torch.zeros_like(d_strain))
+                periodic, safe = stress_volume(graph, cell)  # as Potential: a molecule in a box has no stress
+                members[K.STRESS] = torch.where(periodic[None, :, None, None], d_strain / safe[None, :, None, None],
+                                                torch.zeros_like(d_strain))
                 members[K.VIRIAL] = -d_strain
         return members
 

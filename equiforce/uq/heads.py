@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from equiforce.data import keys as K
-from equiforce.data.graph import sum_per_graph
+from equiforce.data.graph import stress_volume, sum_per_graph
 from equiforce.models.potential import Potential
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import Calibration
@@ -124,10 +124,9 @@ class UQHeads(nn.Module):
         if stress:
             w = samples["virial"]
             total = sum_per_graph(w, batch, num_graphs, dim=1)
-            volume = torch.linalg.det(graph[K.CELL]).abs()
-            safe = torch.where(volume > 0, volume, torch.ones_like(volume))[None, :, None, None]
-            sigma = ((total / safe).square().mean(0) + SIGMA_FLOOR**2).sqrt()
-            out["stress"] = torch.where((volume > 0)[:, None, None], sigma, torch.zeros_like(sigma))
+            periodic, safe = stress_volume(graph, graph[K.CELL])  # no stress, no σ: a molecule in a box
+            sigma = ((total / safe[None, :, None, None]).square().mean(0) + SIGMA_FLOOR**2).sqrt()
+            out["stress"] = torch.where(periodic[:, None, None], sigma, torch.zeros_like(sigma))
         return out
 
 
