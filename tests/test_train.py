@@ -17,7 +17,7 @@ import yaml
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.io import write
+from ase.io import read, write
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -167,6 +167,27 @@ def test_resume_with_another_architecture_names_what_changed(tmp_path, data_dir)
     pinned = {**first, "training": {**first["training"], "epochs": 2}}
     (tmp_path / "pinned.yaml").write_text(yaml.safe_dump(pinned))
     assert train(load_config(tmp_path / "pinned.yaml"), progress=False)["resumed_from"] == 1
+
+
+def test_resume_with_other_settings_or_data_is_refused(tmp_path, data_dir):
+    """A resumed run may go on longer (epochs, max_time) but not train on other batches, loss weights, seed or data:
+    it would be neither the run it continues nor the one its config describes."""
+    out = tmp_path / "run"
+    train(load_config(write_config(tmp_path / "config.yaml", data_dir, out, epochs=1)), progress=False)
+    for change, name in (({"batch_size": 2}, "training.batch_size: 4 → 2"), ({"seed": 4}, "training.seed: 3 → 4"),
+                         ({"forces_weight": 5.0}, "training.forces_weight")):
+        path = write_config(tmp_path / "changed.yaml", data_dir, out, epochs=2, **change)
+        with pytest.raises(ConfigError, match=name):
+            train(load_config(path), progress=False)
+    frames = read(data_dir / "train.xyz", index=":")  # the same structures in another order: other batches
+    write(tmp_path / "reordered.xyz", frames[::-1], format="extxyz")
+    config = yaml.safe_load(write_config(tmp_path / "changed.yaml", data_dir, out, epochs=2).read_text())
+    config["data"]["train"] = str(tmp_path / "reordered.xyz")
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="other (training|validation) data"):
+        train(load_config(tmp_path / "changed.yaml"), progress=False)
+    path = write_config(tmp_path / "longer.yaml", data_dir, out, epochs=2, max_epochs_without_improvement=5)
+    assert train(load_config(path), progress=False)["resumed_from"] == 1
 
 
 def test_checkpoint_is_pickle_free(reference, tmp_path, monkeypatch):

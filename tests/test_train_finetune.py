@@ -192,7 +192,7 @@ def test_a_model_with_uncertainty_is_fine_tuned_and_recalibrated(pretrained, tmp
         write_extxyz(new, tmp_path / "new.xyz")
         config = {"data": {"train": str(tmp_path / "new.xyz"), "valid_fraction": 0.25},
                   "training": training, "finetune": {"start": str(tmp_path / "start.eqf")},
-                  "output": {"directory": str(tmp_path / "tuned")}}
+                  "output": {"directory": str(tmp_path / "tuned_cli")}}  # no replay: other data, a run of its own
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
         assert main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
         assert "fine-tuned ensemble model, recalibrated" in capsys.readouterr().out

@@ -54,7 +54,7 @@ from equiforce.train.loss import LossSums, WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
 from equiforce.utils.atomic_io import atomic_write_text
-from equiforce.utils.digest import file_sha256
+from equiforce.utils.digest import file_sha256, graphs_sha256
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "best.eqf"
@@ -199,6 +199,13 @@ def _result(state: dict[str, Any], out: Path, resumed_from: int | None) -> dict[
             "output_dir": str(out), "best_model": str(out / BEST_MODEL), "last_model": str(out / LAST_MODEL)}
 
 
+RESUMABLE_TRAINING_KEYS = frozenset({"epochs", "max_time", "max_epochs_without_improvement", "valid_batch_size",
+                                     "device", "compile", "compile_backend"})
+"""Training settings a resumed run may change: how long it goes on, and where and how fast it runs.  The others
+(batches, loss, schedule, seed, ...) decide the course of training; a run that changed them half-way would be
+neither the old run nor the new one, so a resume refuses them."""
+
+
 def spec_difference(saved: ModelSpec, now: ModelSpec, limit: int = 4) -> str:
     """The fields in which two specs differ, as ``model.KEY: was → now`` (for a refused resume: a changed
     default, e.g. a new model option, is then named, not guessed); fields computed from the data, which no
@@ -324,6 +331,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                              "elapsed": 0.0, "out_of_time": False, "step": 0, "stage": 1}
     ckpt_path, log_path = out / CHECKPOINT, out / METRICS_LOG
     resumed_from = None
+    data_digests = {name: {"sha256": graphs_sha256(graphs), "structures": len(graphs)}
+                    for name, graphs in (("training", train_graphs), ("validation", valid_graphs))}
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         before = ckpt.get("training", {})
@@ -333,6 +342,21 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             if key in before and before[key] != getattr(training, key):
                 raise ConfigError(f"{ckpt_path} was trained with training.{key}: {before[key]}, now "
                                   f"{getattr(training, key)}; use another output directory or output.resume: false")
+        # the rest of what decides the course of training: a resumed run that changed it would be neither run
+        now = training.model_dump(mode="json")
+        changed = [f"training.{key}: {before[key]!r:.40} → {now.get(key)!r:.40}" for key in sorted(before)
+                   if key not in RESUMABLE_TRAINING_KEYS and before[key] != now.get(key)]
+        if changed:
+            raise ConfigError(f"{ckpt_path} was trained with other settings ({'; '.join(changed[:4])}"
+                              f"{f'; and {len(changed) - 4} more' if len(changed) > 4 else ''}); only "
+                              f"{', '.join(sorted(RESUMABLE_TRAINING_KEYS))} may change on resume. Set them as they "
+                              "were, use another output directory, or output.resume: false")
+        for name, digest in data_digests.items():
+            saved_digest = ckpt.get("data", {}).get(name)
+            if saved_digest is not None and saved_digest["sha256"] != digest["sha256"]:
+                raise ConfigError(f"{ckpt_path} was trained on other {name} data ({saved_digest['structures']} "
+                                  f"structures then, {digest['structures']} now, contents differ); give the same "
+                                  "files, use another output directory, or output.resume: false")
         saved = ModelSpec.model_validate_json(ckpt["spec"])
         if saved != model.spec:
             raise ConfigError(f"{ckpt_path} was written for a different model ({spec_difference(saved, model.spec)}); "
@@ -364,7 +388,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             "format": "equiforce-training", "spec": model.spec.model_dump_json(), "model": model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "progress": state, "rng": _rng_state(generator),
-            "training": training.model_dump(mode="json"), "extra": extra})
+            "training": training.model_dump(mode="json"), "data": data_digests, "extra": extra})
 
     def progress_at(epoch_float: float, in_epoch: float) -> float:
         """Training progress after ``in_epoch`` seconds of the current epoch (on rank 0's clock)."""

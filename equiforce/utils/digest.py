@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
+
+import torch
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -12,4 +15,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def graphs_sha256(graphs: Sequence[Mapping[str, torch.Tensor]]) -> str:
+    """SHA-256 of graphs' contents in order (every tensor, keys sorted, in float64 or its own integer type): the
+    structures, labels and weights a training run sees, so a resumed run can tell it is given the same data."""
+    digest = hashlib.sha256()
+    for graph in graphs:
+        for key in sorted(graph):
+            value = graph[key]
+            if not isinstance(value, torch.Tensor):
+                continue
+            tensor = value.detach().cpu()
+            if tensor.is_floating_point():
+                tensor = tensor.double()
+            digest.update(key.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
