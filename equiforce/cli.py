@@ -262,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted (training resumes from the last checkpoint when rerun)", file=sys.stderr)
+        print("interrupted: train, train-uq and learn continue from their last checkpoint when rerun, md from its "
+              "last checkpoint with --resume if it was started with --checkpoint-every", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -9,12 +9,15 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 from ase.build import bulk, molecule
 from ase.io import read, write
 
 import equiforce
 from equiforce.cli import main
+from equiforce.errors import ConfigError
 from equiforce.sim.md import run_md
+from equiforce.utils.locking import RunInUseError, exclusive_lock, release
 from tests.conftest import make_model
 from tests.sim_models import single_thread  # noqa: F401
 
@@ -128,7 +131,50 @@ def test_md_command_checkpoints_resumes_and_extends(tmp_path, capsys):
         assert abs(a.positions - b.positions).max() < 1e-12
     with open(tmp_path / "parts" / "thermo.csv", newline="") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)][::2] == list(range(0, 13, 2))
+    changed = [*base[:-4], "--every", "4", "--log-every", "2", "--steps", "16", *parts, "--resume"]
+    assert main(changed) == 2  # other output intervals: refused with one error line, not a traceback
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "belongs to another run" in err and "trajectory_interval" in err
     assert main([*base, "--steps", "4", "--out", str(tmp_path / "none"), "--resume"]) != 0
     assert "no checkpoint" in capsys.readouterr().err
     assert main([*base, "--steps", "16", *parts, "--resume", "--format", "traj"]) != 0
     assert ".traj file cannot be cut back" in capsys.readouterr().err
+
+
+def test_a_frozen_system_holds_its_energies_and_heat_and_resumes_exactly(tmp_path):
+    """A system frozen by the stop criterion keeps the forces, energies and thermostat heat of the state it is held
+    at (its log rows stop changing), so a run resumed after the freeze writes what the uninterrupted run wrote."""
+    model = make_model("L1-corr3")
+
+    def stop_first_at_step_7(state, outputs):
+        return torch.tensor([state.step >= 7, False])
+
+    common = dict(ensemble="nvt", temperature_K=400.0, timestep_fs=0.5, seed=4, trajectory_interval=2,
+                  log_interval=2, stop_when=stop_first_at_step_7)
+    whole = run_md(model, MOLECULES, steps=20, log=tmp_path / "whole.csv", **common)
+    with open(tmp_path / "whole.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["system"] == "0" and int(r["step"]) >= 8]
+    assert len(rows) == 7 and all({r["epot"], r["conserved"]} == {rows[0]["epot"], rows[0]["conserved"]} for r in rows)
+    parts = dict(log=tmp_path / "parts.csv", checkpoint=tmp_path / "md.ckpt", checkpoint_interval=10)
+    run_md(model, MOLECULES, steps=10, **common, **parts)
+    resumed = run_md(model, MOLECULES, steps=20, resume=True, **common, **parts)
+    np.testing.assert_array_equal(_positions(resumed), _positions(whole))
+    assert (tmp_path / "parts.csv").read_text() == (tmp_path / "whole.csv").read_text()
+
+
+def test_resume_with_another_seed_or_log_interval_is_refused_and_a_held_run_too(tmp_path):
+    model = make_model("L1-corr3")
+    kwargs = dict(steps=10, seed=0, checkpoint=tmp_path / "c", checkpoint_interval=5, log=tmp_path / "t.csv",
+                  log_interval=5)
+    run_md(model, MOLECULES, **kwargs)
+    with pytest.raises(ConfigError, match="log_interval"):
+        run_md(model, MOLECULES, resume=True, **{**kwargs, "steps": 20, "log_interval": 2})
+    with pytest.raises(ConfigError, match="seed"):
+        run_md(model, MOLECULES, resume=True, **{**kwargs, "steps": 20, "seed": 1})
+    lock = exclusive_lock(tmp_path / "c.lock", "a test")  # another process running this checkpoint's run
+    try:
+        with pytest.raises(RunInUseError, match="in use by another process"):
+            run_md(model, MOLECULES, resume=True, **{**kwargs, "steps": 20})
+    finally:
+        release(lock)
+    assert run_md(model, MOLECULES, resume=True, **{**kwargs, "steps": 20}).state.step == 20

@@ -190,6 +190,19 @@ def test_resume_with_other_settings_or_data_is_refused(tmp_path, data_dir):
     assert train(load_config(path), progress=False)["resumed_from"] == 1
 
 
+def test_a_directory_another_process_trains_into_is_refused(tmp_path, data_dir):
+    from equiforce.utils.locking import RunInUseError, exclusive_lock, release
+
+    out = tmp_path / "run"
+    lock = exclusive_lock(out / "train.lock", "a test")  # as a second terminal's run would hold it
+    try:
+        with pytest.raises(RunInUseError, match="in use by another process"):
+            train(load_config(write_config(tmp_path / "config.yaml", data_dir, out, epochs=1)), progress=False)
+    finally:
+        release(lock)
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_checkpoint_is_pickle_free(reference, tmp_path, monkeypatch):
     _, _, out = reference
     path = out / "checkpoint.safetensors"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -39,6 +41,8 @@ def test_train_ensemble_then_heads(tmp_path, data_file, capsys):
     model = equiforce.load_model(tmp_path / "run" / "uq.eqf")
     assert isinstance(model, EnsemblePotential) and model.n_members == 2
     assert [m["seed"] for m in model.members_info] == [0, 1] and model.calibration.fitted("forces")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())  # what it printed, kept
+    assert metrics["method"] == "ensemble" and metrics["valid"]["mean_force_sigma_labelled"] > 0
     assert "Spearman" in capsys.readouterr().out
     backbone = tmp_path / "run" / "members" / "m0" / "best.eqf"
     config = _config(tmp_path, data_file, {"method": "heads", "backbone": str(backbone), "heads": {"steps": 5}})

@@ -23,6 +23,8 @@ import numpy as np
 from ase import Atoms
 
 from equiforce.errors import EquiforceError
+from equiforce.utils.jsonable import strict_json  # noqa: F401 - where the journal's users import it
+from equiforce.utils.locking import RunInUseError, exclusive_lock, release
 
 JOURNAL = "journal.jsonl"
 
@@ -51,34 +53,6 @@ def _parse(lines: list[bytes], path: Path) -> Iterator[dict[str, Any]]:
         yield record
 
 
-def strict_json(value: Any) -> Any:
-    """``value`` with every non-finite float (a Spearman ρ of one structure, an empty mean) as ``None``: plain
-    JSON has no NaN, and a journal "read by anything" must parse in any JSON reader."""
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return float(value) if np.isfinite(value) else None
-    return value
-
-
-def _exclusive_lock(path: Path) -> int | None:
-    """A descriptor holding an exclusive ``flock`` on ``path`` (None where the platform has no flock)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as before
-        return None
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise JournalError(f"{path.parent} is in use by another process (it holds {path.name}): one `equiforce "
-                           "learn` per run directory; wait for the other to end or stop it") from None
-    return fd
-
-
 def read_journal(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every complete record, in order (a final line cut by a crash is ignored)."""
     path = Path(path)
@@ -101,7 +75,10 @@ class Journal:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
+        try:
+            self._lock = exclusive_lock(self.path.with_name(self.path.name + ".lock"), str(self.path.parent))
+        except RunInUseError as err:
+            raise JournalError(str(err)) from None
         self._repair()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._sync_directory()
@@ -143,9 +120,8 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor releases the lock
-            self._lock = None
+        release(self._lock)
+        self._lock = None
 
     def __enter__(self) -> Journal:
         return self

@@ -23,6 +23,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from equiforce.data import keys as K
 from equiforce.data.structure import full_to_voigt
+from equiforce.errors import ConfigError
 from equiforce.sim.state import SimState
 
 HDF5_SUFFIXES = {".h5", ".hdf5"}
@@ -37,6 +38,18 @@ class TrajectoryWriter:
 
     def close(self) -> None:
         pass
+
+    def sync(self) -> None:
+        """Make what was written durable (before a checkpoint records how far it got)."""
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a file by name (for writers that do not expose their descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
     def __enter__(self) -> TrajectoryWriter:
         return self
@@ -58,7 +71,7 @@ class AseTrajectoryWriter(TrajectoryWriter):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.suffix == ".traj":
             if resume_at is not None:
-                raise ValueError(f"{self.path}: an ASE .traj trajectory cannot be continued after a checkpoint; "
+                raise ConfigError(f"{self.path}: an ASE .traj trajectory cannot be continued after a checkpoint; "
                                  "use .h5 or .extxyz for resumable runs")
             from ase.io.trajectory import Trajectory
 
@@ -69,6 +82,10 @@ class AseTrajectoryWriter(TrajectoryWriter):
                 self.path.write_text("")
             else:
                 _cut_back(self.path, resume_at)
+
+    def sync(self) -> None:
+        if self._traj is None and self.path.exists():
+            fsync_path(self.path)
 
     def position(self) -> int | None:
         """Bytes written so far (extxyz), where a resumed run continues; ``None`` for ``.traj``."""
@@ -100,9 +117,11 @@ class AseTrajectoryWriter(TrajectoryWriter):
 def _cut_back(path: Path, size: int) -> None:
     """Truncate ``path`` to ``size`` bytes: what a checkpoint saw written (later lines belong to steps that
     will be run again).  A file shorter than that was not written by the checkpointed run."""
-    if not path.exists() or path.stat().st_size < size:
-        have = path.stat().st_size if path.exists() else "no file"
-        raise ValueError(f"{path}: has {have} bytes, the checkpoint saw {size}; it is not that run's output")
+    if not path.exists():
+        raise ConfigError(f"{path}: missing; the checkpoint saw {size} bytes of it written")
+    if path.stat().st_size < size:
+        raise ConfigError(f"{path}: has {path.stat().st_size} bytes, the checkpoint saw {size}; it is not that run's "
+                          "output")
     with open(path, "r+b") as handle:
         handle.truncate(size)
 
@@ -129,12 +148,12 @@ class HDF5TrajectoryWriter(TrajectoryWriter):
             self._file = h5py.File(self.path, "w")
             return
         if not self.path.exists():
-            raise ValueError(f"{self.path}: missing; the checkpoint saw {resume_at} frames written")
+            raise ConfigError(f"{self.path}: missing; the checkpoint saw {resume_at} frames written")
         self._file = h5py.File(self.path, "a")
         frames = self.position()
         if frames < resume_at:
             self._file.close()
-            raise ValueError(f"{self.path}: has {frames} frames, the checkpoint saw {resume_at}; it is not that "
+            raise ConfigError(f"{self.path}: has {frames} frames, the checkpoint saw {resume_at}; it is not that "
                              "run's output")
         if "step" in self._file:
             for name in ("positions", "momenta", "forces", "cell", "energy", "step", "time_ps"):
@@ -145,6 +164,10 @@ class HDF5TrajectoryWriter(TrajectoryWriter):
     def position(self) -> int:
         """Frames written so far (where a resumed run continues)."""
         return int(self._file["step"].shape[0]) if "step" in self._file else 0
+
+    def sync(self) -> None:
+        self._file.flush()
+        fsync_path(self.path)
 
     def _create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         chunk = (1,) + shape if int(np.prod(shape, dtype=np.int64)) > 0 else None
@@ -247,6 +270,11 @@ class ThermoLog:
         """Bytes written so far (where a resumed run continues)."""
         self._handle.flush()
         return self._handle.tell()
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (before a checkpoint records how far the log got)."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         if not rows:

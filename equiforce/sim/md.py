@@ -277,6 +277,8 @@ class MolecularDynamics:
         """One integrator step, the stop checks (when ``check``), and frozen systems put back where they were
         — the step of the ordinary loop and of a captured one (``step``: its device counter)."""
         previous = (state.positions, state.momenta, state.cell)
+        carried = {name: getattr(self.integrator, name, None) for name in self.integrator.carried}
+        before = outputs
         outputs = self.integrator.step(state, outputs, evaluate)
         if check:
             flags = self._check_stops(state, outputs, *flags, step)
@@ -285,6 +287,12 @@ class MolecularDynamics:
         state.positions = torch.where(keep, previous[0], state.positions)
         state.momenta = torch.where(keep, previous[1], state.momenta)
         state.cell = torch.where(frozen[:, None, None], previous[2], state.cell)
+        # a frozen system keeps the forces, energies and thermostat heat of the state it is held at: those of the
+        # thrown-away step would drift into its log rows, and a resume (which evaluates the held state) would differ
+        outputs = {key: _hold(value, before.get(key), frozen, state.system) for key, value in outputs.items()}
+        for name, value in carried.items():
+            if value is not None:
+                setattr(self.integrator, name, _hold(getattr(self.integrator, name), value, frozen, state.system))
         return outputs, flags
 
     def _check_stops(self, state: SimState, outputs: Outputs, frozen: torch.Tensor, stopped_step: torch.Tensor,
@@ -302,6 +310,21 @@ class MolecularDynamics:
             if self.stop_mode == "freeze":
                 frozen = frozen | flag
         return frozen, stopped_step, nonfinite_step
+
+
+def _hold(new: Any, old: Any, frozen: torch.Tensor, system: torch.Tensor) -> Any:
+    """``new`` with the entries of frozen systems taken from ``old``: per system (leading size B) or per atom
+    (leading size N); anything else (or nothing to hold) is ``new``."""
+    if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor) or old.shape != new.shape \
+            or new.dim() == 0:
+        return new
+    if new.shape[0] == frozen.shape[0]:
+        mask = frozen
+    elif new.shape[0] == system.shape[0]:
+        mask = frozen[system]
+    else:
+        return new
+    return torch.where(mask.reshape(-1, *([1] * (new.dim() - 1))), old, new)
 
 
 def _progress(stack: ExitStack, steps: int):
@@ -376,6 +399,11 @@ def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str 
                     "friction_per_fs": friction_per_fs, "tau_fs": tau_fs, "pressure_bar": pressure_bar,
                     "tau_p_fs": tau_p_fs, "compressibility_per_bar": compressibility_per_bar,
                     "structures": resumable.structure_digest(state), "dtype": str(state.dtype).split(".")[-1],
+                    # what a continued run writes and when it stops: a change would mix two runs in one output
+                    "seed": seed, "outputs": resumable.output_settings(trajectory, trajectory_interval, log,
+                                                                      log_interval),
+                    "stop": {"criterion": stop_when is not None, "mode": stop_mode,
+                             "check_interval": stop_check_interval},
                     **(checkpoint_tag or {})}
         if resume and os.path.exists(checkpoint):
             resumed = load_md_checkpoint(checkpoint, device=state.device, dtype=state.dtype)

@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from equiforce.errors import ConfigError
 from equiforce.sim.checkpoint import MDCheckpoint, save_md_checkpoint
 from equiforce.sim.io import ThermoLog, open_trajectory
 from equiforce.sim.state import SimState
+from equiforce.utils.locking import exclusive_lock, release
 
 
 def structure_digest(state: SimState) -> str:
@@ -31,12 +33,24 @@ def structure_digest(state: SimState) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def output_settings(trajectory: str | os.PathLike | None, trajectory_interval: int, log: str | os.PathLike | None,
+                    log_interval: int) -> dict[str, Any]:
+    """The outputs' formats and intervals, as a checkpoint keeps them (positions in a file are counted in that
+    format's units: frames of an .h5, bytes of an .extxyz)."""
+    return {"trajectory": Path(trajectory).suffix.lower() if trajectory is not None else None,
+            "trajectory_interval": trajectory_interval if trajectory is not None else None,
+            "log": Path(log).suffix.lower() if log is not None else None,
+            "log_interval": log_interval if log is not None else None}
+
+
 def check_settings(saved: dict[str, Any], settings: dict[str, Any], path: str | os.PathLike) -> None:
-    """A checkpoint continues only the run that wrote it (the total number of steps may change)."""
+    """A checkpoint continues only the run that wrote it (the total number of steps may change); settings a
+    checkpoint of an older version did not keep are not compared."""
     changed = [f"{key} ({saved.get(key)!r} there, {value!r} now)" for key, value in settings.items()
-               if saved.get(key) != value]
+               if key in saved and saved[key] != value]
     if changed:
-        raise ValueError(f"{path}: the checkpoint belongs to another run: " + "; ".join(changed))
+        raise ConfigError(f"{path}: the checkpoint belongs to another run: " + "; ".join(changed) +
+                          "; continue it with the settings it was started with, or start a new run elsewhere")
 
 
 def restore(md, resumed: MDCheckpoint) -> None:
@@ -63,14 +77,26 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
 
     ``resumed``: the loaded checkpoint to continue (its state is ``state``); ``settings`` are stored with each
     checkpoint for :func:`check_settings`.  Returns an :class:`~equiforce.sim.md.MDResult` for this part.
+    One process per checkpoint: a second run on it is refused while the first holds ``PATH.lock``.
     """
-    from equiforce.sim.md import MDResult
-
     if interval < 1:
         raise ValueError(f"checkpoint interval must be at least one step, got {interval}")
     unit = math.lcm(trajectory_interval if trajectory is not None else 1, log_interval if log is not None else 1)
     interval = unit * math.ceil(interval / unit)
     meta = resumed.meta if resumed is not None else {}
+    lock = exclusive_lock(Path(str(path) + ".lock"), f"the MD run checkpointed to {path}")
+    try:
+        return _run_locked(md, state, steps, path, interval, settings, resumed, meta, trajectory,
+                           trajectory_interval, log, log_interval, progress, keep_thermo, precision)
+    finally:
+        release(lock)
+
+
+def _run_locked(md, state: SimState, steps: int, path: str | os.PathLike, interval: int, settings: dict[str, Any],
+                resumed: MDCheckpoint | None, meta: dict[str, Any], trajectory, trajectory_interval: int, log,
+                log_interval: int, progress: bool, keep_thermo: bool, precision: str):
+    from equiforce.sim.md import MDResult
+
     if resumed is not None:
         restore(md, resumed)
     # a finished run extended: its off-grid final record (the last step was not a multiple of the intervals) is
@@ -94,6 +120,9 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
             wall += result.wall_time_s
             carried = {f"integrator.{name}": getattr(md.integrator, name) for name in md.integrator.carried
                        if getattr(md.integrator, name, None) is not None}
+            for output in (writer, logger):  # durable before the checkpoint says how far they got: after a
+                if output is not None:       # power cut the checkpoint would otherwise outlive their tails
+                    output.sync()
             save_md_checkpoint(path, state, md.flags, generator, carried, {
                 "settings": settings, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "trajectory_at": writer.position() if writer is not None else None,

@@ -55,6 +55,7 @@ from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
 from equiforce.utils.atomic_io import atomic_write_text
 from equiforce.utils.digest import file_sha256, graphs_sha256
+from equiforce.utils.locking import exclusive_lock, release
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "best.eqf"
@@ -199,6 +200,7 @@ def _result(state: dict[str, Any], out: Path, resumed_from: int | None) -> dict[
             "output_dir": str(out), "best_model": str(out / BEST_MODEL), "last_model": str(out / LAST_MODEL)}
 
 
+TRAIN_LOCK = "train.lock"  # held while a process trains into the directory (one at a time)
 RESUMABLE_TRAINING_KEYS = frozenset({"epochs", "max_time", "max_epochs_without_improvement", "valid_batch_size",
                                      "device", "compile", "compile_backend"})
 """Training settings a resumed run may change: how long it goes on, and where and how fast it runs.  The others
@@ -238,6 +240,7 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     device, dtype = resolve_device(training.device), DTYPES[training.dtype]
     ranks = distributed.setup(device.type)
     device = distributed.device_for(ranks, device)
+    lock = exclusive_lock(out / TRAIN_LOCK, f"training in {out}") if ranks.main else None
     restore_dtype_mode = _apply_dtype_mode(training.dtype)
     try:
         result = _fit(model, train_graphs, valid_graphs, training, out, device, dtype, ranks, resume=resume,
@@ -245,6 +248,7 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
                       extra=dict(extra or {}), epoch_callback=epoch_callback)
     finally:
         restore_dtype_mode()
+        release(lock)
     distributed.barrier(ranks)  # other ranks read rank 0's model files only once they are written
     return result
 

@@ -12,6 +12,7 @@ statistics and the model spec, stay the same for every member, which is what let
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,11 @@ from equiforce.uq.config import UQConfig, UQTrainConfig
 from equiforce.uq.ensemble import EnsemblePotential
 from equiforce.uq.file import save_uq_model
 from equiforce.uq.fit import build_uq_potential, calibrate
+from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.jsonable import strict_json
 
 UQ_MODEL = "uq.eqf"
+METRICS = "metrics.json"  # the calibration and the validation (and test) σ metrics of UQ_MODEL
 
 
 @dataclasses.dataclass
@@ -177,4 +181,6 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
         if model.cutoff != config.model.cutoff:  # a given backbone brings its own cutoff
             test_graphs = graphs(test, model.cutoff)
         result["test"] = uq_report(predict(model, test_graphs, device=device))
+    if ranks.main:  # what the command prints, kept beside the model (JSON: no NaN)
+        atomic_write_text(out / METRICS, json.dumps(strict_json(result), indent=2) + "\n")
     return result

@@ -1,0 +1,41 @@
+"""One process per run directory: an exclusive ``flock`` that the kernel releases when the process ends.
+
+Two processes on the same output (a second terminal, a requeued batch job whose first copy still runs) would
+interleave their logs and overwrite each other's checkpoints; the second is refused at the start instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from equiforce.errors import EquiforceError
+
+
+class RunInUseError(EquiforceError):
+    """Another process holds the run's lock."""
+
+
+def exclusive_lock(path: str | os.PathLike, what: str) -> int | None:
+    """A descriptor holding an exclusive lock on ``path`` (created if needed); ``None`` where the platform has no
+    ``flock``.  ``what`` names the run in the refusal ("training in runs/x")."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunInUseError(f"{what} is in use by another process (it holds {path}): one process per run; wait for "
+                            "the other to end or stop it") from None
+    return fd
+
+
+def release(fd: int | None) -> None:
+    """Let go of a lock taken by :func:`exclusive_lock` (closing the descriptor releases it)."""
+    if fd is not None:
+        os.close(fd)
