@@ -37,6 +37,9 @@ def test_hessian_matches_finite_differences(tmp_path):
     vib.run()
     ase_freqs = np.sort(np.real(vib.get_frequencies()) - np.imag(vib.get_frequencies()))
     np.testing.assert_allclose(freqs[-3:], ase_freqs[-3:], rtol=1e-3, atol=1.0)
+    path = equiforce.save_model(model, tmp_path / "m.eqf")  # a model file does as well as the model
+    np.testing.assert_allclose(hessian(path, atoms), h, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(vibrational_frequencies(str(path), atoms), vibrational_frequencies(model, atoms))
 
 
 def test_hessian_with_edge_chunks_is_unchanged():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from ase import units
@@ -12,18 +14,19 @@ from equiforce.models.potential import Potential
 from equiforce.sim.calculator import inference_graph
 
 
-def hessian(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
+def hessian(model: Potential | str | os.PathLike, atoms, device: str = "cpu") -> np.ndarray:
     """``∂²E/∂r_a∂r_b`` as a ``[3N, 3N]`` array in eV/Å², exact (autograd through the forces).
 
-    An ensemble's Hessian is the mean of its members' (its energy is their mean); a model with uncertainty
-    heads has its backbone's.  The caller's model is not moved (a copy goes to another ``device``).
+    ``model``: a model or a model file.  An ensemble's Hessian is the mean of its members' (its energy is their
+    mean); a model with uncertainty heads has its backbone's.  The caller's model is not moved (a copy goes to
+    another ``device``).
     """
     from equiforce.uq.ensemble import EnsemblePotential
 
+    model = load_for_inference(model, device=device)
     model.check_elements(atoms.numbers)
     if isinstance(model, EnsemblePotential):  # its batched pass detaches positions: one member at a time
         return np.mean([hessian(model.member(m), atoms, device) for m in range(model.n_members)], axis=0)
-    model = load_for_inference(model, device=device)
     dtype = next(model.parameters()).dtype
     graph = inference_graph(atoms, model.cutoff, device, dtype)
     positions = graph[K.POSITIONS].detach().requires_grad_(True)
@@ -47,6 +50,7 @@ def frequencies_from_hessian(h: np.ndarray, masses: np.ndarray) -> np.ndarray:
     return np.sign(eigenvalues) * np.sqrt(np.abs(eigenvalues)) * to_cm
 
 
-def vibrational_frequencies(model: Potential, atoms, device: str = "cpu") -> np.ndarray:
-    """Harmonic frequencies in cm⁻¹ from the mass-weighted Hessian (imaginary modes as negative)."""
+def vibrational_frequencies(model: Potential | str | os.PathLike, atoms, device: str = "cpu") -> np.ndarray:
+    """Harmonic frequencies in cm⁻¹ from the mass-weighted Hessian (imaginary modes as negative); ``model``: a
+    model or a model file."""
     return frequencies_from_hessian(hessian(model, atoms, device), atoms.get_masses())
