@@ -90,6 +90,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(_metrics_table("validation (best model)", result["valid"]))
     if result.get("test"):
         console.print(_metrics_table("test (best model)", result["test"]))
+    if result.get("forgetting"):  # fine-tuning with replay: the old data's errors before and after
+        forgetting = result["forgetting"]
+        console.print(_metrics_table("replay hold-out before fine-tuning (forgetting)", forgetting["before"]))
+        console.print(_metrics_table("replay hold-out after fine-tuning (forgetting)", forgetting["after"]))
+    if "added_elements" in result:
+        console.print(f"wrote {Path(result['best_model']).parent / 'finetune.json'}")
     return 0
 
 

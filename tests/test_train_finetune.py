@@ -4,6 +4,7 @@ the YAML path works."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,8 @@ def test_replay_limits_forgetting_while_the_new_data_are_learned(pretrained, tmp
                          replay_weight=1.0, replay_holdout=0.3, test=new_test, progress=False)
     forgetting = replayed["forgetting"]
     assert replayed["n_replay"] == 21 and forgetting["before"]["n_configs"] == 9
+    kept = json.loads((tmp_path / "replay" / "finetune.json").read_text())  # beside the model, for the CLI user
+    assert kept["forgetting"]["after"]["forces_mae"] == pytest.approx(forgetting["after"]["forces_mae"])
     # the plain run, rated on the same held-out old structures
     from equiforce.evaluate import evaluate
     from equiforce.models.file import load_model
@@ -195,7 +198,9 @@ def test_a_model_with_uncertainty_is_fine_tuned_and_recalibrated(pretrained, tmp
                   "output": {"directory": str(tmp_path / "tuned_cli")}}  # no replay: other data, a run of its own
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
         assert main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
-        assert "fine-tuned ensemble model, recalibrated" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "fine-tuned ensemble model, recalibrated" in printed and "finetune.json" in "".join(printed.split())
+        assert (tmp_path / "tuned_cli" / "finetune.json").is_file()
     # too few validation structures to recalibrate: said before any training
     from equiforce.uq.calibration import CalibrationError
 

@@ -16,8 +16,10 @@ members or backbone are tuned as above, its σ rebuilt and recalibrated on the v
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,8 +31,13 @@ from equiforce.evaluate import evaluate, resolve_device
 from equiforce.models.extend import with_elements
 from equiforce.models.file import load_model
 from equiforce.models.potential import Potential
+from equiforce.train import distributed
 from equiforce.train.config import TrainingConfig
 from equiforce.uq.base import UQModel
+from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.jsonable import strict_json
+
+FINETUNE_REPORT = "finetune.json"  # forgetting (replay errors before/after), validation and test errors
 
 
 def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: Sequence[Configuration] | None,
@@ -97,6 +104,10 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
                                                                     device)}
     if test:
         result["test"] = evaluate(best, test, training.valid_batch_size, device)
+    if distributed.joined().main:  # forgetting and the errors, kept beside the model (the log has epochs only)
+        report = {key: result[key] for key in ("forgetting", "valid", "test", "added_elements", "n_train",
+                                               "n_valid", "n_replay", "best_model") if key in result}
+        atomic_write_text(Path(output_dir) / FINETUNE_REPORT, json.dumps(strict_json(report), indent=2) + "\n")
     return result
 
 
