@@ -18,6 +18,9 @@ from equiforce.sim.state import SimState, maxwell_boltzmann
 from tests.conftest import make_model
 from tests.sim_models import single_thread  # noqa: F401
 
+# on a CPU every run says once that it ran eagerly (the point of these tests: the buffer logic, eagerly)
+pytestmark = pytest.mark.filterwarnings("ignore:MD step not captured as a CUDA graph")
+
 
 def _systems():
     cu = bulk("Cu", "fcc", a=3.6, cubic=True)

@@ -253,11 +253,13 @@ def test_uncertainty_model_and_sigma_stop_in_batched_npt():
 
     ensemble = EnsemblePotential.from_members([make_model("L1-corr3", seed=s) for s in range(3)])
     systems = [molecule("CH3CH2OH"), bulk("Cu", "fcc", a=3.6, cubic=True)]
-    loose = run_md(ensemble, [a.copy() for a in systems], ensemble="npt", steps=3, seed=0,
-                   stop_when=sigma_stop(forces=1e6))
+    with pytest.warns(UserWarning, match=r"npt: systems \[0\] are not fully periodic"):  # the molecule: NVT
+        loose = run_md(ensemble, [a.copy() for a in systems], ensemble="npt", steps=3, seed=0,
+                       stop_when=sigma_stop(forces=1e6))
     assert loose.stopped_step.tolist() == [-1, -1]
-    strict = run_md(ensemble, [a.copy() for a in systems], ensemble="npt", steps=3, seed=0,
-                    stop_when=sigma_stop(forces=1e-9))
+    with pytest.warns(UserWarning, match="not fully periodic"):
+        strict = run_md(ensemble, [a.copy() for a in systems], ensemble="npt", steps=3, seed=0,
+                        stop_when=sigma_stop(forces=1e-9))
     assert strict.stopped_step.tolist() == [1, 1]
 
 
@@ -367,3 +369,10 @@ def test_fixed_atoms_do_not_move_and_are_not_counted_as_degrees_of_freedom():
     assert result.thermo[0]["temperature"] == pytest.approx(80.0, rel=1e-9)  # 3 × 24 mobile atoms, no COM
     with pytest.raises(ValueError, match="with a barostat are not supported"):
         run_md(model, atoms, ensemble="npt", steps=1)
+
+
+def test_npt_of_molecules_alone_is_refused():
+    from equiforce.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="npt needs fully periodic systems"):
+        run_md(make_model("L1-corr3"), [molecule("H2O"), molecule("CH4")], ensemble="npt", steps=2, seed=0)

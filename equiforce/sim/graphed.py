@@ -179,6 +179,9 @@ class GraphedStep:
                 a is not b for a, b in zip(inputs, self._inputs)):
             self.graphs.clear()
             self._inputs = inputs
+        if self.capture is not False and state.device.type != "cuda" and self.reason is None:
+            self.reason = f"no CUDA device: the state is on {state.device.type}, where steps run eagerly"
+            warnings.warn(f"MD step not captured as a CUDA graph ({self.reason})", stacklevel=3)
         wants_graph = self.capture is not False and state.device.type == "cuda" and self.reason is None
         # each variant (with / without stop checks) runs eagerly at least once before its capture, so that
         # first-call work of a stop hook (caches built on the host) never happens inside a capture

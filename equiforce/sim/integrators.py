@@ -19,12 +19,14 @@ per system (tensors of shape ``[B]``).  Units are ASE's; the constructors take f
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from ase import units
 
 from equiforce.data import keys as K
+from equiforce.errors import ConfigError
 from equiforce.sim.state import KB, SimState
 
 Outputs = dict[str, torch.Tensor]
@@ -58,7 +60,7 @@ class Integrator:
 
     def __init__(self, timestep_fs: float) -> None:
         if timestep_fs <= 0:
-            raise ValueError("timestep must be positive")
+            raise ConfigError("timestep must be positive")
         self.dt = float(timestep_fs) * units.fs
 
     def kick(self, state: SimState, outputs: Outputs, fraction: float) -> None:
@@ -235,8 +237,15 @@ class StochasticCellRescaling(CSVR):
         self.pressure_bar = _setting(self.pressure_bar, state)
 
     def check(self, state: SimState) -> None:
+        periodic = state.periodic
+        if not bool(periodic.any()):
+            raise ConfigError("npt needs fully periodic systems with a cell (pbc all True): none of these is, and a "
+                              "barostat has no volume to act on; run nvt-csvr for molecules")
+        if not bool(periodic.all()):
+            warnings.warn(f"npt: systems {torch.nonzero(~periodic).flatten().tolist()} are not fully periodic; they "
+                          "run at constant volume with the thermostat only", stacklevel=3)
         if state.fixed is not None:
-            raise ValueError("fixed atoms (FixAtoms) with a barostat are not supported: scaling the cell would "
+            raise ConfigError("fixed atoms (FixAtoms) with a barostat are not supported: scaling the cell would "
                              "move them; run NVT, or relax the cell without the constraint")
 
     def before_forces(self, state: SimState, outputs: Outputs) -> Outputs:

@@ -21,6 +21,7 @@ from ase import Atoms, units
 from torch import nn
 
 from equiforce.data import keys as K
+from equiforce.errors import ConfigError
 from equiforce.sim import resumable
 from equiforce.sim.checkpoint import load_md_checkpoint
 from equiforce.sim.evaluator import BatchEvaluator, Outputs, model_device, model_dtype, state_graph
@@ -109,7 +110,7 @@ class MolecularDynamics:
         elsewhere it runs eagerly through the same buffers.  Same results either way.  ``compile=True``:
         the model's energy → forces through one traced, compiled graph (see :class:`BatchEvaluator`)."""
         if stop_mode not in ("freeze", "flag"):
-            raise ValueError("stop_mode must be 'freeze' or 'flag'")
+            raise ConfigError("stop_mode must be 'freeze' or 'flag'")
         self.cuda_graph = bool(cuda_graph)
         self._graphed = None
         self.integrator = integrator
@@ -138,7 +139,7 @@ class MolecularDynamics:
         for name, value in flags.items():
             current = getattr(self, name)
             if value.shape != current.shape:
-                raise ValueError(f"checkpoint flag {name!r} has shape {tuple(value.shape)}, the state needs "
+                raise ConfigError(f"checkpoint flag {name!r} has shape {tuple(value.shape)}, the state needs "
                                  f"{tuple(current.shape)}")
             setattr(self, name, value.to(device=current.device, dtype=current.dtype))
 
@@ -350,7 +351,7 @@ def make_integrator(ensemble: str, timestep_fs: float, temperature_K: float | to
     if ensemble == "npt":
         return StochasticCellRescaling(timestep_fs, temperature_K, pressure_bar, tau_fs, tau_p_fs,
                                        compressibility_per_bar, generator)
-    raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+    raise ConfigError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
 
 
 def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str = "nvt",

@@ -19,6 +19,7 @@ from torch import nn
 
 from equiforce.data import keys as K
 from equiforce.data.structure import full_to_voigt
+from equiforce.errors import ConfigError
 from equiforce.sim.evaluator import BatchEvaluator, model_device, model_dtype
 from equiforce.sim.state import SimState
 
@@ -97,9 +98,9 @@ def fire(state: SimState, evaluate: BatchEvaluator, fmax: float = 0.05, max_step
     b, device, dtype = state.n_systems, state.device, state.dtype
     cell_filter = CellFilter(state, scalar_pressure_bar, hydrostatic) if relax_cell else None
     if relax_cell and not bool(state.periodic.all()):
-        raise ValueError("relax_cell needs every system fully periodic with a non-zero volume")
+        raise ConfigError("relax_cell needs every system fully periodic with a non-zero volume")
     if relax_cell and state.fixed is not None:
-        raise ValueError("relax_cell with fixed atoms (FixAtoms) is not supported: the cell's deformation would "
+        raise ConfigError("relax_cell with fixed atoms (FixAtoms) is not supported: the cell's deformation would "
                          "move them; relax positions only, or use ASE's optimizer with equiforce.Calculator")
     vel = torch.zeros_like(state.positions)
     vel_cell = torch.zeros_like(state.cell)
@@ -165,7 +166,7 @@ def relax(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], fmax: float = 0
     """Relax ASE structures (all at once, batched) with FIRE; ``relax_cell`` also relaxes each cell (under
     ``scalar_pressure_bar``: then the enthalpy is minimised, and reported as ``enthalpy`` beside ``energy``)."""
     if scalar_pressure_bar and not relax_cell:
-        raise ValueError("a pressure acts only on the cell: scalar_pressure_bar needs relax_cell=True")
+        raise ConfigError("a pressure acts only on the cell: scalar_pressure_bar needs relax_cell=True")
     device = device or str(model_device(model))
     state = SimState.from_atoms(atoms_list, device=device, dtype=model_dtype(model))
     evaluate = BatchEvaluator(model, skin=skin, check_interval=1)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from ase import Atoms, units
 
+from equiforce.errors import ConfigError
+
 KB = units.kB  # eV/K
 
 
@@ -26,7 +28,7 @@ def fixed_atoms(atoms: Atoms, index: int = 0) -> np.ndarray:
     mask = np.zeros(len(atoms), dtype=bool)
     for constraint in atoms.constraints:
         if not isinstance(constraint, FixAtoms):
-            raise ValueError(f"structure {index}: constraint {type(constraint).__name__} is not supported by the "
+            raise ConfigError(f"structure {index}: constraint {type(constraint).__name__} is not supported by the "
                              "native engine (FixAtoms is); run ASE's dynamics or optimizers with equiforce.Calculator")
         mask[constraint.get_indices()] = True
     return mask
@@ -63,10 +65,10 @@ class SimState:
         if isinstance(atoms_list, Atoms):
             atoms_list = [atoms_list]
         if len(atoms_list) == 0:
-            raise ValueError("no structures given")
+            raise ConfigError("no structures given")
         n_atoms = torch.tensor([len(a) for a in atoms_list], dtype=torch.long)
         if (n_atoms == 0).any():
-            raise ValueError(f"structure {int(torch.nonzero(n_atoms == 0)[0])} has no atoms")
+            raise ConfigError(f"structure {int(torch.nonzero(n_atoms == 0)[0])} has no atoms")
         ptr = torch.zeros(len(atoms_list) + 1, dtype=torch.long)
         ptr[1:] = torch.cumsum(n_atoms, 0)
 
