@@ -75,7 +75,10 @@ def fit_e0s(configs: Sequence[Configuration], elements: list[int],
             solution, _, rank, _ = np.linalg.lstsq(a, energies, rcond=None)
             if rank < len(fit):
                 warnings.warn(f"E0s of elements {fit} are not uniquely determined by the compositions in the data "
-                              f"(rank {rank} < {len(fit)}); using the minimum-norm least-squares solution",
+                              f"(rank {rank} < {len(fit)}; e.g. every structure is the same molecule); using the "
+                              "minimum-norm least-squares solution. Energies and forces of these compositions are "
+                              "unaffected, but other compositions and dissociation limits are arbitrary: give "
+                              "isolated-atom frames and `e0s: isolated`, or values (`e0s: {1: -13.6, ...}`)",
                               stacklevel=2)
             e0s.update({z: float(v) for z, v in zip(fit, solution)})
     missing = [z for z in elements if z not in e0s]
