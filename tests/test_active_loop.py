@@ -130,7 +130,7 @@ def test_oracle_failures_are_recorded_and_skipped(tmp_path):
     assert summary["finished"]
 
 
-def emt_copper_file(path) -> None:
+def emt_copper_file(path, seed: int = 100) -> None:
     """Ten rattled Cu cells labelled by EMT: existing training data (``start.data``), no oracle call."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
@@ -141,7 +141,7 @@ def emt_copper_file(path) -> None:
     configs = []
     for k in range(10):
         atoms = bulk("Cu", cubic=True)
-        atoms.rattle(0.08, seed=100 + k)
+        atoms.rattle(0.08, seed=seed + k)
         atoms.calc = EMT()
         configs.append(Configuration.from_atoms(atoms.copy(), energy=atoms.get_potential_energy(),
                                                 forces=atoms.get_forces()))
@@ -155,6 +155,32 @@ def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
     assert main(["learn", str(path), "--no-progress"]) == 2
     assert "the oracle failed on all 8 structures it was given" in capsys.readouterr().err
     assert len(read_journal(tmp_path / "run" / "journal.jsonl")) == 1 + 1 + 8  # the config, the selection, 8 failures
+    # the oracle fixed in the run's config (allowed before the first label): the failed calls are made again
+    kept_path = tmp_path / "run" / "config.yaml"
+    kept = yaml.safe_load(kept_path.read_text())
+    kept["oracle"] = {"name": "emt", "timeout": 30}
+    kept["stop"]["max_rounds"] = 1
+    kept_path.write_text(yaml.safe_dump(kept))
+    assert main(["learn", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    records = read_journal(tmp_path / "run" / "journal.jsonl")
+    failed = {r["id"] for r in records if r["type"] == "failure"}
+    assert len(failed) == 8 and failed <= {r["id"] for r in records if r["type"] == "label"}
+    assert [r["retry_failures"] for r in records if r["type"] == "config"] == [False, True]
+    # once labels exist the oracle stays (the labels of two oracles would mix)
+    kept["oracle"] = {"name": "custom", "calculator": "tests.active_helpers:FlakyEMT", "kwargs": {"fail_all": True}}
+    kept_path.write_text(yaml.safe_dump(kept))
+    assert main(["learn", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "oracle.calculator" in capsys.readouterr().err
+
+
+def test_an_input_file_changed_between_sessions_is_refused(tmp_path, capsys):
+    emt_copper_file(tmp_path / "old.xyz")
+    config = tiny_config(tmp_path / "run", start={"data": [str(tmp_path / "old.xyz")]}, stop={"max_rounds": 1})
+    summary = learn(parse_learn_config(config), progress=False)
+    assert summary["finished"]
+    emt_copper_file(tmp_path / "old.xyz", seed=5)  # other frames under the same name
+    assert main(["learn", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "old.xyz is not the one the run started with" in capsys.readouterr().err
 
 
 def test_an_oracle_that_fails_after_the_start_is_not_paid_to_fail_until_the_budget_ends(tmp_path, capsys):

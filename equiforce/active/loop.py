@@ -37,6 +37,7 @@ from equiforce.active.torsions import random_conformer, rotatable_bonds
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, EquiforceError
 from equiforce.utils.atomic_io import atomic_write, atomic_write_text
+from equiforce.utils.digest import file_sha256
 
 CONFIG = "config.yaml"
 FINAL_MODEL = "model.eqf"
@@ -95,6 +96,8 @@ class RunState:
             self.outcomes.setdefault(record["id"], record)  # the first result counts (never two)
         elif kind == "stopped":
             self.stopped = record
+        elif kind == "config" and record.get("retry_failures"):  # a fixed oracle: failed calls are made again
+            self.outcomes = {k: v for k, v in self.outcomes.items() if v["type"] != "failure"}
         elif kind == "continued":  # new stop settings lifted the stop: the loop goes on from that round
             self.stopped = None
             self.by_type.pop("final", None)
@@ -223,17 +226,34 @@ def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
     return [] if before == after else [prefix.rstrip(".") or "(config)"]
 
 
-def check_kept_config(records: Sequence[dict[str, Any]], cfg: LearnConfig, where: Path) -> None:
-    """Refuse a resume whose config was edited where the run's results depend on it (the journal keeps the
-    config the run started with)."""
-    started = next((r for r in records if r["type"] == "config"), None)
+def input_digests(cfg: LearnConfig) -> dict[str, str]:
+    """SHA-256 of the input files a run reads again in every session (existing data, starting structures)."""
+    paths = [Path(p) for p in cfg.start.data] + [Path(s) for s in cfg.start.structures if Path(s).is_file()]
+    return {str(p): file_sha256(p) for p in paths}
+
+
+def check_kept_config(records: Sequence[dict[str, Any]], cfg: LearnConfig, where: Path) -> bool:
+    """Refuse a resume whose config was edited where the run's results depend on it, or whose input files changed
+    (the journal keeps the config the run started with and its files' digests).  The ``oracle`` section alone may
+    change until the first label arrives (a run whose oracle failed on every call is fixed that way); returns
+    whether it did, so the failed calls are made again."""
+    started = next((r for r in reversed(records) if r["type"] == "config"), None)
     if started is None:  # a journal from before configs were journaled: trust the kept file
-        return
+        return False
+    for path, digest in started.get("files", {}).items():
+        if not Path(path).is_file() or file_sha256(path) != digest:
+            raise ConfigError(f"{where}: the input file {path} is not the one the run started with (missing or "
+                              "changed); restore it, or start a new run in another directory")
     changed = changed_keys(started["config"], fixed_config(cfg))
+    oracle_only = bool(changed) and all(key == "oracle" or key.startswith("oracle.") for key in changed)
+    if oracle_only and not any(r["type"] == "label" for r in records):
+        return True
     if changed:
         raise ConfigError(f"{where}: the run started with a different config ({', '.join(changed[:8])} changed); "
-                          f"a resumed run may change only {', '.join(sorted(CHANGEABLE_ON_RESUME - {'directory'}))}. "
-                          "Undo the edit, or start a new run in another directory")
+                          f"a resumed run may change only {', '.join(sorted(CHANGEABLE_ON_RESUME - {'directory'}))} "
+                          "(and the oracle until its first label). Undo the edit, or start a new run in another "
+                          "directory")
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -245,7 +265,7 @@ class Learner:
         self.journal = Journal(directory / JOURNAL)
         records = self.journal.records()
         try:
-            check_kept_config(records, cfg, directory / CONFIG)
+            oracle_changed = check_kept_config(records, cfg, directory / CONFIG)
         except ConfigError:
             self.journal.close()
             raise
@@ -259,8 +279,12 @@ class Learner:
             from equiforce.data.io import read_configurations
 
             self.test_set = read_configurations(cfg.report.test)
-        if not any(r["type"] == "config" for r in records):
-            self.record({"type": "config", "digest": config_digest(cfg), "config": fixed_config(cfg)})
+        if oracle_changed or not any(r["type"] == "config" for r in records):
+            # the first session's config and input files; after an oracle change the calls that failed are retried
+            self.record({"type": "config", "digest": config_digest(cfg), "config": fixed_config(cfg),
+                         "files": input_digests(cfg), "retry_failures": oracle_changed})
+            if oracle_changed:
+                self.display.info("the oracle changed before any label: the failed calls are made again")
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.t0
@@ -326,9 +350,10 @@ class Learner:
         if len(requests) >= MIN_CALLS_FOR_BROKEN_ORACLE and len(failures) == len(requests):
             first = failures[0]
             raise EquiforceError(f"the oracle failed on all {len(requests)} structures it was given (first, "
-                                 f"{first['id']}: {first['kind']}: {first['error']}); the failures are journaled "
-                                 f"and not repeated — fix the oracle and continue with `equiforce learn --resume "
-                                 f"{self.dir}`")
+                                 f"{first['id']}: {first['kind']}: {first['error']}); the failures are journaled. "
+                                 "Fix the oracle — its environment, or, before the run's first label, the `oracle` "
+                                 f"section of {self.dir / CONFIG} (then the failed calls are made again) — and "
+                                 f"continue with `equiforce learn --resume {self.dir}`")
 
     def existing_data(self) -> tuple[list[Configuration], list[Configuration]]:
         """``start.data`` split into train/validation (read once; not oracle calls)."""
@@ -596,7 +621,8 @@ def prepare(config: LearnConfig | None, config_path: Path | None, resume: Path |
     if (directory / JOURNAL).exists():
         kept = parse_learn_config(read_yaml(directory / CONFIG), str(directory / CONFIG))
         changed = changed_keys(fixed_config(kept), fixed_config(config))
-        if changed:
+        # the oracle alone may change until the first label: the journal decides (Learner)
+        if changed and not all(key == "oracle" or key.startswith("oracle.") for key in changed):
             raise ConfigError(f"{directory} holds a run with a different config ({config_path}: "
                               f"{', '.join(changed[:8])} changed); resume it with "
                               f"`equiforce learn --resume {directory}` or choose another `directory`")
