@@ -203,6 +203,29 @@ def test_a_directory_another_process_trains_into_is_refused(tmp_path, data_dir):
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_a_best_model_of_an_epoch_the_checkpoint_does_not_hold_is_dropped(reference, tmp_path):
+    """A new best waits in best.eqf.next until the checkpoint that records it: killed in between, the resumed run
+    redoes that epoch, and the pending file of the discarded epoch must not become best.eqf."""
+    from equiforce.models.file import load_model, read_header, save_model
+    from equiforce.train.trainer import promote_best
+
+    _, result, out = reference
+    best = load_model(out / "best.eqf")
+    epoch = read_header(out / "best.eqf")["extra"]["training"]["epoch"]
+    assert not (out / "best.eqf.next").exists() and epoch == result["best_epoch"]
+    run = tmp_path / "run"
+    save_model(best, run / "best.eqf", extra={"training": {"epoch": 2}})
+    save_model(best, run / "best.eqf.next", extra={"training": {"epoch": 4}})  # epoch 4: after the checkpoint
+    promote_best(run, best_epoch=2)
+    assert not (run / "best.eqf.next").exists() and read_header(run / "best.eqf")["extra"]["training"]["epoch"] == 2
+    save_model(best, run / "best.eqf.next", extra={"training": {"epoch": 5}})  # recorded by the checkpoint
+    promote_best(run, best_epoch=5)
+    assert read_header(run / "best.eqf")["extra"]["training"]["epoch"] == 5
+    (run / "best.eqf.next").write_bytes(b"cut short")  # a write killed mid-way never counts
+    promote_best(run, best_epoch=5)
+    assert not (run / "best.eqf.next").exists()
+
+
 def test_checkpoint_is_pickle_free(reference, tmp_path, monkeypatch):
     _, _, out = reference
     path = out / "checkpoint.safetensors"

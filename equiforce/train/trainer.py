@@ -31,10 +31,10 @@ from pydantic import BaseModel, ValidationError
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
 from equiforce.data.structure import Configuration
-from equiforce.errors import ConfigError, DataError, TrainingError
+from equiforce.errors import ConfigError, DataError, ModelFileError, TrainingError
 from equiforce.evaluate import Fanout, evaluate, resolve_device, run_batches
 from equiforce.models.compiled import CompiledForces
-from equiforce.models.file import load_model, save_model
+from equiforce.models.file import load_model, read_header, save_model
 from equiforce.models.potential import Potential, build_model
 from equiforce.models.spec import ModelSpec, fade_from_closest
 from equiforce.train import distributed
@@ -53,7 +53,7 @@ from equiforce.train.loss import TERMS as LOSS_TERMS
 from equiforce.train.loss import LossSums, WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
-from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.atomic_io import atomic_write_text, fsync_directory
 from equiforce.utils.digest import file_sha256, graphs_sha256
 from equiforce.utils.locking import exclusive_lock, release
 
@@ -61,6 +61,25 @@ CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "best.eqf"
 LAST_MODEL = "last.eqf"
 METRICS_LOG = "metrics.jsonl"
+BEST_PENDING = "best.eqf.next"  # a new best model, until the checkpoint that records it is written
+
+
+def promote_best(out: Path, best_epoch: int) -> None:
+    """Make the pending best model ``best.eqf`` once a checkpoint records its epoch as the best; a pending model
+    of another epoch belongs to epochs a resumed run does again (after a kill), and is dropped.  So ``best.eqf``
+    is always the best of the epochs the checkpoint holds, even when a redone epoch turns out differently."""
+    pending = out / BEST_PENDING
+    if not pending.exists():
+        return
+    try:
+        epoch = int(read_header(pending)["extra"]["training"]["epoch"])
+    except (ModelFileError, KeyError, TypeError, ValueError):
+        epoch = -1  # cut short by a kill: never recorded by a checkpoint
+    if epoch == best_epoch:
+        os.replace(pending, out / BEST_MODEL)
+        fsync_directory(out)
+    else:
+        pending.unlink()
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32}
 REFIT_RTOL = 1e-4
 """Eigenvalues of the shift refit's normal matrix below this fraction of the largest are not fitted (singular
@@ -376,6 +395,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
         resumed_from = state["epoch"]
         if ranks.main:
             _truncate_log(log_path, state["epoch"])
+            promote_best(out, state["best_epoch"])  # a kill after the checkpoint / before a redone epoch's best
     elif ranks.main:
         log_path.unlink(missing_ok=True)
     if state["stage"] == 2:
@@ -393,6 +413,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "progress": state, "rng": _rng_state(generator),
             "training": training.model_dump(mode="json"), "data": data_digests, "extra": extra})
+        promote_best(out, state["best_epoch"])
 
     def progress_at(epoch_float: float, in_epoch: float) -> float:
         """Training progress after ``in_epoch`` seconds of the current epoch (on rank 0's clock)."""
@@ -550,8 +571,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                 state.update(best_loss=criterion, best_epoch=epoch, epochs_without_improvement=0,
                              best_metrics={k.removeprefix("valid_"): v for k, v in record.items()
                                            if k.startswith("valid_")})
-                if ranks.main:
-                    save_model(eval_model, out / BEST_MODEL, extra={**extra, "training": {
+                if ranks.main:  # pending until the checkpoint that records it (promote_best)
+                    save_model(eval_model, out / BEST_PENDING, extra={**extra, "training": {
                         "epoch": epoch, "train_loss": record["train_loss"], "valid": state["best_metrics"]}})
             else:
                 state["epochs_without_improvement"] += 1
@@ -567,6 +588,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             if ranks.main:
                 with open(log_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())  # durable before the checkpoint that follows counts it
             if (epoch % checkpoint_every == 0 or epoch == training.epochs or state["stopped_early"]
                     or state["out_of_time"]):
                 checkpoint()

@@ -52,15 +52,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
         for leftover in stale:
             leftover.unlink(missing_ok=True)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a rename (or a new file) in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
