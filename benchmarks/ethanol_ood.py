@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load_model(model_path, device=device, dtype=getattr(torch, args.eval_dtype))
     fade_added = (args.model is not None and args.short_range_fade == "auto" and not model.spec.short_range_fade
                   and model.spec.zbl)  # as training does: the fade hands the short range to the ZBL prior
-    if fade_added and model.spec.zbl_range == "fade":  # there a fade also moves the prior: not the trained model
+    if fade_added and model.spec.zbl_range in ("fade", "handover"):  # there a fade also moves the prior
         raise SystemExit(f"{model_path}: --short-range-fade auto cannot be added afterwards to a model with "
-                         "zbl_range 'fade' (the fade would also change where its ZBL prior acts)")
+                         f"zbl_range {model.spec.zbl_range!r} (the fade would also change where its ZBL prior acts)")
     if fade_added:
         graphs = [config_to_graph(c, model.cutoff, torch.float64) for c in read_configurations(data / "train.xyz")]
         model = with_short_range_fade(model, fade_from_closest(closest_pairs(graphs)))

@@ -85,6 +85,7 @@ def test_learn_end_to_end_on_emt(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["learn", str(path), "--no-progress"]) == 2
     assert "select.per_round changed" in capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["select"]["per_round"] != 5  # a refused edit not kept
     # the kept config edited where the results depend on it: the resume is refused (the journal keeps the start's)
     kept_path = run / "config.yaml"
     original = kept_path.read_text()
@@ -171,6 +172,15 @@ def test_an_oracle_that_always_fails_ends_with_a_clear_error(tmp_path, capsys):
     kept_path.write_text(yaml.safe_dump(kept))
     assert main(["learn", "--resume", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "oracle.calculator" in capsys.readouterr().err
+
+
+def test_a_missing_input_file_is_a_data_error_and_leaves_no_lock(tmp_path):
+    from equiforce.errors import DataError
+
+    config = parse_learn_config(tiny_config(tmp_path / "run", start={"data": [str(tmp_path / "none.xyz")]}))
+    for _ in range(2):  # the second attempt is not refused as "in use": the first let go of the journal's lock
+        with pytest.raises(DataError, match="none.xyz"):
+            learn(config, progress=False)
 
 
 def test_an_input_file_changed_between_sessions_is_refused(tmp_path, capsys):

@@ -87,3 +87,16 @@ def test_train_uq_under_torchrun_writes_one_model_and_prints_once(tmp_path):
     assert run.stdout.count("model with calibrated uncertainty") == 1  # rank 0 alone reports
     assert read_header(tmp_path / "uq" / "uq.eqf")["extra"]["uq_method"] == "ensemble"
     assert not list((tmp_path / "uq").glob(".uq.eqf.*"))  # no temporary file of a second writer left behind
+
+
+def test_ranks_come_from_torchrun_environment_without_a_process_group(monkeypatch):
+    """A step that trains nothing (heads on a given backbone) joins no group; rank 1 must still know it is not 0."""
+    from equiforce.train.distributed import joined
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks = joined()
+    assert ranks.rank == 1 and ranks.world == 2 and not ranks.main
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert joined().main and not joined().active

@@ -64,3 +64,12 @@ def test_thermo_log(tmp_path, systems, suffix):
 def test_unknown_trajectory_suffix(tmp_path):
     with pytest.raises(ValueError, match="unknown trajectory format"):
         run_md(make_model("L1-corr3"), molecule("H2O"), steps=1, trajectory=tmp_path / "x.pdb")
+
+
+@pytest.mark.parametrize("suffix", [".extxyz", ".h5"])
+def test_trajectory_writers_are_context_managers(tmp_path, suffix):
+    from equiforce.sim.io import open_trajectory
+
+    with open_trajectory(tmp_path / f"t{suffix}") as writer:
+        writer.sync()  # nothing written yet: still fine
+    assert (tmp_path / f"t{suffix}").exists()

@@ -61,16 +61,23 @@ def test_finished_run_off_the_grid_extends_onto_it(tmp_path, fmt):
     """A run of 13 steps (records every 5, plus its last step) extended to 30 writes the frames and rows of one run
     of 30 steps: the off-grid record of step 13 is cut off and the grid stays at multiples of 5."""
     model = make_model("L1-corr3")
+
+    def stop_first_from_step_14(state, outputs):  # checked every 4 steps of the run: at step 16, not 17
+        return torch.tensor([state.step >= 14, False])
+
     common = dict(ensemble="nvt", temperature_K=400.0, timestep_fs=0.5, seed=4, trajectory_interval=5,
-                  log_interval=5)
+                  log_interval=5, stop_when=stop_first_from_step_14, stop_check_interval=4)
     whole = run_md(model, MOLECULES, steps=30, trajectory=tmp_path / f"whole.{fmt}", log=tmp_path / "whole.csv",
                    **common)
+    assert whole.stopped_step.tolist() == [16, -1]
     parts = dict(trajectory=tmp_path / f"parts.{fmt}", log=tmp_path / "parts.csv", checkpoint=tmp_path / "md.ckpt",
                  checkpoint_interval=10)
     run_md(model, MOLECULES, steps=13, **common, **parts)
     with open(tmp_path / "parts.csv", newline="") as handle:
         assert sorted({int(r["step"]) for r in csv.DictReader(handle)}) == [0, 5, 10, 13]  # its last step kept
+    run_md(model, MOLECULES, steps=13, resume=True, **common, **parts)  # rerun when finished: nothing to do
     extended = run_md(model, MOLECULES, steps=30, resume=True, **common, **parts)
+    assert extended.stopped_step.tolist() == [16, -1]
     assert extended.state.step == 30
     np.testing.assert_array_equal(_positions(extended), _positions(whole))
     assert (tmp_path / "parts.csv").read_text() == (tmp_path / "whole.csv").read_text()

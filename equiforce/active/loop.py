@@ -30,12 +30,12 @@ from ase import Atoms
 from equiforce.active.config import LearnConfig, parse_learn_config, read_yaml
 from equiforce.active.display import Display
 from equiforce.active.explore import TORSION_SOURCE, distort, exploration_seeds, explore, from_md
-from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json, strict_json
+from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json, read_journal, strict_json
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
 from equiforce.active.torsions import random_conformer, rotatable_bonds
 from equiforce.data.structure import Configuration
-from equiforce.errors import ConfigError, EquiforceError
+from equiforce.errors import ConfigError, DataError, EquiforceError
 from equiforce.utils.atomic_io import atomic_write, atomic_write_text
 from equiforce.utils.digest import file_sha256
 
@@ -77,6 +77,7 @@ class RunState:
     by_type: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # type → round → record
     stopped: dict[str, Any] | None = None
     elapsed: float = 0.0
+    retried: int = 0  # failed calls made again after an oracle change (each still counts as a call)
 
     @classmethod
     def replay(cls, records: Sequence[dict[str, Any]]) -> RunState:
@@ -97,6 +98,7 @@ class RunState:
         elif kind == "stopped":
             self.stopped = record
         elif kind == "config" and record.get("retry_failures"):  # a fixed oracle: failed calls are made again
+            self.retried += sum(1 for v in self.outcomes.values() if v["type"] == "failure")  # (and were paid)
             self.outcomes = {k: v for k, v in self.outcomes.items() if v["type"] != "failure"}
         elif kind == "continued":  # new stop settings lifted the stop: the loop goes on from that round
             self.stopped = None
@@ -115,8 +117,8 @@ class RunState:
 
     @property
     def calls(self) -> int:
-        """Oracle calls made (labels and failures, validation included)."""
-        return len(self.outcomes)
+        """Oracle calls made (labels and failures, validation included, retried failures too)."""
+        return len(self.outcomes) + self.retried
 
     def pending(self) -> list[dict[str, Any]]:
         return [self.selected[i] for i in self.order if i not in self.outcomes]
@@ -229,6 +231,9 @@ def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
 def input_digests(cfg: LearnConfig) -> dict[str, str]:
     """SHA-256 of the input files a run reads again in every session (existing data, starting structures)."""
     paths = [Path(p) for p in cfg.start.data] + [Path(s) for s in cfg.start.structures if Path(s).is_file()]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError("file not found", source=str(missing[0]), field="start.data")
     return {str(p): file_sha256(p) for p in paths}
 
 
@@ -238,8 +243,8 @@ def check_kept_config(records: Sequence[dict[str, Any]], cfg: LearnConfig, where
     change until the first label arrives (a run whose oracle failed on every call is fixed that way); returns
     whether it did, so the failed calls are made again."""
     started = next((r for r in reversed(records) if r["type"] == "config"), None)
-    if started is None:  # a journal from before configs were journaled: trust the kept file
-        return False
+    if started is None:  # a journal from before configs were journaled: the kept file is all there is (prepare
+        return False     # compared a new CONFIG with it, the oracle included)
     for path, digest in started.get("files", {}).items():
         if not Path(path).is_file() or file_sha256(path) != digest:
             raise ConfigError(f"{where}: the input file {path} is not the one the run started with (missing or "
@@ -262,13 +267,20 @@ class Learner:
 
     def __init__(self, cfg: LearnConfig, directory: Path, progress: bool | None = None) -> None:
         self.cfg, self.dir = cfg, directory
-        self.journal = Journal(directory / JOURNAL)
-        records = self.journal.records()
+        self.journal = Journal(directory / JOURNAL)  # the lock: one process per run from here on
         try:
-            oracle_changed = check_kept_config(records, cfg, directory / CONFIG)
-        except ConfigError:
-            self.journal.close()
+            self._open(cfg, directory, progress)
+        except BaseException:
+            self.journal.close()  # and its lock, whatever went wrong
             raise
+
+    def _open(self, cfg: LearnConfig, directory: Path, progress: bool | None) -> None:
+        records = self.journal.records()
+        oracle_changed = check_kept_config(records, cfg, directory / CONFIG)
+        import yaml
+
+        # kept (again) once the checks passed, so a later `--resume` uses this session's report/stop/executor
+        atomic_write_text(directory / CONFIG, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self.state = RunState.replay(records)
         self.display = Display(progress if progress is not None else cfg.report.progress, cfg.stop.max_oracle_calls)
         self.starts = load_structures(cfg.start.structures)
@@ -618,19 +630,17 @@ def prepare(config: LearnConfig | None, config_path: Path | None, resume: Path |
     assert config is not None
     config = absolute_paths(config)
     directory = Path(config.directory)
-    if (directory / JOURNAL).exists():
+    records = read_journal(directory / JOURNAL)  # none: no run yet (or one that failed before its first record)
+    if records and (directory / CONFIG).exists():
         kept = parse_learn_config(read_yaml(directory / CONFIG), str(directory / CONFIG))
         changed = changed_keys(fixed_config(kept), fixed_config(config))
-        # the oracle alone may change until the first label: the journal decides (Learner)
-        if changed and not all(key == "oracle" or key.startswith("oracle.") for key in changed):
+        # the oracle alone may change until the first label; the journal's config record decides (Learner), and a
+        # journal from before those records has none to decide with
+        journaled = any(r["type"] == "config" for r in records)
+        if changed and not (journaled and all(key == "oracle" or key.startswith("oracle.") for key in changed)):
             raise ConfigError(f"{directory} holds a run with a different config ({config_path}: "
                               f"{', '.join(changed[:8])} changed); resume it with "
                               f"`equiforce learn --resume {directory}` or choose another `directory`")
-    directory.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    # kept (again) so a later `--resume` uses this session's report/stop/executor settings too
-    atomic_write_text(directory / CONFIG, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return config, directory
 
 

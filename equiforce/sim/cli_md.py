@@ -62,7 +62,9 @@ def cmd_md(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trajectory = out / f"trajectory.{args.format}"
     resumable = args.checkpoint_every > 0 or args.resume
-    tag = {"model_sha256": file_sha256(args.model)} if resumable else None
+    # the model and the σ thresholds (run_md itself knows only that a stop criterion is set)
+    tag = ({"model_sha256": file_sha256(args.model), "stop_sigma": args.stop_sigma,
+            "stop_sigma_energy": args.stop_sigma_energy} if resumable else None)
     result = run_md(model, structures, ensemble=args.ensemble, temperature_K=args.temperature,
                     timestep_fs=args.timestep, steps=args.steps, friction_per_fs=args.friction, tau_fs=args.tau,
                     pressure_bar=args.pressure, tau_p_fs=args.tau_p, compressibility_per_bar=args.compressibility,

@@ -25,6 +25,7 @@ from equiforce.data import keys as K
 from equiforce.data.structure import full_to_voigt
 from equiforce.errors import ConfigError
 from equiforce.sim.state import SimState
+from equiforce.utils.atomic_io import fsync_path
 
 HDF5_SUFFIXES = {".h5", ".hdf5"}
 ASE_SUFFIXES = {".xyz", ".extxyz", ".traj"}
@@ -41,15 +42,6 @@ class TrajectoryWriter:
 
     def sync(self) -> None:
         """Make what was written durable (before a checkpoint records how far it got)."""
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """``fsync`` a file by name (for writers that do not expose their descriptor)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
     def __enter__(self) -> TrajectoryWriter:
         return self

@@ -175,8 +175,9 @@ class MolecularDynamics:
 
             # records fall on the run's step grid (step 0, interval, 2 interval, ...), also for a run continued from
             # an off-grid step, so an extended run writes the frames one uninterrupted run would; ``grid_at``: where
-            # the outputs stood before an off-grid final record (a resumed extension cuts them back to it)
-            grid_at: dict[str, int | None] = {"trajectory": _position(writer), "log": _position(logger)}
+            # the outputs stood after this run's last record on the grid (a resumed extension cuts an off-grid
+            # final record back to it), None where this run wrote none
+            grid_at: dict[str, int | None] = {"trajectory": None, "log": None}  # None: no grid record this run
 
             def record(final: bool = False) -> None:
                 time_ps = state.step * dt_ps
@@ -203,13 +204,13 @@ class MolecularDynamics:
             t0 = time.perf_counter()
             for _ in range(steps):
                 if graphed is not None:
-                    check = (state.step + 1 - start_step) % self.stop_check_interval == 0
+                    check = (state.step + 1) % self.stop_check_interval == 0  # on the run's step grid
                     outputs, (frozen, stopped_step, nonfinite_step) = graphed.step(
                         state, outputs, (frozen, stopped_step, nonfinite_step), check)
                     state.step += 1
                 else:
                     state.step += 1
-                    check = (state.step - start_step) % self.stop_check_interval == 0
+                    check = state.step % self.stop_check_interval == 0  # on the run's grid, as the records
                     outputs, (frozen, stopped_step, nonfinite_step) = self._advance(
                         state, outputs, (frozen, stopped_step, nonfinite_step), self.evaluate, check)
                 done = state.step - start_step

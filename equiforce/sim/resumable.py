@@ -107,6 +107,9 @@ def _run_locked(md, state: SimState, steps: int, path: str | os.PathLike, interv
     writer = (open_trajectory(trajectory, precision, resume_at=traj_at if resumed else None)
               if trajectory is not None else None)
     logger = ThermoLog(log, resume_at=log_at if resumed else None) if log is not None else None
+    # where the outputs stood after their last record on the step grid, over all chunks and sessions
+    grid = {"trajectory": meta.get("trajectory_grid_at", meta.get("trajectory_at")),
+            "log": meta.get("log_grid_at", meta.get("log_at"))}
     generator = getattr(md.integrator, "generator", None)
     start_step, thermo, wall = state.step, [], 0.0
     try:
@@ -120,6 +123,7 @@ def _run_locked(md, state: SimState, steps: int, path: str | os.PathLike, interv
             wall += result.wall_time_s
             carried = {f"integrator.{name}": getattr(md.integrator, name) for name in md.integrator.carried
                        if getattr(md.integrator, name, None) is not None}
+            grid.update({k: v for k, v in result.info["grid_at"].items() if v is not None})
             for output in (writer, logger):  # durable before the checkpoint says how far they got: after a
                 if output is not None:       # power cut the checkpoint would otherwise outlive their tails
                     output.sync()
@@ -127,8 +131,7 @@ def _run_locked(md, state: SimState, steps: int, path: str | os.PathLike, interv
                 "settings": settings, "saved": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "trajectory_at": writer.position() if writer is not None else None,
                 "log_at": logger.position() if logger is not None else None,
-                "trajectory_grid_at": result.info["grid_at"]["trajectory"],
-                "log_grid_at": result.info["grid_at"]["log"]})
+                "trajectory_grid_at": grid["trajectory"], "log_grid_at": grid["log"]})
             if state.step >= steps or bool(md.frozen.all()):
                 break
     finally:

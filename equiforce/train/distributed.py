@@ -44,10 +44,13 @@ def setup(device_type: str) -> Ranks:
 
 
 def joined() -> Ranks:
-    """This process's place in a process group already joined (by the trainer), without joining one."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return Ranks()
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    """This process's place in the job, without joining a process group: the group's where the trainer joined
+    one, else what torchrun put in the environment (a step that trains nothing, e.g. heads on a given backbone,
+    still runs once per rank, and only rank 0 may write)."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def device_for(ranks: Ranks, device: torch.device) -> torch.device:
@@ -85,5 +88,6 @@ def all_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 
 
 def barrier(ranks: Ranks) -> None:
-    if ranks.active:
+    """Wait for every rank (where a process group was joined; without one there is nothing to wait with)."""
+    if ranks.active and dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +25,23 @@ def _umask() -> int:
     return mask
 
 
+STALE_AFTER_S = 60.0  # a temporary this old is a killed write's, not one in flight
+
+
 def _stale_temporaries(path: Path) -> list[Path]:
-    """Temporary files of earlier writes of ``path`` that a killed process left behind."""
-    return list(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+    """Temporary files of earlier writes of ``path`` (``mkstemp``'s exact names: not those of ``path.name.next``)
+    that a killed process left behind, older than a write in flight could be."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    now = time.time()
+    stale = []
+    for candidate in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        try:
+            old = now - candidate.stat().st_mtime > STALE_AFTER_S
+        except OSError:  # gone meanwhile
+            continue
+        if pattern.fullmatch(candidate.name) and old:
+            stale.append(candidate)
+    return stale
 
 
 def glob_escape(name: str) -> str:
@@ -59,13 +75,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def fsync_directory(directory: str | os.PathLike) -> None:
-    """Make a rename (or a new file) in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a file or directory by name (a directory: its renames and new files become durable; a file:
+    for writers that do not expose their descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_directory = fsync_path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
