@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from equiforce.errors import EquiforceError
-from equiforce.utils.cli_types import positive_int
+from equiforce.utils.cli_types import positive_float, positive_int
+from equiforce.utils.jsonable import strict_json
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -125,6 +126,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.utils.atomic_io import atomic_write_text
 
     device = resolve_device(args.device)
+    out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)  # before the evaluation: an unusable --out is said before any work
     model = load_model(args.model, device=device)
     configs = read_configurations(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
                                   stress_key=args.stress_key, virial_key=args.virial_key, index=args.index,
@@ -141,8 +144,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       by_config_type=True, observers=[collector] if collector is not None else [])
     values = result.pop("values")
     by_type = result.pop("by_config_type", {})
-    out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)
     parity_plot({k: v[0] for k, v in values.items()}, {k: v[1] for k, v in values.items()}, out / "parity.png",
                 title=f"{Path(args.model).name} on {Path(args.data).name}")
     from equiforce.train.metrics import UNITS
@@ -150,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {"model": str(args.model), "data": str(args.data), "metrics": result, "units": UNITS}
     if by_type:
         report["by_config_type"] = by_type
-    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(strict_json(report), indent=2) + "\n")
     console = _console()
     console.print(_metrics_table(f"{Path(args.data).name}: {result['n_configs']} structures, "
                                  f"{result['n_atoms']} atoms", result))
@@ -163,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["uq"] = evaluate_uncertainty(model, configs, out, batch_size=args.batch_size, device=device,
                                             title=f"{Path(args.model).name} on {Path(args.data).name}",
                                             predictions=collector.result())
-        atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(out / "metrics.json", json.dumps(strict_json(report), indent=2) + "\n")
         console.print(uq_table("uncertainty", report["uq"]))
         console.print(f"wrote {report['uq']['plots']['calibration']} and {report['uq']['plots']['error_vs_sigma']}")
     return 0
@@ -242,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--system", default="ethanol", help="ethanol (default: active learning with GFN2-xTB) or cu-ni "
                                                        "(EMT data set, training, MD)")
-    p.add_argument("--minutes", type=float, default=None, help="time budget (ethanol: of the learning loop; cu-ni: "
-                                                               "of training)")
+    p.add_argument("--minutes", type=positive_float, default=None,
+                   help="time budget (ethanol: of the learning loop; cu-ni: of training)")
     p.set_defaults(func=cmd_demo)
 
     from equiforce.active.cli import add_parser as add_learn_parser
@@ -266,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EquiforceError as err:
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # a path that cannot be read or written (an --out that is a file, a full disk, ...)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: train, train-uq and learn continue from their last checkpoint when rerun, md from its "

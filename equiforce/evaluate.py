@@ -16,6 +16,7 @@ import torch
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
 from equiforce.data.structure import Configuration
+from equiforce.errors import ConfigError, DataError, UnknownElementError
 from equiforce.models.potential import Potential
 from equiforce.train.hessian_loss import batch_has_hessians, hessian_vector_products
 from equiforce.train.metrics import UNITS, ErrorMetrics
@@ -25,10 +26,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/None → CUDA when available, else CPU; a CUDA request without CUDA is an error."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:  # "gpu", "mps:x", a typo: torch's own list of device types
+        raise ConfigError(f"device {device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'auto' ({err})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {str(device)!r}: equiforce runs on 'cpu' or 'cuda' ('auto' picks)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        from equiforce.errors import ConfigError
-
         raise ConfigError("device 'cuda' requested but CUDA is not available (use 'cpu' or 'auto')")
     return device
 
@@ -39,7 +43,10 @@ def as_graphs(model: Potential, data: Sequence[Configuration | Graph]) -> list[G
     graphs = []
     for item in data:
         if isinstance(item, Configuration):
-            model.check_elements(item.numbers)
+            try:
+                model.check_elements(item.numbers)
+            except UnknownElementError as err:  # said with the file and frame it comes from
+                raise DataError(str(err), source=item.source, frame=item.frame, field="numbers") from None
             item = config_to_graph(item, model.cutoff, dtype)
         graphs.append(item)
     return graphs

@@ -183,6 +183,23 @@ def test_a_missing_input_file_is_a_data_error_and_leaves_no_lock(tmp_path):
             learn(config, progress=False)
 
 
+def test_broken_starting_structures_are_named_before_any_oracle_call(tmp_path):
+    from ase.build import bulk
+    from ase.io import write
+
+    from equiforce.errors import DataError
+
+    broken = bulk("Cu", cubic=True)
+    broken.positions[2] = float("nan")
+    write(tmp_path / "start.extxyz", [bulk("Cu", cubic=True), broken])
+    (tmp_path / "empty.extxyz").write_text("")
+    for name, match in (("start.extxyz", "frame 1, field 'positions'"), ("empty.extxyz", "empty.extxyz")):
+        config = tiny_config(tmp_path / f"run_{name}", start={"structures": [str(tmp_path / name)]})
+        with pytest.raises(DataError, match=match):
+            learn(parse_learn_config(config), progress=False)
+        assert not any(r["type"] == "label" for r in read_journal(tmp_path / f"run_{name}" / "journal.jsonl"))
+
+
 def test_an_input_file_changed_between_sessions_is_refused(tmp_path, capsys):
     emt_copper_file(tmp_path / "old.xyz")
     config = tiny_config(tmp_path / "run", start={"data": [str(tmp_path / "old.xyz")]}, stop={"max_rounds": 1})

@@ -108,7 +108,8 @@ def test_relax_writes_the_potential_energy_with_forces_and_the_enthalpy_apart(tm
     for argv, message in ((["--pressure", "10"], "--pressure acts on the cell"),
                           (["--cell"], "--cell relaxes periodic cells")):
         write(tmp_path / "mol.extxyz", molecule("H2O"))
-        assert _main(["relax", str(model), str(tmp_path / "mol.extxyz"), *argv, "--out", str(tmp_path / "x")]) == 2
+        out = str(tmp_path / "x.extxyz")
+        assert _main(["relax", str(model), str(tmp_path / "mol.extxyz"), *argv, "--out", out]) == 2
         assert message in capsys.readouterr().err
 
 

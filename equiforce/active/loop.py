@@ -151,9 +151,12 @@ def to_configuration(item: dict[str, Any], result: dict[str, Any]) -> Configurat
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+STRUCTURE_CHECK_CUTOFF = 3.0  # Å: enough to find two atoms at the same place (the model's cutoff is not known yet)
+
+
 def load_structures(specs: Sequence[str], base: Path | None = None) -> list[Atoms]:
     """Starting structures from files (every frame) or ``molecule:NAME`` / ``bulk:SYMBOL`` (ase.build)."""
-    from ase.io import read
+    from equiforce.data.io import check_structures, read_atoms
 
     out: list[Atoms] = []
     for spec in specs:
@@ -178,8 +181,9 @@ def load_structures(specs: Sequence[str], base: Path | None = None) -> list[Atom
                 path = base / path
             if not path.is_file():
                 raise ConfigError(f"start.structures: {spec} is not a file (nor molecule:NAME / bulk:SYMBOL)")
-            frames = read(str(path), index=":")
-            out.extend(frames if isinstance(frames, list) else [frames])
+            frames = read_atoms(path)  # unreadable files, and broken frames, named with file and frame
+            check_structures(frames, path, cutoff=STRUCTURE_CHECK_CUTOFF)
+            out.extend(frames)
     for atoms in out:
         atoms.calc = None
     return [Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in out]

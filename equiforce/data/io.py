@@ -130,6 +130,9 @@ def _frame_numbers(index: str | int, count: int, total: int | None, source: str)
 
 def _read_ase(source: str, index: str | int, format: str | None, keys: dict, required: dict) -> list[Configuration]:
     sel = string2index(index) if isinstance(index, str) else index
+    if not isinstance(sel, int | slice):  # string2index passes anything it cannot parse through as a string
+        raise DataError(f"index {index!r} is neither a frame number nor a slice (e.g. 0, -1, ':', '10:20', '::5')",
+                        source=source)
     # counting from the end needs the number of frames to report true frame numbers: read all
     from_end = sel < 0 if isinstance(sel, int) else any((v or 0) < 0 for v in (sel.start, sel.stop, sel.step))
     frames = read_atoms(source, ":" if from_end else index, format)
@@ -163,6 +166,17 @@ def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | 
         raise DataError(f"cannot read structures: {type(err).__name__}: {err}{guess}", source=str(source),
                         frame=frame) from err
     return [frames] if isinstance(frames, Atoms) else list(frames)
+
+
+def check_structures(frames: Sequence[Atoms], source: str | os.PathLike, cutoff: float) -> None:
+    """The checks a training frame gets, for structures a simulation or a learning run starts from: atoms present,
+    finite positions and cell, a usable periodic cell, no two atoms at the same place — each a :class:`DataError`
+    naming the file and frame (position in the selection read), found before any step or oracle call."""
+    from equiforce.data.graph import config_to_graph
+    from equiforce.data.structure import Configuration
+
+    for frame, atoms in enumerate(frames):
+        config_to_graph(Configuration.from_atoms(atoms, source=str(source), frame=frame), cutoff)
 
 
 def _guessed_format(source: str | os.PathLike) -> str | None:

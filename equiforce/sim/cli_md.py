@@ -9,9 +9,15 @@ import argparse
 import json
 from pathlib import Path
 
-from equiforce.errors import ConfigError, DataError
+from equiforce.errors import ConfigError, DataError, UnknownElementError
 from equiforce.utils.atomic_io import atomic_write_text
-from equiforce.utils.cli_types import non_negative_float, non_negative_int, positive_float, positive_int
+from equiforce.utils.cli_types import (
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from equiforce.utils.digest import file_sha256
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -20,7 +26,7 @@ CHECKPOINT = "checkpoint.safetensors"
 def _load(args: argparse.Namespace):
     import torch
 
-    from equiforce.data.io import read_atoms
+    from equiforce.data.io import check_structures, read_atoms
     from equiforce.evaluate import resolve_device
     from equiforce.models.file import load_model
 
@@ -34,6 +40,12 @@ def _load(args: argparse.Namespace):
     structures = read_atoms(args.structures, args.index)
     if not structures:
         raise DataError("no structures", source=str(args.structures))
+    check_structures(structures, args.structures, model.cutoff)  # broken frames named before any step
+    for frame, atoms in enumerate(structures):
+        try:
+            model.check_elements(atoms.numbers)
+        except UnknownElementError as err:
+            raise DataError(str(err), source=str(args.structures), frame=frame, field="numbers") from None
     return model, structures, str(device)
 
 
@@ -60,6 +72,9 @@ def cmd_md(args: argparse.Namespace) -> int:
                               "(plain potentials and potentials with uncertainty heads compile)")
     stop_when = _sigma_stop(args, model)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:  # a new run in this directory: the last run's end state must not outlive a failure of it
+        for name in ("final.extxyz", "summary.json"):
+            (out / name).unlink(missing_ok=True)
     trajectory = out / f"trajectory.{args.format}"
     resumable = args.checkpoint_every > 0 or args.resume
     # the model and the σ thresholds (run_md itself knows only that a stop criterion is set)
@@ -112,6 +127,20 @@ def _sigma_stop(args: argparse.Namespace, model):
     return sigma_stop(forces=args.stop_sigma, energy_per_atom=args.stop_sigma_energy)
 
 
+def _check_output_file(path: Path) -> None:
+    """An output file ASE can write: not a directory, a format its name says, a directory to put it in."""
+    from ase.io.formats import extension2format, ioformats
+
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a directory; give a file name such as relaxed.extxyz")
+    suffix = path.suffix.lstrip(".").lower()
+    fmt = extension2format.get(suffix) or ioformats.get(suffix)  # .xyz → extxyz; .extxyz is a format's name
+    if fmt is None or not fmt.can_write:
+        named = f"a format named by '.{suffix}'" if suffix else "a file without a suffix (the format is not said)"
+        raise ConfigError(f"--out {path}: ASE cannot write {named}; use .extxyz (or .traj)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def cmd_relax(args: argparse.Namespace) -> int:
     from ase.io import write
 
@@ -119,6 +148,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
     if args.pressure and not args.cell:
         raise ConfigError("--pressure acts on the cell: add --cell (or leave --pressure out)")
+    _check_output_file(Path(args.out))  # said before the relaxation, not after it
     model, structures, device = _load(args)
     if args.cell and not all(a.pbc.all() and abs(a.cell.volume) > 1e-8 for a in structures):
         raise ConfigError(f"--cell relaxes periodic cells: every structure in {args.structures} must be periodic "
@@ -155,7 +185,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=non_negative_int, default=1000)
     p.add_argument("--friction", type=non_negative_float, default=0.01, help="Langevin friction, 1/fs")
     p.add_argument("--tau", type=positive_float, default=100.0, help="CSVR thermostat time, fs")
-    p.add_argument("--pressure", type=float, default=1.0, help="NPT pressure, bar")
+    p.add_argument("--pressure", type=finite_float, default=1.0, help="NPT pressure, bar")
     p.add_argument("--tau-p", type=positive_float, default=1000.0, help="barostat time, fs")
     p.add_argument("--compressibility", type=positive_float, default=4.5e-5,
                    help="1/bar (sets the barostat's time scale)")
@@ -194,6 +224,6 @@ def add_parser(sub) -> None:
     p.add_argument("--fmax", type=positive_float, default=0.05, help="eV/Å")
     p.add_argument("--steps", type=non_negative_int, default=1000)
     p.add_argument("--cell", action="store_true", help="relax the cell too (periodic structures)")
-    p.add_argument("--pressure", type=float, default=0.0, help="bar, with --cell")
+    p.add_argument("--pressure", type=finite_float, default=0.0, help="bar, with --cell")
     p.add_argument("--out", default="relaxed.extxyz")
     p.set_defaults(func=cmd_relax)

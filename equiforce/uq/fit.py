@@ -17,7 +17,7 @@ import torch
 
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, to_device
-from equiforce.errors import DataError
+from equiforce.errors import DataError, TrainingError
 from equiforce.models.potential import Potential
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import MIN_STRUCTURES, Calibration, CalibrationError, fit_quantity
@@ -146,7 +146,7 @@ def fit_heads(backbone: Potential, graphs: Sequence[Graph], *, n_heads: int = 8,
         optimizer.step()
         schedule.step()
         if not math.isfinite(float(loss.detach())):
-            raise RuntimeError("uncertainty-head training diverged (non-finite NLL); lower `lr`")
+            raise TrainingError("uncertainty-head training diverged (non-finite NLL); lower `uq.heads.lr`")
     return heads.eval()
 
 

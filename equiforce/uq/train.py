@@ -22,7 +22,7 @@ import torch
 
 from equiforce.data.graph import Graph, config_to_graph
 from equiforce.data.structure import Configuration
-from equiforce.errors import DataError
+from equiforce.errors import DataError, UnknownElementError
 from equiforce.models.file import load_model
 from equiforce.models.potential import Potential
 from equiforce.train import distributed
@@ -159,6 +159,12 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
             backbone: Potential = load_model(uq.backbone, device=device)
             if not isinstance(backbone, Potential):
                 raise DataError(f"uq.backbone {uq.backbone} already carries uncertainty; give a plain model")
+            for c in [*split.train, *split.valid]:  # heads are fitted on the backbone's features of every element
+                try:
+                    backbone.check_elements(c.numbers)
+                except UnknownElementError as err:
+                    raise DataError(f"{err} (uq.backbone {uq.backbone})", source=c.source, frame=c.frame,
+                                    field="numbers") from None
         else:
             result = train_configs([*split.train, *split.isolated], split.valid, config.model, config.training,
                                    out / "backbone", e0s=data.e0s, resume=config.output.resume,
