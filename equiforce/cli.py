@@ -8,7 +8,6 @@ one ``error: ...`` line on stderr and exit status 2 — a traceback would bury t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 from equiforce.errors import EquiforceError
 from equiforce.utils.cli_types import positive_float, positive_int
-from equiforce.utils.jsonable import strict_json
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -95,8 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         forgetting = result["forgetting"]
         console.print(_metrics_table("replay hold-out before fine-tuning (forgetting)", forgetting["before"]))
         console.print(_metrics_table("replay hold-out after fine-tuning (forgetting)", forgetting["after"]))
-    if "added_elements" in result:
-        console.print(f"wrote {Path(result['best_model']).parent / 'finetune.json'}")
+    if "added_elements" in result:  # fine-tuned: its report beside the model
+        from equiforce.train.finetune import FINETUNE_REPORT
+
+        console.print(f"wrote {Path(config.output.directory) / FINETUNE_REPORT}")
     return 0
 
 
@@ -123,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.data.io import read_configurations
     from equiforce.evaluate import evaluate, parity_plot, resolve_device
     from equiforce.models.file import load_model
-    from equiforce.utils.atomic_io import atomic_write_text
+    from equiforce.utils.atomic_io import atomic_write_json
 
     device = resolve_device(args.device)
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {"model": str(args.model), "data": str(args.data), "metrics": result, "units": UNITS}
     if by_type:
         report["by_config_type"] = by_type
-    atomic_write_text(out / "metrics.json", json.dumps(strict_json(report), indent=2) + "\n")
+    atomic_write_json(out / "metrics.json", report)
     console = _console()
     console.print(_metrics_table(f"{Path(args.data).name}: {result['n_configs']} structures, "
                                  f"{result['n_atoms']} atoms", result))
@@ -164,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["uq"] = evaluate_uncertainty(model, configs, out, batch_size=args.batch_size, device=device,
                                             title=f"{Path(args.model).name} on {Path(args.data).name}",
                                             predictions=collector.result())
-        atomic_write_text(out / "metrics.json", json.dumps(strict_json(report), indent=2) + "\n")
+        atomic_write_json(out / "metrics.json", report)
         console.print(uq_table("uncertainty", report["uq"]))
         console.print(f"wrote {report['uq']['plots']['calibration']} and {report['uq']['plots']['error_vs_sigma']}")
     return 0

@@ -37,16 +37,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def check_known_elements(model, numbers, source: str, frame: int | None, note: str = "") -> None:
+    """``model.check_elements`` with the structure's file and frame named (``note``: what the model is)."""
+    try:
+        model.check_elements(numbers)
+    except UnknownElementError as err:
+        raise DataError(f"{err}{note}", source=source, frame=frame, field="numbers") from None
+
+
 def as_graphs(model: Potential, data: Sequence[Configuration | Graph]) -> list[Graph]:
     """Graphs in the model's cutoff and dtype; configurations are checked for unknown elements first."""
     dtype = next(model.parameters()).dtype
     graphs = []
     for item in data:
         if isinstance(item, Configuration):
-            try:
-                model.check_elements(item.numbers)
-            except UnknownElementError as err:  # said with the file and frame it comes from
-                raise DataError(str(err), source=item.source, frame=item.frame, field="numbers") from None
+            check_known_elements(model, item.numbers, item.source, item.frame)
             item = config_to_graph(item, model.cutoff, dtype)
         graphs.append(item)
     return graphs

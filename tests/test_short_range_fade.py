@@ -47,6 +47,19 @@ def dimer(a: str, b: str, r: float) -> Atoms:
     return Atoms(a + b, positions=[[0.0, 0.0, 0.0], [0.0, 0.0, r]])
 
 
+def energy(model, atoms: Atoms) -> float:
+    return float(outputs(model, atoms)["energy"][0])
+
+
+def assert_forces_are_the_slope(model, a: str, b: str, distances) -> None:
+    """The dimer's force on its second atom equals minus the central difference of the energy (float64)."""
+    h = 1e-5
+    for r in distances:
+        forces = outputs(model, dimer(a, b, r))["forces"]
+        slope = (energy(model, dimer(a, b, r + h)) - energy(model, dimer(a, b, r - h))) / (2 * h)
+        assert forces[1, 2] == pytest.approx(-slope, rel=1e-6, abs=1e-8)
+
+
 def test_pair_keys_and_spec_validation():
     assert pair_numbers("C-H") == pair_numbers("H-C") == (1, 6) and pair_key(6, 1) == "H-C"
     spec = ModelSpec(elements=[1, 6], cutoff=4.0, short_range_fade={"C-H": (0.7, 0.9)})
@@ -82,13 +95,7 @@ def test_a_pair_below_its_range_is_invisible_to_the_network():
 
 
 def test_forces_are_the_derivative_of_the_energy_across_the_fade():
-    model = fade_model(FADE)
-    h = 1e-5
-    for r in np.linspace(0.65, 1.0, 8):  # below, inside and beyond the H-C range
-        forces = outputs(model, dimer("C", "H", r))["forces"]
-        plus = float(outputs(model, dimer("C", "H", r + h))["energy"][0])
-        minus = float(outputs(model, dimer("C", "H", r - h))["energy"][0])
-        assert forces[1, 2] == pytest.approx(-(plus - minus) / (2 * h), rel=1e-6, abs=1e-8)
+    assert_forces_are_the_slope(fade_model(FADE), "C", "H", np.linspace(0.65, 1.0, 8))  # below, in, beyond H-C
 
 
 def test_zbl_range_fade_hands_each_listed_pair_from_the_network_to_the_prior():
@@ -98,9 +105,6 @@ def test_zbl_range_fade_hands_each_listed_pair_from_the_network_to_the_prior():
     partitioned = fade_model(FADE, zbl_range="fade")
     bare = fade_model(FADE, zbl=False)
     assert covalent.spec.zbl_range == "covalent" and ModelSpec(elements=[1]).zbl_range == "covalent"
-
-    def energy(model, atoms: Atoms) -> float:
-        return float(outputs(model, atoms)["energy"][0])
 
     beyond = dimer("C", "H", 1.0)  # past the H-C range (0.7, 0.95), short of the covalent sum (1.07 Å)
     assert energy(partitioned, beyond) == energy(bare, beyond)
@@ -113,11 +117,7 @@ def test_zbl_range_fade_hands_each_listed_pair_from_the_network_to_the_prior():
     unlisted = dimer("C", "C", 1.2)  # no C-C range in FADE
     assert energy(partitioned, unlisted) == pytest.approx(energy(covalent, unlisted), rel=1e-12)
     assert energy(covalent, unlisted) > energy(bare, unlisted) + 1e-3
-    h = 1e-5
-    for r in np.linspace(0.62, 1.1, 9):  # forces: the derivative of that energy across the handover
-        forces = outputs(partitioned, dimer("C", "H", r))["forces"]
-        slope = (energy(partitioned, dimer("C", "H", r + h)) - energy(partitioned, dimer("C", "H", r - h))) / (2 * h)
-        assert forces[1, 2] == pytest.approx(-slope, rel=1e-6, abs=1e-8)
+    assert_forces_are_the_slope(partitioned, "C", "H", np.linspace(0.62, 1.1, 9))  # across the handover
 
 
 def test_closest_pairs_sees_periodic_images():
@@ -185,10 +185,6 @@ def test_zbl_range_handover_gives_the_prior_exactly_what_the_network_lets_go():
     a pair whose r_in lies beyond its covalent-radius sum (H-H: 0.62 Å) is not left with neither acting."""
     fade, handover = fade_model(FADE, zbl_range="fade"), fade_model(FADE, zbl_range="handover")
     bare = fade_model(FADE, zbl=False)
-
-    def energy(model, atoms: Atoms) -> float:
-        return float(outputs(model, atoms)["energy"][0])
-
     ethanol = molecule("CH3CH2OH")  # every pair beyond its range: bit for bit the same model as `fade`
     for key in ("energy", "forces"):
         np.testing.assert_array_equal(outputs(handover, ethanol)[key], outputs(fade, ethanol)[key])
@@ -200,11 +196,7 @@ def test_zbl_range_handover_gives_the_prior_exactly_what_the_network_lets_go():
     assert energy(handover, dimer("H", "H", 1.6)) == energy(bare, dimer("H", "H", 1.6))
     unlisted = dimer("C", "C", 1.2)  # no C-C range: the covalent prior, as in the other ranges
     assert energy(handover, unlisted) == pytest.approx(energy(fade_model(FADE), unlisted), rel=1e-12)
-    h = 1e-5
-    for r in np.linspace(0.5, 1.7, 13):  # forces: the derivative of the energy across the handover
-        forces = outputs(handover, dimer("H", "H", r))["forces"]
-        slope = (energy(handover, dimer("H", "H", r + h)) - energy(handover, dimer("H", "H", r - h))) / (2 * h)
-        assert forces[1, 2] == pytest.approx(-slope, rel=1e-6, abs=1e-8)
+    assert_forces_are_the_slope(handover, "H", "H", np.linspace(0.5, 1.7, 13))  # across the handover
 
 
 def test_with_zbl_range_switches_only_between_ranges_that_keep_the_trained_model():

@@ -23,7 +23,8 @@ import numpy as np
 from ase import Atoms
 
 from equiforce.errors import EquiforceError
-from equiforce.utils.jsonable import strict_json  # noqa: F401 - where the journal's users import it
+from equiforce.utils.atomic_io import fsync_path
+from equiforce.utils.jsonable import strict_json
 from equiforce.utils.locking import RunInUseError, exclusive_lock, release
 
 JOURNAL = "journal.jsonl"
@@ -81,7 +82,7 @@ class Journal:
             raise JournalError(str(err)) from None
         self._repair()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._sync_directory()
+        fsync_path(self.path.parent)
 
     def _repair(self) -> None:
         """Cut a final line left without its newline by a crash mid-write (it was never acknowledged)."""
@@ -94,13 +95,6 @@ class Journal:
                 handle.truncate(end)
                 handle.flush()
                 os.fsync(handle.fileno())
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line and make it durable before returning."""

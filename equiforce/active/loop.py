@@ -13,8 +13,6 @@ structures and randomly displaced copies, labelled before any model exists).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -30,7 +28,7 @@ from ase import Atoms
 from equiforce.active.config import LearnConfig, parse_learn_config, read_yaml
 from equiforce.active.display import Display
 from equiforce.active.explore import TORSION_SOURCE, distort, exploration_seeds, explore, from_md
-from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json, read_journal, strict_json
+from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to_json, read_journal
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
 from equiforce.active.torsions import random_conformer, rotatable_bonds
@@ -38,6 +36,7 @@ from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError, EquiforceError
 from equiforce.utils.atomic_io import atomic_write, atomic_write_text
 from equiforce.utils.digest import file_sha256
+from equiforce.utils.jsonable import strict_json
 
 CONFIG = "config.yaml"
 FINAL_MODEL = "model.eqf"
@@ -219,17 +218,17 @@ def fixed_config(cfg: LearnConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=set(CHANGEABLE_ON_RESUME))
 
 
-def config_digest(cfg: LearnConfig) -> str:
-    text = json.dumps(fixed_config(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
     """Dotted names of the entries that differ between two JSON trees."""
     if isinstance(before, dict) and isinstance(after, dict):
         return [name for key in sorted(set(before) | set(after), key=str)
                 for name in changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")]
     return [] if before == after else [prefix.rstrip(".") or "(config)"]
+
+
+def only_oracle(changed: Sequence[str]) -> bool:
+    """Whether every changed key lies in the ``oracle`` section (which may change until the first label)."""
+    return bool(changed) and all(key == "oracle" or key.startswith("oracle.") for key in changed)
 
 
 def input_digests(cfg: LearnConfig) -> dict[str, str]:
@@ -254,8 +253,7 @@ def check_kept_config(records: Sequence[dict[str, Any]], cfg: LearnConfig, where
             raise ConfigError(f"{where}: the input file {path} is not the one the run started with (missing or "
                               "changed); restore it, or start a new run in another directory")
     changed = changed_keys(started["config"], fixed_config(cfg))
-    oracle_only = bool(changed) and all(key == "oracle" or key.startswith("oracle.") for key in changed)
-    if oracle_only and not any(r["type"] == "label" for r in records):
+    if only_oracle(changed) and not any(r["type"] == "label" for r in records):
         return True
     if changed:
         raise ConfigError(f"{where}: the run started with a different config ({', '.join(changed[:8])} changed); "
@@ -297,7 +295,7 @@ class Learner:
             self.test_set = read_configurations(cfg.report.test)
         if oracle_changed or not any(r["type"] == "config" for r in records):
             # the first session's config and input files; after an oracle change the calls that failed are retried
-            self.record({"type": "config", "digest": config_digest(cfg), "config": fixed_config(cfg),
+            self.record({"type": "config", "config": fixed_config(cfg),
                          "files": input_digests(cfg), "retry_failures": oracle_changed})
             if oracle_changed:
                 self.display.info("the oracle changed before any label: the failed calls are made again")
@@ -641,7 +639,7 @@ def prepare(config: LearnConfig | None, config_path: Path | None, resume: Path |
         # the oracle alone may change until the first label; the journal's config record decides (Learner), and a
         # journal from before those records has none to decide with
         journaled = any(r["type"] == "config" for r in records)
-        if changed and not (journaled and all(key == "oracle" or key.startswith("oracle.") for key in changed)):
+        if changed and not (journaled and only_oracle(changed)):
             raise ConfigError(f"{directory} holds a run with a different config ({config_path}: "
                               f"{', '.join(changed[:8])} changed); resume it with "
                               f"`equiforce learn --resume {directory}` or choose another `directory`")

@@ -6,7 +6,6 @@ it can be regenerated at any time (``equiforce learn --report DIR``).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -14,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from equiforce.active.journal import strict_json
-from equiforce.utils.atomic_io import atomic_write_text
+from equiforce.utils.atomic_io import atomic_write_json, atomic_write_text
 
 
 def _by_round(records: list[dict[str, Any]], kind: str) -> dict[int, dict[str, Any]]:
@@ -214,6 +212,5 @@ def write_report(directory: Path, records: list[dict[str, Any]], cfg: Any = None
                   "![MD stability](md_stability.png)", ""]
     lines += extra_lines or []
     atomic_write_text(directory / "report.md", "\n".join(lines) + "\n")
-    atomic_write_text(directory / "summary.json",
-                      json.dumps(strict_json(summary), indent=2, default=float, allow_nan=False) + "\n")
+    atomic_write_json(directory / "summary.json", summary)
     return summary

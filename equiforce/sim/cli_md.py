@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from equiforce.errors import ConfigError, DataError, UnknownElementError
+from equiforce.errors import ConfigError, DataError
 from equiforce.utils.atomic_io import atomic_write_text
 from equiforce.utils.cli_types import (
     finite_float,
@@ -27,7 +27,7 @@ def _load(args: argparse.Namespace):
     import torch
 
     from equiforce.data.io import check_structures, read_atoms
-    from equiforce.evaluate import resolve_device
+    from equiforce.evaluate import check_known_elements, resolve_device
     from equiforce.models.file import load_model
 
     device = resolve_device(args.device)
@@ -42,10 +42,7 @@ def _load(args: argparse.Namespace):
         raise DataError("no structures", source=str(args.structures))
     check_structures(structures, args.structures, model.cutoff)  # broken frames named before any step
     for frame, atoms in enumerate(structures):
-        try:
-            model.check_elements(atoms.numbers)
-        except UnknownElementError as err:
-            raise DataError(str(err), source=str(args.structures), frame=frame, field="numbers") from None
+        check_known_elements(model, atoms.numbers, str(args.structures), frame)
     return model, structures, str(device)
 
 

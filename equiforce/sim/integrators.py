@@ -246,7 +246,7 @@ class StochasticCellRescaling(CSVR):
                           "run at constant volume with the thermostat only", stacklevel=3)
         if state.fixed is not None:
             raise ConfigError("fixed atoms (FixAtoms) with a barostat are not supported: scaling the cell would "
-                             "move them; run NVT, or relax the cell without the constraint")
+                              "move them; run NVT, or relax the cell without the constraint")
 
     def before_forces(self, state: SimState, outputs: Outputs) -> Outputs:
         volume = state.volume()

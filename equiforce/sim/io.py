@@ -64,7 +64,7 @@ class AseTrajectoryWriter(TrajectoryWriter):
         if self.path.suffix == ".traj":
             if resume_at is not None:
                 raise ConfigError(f"{self.path}: an ASE .traj trajectory cannot be continued after a checkpoint; "
-                                 "use .h5 or .extxyz for resumable runs")
+                                  "use .h5 or .extxyz for resumable runs")
             from ase.io.trajectory import Trajectory
 
             self._traj = Trajectory(str(self.path), "w")
@@ -146,7 +146,7 @@ class HDF5TrajectoryWriter(TrajectoryWriter):
         if frames < resume_at:
             self._file.close()
             raise ConfigError(f"{self.path}: has {frames} frames, the checkpoint saw {resume_at}; it is not that "
-                             "run's output")
+                              "run's output")
         if "step" in self._file:
             for name in ("positions", "momenta", "forces", "cell", "energy", "step", "time_ps"):
                 self._file[name].resize(resume_at, axis=0)

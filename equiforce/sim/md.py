@@ -140,7 +140,7 @@ class MolecularDynamics:
             current = getattr(self, name)
             if value.shape != current.shape:
                 raise ConfigError(f"checkpoint flag {name!r} has shape {tuple(value.shape)}, the state needs "
-                                 f"{tuple(current.shape)}")
+                                  f"{tuple(current.shape)}")
             setattr(self, name, value.to(device=current.device, dtype=current.dtype))
 
     def run(self, state: SimState, steps: int, trajectory: str | os.PathLike | TrajectoryWriter | None = None,

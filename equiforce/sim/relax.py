@@ -101,7 +101,7 @@ def fire(state: SimState, evaluate: BatchEvaluator, fmax: float = 0.05, max_step
         raise ConfigError("relax_cell needs every system fully periodic with a non-zero volume")
     if relax_cell and state.fixed is not None:
         raise ConfigError("relax_cell with fixed atoms (FixAtoms) is not supported: the cell's deformation would "
-                         "move them; relax positions only, or use ASE's optimizer with equiforce.Calculator")
+                          "move them; relax positions only, or use ASE's optimizer with equiforce.Calculator")
     vel = torch.zeros_like(state.positions)
     vel_cell = torch.zeros_like(state.cell)
     dt = torch.full((b,), p.dt, dtype=dtype, device=device)

@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from equiforce.errors import ConfigError
 from equiforce.sim.checkpoint import MDCheckpoint, save_md_checkpoint
 from equiforce.sim.io import ThermoLog, open_trajectory
 from equiforce.sim.state import SimState
-from equiforce.utils.locking import exclusive_lock, release
+from equiforce.utils.locking import held_lock
 
 
 def structure_digest(state: SimState) -> str:
@@ -79,40 +80,34 @@ def run_resumable(md, state: SimState, steps: int, path: str | os.PathLike, inte
     checkpoint for :func:`check_settings`.  Returns an :class:`~equiforce.sim.md.MDResult` for this part.
     One process per checkpoint: a second run on it is refused while the first holds ``PATH.lock``.
     """
+    from equiforce.sim.md import MDResult
+
     if interval < 1:
         raise ValueError(f"checkpoint interval must be at least one step, got {interval}")
     unit = math.lcm(trajectory_interval if trajectory is not None else 1, log_interval if log is not None else 1)
     interval = unit * math.ceil(interval / unit)
     meta = resumed.meta if resumed is not None else {}
-    lock = exclusive_lock(Path(str(path) + ".lock"), f"the MD run checkpointed to {path}")
-    try:
-        return _run_locked(md, state, steps, path, interval, settings, resumed, meta, trajectory,
-                           trajectory_interval, log, log_interval, progress, keep_thermo, precision)
-    finally:
-        release(lock)
-
-
-def _run_locked(md, state: SimState, steps: int, path: str | os.PathLike, interval: int, settings: dict[str, Any],
-                resumed: MDCheckpoint | None, meta: dict[str, Any], trajectory, trajectory_interval: int, log,
-                log_interval: int, progress: bool, keep_thermo: bool, precision: str):
-    from equiforce.sim.md import MDResult
-
-    if resumed is not None:
-        restore(md, resumed)
-    # a finished run extended: its off-grid final record (the last step was not a multiple of the intervals) is
-    # cut off, so the outputs hold the frames and rows one uninterrupted run of the new length writes
-    extending = resumed is not None and state.step < steps and not bool(md.frozen.all())
-    traj_at = meta.get("trajectory_grid_at", meta.get("trajectory_at")) if extending else meta.get("trajectory_at")
-    log_at = meta.get("log_grid_at", meta.get("log_at")) if extending else meta.get("log_at")
-    writer = (open_trajectory(trajectory, precision, resume_at=traj_at if resumed else None)
-              if trajectory is not None else None)
-    logger = ThermoLog(log, resume_at=log_at if resumed else None) if log is not None else None
-    # where the outputs stood after their last record on the step grid, over all chunks and sessions
-    grid = {"trajectory": meta.get("trajectory_grid_at", meta.get("trajectory_at")),
-            "log": meta.get("log_grid_at", meta.get("log_at"))}
-    generator = getattr(md.integrator, "generator", None)
-    start_step, thermo, wall = state.step, [], 0.0
-    try:
+    with ExitStack() as stack:
+        stack.enter_context(held_lock(Path(str(path) + ".lock"), f"the MD run checkpointed to {path}"))
+        if resumed is not None:
+            restore(md, resumed)
+        # a finished run extended: its off-grid final record (the last step was not a multiple of the intervals)
+        # is cut off, so the outputs hold the frames and rows one uninterrupted run of the new length writes
+        extending = resumed is not None and state.step < steps and not bool(md.frozen.all())
+        traj_at = meta.get("trajectory_grid_at", meta.get("trajectory_at")) if extending else meta.get("trajectory_at")
+        log_at = meta.get("log_grid_at", meta.get("log_at")) if extending else meta.get("log_at")
+        writer = logger = None
+        if trajectory is not None:
+            writer = open_trajectory(trajectory, precision, resume_at=traj_at if resumed else None)
+            stack.callback(writer.close)
+        if log is not None:
+            logger = ThermoLog(log, resume_at=log_at if resumed else None)
+            stack.callback(logger.close)
+        # where the outputs stood after their last record on the step grid, over all chunks and sessions
+        grid = {"trajectory": meta.get("trajectory_grid_at", meta.get("trajectory_at")),
+                "log": meta.get("log_grid_at", meta.get("log_at"))}
+        generator = getattr(md.integrator, "generator", None)
+        start_step, thermo, wall = state.step, [], 0.0
         while True:  # at least one call: a run with nothing left still reports its state
             # chunks end on multiples of ``interval`` (on the record grid), also after an off-grid start
             chunk = max(0, min(interval - state.step % interval, steps - state.step))
@@ -134,11 +129,6 @@ def _run_locked(md, state: SimState, steps: int, path: str | os.PathLike, interv
                 "trajectory_grid_at": grid["trajectory"], "log_grid_at": grid["log"]})
             if state.step >= steps or bool(md.frozen.all()):
                 break
-    finally:
-        if writer is not None:
-            writer.close()
-        if logger is not None:
-            logger.close()
     return MDResult(state=state, thermo=thermo, stopped_step=result.stopped_step,
                     nonfinite_step=result.nonfinite_step, steps=state.step - start_step, wall_time_s=wall,
                     neighbor_builds=result.neighbor_builds, outputs=result.outputs,

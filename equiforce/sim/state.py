@@ -29,7 +29,7 @@ def fixed_atoms(atoms: Atoms, index: int = 0) -> np.ndarray:
     for constraint in atoms.constraints:
         if not isinstance(constraint, FixAtoms):
             raise ConfigError(f"structure {index}: constraint {type(constraint).__name__} is not supported by the "
-                             "native engine (FixAtoms is); run ASE's dynamics or optimizers with equiforce.Calculator")
+                              "native engine (FixAtoms is); run ASE's dynamics or optimizers with equiforce.Calculator")
         mask[constraint.get_indices()] = True
     return mask
 

@@ -10,6 +10,7 @@ all-reduced losses and metrics), so the replicas can never drift apart.  Only ra
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,14 @@ def joined() -> Ranks:
         return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
                  int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def write_on_main(write: Callable[[], object]) -> None:
+    """Call ``write`` on rank 0 only (one writer of a shared file) and let the other ranks wait until it is done."""
+    ranks = joined()
+    if ranks.main:
+        write()
+    barrier(ranks)
 
 
 def device_for(ranks: Ranks, device: torch.device) -> torch.device:

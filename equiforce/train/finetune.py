@@ -16,7 +16,6 @@ members or backbone are tuned as above, its σ rebuilt and recalibrated on the v
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +33,7 @@ from equiforce.models.potential import Potential
 from equiforce.train import distributed
 from equiforce.train.config import TrainingConfig
 from equiforce.uq.base import UQModel
-from equiforce.utils.atomic_io import atomic_write_text
-from equiforce.utils.jsonable import strict_json
+from equiforce.utils.atomic_io import atomic_write_json
 
 FINETUNE_REPORT = "finetune.json"  # forgetting (replay errors before/after), validation and test errors
 
@@ -104,10 +102,10 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
                                                                     device)}
     if test:
         result["test"] = evaluate(best, test, training.valid_batch_size, device)
-    if distributed.joined().main:  # forgetting and the errors, kept beside the model (the log has epochs only)
-        report = {key: result[key] for key in ("forgetting", "valid", "test", "added_elements", "n_train",
-                                               "n_valid", "n_replay", "best_model") if key in result}
-        atomic_write_text(Path(output_dir) / FINETUNE_REPORT, json.dumps(strict_json(report), indent=2) + "\n")
+    # forgetting and the errors, kept beside the model (the log has epochs only)
+    report = {key: result[key] for key in ("forgetting", "valid", "test", "added_elements", "n_train", "n_valid",
+                                           "n_replay", "best_model") if key in result}
+    distributed.write_on_main(lambda: atomic_write_json(Path(output_dir) / FINETUNE_REPORT, report))
     return result
 
 

@@ -53,9 +53,9 @@ from equiforce.train.loss import TERMS as LOSS_TERMS
 from equiforce.train.loss import LossSums, WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
-from equiforce.utils.atomic_io import atomic_write_text, fsync_directory
+from equiforce.utils.atomic_io import atomic_write_text, fsync_path
 from equiforce.utils.digest import file_sha256, graphs_sha256
-from equiforce.utils.locking import exclusive_lock, release
+from equiforce.utils.locking import held_lock
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "best.eqf"
@@ -77,9 +77,11 @@ def promote_best(out: Path, best_epoch: int) -> None:
         epoch = -1  # cut short by a kill: never recorded by a checkpoint
     if epoch == best_epoch:
         os.replace(pending, out / BEST_MODEL)
-        fsync_directory(out)
+        fsync_path(out)
     else:
         pending.unlink()
+
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32}
 REFIT_RTOL = 1e-4
 """Eigenvalues of the shift refit's normal matrix below this fraction of the largest are not fitted (singular
@@ -259,15 +261,14 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     device, dtype = resolve_device(training.device), DTYPES[training.dtype]
     ranks = distributed.setup(device.type)
     device = distributed.device_for(ranks, device)
-    lock = exclusive_lock(out / TRAIN_LOCK, f"training in {out}") if ranks.main else None
     restore_dtype_mode = _apply_dtype_mode(training.dtype)
     try:
-        result = _fit(model, train_graphs, valid_graphs, training, out, device, dtype, ranks, resume=resume,
-                      checkpoint_every=checkpoint_every, progress=progress if ranks.main else False,
-                      extra=dict(extra or {}), epoch_callback=epoch_callback)
+        with held_lock(out / TRAIN_LOCK, f"training in {out}", take=ranks.main):
+            result = _fit(model, train_graphs, valid_graphs, training, out, device, dtype, ranks, resume=resume,
+                          checkpoint_every=checkpoint_every, progress=progress if ranks.main else False,
+                          extra=dict(extra or {}), epoch_callback=epoch_callback)
     finally:
         restore_dtype_mode()
-        release(lock)
     distributed.barrier(ranks)  # other ranks read rank 0's model files only once they are written
     return result
 
@@ -359,19 +360,14 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         before = ckpt.get("training", {})
-        # what the saved optimizer state, schedule and weights are bound to (parameter groups, precision, the
-        # rate the schedule restores): a change would be ignored or fail, so it is refused
-        for key in ("optimizer", "scheduler", "weight_decay_on", "dtype", "lr"):
-            if key in before and before[key] != getattr(training, key):
-                raise ConfigError(f"{ckpt_path} was trained with training.{key}: {before[key]}, now "
-                                  f"{getattr(training, key)}; use another output directory or output.resume: false")
-        # the rest of what decides the course of training: a resumed run that changed it would be neither run
+        # what decides the course of training (and what the saved optimizer state and schedule are bound to:
+        # parameter groups, precision, the rate): a resumed run that changed it would be neither run
         now = training.model_dump(mode="json")
         changed = [f"training.{key}: {before[key]!r:.40} → {now.get(key)!r:.40}" for key in sorted(before)
                    if key not in RESUMABLE_TRAINING_KEYS and before[key] != now.get(key)]
         if changed:
-            raise ConfigError(f"{ckpt_path} was trained with other settings ({'; '.join(changed[:4])}"
-                              f"{f'; and {len(changed) - 4} more' if len(changed) > 4 else ''}); only "
+            raise ConfigError(f"{ckpt_path} was trained with {'; '.join(changed[:4])}"
+                              f"{f'; and {len(changed) - 4} more' if len(changed) > 4 else ''}; only "
                               f"{', '.join(sorted(RESUMABLE_TRAINING_KEYS))} may change on resume. Set them as they "
                               "were, use another output directory, or output.resume: false")
         for name, digest in data_digests.items():

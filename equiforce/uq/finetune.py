@@ -69,11 +69,8 @@ def fine_tune_uq(model: UQModel, tune_one: TuneOne, train_graphs: Sequence[Graph
     else:
         raise TypeError(f"no fine-tuning for uncertainty models of type {type(model).__name__}")
     kind = "ensemble" if isinstance(tuned, EnsemblePotential) else "heads"
-    ranks = distributed.joined()  # under torchrun rank 0 alone writes the file, the others wait for it
-    path = out / UQ_MODEL
-    if ranks.main:
-        save_uq_model(tuned, path, extra={**(extra or {}), "uq_method": kind})
-    distributed.barrier(ranks)
+    path = out / UQ_MODEL  # under torchrun rank 0 alone writes the file, the others wait for it
+    distributed.write_on_main(lambda: save_uq_model(tuned, path, extra={**(extra or {}), "uq_method": kind}))
     return {"best_model": str(path), "uq_method": kind, "parts": parts,
             "epochs": sum(p["epochs"] for p in parts) / len(parts),
             "calibration": tuned.calibration.to_json(), "output_dir": str(out)}

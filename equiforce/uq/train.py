@@ -12,7 +12,6 @@ statistics and the model spec, stay the same for every member, which is what let
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from equiforce.data.graph import Graph, config_to_graph
 from equiforce.data.structure import Configuration
-from equiforce.errors import DataError, UnknownElementError
+from equiforce.errors import DataError
 from equiforce.models.file import load_model
 from equiforce.models.potential import Potential
 from equiforce.train import distributed
@@ -32,8 +31,7 @@ from equiforce.uq.config import UQConfig, UQTrainConfig
 from equiforce.uq.ensemble import EnsemblePotential
 from equiforce.uq.file import save_uq_model
 from equiforce.uq.fit import build_uq_potential, calibrate
-from equiforce.utils.atomic_io import atomic_write_text
-from equiforce.utils.jsonable import strict_json
+from equiforce.utils.atomic_io import atomic_write_json
 
 UQ_MODEL = "uq.eqf"
 METRICS = "metrics.json"  # the calibration and the validation (and test) σ metrics of UQ_MODEL
@@ -120,7 +118,7 @@ def build_ensemble(paths: Sequence[Path], valid_graphs: Sequence[Graph], uq: UQC
 def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run ``equiforce train-uq``; returns paths and validation/test metrics of the calibrated model."""
     from equiforce.data.io import read_configurations
-    from equiforce.evaluate import resolve_device
+    from equiforce.evaluate import check_known_elements, resolve_device
     from equiforce.train.data_files import read_labelled, reader_options
     from equiforce.train.trainer import DTYPES, train_configs
     from equiforce.uq.metrics import uq_report
@@ -160,11 +158,7 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
             if not isinstance(backbone, Potential):
                 raise DataError(f"uq.backbone {uq.backbone} already carries uncertainty; give a plain model")
             for c in [*split.train, *split.valid]:  # heads are fitted on the backbone's features of every element
-                try:
-                    backbone.check_elements(c.numbers)
-                except UnknownElementError as err:
-                    raise DataError(f"{err} (uq.backbone {uq.backbone})", source=c.source, frame=c.frame,
-                                    field="numbers") from None
+                check_known_elements(backbone, c.numbers, c.source, c.frame, f" (uq.backbone {uq.backbone})")
         else:
             result = train_configs([*split.train, *split.isolated], split.valid, config.model, config.training,
                                    out / "backbone", e0s=data.e0s, resume=config.output.resume,
@@ -174,11 +168,8 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
         model = build_uq_potential(backbone, graphs(split.train, cutoff), graphs(split.valid, cutoff),
                                    method=uq.calibration, device=device, seed=config.training.seed,
                                    **uq.heads.model_dump())
-    ranks = distributed.joined()  # under torchrun every rank trained its share; rank 0 alone writes the file
-    path = out / UQ_MODEL
-    if ranks.main:
-        save_uq_model(model, path, extra={**extra, "uq_method": uq.method})
-    distributed.barrier(ranks)
+    path = out / UQ_MODEL  # under torchrun every rank trained its share; rank 0 alone writes the file
+    distributed.write_on_main(lambda: save_uq_model(model, path, extra={**extra, "uq_method": uq.method}))
     result: dict[str, Any] = {"model": str(path), "method": uq.method,
                               "calibration": model.calibration.to_json(),
                               "valid": uq_report(predict(model, graphs(split.valid, model.cutoff), device=device))}
@@ -187,6 +178,5 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
         if model.cutoff != config.model.cutoff:  # a given backbone brings its own cutoff
             test_graphs = graphs(test, model.cutoff)
         result["test"] = uq_report(predict(model, test_graphs, device=device))
-    if ranks.main:  # what the command prints, kept beside the model (JSON: no NaN)
-        atomic_write_text(out / METRICS, json.dumps(strict_json(result), indent=2) + "\n")
+    distributed.write_on_main(lambda: atomic_write_json(out / METRICS, result))  # what the command prints
     return result

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from equiforce.utils.jsonable import strict_json
 
 
 def _umask() -> int:
@@ -68,7 +72,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
         for leftover in stale:
             leftover.unlink(missing_ok=True)
-        fsync_directory(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -85,12 +89,14 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-fsync_directory = fsync_path
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
     atomic_write(path, write)
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    """``value`` as indented plain JSON (NaN and infinity as null: any reader parses it), written atomically."""
+    atomic_write_text(path, json.dumps(strict_json(value), indent=2, default=float, allow_nan=False) + "\n")

@@ -7,6 +7,8 @@ interleave their logs and overwrite each other's checkpoints; the second is refu
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from equiforce.errors import EquiforceError
@@ -39,3 +41,13 @@ def release(fd: int | None) -> None:
     """Let go of a lock taken by :func:`exclusive_lock` (closing the descriptor releases it)."""
     if fd is not None:
         os.close(fd)
+
+
+@contextmanager
+def held_lock(path: str | os.PathLike, what: str, take: bool = True) -> Iterator[None]:
+    """:func:`exclusive_lock` for the ``with`` block (``take=False``: no lock, e.g. on ranks other than 0)."""
+    fd = exclusive_lock(path, what) if take else None
+    try:
+        yield
+    finally:
+        release(fd)
