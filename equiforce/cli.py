@@ -186,6 +186,43 @@ def cmd_train_uq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from equiforce.data.io import label_names
+    from equiforce.data.packed import pack
+
+    reader = {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key,
+              "virial_key": args.virial_key, "config_type_key": args.config_type_key, "weight_key": args.weight_key,
+              "hessian_key": args.hessian_key, "format": args.format}
+    columns = (SpinnerColumn(), TextColumn("packing: {task.completed} structures"), TimeElapsedColumn())
+    with Progress(*columns, console=_console(), disable=args.no_progress, transient=True) as bar:
+        task = bar.add_task("pack", total=None)
+        index = pack(args.data, args.out, cutoff=args.cutoff, reader=reader, dtype=args.dtype, shard_mb=args.shard_mb,
+                     overwrite=args.overwrite, progress=lambda n: bar.update(task, completed=n))
+    from ase.data import chemical_symbols
+
+    console = _console()
+    size = sum(s["bytes"] for s in index["shards"]) + index["summary_bytes"]
+    console.print(f"packed {index['structures']} structures ({index['atoms']} atoms, {index['edges']} edges within "
+                  f"{index['cutoff']:g} Å) into {args.out}: {len(index['shards'])} shard(s), {size / 1e6:.1f} MB; "
+                  f"elements {' '.join(chemical_symbols[z] for z in index['elements'])}")
+    import numpy as np
+
+    from equiforce.data import keys as K
+    from equiforce.data.packed import GraphStore
+
+    store = GraphStore.open(args.out)
+    for flag, name, key in ((K.HAS_ENERGY, "energies", args.energy_key), (K.HAS_FORCES, "forces", args.forces_key)):
+        count = int(np.count_nonzero(store.column(flag)))
+        if count < len(store):
+            names = label_names(args.data[0], args.format)
+            console.print(f"[yellow]note:[/] {len(store) - count} of {len(store)} structures have no {name} under "
+                          f"'{key}' (the first frame of {args.data[0]} carries {names})")
+    console.print(f"train on it with `data.train: {args.out}` (model.cutoff: {index['cutoff']:g})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from equiforce.demo.main import run_demo
@@ -238,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config: the sections of `train` plus `uq` (see docs/uncertainty.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(func=cmd_train_uq)
+
+    p = sub.add_parser("pack", help="build the graphs of large data sets once and store them for streamed training")
+    p.add_argument("data", nargs="+", help="structure files (extxyz, npz, ASE db, any ase.io format), packed in order")
+    p.add_argument("--out", required=True, help="directory of the pack (give it as data.train or data.valid)")
+    p.add_argument("--cutoff", type=positive_float, required=True, help="neighbour cutoff in Å: the model's cutoff")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="storage precision of positions and labels (default float64; float32 halves the size)")
+    p.add_argument("--shard-mb", type=positive_float, default=256.0, help="size of each shard file (default 256 MB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished pack in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    for key, default in (("energy", "energy"), ("forces", "forces"), ("stress", "stress"), ("virial", "virial"),
+                         ("config-type", "config_type"), ("weight", "config_weight"), ("hessian", "hessian")):
+        p.add_argument(f"--{key}-key", default=default, help=f"label key (default {default})")
+    p.add_argument("--format", default=None, help="file format for ase.io where the file name does not say it")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("demo", help="train and simulate a small system end to end")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")

@@ -108,6 +108,8 @@ def collate(graphs: Sequence[Graph]) -> Graph:
     """
     if len(graphs) == 0:
         raise ValueError("cannot batch an empty list of graphs")
+    if not isinstance(graphs, list | tuple):  # a lazy sequence (a packed dataset's slice): read each graph once
+        graphs = list(graphs)
     sizes = [int(g[K.POSITIONS].shape[0]) for g in graphs]
     device = graphs[0][K.POSITIONS].device
     offsets = [0]

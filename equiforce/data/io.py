@@ -8,7 +8,7 @@ because a numpy/ASE traceback from deep inside training does not tell the user w
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,10 @@ def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
     ``[3N, 3N]`` matrix, as :func:`write_extxyz` writes it) or from ``info`` (``[3N, 3N]`` or flat).
     """
     source = str(path)
+    from equiforce.data.packed import is_pack
+
+    if is_pack(path):  # a packed dataset (equiforce pack): its structures, labelled as when they were packed
+        return _read_pack(path, index, require_energy=require_energy, require_forces=require_forces)
     if not Path(path).is_file():
         raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=source)
     fmt = (format or "").lower()
@@ -63,6 +67,43 @@ def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
     if not configs:
         raise DataError("file contains no configurations", source=source)
     return configs
+
+
+def iter_configurations(path: str | os.PathLike, *, energy_key: str = "energy", forces_key: str = "forces",
+                        stress_key: str = "stress", virial_key: str = "virial",
+                        config_type_key: str = "config_type", weight_key: str = "config_weight",
+                        hessian_key: str = "hessian", format: str | None = None, require_energy: bool = True,
+                        require_forces: bool = False, start: int = 0) -> Iterator[Configuration]:
+    """:func:`read_configurations` one structure at a time, for files larger than memory (``equiforce pack``).
+
+    ASE formats are streamed frame by frame (``ase.io.iread``); npz and ASE databases are read whole, as their
+    readers load them anyway.  ``start`` skips that many frames (a pack that resumes).  Frame numbers in errors
+    count from the start of the file.
+    """
+    source = str(path)
+    if not Path(path).is_file():
+        raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=source)
+    keys = dict(energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, virial_key=virial_key,
+                config_type_key=config_type_key, weight_key=weight_key, hessian_key=hessian_key)
+    required = dict(require_energy=require_energy, require_forces=require_forces)
+    fmt = (format or "").lower()
+    suffix = Path(path).suffix.lower()
+    if fmt in ("npz", "rmd17", "md17", "db") or (not fmt and suffix in (".npz", ".db")):
+        yield from read_configurations(path, **keys, **required, format=format)[start:]
+        return
+    from ase.io import iread
+
+    frame = start
+    try:
+        for atoms in iread(source, index=f"{start}:", format=format):
+            yield _atoms_to_config(atoms, source, frame, **keys, **required)
+            frame += 1
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - ASE raises many types for a corrupt file; all mean "cannot read"
+        raise DataError(f"cannot read structures: {type(err).__name__}: {err}", source=source, frame=frame) from err
+    if frame == 0:
+        raise DataError("file contains no configurations", source=source)
 
 
 def label_names(path: str | os.PathLike, format: str | None = None) -> list[str]:
@@ -211,6 +252,21 @@ def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> i
     exceptions name a token, not its place); ``None`` when every frame reads or the file cannot be opened."""
     scan = _scan_frames(source, format)
     return scan[0] if scan is not None and scan[1] else None
+
+
+def _read_pack(path: str | os.PathLike, index: str | int, *, require_energy: bool,
+               require_forces: bool) -> list[Configuration]:
+    from equiforce.data.packed import GraphStore
+
+    store = GraphStore.open(path)
+    configs = [store.configuration(k) for k in _frame_numbers(index, 0, len(store), str(path))]
+    for config in configs:
+        where = {"source": config.source, "frame": config.frame}
+        if require_energy and config.energy is None:
+            raise DataError("no energy (it was packed without one)", field="energy", **where)
+        if require_forces and config.forces is None:
+            raise DataError("no forces (they were packed without them)", field="forces", **where)
+    return configs
 
 
 def _read_db(source: str, index: str | int, keys: dict, required: dict) -> list[Configuration]:

@@ -60,12 +60,21 @@ def fit_e0s(configs: Sequence[Configuration], elements: list[int],
             continue
         rows.append(np.bincount([column[int(z)] for z in c.numbers], minlength=len(elements)).astype(np.float64))
         targets.append(float(c.energy))
+    counts = np.stack(rows) if rows else np.zeros((0, len(elements)))
+    return fit_e0s_from_counts(counts, np.asarray(targets, dtype=np.float64), isolated, elements, fixed)
 
-    e0s = {z: float(np.mean(isolated[z])) for z in elements if z in isolated}
-    e0s.update({int(z): float(v) for z, v in (fixed or {}).items() if int(z) in column})
-    if rows:
-        counts = np.stack(rows)
-        energies = np.asarray(targets)
+
+def fit_e0s_from_counts(counts: np.ndarray, energies: np.ndarray, isolated: Mapping[int, Sequence[float]],
+                        elements: Sequence[int], fixed: Mapping[int, float] | None = None) -> dict[int, float]:
+    """:func:`fit_e0s` from a composition matrix (``counts[s, k]``: atoms of ``elements[k]`` in labelled structure
+    ``s``), those structures' energies and the isolated-atom energies per element: the form a packed dataset
+    keeps, so its E0s are fitted without reading a structure."""
+    elements = [int(z) for z in elements]
+    e0s = {z: float(np.mean(isolated[z])) for z in elements if z in isolated and len(isolated[z])}
+    e0s.update({int(z): float(v) for z, v in (fixed or {}).items() if int(z) in elements})
+    if len(counts):
+        counts = np.asarray(counts, dtype=np.float64)
+        energies = np.asarray(energies, dtype=np.float64)
         known = np.array([z in e0s for z in elements])
         energies = energies - counts[:, known] @ np.array([e0s[z] for z in elements if z in e0s])
         present = (counts.sum(axis=0) > 0) & ~known
@@ -79,11 +88,11 @@ def fit_e0s(configs: Sequence[Configuration], elements: list[int],
                               "minimum-norm least-squares solution. Energies and forces of these compositions are "
                               "unaffected, but other compositions and dissociation limits are arbitrary: give "
                               "isolated-atom frames and `e0s: isolated`, or values (`e0s: {1: -13.6, ...}`)",
-                              stacklevel=2)
+                              stacklevel=3)
             e0s.update({z: float(v) for z, v in zip(fit, solution)})
     missing = [z for z in elements if z not in e0s]
     if missing:
-        warnings.warn(f"no energy-labelled data for elements {missing}; their E0 is set to 0.0", stacklevel=2)
+        warnings.warn(f"no energy-labelled data for elements {missing}; their E0 is set to 0.0", stacklevel=3)
         e0s.update({z: 0.0 for z in missing})
     return {z: e0s[z] for z in elements}
 
@@ -97,36 +106,46 @@ def dataset_statistics(graphs: Sequence[Graph], e0s: dict[int, float]) -> dict:
     if len(graphs) == 0:
         raise ValueError("dataset_statistics needs at least one graph")
     n_edges = 0
-    n_atoms_total = 0
-    per_atom: list[np.ndarray] = []
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in ("n_atoms", "energy", "has_energy", "e0_sum")}
     force_sq = 0.0
     force_count = 0
     for g in graphs:
         n_atoms = g[K.N_ATOMS].to(torch.long)
         n_edges += int(g[K.EDGE_INDEX].shape[1])
-        n_atoms_total += int(n_atoms.sum())
         batch = torch.repeat_interleave(torch.arange(len(n_atoms)), n_atoms)
         numbers = g[K.NUMBERS].tolist()
         missing = sorted(set(numbers) - set(int(z) for z in e0s))
         if missing:
             raise DataError(f"no E0 given for elements {missing}", field="numbers")
         e0_atoms = torch.tensor([e0s[z] for z in numbers], dtype=torch.float64)
-        e0_sum = torch.zeros(len(n_atoms), dtype=torch.float64).index_add_(0, batch, e0_atoms)
-        has_e = g[K.HAS_ENERGY].to(torch.float64) > 0
-        shifted = (g[K.ENERGY].to(torch.float64) - e0_sum) / n_atoms.to(torch.float64)
-        per_atom.append(shifted[has_e].numpy())
+        columns["e0_sum"].append(torch.zeros(len(n_atoms), dtype=torch.float64).index_add_(0, batch, e0_atoms).numpy())
+        columns["n_atoms"].append(n_atoms.numpy())
+        columns["energy"].append(g[K.ENERGY].to(torch.float64).numpy())
+        columns["has_energy"].append(g[K.HAS_ENERGY].to(torch.float64).numpy() > 0)
         has_f = g[K.HAS_FORCES].to(torch.float64)[batch] > 0
         forces = g[K.FORCES].to(torch.float64)[has_f]
         force_sq += float((forces**2).sum())
         force_count += int(forces.numel())
-    shifts = np.concatenate(per_atom) if per_atom else np.zeros(0)
+    joined = {k: np.concatenate(v) for k, v in columns.items()}
+    return statistics_from_columns(n_edges=n_edges, force_sq=force_sq, force_count=force_count, **joined)
+
+
+def statistics_from_columns(*, n_atoms: np.ndarray, n_edges: int, energy: np.ndarray, has_energy: np.ndarray,
+                            e0_sum: np.ndarray, force_sq: float, force_count: int) -> dict:
+    """:func:`dataset_statistics` from per-structure columns (atoms, energy, whether labelled, Σ E0) and totals
+    (edges, Σ F², force components): what a packed dataset keeps, so statistics cost no pass over its graphs."""
+    n_atoms = np.asarray(n_atoms, dtype=np.int64)
+    labelled = np.asarray(has_energy, dtype=bool)
+    shifts = ((np.asarray(energy, dtype=np.float64) - np.asarray(e0_sum, dtype=np.float64))
+              / np.maximum(n_atoms, 1))[labelled]
+    n_atoms_total = int(n_atoms.sum())
     return {
         "avg_num_neighbors": float(n_edges / max(n_atoms_total, 1)),
         "force_rms": float(np.sqrt(force_sq / force_count)) if force_count and force_sq > 0 else 1.0,
         "energy_shift": float(shifts.mean()) if len(shifts) else 0.0,
         "energy_per_atom_std": float(shifts.std()) if len(shifts) else 0.0,
-        "n_configs": int(sum(len(g[K.N_ATOMS]) for g in graphs)),
-        "n_atoms": int(n_atoms_total),
+        "n_configs": int(len(n_atoms)),
+        "n_atoms": n_atoms_total,
     }
 
 

@@ -63,7 +63,8 @@ def _element_number(key: Any) -> int:
 class DataConfig(_Section):
     """Where the structures are and which fields of the files hold the labels."""
 
-    train: Path = Field(description="training structures (extxyz or anything ase.io reads)")
+    train: Path = Field(description="training structures (extxyz or anything ase.io reads), or a packed dataset "
+                                    "(a directory written by `equiforce pack`), which is read from disk batch by batch")
     valid: Path | None = Field(None, description="validation structures; default: a split of `train`")
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of `train` held out when no `valid`")
     split_seed: int = Field(0, description="seed of that split, fixed apart from training.seed")
@@ -78,6 +79,8 @@ class DataConfig(_Section):
     weight_key: str = "config_weight"
     hessian_key: str = Field("hessian", description="per-atom array [N, 9N] or info entry [3N, 3N] holding a "
                                                     "Hessian label (eV/Å²), where the data have one")
+    workers: int = Field(0, ge=0, description="processes reading a packed training set ahead of the training step "
+                                              "(0: the training process reads each batch itself)")
     e0s: Literal["fit", "isolated"] | dict[int, float] = Field(
         "fit", description="'fit' (least squares), 'isolated' (single-atom frames) or {element: eV}; when "
                            "fine-tuning, only for the elements new to the model (it keeps its own E0s)")

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
+from equiforce.data.packed import GraphStore, is_pack
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError, ModelFileError, TrainingError
 from equiforce.evaluate import Fanout, evaluate, resolve_device, run_batches
@@ -49,6 +50,7 @@ from equiforce.train.config import (
 )
 from equiforce.train.ema import EMA
 from equiforce.train.hessian_loss import batch_has_hessians, hessian_vector_products
+from equiforce.train.loading import batches_of
 from equiforce.train.loss import TERMS as LOSS_TERMS
 from equiforce.train.loss import LossSums, WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
@@ -244,7 +246,7 @@ def spec_difference(saved: ModelSpec, now: ModelSpec, limit: int = 4) -> str:
 def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph], training: TrainingConfig,
         output_dir: str | os.PathLike, *, resume: bool = True, checkpoint_every: int = 1,
         progress: bool | None = None, extra: dict[str, Any] | None = None,
-        epoch_callback: EpochCallback | None = None) -> dict[str, Any]:
+        epoch_callback: EpochCallback | None = None, workers: int = 0) -> dict[str, Any]:
     """Train ``model`` on graphs; write best/last models, checkpoint and metrics log into ``output_dir``.
 
     The EMA weights (or the raw ones when ``ema_decay`` is 0) are validated each epoch and saved; the best
@@ -252,7 +254,8 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
     Progress — the larger of the epoch fraction and the ``max_time`` fraction — drives the cosine decay and
     the start of stage two, so a run with a wall-clock budget anneals within it.  With ``resume`` and an
     existing checkpoint, training continues after its epoch; a finished run only returns its result.
-    ``extra`` is stored in the model files' headers and the checkpoint.
+    ``extra`` is stored in the model files' headers and the checkpoint.  Graphs may be a list in memory or a
+    :class:`~equiforce.data.packed.GraphStore` read from disk batch by batch (``workers`` processes reading ahead).
     """
     if not train_graphs:
         raise DataError("no training structures")
@@ -266,7 +269,7 @@ def fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[
         with held_lock(out / TRAIN_LOCK, f"training in {out}", take=ranks.main):
             result = _fit(model, train_graphs, valid_graphs, training, out, device, dtype, ranks, resume=resume,
                           checkpoint_every=checkpoint_every, progress=progress if ranks.main else False,
-                          extra=dict(extra or {}), epoch_callback=epoch_callback)
+                          extra=dict(extra or {}), epoch_callback=epoch_callback, workers=workers)
     finally:
         restore_dtype_mode()
     distributed.barrier(ranks)  # other ranks read rank 0's model files only once they are written
@@ -333,7 +336,7 @@ def _stage_two_weights(training: TrainingConfig) -> dict[str, float]:
 def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph], training: TrainingConfig,
          out: Path, device: torch.device, dtype: torch.dtype, ranks: distributed.Ranks, *, resume: bool,
          checkpoint_every: int, progress: bool | None, extra: dict[str, Any],
-         epoch_callback: EpochCallback | None) -> dict[str, Any]:
+         epoch_callback: EpochCallback | None, workers: int) -> dict[str, Any]:
     model = model.to(device=device, dtype=dtype)
     # the module whose forward gives energies/forces/stress for the loss: the model, or its compiled graph
     core: torch.nn.Module = CompiledForces(model, training.compile_backend) if training.compile else model
@@ -429,6 +432,8 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
         return _result(state, out, resumed_from)
 
     def labelled(graphs: Sequence[Graph], key: str) -> bool:
+        if isinstance(graphs, GraphStore):  # from its summary, without reading the structures
+            return graphs.labelled(key)
         return any(float(g[key].sum()) > 0 for g in graphs)
 
     train_forces = training.forces_weight > 0 and labelled(train_graphs, K.HAS_FORCES)
@@ -449,15 +454,27 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
                          "derivatives); or set hessian_weight: 0")
     n_valid = len(valid_graphs)
     if ranks.active and len(valid_graphs) >= ranks.world:  # each rank validates its share; sums are reduced
-        valid_graphs = list(valid_graphs)[ranks.rank::ranks.world]
-    # the data set is moved to the device once; batches are assembled there without host round trips
-    train_graphs = [to_device(g, device, dtype) for g in train_graphs]
-    valid_graphs = [to_device(g, device, dtype) for g in valid_graphs]
+        valid_graphs = valid_graphs[ranks.rank::ranks.world]
+    # an in-memory data set is moved to the device once, and batches are assembled there without host round
+    # trips; a packed one (GraphStore) stays on disk, and each batch is read, collated and moved as it is needed
+    streamed = isinstance(train_graphs, GraphStore)
+    if not streamed:
+        train_graphs = [to_device(g, device, dtype) for g in train_graphs]
+    if not isinstance(valid_graphs, GraphStore):
+        valid_graphs = [to_device(g, device, dtype) for g in valid_graphs]
     n_train = len(train_graphs)
-    with_energy = [g for g in train_graphs if float(g[K.HAS_ENERGY].sum()) > 0]
-    refit_graphs = with_energy[:: max(1, len(with_energy) // training.refit_structures)][: training.refit_structures]
-    atom_counts = [int(g[K.POSITIONS].shape[0]) for g in train_graphs]
-    edge_counts = [int(g[K.EDGE_INDEX].shape[1]) for g in train_graphs]
+    if streamed:
+        with_energy = np.flatnonzero(train_graphs.column(K.HAS_ENERGY))
+        chosen = with_energy[:: max(1, len(with_energy) // training.refit_structures)][: training.refit_structures]
+        refit_graphs = [to_device(g, device, dtype) for g in train_graphs.subset(chosen)]
+        atom_counts = train_graphs.column("n_atoms").tolist()
+        edge_counts = train_graphs.column("n_edges").tolist()
+    else:
+        with_energy = [g for g in train_graphs if float(g[K.HAS_ENERGY].sum()) > 0]
+        refit_graphs = with_energy[:: max(1, len(with_energy) // training.refit_structures)][
+            : training.refit_structures]
+        atom_counts = [int(g[K.POSITIONS].shape[0]) for g in train_graphs]
+        edge_counts = [int(g[K.EDGE_INDEX].shape[1]) for g in train_graphs]
     params = [p for p in model.parameters() if p.requires_grad]
     with _Reporter(progress, training.epochs, state["epoch"]) as reporter:
         if resumed_from is not None:
@@ -486,14 +503,14 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             n_seen = 0  # structures stepped on (a wrapped-around batch of a DDP shard counts again)
             lr = schedule(state["step"], progress_at(epoch - 1, 0.0), epoch - 1)
             first_lr = lr
-            for k, chunk in enumerate(batches):
+            for k, (chunk, batch) in enumerate(zip(batches, batches_of(train_graphs, batches, device, dtype,
+                                                                        workers))):
                 in_epoch = clock(start)
                 if n_seen and out_of_time(in_epoch):  # the budget ends mid-epoch: validate what we have
                     break
                 lr = schedule(state["step"], progress_at(epoch - 1 + k / len(batches), in_epoch), epoch - 1)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = collate([train_graphs[i] for i in chunk])
                 optimizer.zero_grad(set_to_none=True)
                 hessian_step = train_hessian and batch_has_hessians(batch)
                 if hessian_step:  # H·v is the derivative of F·v with respect to these positions
@@ -618,13 +635,20 @@ def _isolated_e0s(configs: Sequence[Configuration]) -> dict[int, float]:
 def resolve_e0s(e0s: str | dict[int, float], configs: Sequence[Configuration], elements: Sequence[int]
                 ) -> dict[int, float]:
     """``"fit"`` → least squares over the training energies; ``"isolated"`` → isolated-atom frames; or given."""
-    from ase.data import chemical_symbols
-
     if e0s == "fit":
         from equiforce.data.stats import fit_e0s
 
         return {int(z): float(v) for z, v in fit_e0s(configs, list(elements)).items()}
-    values = _isolated_e0s(configs) if e0s == "isolated" else {int(z): float(v) for z, v in e0s.items()}
+    return chosen_e0s(e0s, _isolated_e0s(configs) if e0s == "isolated" else {}, elements)
+
+
+def chosen_e0s(e0s: str | dict[int, float], isolated: dict[int, float], elements: Sequence[int]
+               ) -> dict[int, float]:
+    """The E0 of each element for ``e0s: isolated`` (from ``isolated``, per element) or given values; an error
+    naming the elements without one."""
+    from ase.data import chemical_symbols
+
+    values = isolated if e0s == "isolated" else {int(z): float(v) for z, v in e0s.items()}
     missing = [z for z in elements if z not in values]
     if missing:
         names = ", ".join(chemical_symbols[z] for z in missing)
@@ -664,24 +688,46 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     train_graphs = labelled_graphs(train, model_cfg.cutoff, dtype, training_cfg.config_type_weights)
     valid_graphs = labelled_graphs(valid, model_cfg.cutoff, dtype, training_cfg.config_type_weights)
     stats = dataset_statistics(train_graphs, e0_values)
+    model = model_for_data(model_cfg, training_cfg, elements, e0_values, stats,
+                           lambda: closest_pairs([*train_graphs, *valid_graphs]))
+    return fit_and_test(model, train_graphs, valid_graphs, training_cfg, output_dir, stats=stats, test=test,
+                        resume=resume, checkpoint_every=checkpoint_every, progress=progress, extra=extra,
+                        epoch_callback=epoch_callback)
+
+
+def model_for_data(model_cfg: ModelConfig, training_cfg: TrainingConfig, elements: Sequence[int],
+                   e0_values: dict[int, float], stats: dict[str, Any],
+                   closest: Callable[[], dict[tuple[int, int], float]]) -> Potential:
+    """The model a config describes, normalised by the training data's statistics (scale: force RMS; shift: mean
+    per-atom energy after E0s) and, for ``short_range_fade: auto``, faded where the data end at short range
+    (``closest()``: the shortest distance of each element pair; called only then)."""
     scale = float(stats.get("force_rms", 0.0) or 0.0)
     shift = float(stats.get("energy_shift", 0.0))  # gated by coordination: isolated atoms keep their E0
     architecture = model_cfg.spec_kwargs()
     if architecture.get("short_range_fade") == "auto":  # where the data end at short range (train and valid)
-        architecture["short_range_fade"] = (fade_from_closest(closest_pairs([*train_graphs, *valid_graphs]))
-                                            if architecture.get("zbl") else None)
+        architecture["short_range_fade"] = fade_from_closest(closest()) if architecture.get("zbl") else None
     try:
-        spec = ModelSpec(**architecture, elements=elements, e0s=e0_values,
+        spec = ModelSpec(**architecture, elements=list(elements), e0s=e0_values,
                          avg_num_neighbors=max(float(stats["avg_num_neighbors"]), 1e-6),
                          energy_scale=scale if scale > 0 else 1.0, energy_shift=shift)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "model")) from None
     torch.manual_seed(training_cfg.seed)
-    model = build_model(spec, dtype=dtype)
-    extra = {"statistics": _jsonable(stats), "n_train": len(train), "n_valid": len(valid), **(extra or {})}
+    return build_model(spec, dtype=DTYPES[training_cfg.dtype])
+
+
+def fit_and_test(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph],
+                 training_cfg: TrainingConfig, output_dir: str | os.PathLike, *, stats: dict[str, Any],
+                 test: Sequence[Configuration] | None, resume: bool, checkpoint_every: int, progress: bool | None,
+                 extra: dict[str, Any] | None, epoch_callback: EpochCallback | None, workers: int = 0
+                 ) -> dict[str, Any]:
+    """:func:`fit`, then the best model's errors on ``test`` (when given)."""
+    n_train, n_valid = len(train_graphs), len(valid_graphs)
+    extra = {"statistics": _jsonable(stats), "n_train": n_train, "n_valid": n_valid, **(extra or {})}
     result = fit(model, train_graphs, valid_graphs, training_cfg, output_dir, resume=resume,
-                 checkpoint_every=checkpoint_every, progress=progress, extra=extra, epoch_callback=epoch_callback)
-    result.update(n_train=len(train), n_valid=len(valid))
+                 checkpoint_every=checkpoint_every, progress=progress, extra=extra, epoch_callback=epoch_callback,
+                 workers=workers)
+    result.update(n_train=n_train, n_valid=n_valid)
     if test:
         device = resolve_device(training_cfg.device)
         best = load_model(result["best_model"], device=device)
@@ -716,11 +762,19 @@ def check_before_training(training: TrainingConfig, labelled: Sequence[Configura
     """What would otherwise go wrong silently, or only after the whole budget is spent: config-type weights
     that name no structure's ``config_type`` (a typo leaves every weight at 1), and a test set with an element
     the model will not know or a geometry no graph can be built for (found by the evaluation at the end)."""
-    present = {c.config_type for c in labelled}
+    check_type_weights(training, {c.config_type for c in labelled})
+    check_test_set(test, elements, cutoff, dtype)
+
+
+def check_type_weights(training: TrainingConfig, present: set[str]) -> None:
     unused = sorted(set(training.config_type_weights) - present)
     if unused:
         raise ConfigError(f"training.config_type_weights names config types that no training or validation "
                           f"structure has: {unused} (the data have {sorted(present)})")
+
+
+def check_test_set(test: Sequence[Configuration] | None, elements: Sequence[int], cutoff: float,
+                   dtype: torch.dtype) -> None:
     for config in test or ():
         unknown = sorted({int(z) for z in config.numbers} - set(elements))
         if unknown:
@@ -770,6 +824,8 @@ def train(config: TrainConfig, *, progress: bool | None = None,
 
     data = config.data
     keys = reader_options(data)
+    if is_pack(data.train):
+        return _train_pack(config, progress=progress, epoch_callback=epoch_callback)
     train_set = read_labelled(data.train, data, config.training)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
     test_set = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
@@ -788,3 +844,28 @@ def train(config: TrainConfig, *, progress: bool | None = None,
                          replay_holdout=tune.replay_holdout, e0s=data.e0s, **common)
     return train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
                          e0s=data.e0s, **common)
+
+
+def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: EpochCallback | None
+                ) -> dict[str, Any]:
+    """``equiforce train`` with ``data.train`` a packed dataset: validation and test sets may be packs or files."""
+    from equiforce.data.io import read_configurations
+    from equiforce.train.data_files import reader_options
+    from equiforce.train.packed_training import train_store
+
+    data = config.data
+    if config.finetune is not None:
+        raise ConfigError("finetune reads its training structures into memory: give data.train as structure files, "
+                          "not a packed dataset (or read the pack back with equiforce.data.io.read_configurations)")
+    keys = reader_options(data)
+    store = GraphStore.open(data.train)
+    valid: GraphStore | list[Configuration] | None = None
+    if data.valid is not None:
+        valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
+    test = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
+    extra = {"data": {"train": str(data.train), "train_sha256": store.index["content_sha256"]},
+             "config": config.model_dump(mode="json")}
+    return train_store(store, valid, config.model, config.training, config.output.directory, e0s=data.e0s,
+                       valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=test,
+                       resume=config.output.resume, checkpoint_every=config.output.checkpoint_every,
+                       progress=progress, extra=extra, epoch_callback=epoch_callback, workers=data.workers)

@@ -1,0 +1,490 @@
+"""Packed graph datasets: structures turned into graphs once, stored on disk, and read back lazily.
+
+Why: an in-memory dataset holds every graph on every rank, and a materials database of a million structures does
+not fit.  ``equiforce pack`` builds the graphs (neighbour lists at one cutoff, labels in eV and Å) and writes them
+into safetensors shards; training memory-maps the shards and reads only the structures of the batch it steps on,
+a few kB each, while the page cache keeps what is hot.  Statistics, E0 fits and batch packing come from a
+per-structure summary, so starting a run reads no structure.  Loading never unpickles (safetensors + JSON).
+
+A pack directory holds:
+
+* ``index.json`` — format, cutoff, elements, config types, the source files with their SHA-256, the shards with
+  their sizes and content digests, and one digest of the whole content (what a resumed training run checks);
+* ``shard-NNNNN.safetensors`` — per graph key the tensors of its structures end to end, ``ptr/KEY`` offsets, and
+  that shard's summary columns;
+* ``summary.safetensors`` — the per-structure columns of the whole pack (:data:`SUMMARY_COLUMNS`, a composition
+  matrix over the pack's elements, and where each structure lies);
+* ``progress.json`` — only while packing: the finished shards and the input position, so a killed pack resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from equiforce.data import keys as K
+from equiforce.data.graph import Graph, config_to_graph
+from equiforce.data.structure import Configuration
+from equiforce.errors import ConfigError, DataError
+
+FORMAT = "equiforce-graphs"
+VERSION = 1
+INDEX, SUMMARY, PROGRESS, LOCK = "index.json", "summary.safetensors", "progress.json", "pack.lock"
+STORED_DTYPES = {"float64": np.float64, "float32": np.float32}
+# per structure, in every shard and in summary.safetensors (flags under the graph's own key names)
+SUMMARY_COLUMNS = {"n_atoms": np.int64, "n_edges": np.int64, K.ENERGY: np.float64, K.HAS_ENERGY: np.uint8,
+                   K.HAS_FORCES: np.uint8, K.HAS_STRESS: np.uint8, K.HAS_HESSIAN: np.uint8, K.WEIGHT: np.float64,
+                   "isolated": np.uint8, "force_sq": np.float64, "force_count": np.int64, "frame": np.int64,
+                   "source": np.int32}
+
+
+# local atom numbers of each edge and its integer cell shifts, stored narrow (read back as long / float)
+COMPACT = {K.EDGE_INDEX: np.int32, K.SHIFTS: np.int16}
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a packed dataset (a directory with an ``index.json``)."""
+    return Path(path).is_dir() and (Path(path) / INDEX).is_file()
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+class _ShardBuilder:
+    """Graphs of one shard, gathered until it is full."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+        self.arrays: dict[str, list[np.ndarray]] = {}
+        self.columns: dict[str, list[Any]] = {name: [] for name in SUMMARY_COLUMNS}
+        self.numbers: list[np.ndarray] = []
+        self.config_types: list[str] = []
+        self.closest: dict[tuple[int, int], float] = {}
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def add(self, graph: Graph, config: Configuration, source: int, isolated: bool) -> None:
+        from equiforce.data.stats import closest_pairs
+
+        for key, value in graph.items():
+            array = value.numpy()
+            if key in COMPACT:  # integers stored narrow: 11 bytes per edge instead of 40
+                array = array.T if key == K.EDGE_INDEX else array  # [E, 2]: structures end to end along axis 0
+                if array.size and np.abs(array).max() > np.iinfo(COMPACT[key]).max:
+                    raise DataError(f"{key} out of the stored range", source=config.source, frame=config.frame)
+                array = array.astype(COMPACT[key])
+            elif array.dtype.kind == "f":
+                array = array.astype(self.dtype)
+            self.arrays.setdefault(key, []).append(np.ascontiguousarray(array))
+            self.nbytes += array.nbytes
+        has_forces = float(graph[K.HAS_FORCES][0]) > 0
+        forces = graph[K.FORCES].double()
+        row = {"n_atoms": config.n_atoms, "n_edges": int(graph[K.EDGE_INDEX].shape[1]),
+               K.ENERGY: float(graph[K.ENERGY][0]), "isolated": int(isolated), K.WEIGHT: float(graph[K.WEIGHT][0]),
+               "force_sq": float((forces**2).sum()) if has_forces else 0.0,
+               "force_count": forces.numel() if has_forces else 0, "frame": config.frame, "source": source,
+               **{flag: int(float(graph[flag][0]) > 0)
+                  for flag in (K.HAS_ENERGY, K.HAS_FORCES, K.HAS_STRESS, K.HAS_HESSIAN)}}
+        for name, value in row.items():
+            self.columns[name].append(value)
+        self.numbers.append(np.asarray(config.numbers, dtype=np.int64))
+        self.config_types.append(config.config_type)
+        for pair, distance in closest_pairs([graph]).items():
+            self.closest[pair] = min(self.closest.get(pair, distance), distance)
+
+    def payload(self) -> tuple[bytes, str]:
+        """The shard as safetensors bytes (graph tensors, their offsets, the summary columns; the element and
+        config-type tables, the closest pairs and each key's layout as metadata), and the SHA-256 of that content
+        (the file's bytes are not reproducible: safetensors writes the metadata in a random order)."""
+        from safetensors.numpy import save
+
+        tensors: dict[str, np.ndarray] = {}
+        layout: dict[str, list[Any]] = {}
+        for key, parts in self.arrays.items():
+            tensors[key] = np.concatenate(parts, axis=0)
+            ptr = np.zeros(len(parts) + 1, dtype=np.int64)
+            ptr[1:] = np.cumsum([len(p) for p in parts])
+            tensors[f"ptr/{key}"] = ptr
+            layout[key] = [tensors[key].dtype.str, list(tensors[key].shape[1:])]
+        for name, kind in SUMMARY_COLUMNS.items():
+            tensors[f"summary/{name}"] = np.asarray(self.columns[name], dtype=kind)
+        elements = sorted({int(z) for numbers in self.numbers for z in numbers})
+        column = {z: k for k, z in enumerate(elements)}
+        composition = np.zeros((len(self), len(elements)), dtype=np.int32)
+        for row, numbers in enumerate(self.numbers):
+            np.add.at(composition[row], [column[int(z)] for z in numbers], 1)
+        tensors["summary/composition"] = composition
+        types = sorted(set(self.config_types))
+        tensors["summary/config_type"] = np.asarray([types.index(t) for t in self.config_types], dtype=np.int32)
+        # safetensors refuses zero-sized slices: a reader builds those from the layout
+        metadata = {"elements": json.dumps(elements), "config_types": json.dumps(types), "layout": json.dumps(layout),
+                    "closest": json.dumps({f"{a}-{b}": d for (a, b), d in sorted(self.closest.items())})}
+        digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+        for name in sorted(tensors):
+            digest.update(f"{name}|{tensors[name].dtype.str}|{tensors[name].shape}".encode())
+            digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+        return save(tensors, metadata=metadata), digest.hexdigest()
+
+
+def _settings(inputs: Sequence[str | os.PathLike], cutoff: float, dtype: str, reader: Mapping[str, Any],
+              shard_mb: float) -> dict[str, Any]:
+    from equiforce.utils.digest import file_sha256
+
+    sources = []
+    for path in inputs:
+        if not Path(path).is_file():
+            raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=str(path))
+        sources.append({"path": str(path), "sha256": file_sha256(path), "bytes": Path(path).stat().st_size})
+    return {"cutoff": float(cutoff), "dtype": dtype, "reader": dict(reader), "shard_mb": float(shard_mb),
+            "sources": sources}
+
+
+def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff: float,
+         reader: Mapping[str, Any] | None = None, dtype: str = "float64", shard_mb: float = 256.0,
+         overwrite: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Build the graphs of every structure of ``inputs`` at ``cutoff`` and write them as a pack into ``out``.
+
+    ``reader`` holds :func:`~equiforce.data.io.read_configurations`' label keys and format.  Shards of about
+    ``shard_mb`` MB are written atomically as they fill; a pack that is killed resumes from its last shard when
+    run again with the same inputs and options (``progress.json``), and a finished one is refused unless
+    ``overwrite``.  ``progress(n)`` is called with the number of structures packed so far.  Returns the index.
+    """
+    from equiforce.data.io import iter_configurations
+    from equiforce.data.stats import is_isolated_atom
+    from equiforce.utils.atomic_io import atomic_write, atomic_write_json
+    from equiforce.utils.locking import held_lock
+
+    if dtype not in STORED_DTYPES:
+        raise ConfigError(f"pack dtype must be one of {sorted(STORED_DTYPES)}, got {dtype!r}")
+    if not cutoff > 0 or not shard_mb > 0:
+        raise ConfigError(f"cutoff and shard size must be positive, got {cutoff} Å and {shard_mb} MB")
+    if not inputs:
+        raise ConfigError("no input files to pack")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    reader = dict(reader or {})
+    with held_lock(out / LOCK, "packing"):
+        if (out / INDEX).exists():
+            if not overwrite:
+                raise ConfigError(f"{out} already holds a finished pack; give another directory or --overwrite")
+            _remove_pack_files(out)
+        settings = _settings(inputs, cutoff, dtype, reader, shard_mb)
+        state: dict[str, Any] = {"settings": settings, "shards": [], "position": [0, 0]}
+        if (out / PROGRESS).exists():
+            saved = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
+            if saved.get("settings") != settings:
+                changed = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+                raise ConfigError(f"{out} holds an unfinished pack made with other {', '.join(changed)}; give the same "
+                                  "inputs and options to resume it, or another directory")
+            state = saved
+            _check_shards(out, state["shards"])
+        else:
+            _remove_pack_files(out)  # shards of an unfinished pack whose progress file never got written
+        done = sum(s["structures"] for s in state["shards"])
+        builder = _ShardBuilder(STORED_DTYPES[dtype])
+        limit = shard_mb * 1e6
+
+        def flush(position: list[int]) -> None:
+            nonlocal builder
+            data, content = builder.payload()
+            name = shard_name(len(state["shards"]))
+
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+
+            atomic_write(out / name, write)
+            state["shards"].append({"file": name, "structures": len(builder), "bytes": len(data),
+                                    "content_sha256": content})
+            state["position"] = position
+            atomic_write_json(out / PROGRESS, state)
+            builder = _ShardBuilder(STORED_DTYPES[dtype])
+
+        first_input, first_frame = state["position"]
+        position = [first_input, first_frame]
+        for number in range(first_input, len(inputs)):
+            start = first_frame if number == first_input else 0
+            for config in iter_configurations(inputs[number], **reader, start=start):
+                isolated = is_isolated_atom(config)
+                if isolated and config.n_atoms != 1:
+                    raise DataError(f"labelled as an isolated atom but has {config.n_atoms} atoms",
+                                    source=config.source, frame=config.frame, field="config_type")
+                builder.add(config_to_graph(config, cutoff, torch.float64), config, number, isolated)
+                position = [number, config.frame + 1]
+                done += 1
+                if progress is not None:
+                    progress(done)
+                if builder.nbytes >= limit:
+                    flush(position)
+            position = [number + 1, 0]
+        if len(builder):
+            flush(position)
+        if not state["shards"]:
+            raise DataError("no structures to pack", source=str(inputs[0]))
+        index = _finish(out, state)
+        (out / PROGRESS).unlink(missing_ok=True)
+        return index
+
+
+def _remove_pack_files(out: Path) -> None:
+    for path in [out / INDEX, out / SUMMARY, out / PROGRESS, *out.glob("shard-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
+def _check_shards(out: Path, shards: Sequence[Mapping[str, Any]]) -> None:
+    for shard in shards:
+        path = out / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise DataError(f"shard {shard['file']} is missing or has another size than when it was written "
+                            f"({shard['bytes']} bytes); pack into a new directory", source=str(out))
+
+
+def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Join the shards' summaries into ``summary.safetensors`` and write ``index.json`` (last: it marks the pack
+    as complete)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
+    from equiforce.utils.atomic_io import atomic_write, atomic_write_json
+
+    parts: list[dict[str, np.ndarray]] = []
+    metas: list[dict[str, Any]] = []
+    for shard in state["shards"]:
+        with safe_open(str(out / shard["file"]), framework="numpy") as handle:
+            meta = handle.metadata()
+            metas.append({k: json.loads(v) for k, v in meta.items()})
+            parts.append({k.removeprefix("summary/"): handle.get_tensor(k) for k in handle.keys()
+                          if k.startswith("summary/")})
+    elements = sorted({z for meta in metas for z in meta["elements"]})
+    config_types = sorted({t for meta in metas for t in meta["config_types"]})
+    closest: dict[str, float] = {}
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in [*SUMMARY_COLUMNS, "config_type", "composition",
+                                                                   "shard", "row"]}
+    for number, (part, meta) in enumerate(zip(parts, metas)):
+        count = len(part["n_atoms"])
+        for name in SUMMARY_COLUMNS:
+            columns[name].append(part[name])
+        remap = np.asarray([config_types.index(t) for t in meta["config_types"]], dtype=np.int32)
+        columns["config_type"].append(remap[part["config_type"]] if count else part["config_type"])
+        composition = np.zeros((count, len(elements)), dtype=np.int32)
+        composition[:, [elements.index(z) for z in meta["elements"]]] = part["composition"]
+        columns["composition"].append(composition)
+        columns["shard"].append(np.full(count, number, dtype=np.int32))
+        columns["row"].append(np.arange(count, dtype=np.int64))
+        for pair, distance in meta["closest"].items():
+            closest[pair] = min(closest.get(pair, distance), distance)
+    summary = {name: np.concatenate(values) for name, values in columns.items()}
+    payload = save(summary)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+
+    atomic_write(out / SUMMARY, write)
+    from equiforce import __version__
+
+    content = hashlib.sha256(json.dumps([state["settings"]["cutoff"], state["settings"]["dtype"],
+                                         [s["content_sha256"] for s in state["shards"]]]).encode()).hexdigest()
+    counts = np.bincount(summary["source"], minlength=len(state["settings"]["sources"]))
+    index = {"format": FORMAT, "version": VERSION, "equiforce": __version__,
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "structures": int(len(summary["row"])),
+             "atoms": int(summary["n_atoms"].sum()), "edges": int(summary["n_edges"].sum()),
+             "cutoff": state["settings"]["cutoff"], "dtype": state["settings"]["dtype"],
+             "reader": state["settings"]["reader"], "elements": elements, "config_types": config_types,
+             "closest_pairs": dict(sorted(closest.items())),
+             "sources": [{**s, "structures": int(n)} for s, n in zip(state["settings"]["sources"], counts)],
+             "shards": state["shards"], "summary_bytes": len(payload), "content_sha256": content}
+    atomic_write_json(out / INDEX, index)
+    return index
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+class GraphStore(Sequence[Graph]):
+    """The graphs of a pack (or a subset of them), read from the memory-mapped shards when asked for.
+
+    Behaves as a sequence of graphs, so code written for a list of graphs runs on it; a slice is a store over
+    the selected structures.  Summary columns (:meth:`column`) answer questions about the structures without
+    reading them.  Config-type ``type_weights`` multiply the loss weights as they are read, as for in-memory
+    training graphs.  Open shard handles are per process (a DataLoader worker opens its own).
+    """
+
+    def __init__(self, root: Path, index: dict[str, Any], summary: dict[str, np.ndarray], indices: np.ndarray,
+                 type_weights: Mapping[str, float] | None = None) -> None:
+        self.root, self.index, self._summary = root, index, summary
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.type_weights = dict(type_weights or {})
+        self._handles: dict[int, tuple[Any, dict[str, Any], dict[str, np.ndarray], dict[str, Any]]] = {}
+        self._pid = os.getpid()
+        self._float_dtype = torch.float64 if index["dtype"] == "float64" else torch.float32
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> GraphStore:
+        """Open a pack, checking its index and that its files are there with the sizes written."""
+        from safetensors.numpy import load_file
+
+        root = Path(root)
+        where = str(root)
+        if not (root / INDEX).is_file():
+            raise DataError(f"not a packed dataset (no {INDEX}; an unfinished pack has a {PROGRESS}: run equiforce "
+                            "pack again to finish it)", source=where)
+        try:
+            index = json.loads((root / INDEX).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read {INDEX}: {err}", source=where) from err
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise DataError(f"{INDEX} is not an equiforce pack index", source=where, field="format")
+        if index.get("version") != VERSION:
+            raise DataError(f"pack version {index.get('version')} is not readable by this equiforce (reads "
+                            f"{VERSION}); pack the data again", source=where, field="version")
+        _check_shards(root, index["shards"])
+        path = root / SUMMARY
+        if not path.is_file() or path.stat().st_size != index["summary_bytes"]:
+            raise DataError(f"{SUMMARY} is missing or has another size than when it was written", source=where)
+        try:
+            summary = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - any failure here means a damaged file
+            raise DataError(f"cannot read {SUMMARY}: {err}", source=where) from err
+        if len(summary["row"]) != index["structures"]:
+            raise DataError(f"{SUMMARY} lists {len(summary['row'])} structures, the index {index['structures']}",
+                            source=where)
+        return cls(root, index, summary, np.arange(index["structures"]))
+
+    # -- the sequence
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice | np.ndarray | list | range):
+            return self.subset(np.arange(len(self))[item])
+        return self._graph(int(self.indices[item]))
+
+    def __iter__(self) -> Iterator[Graph]:
+        for k in self.indices:
+            yield self._graph(int(k))
+
+    def subset(self, positions: Sequence[int] | np.ndarray) -> GraphStore:
+        """The structures at ``positions`` of this store, in that order."""
+        return GraphStore(self.root, self.index, self._summary, self.indices[np.asarray(positions, dtype=np.int64)],
+                          self.type_weights)
+
+    def with_type_weights(self, type_weights: Mapping[str, float]) -> GraphStore:
+        return GraphStore(self.root, self.index, self._summary, self.indices, type_weights)
+
+    # -- what the summary answers
+    @property
+    def cutoff(self) -> float:
+        return float(self.index["cutoff"])
+
+    def column(self, name: str) -> np.ndarray:
+        """A per-structure summary column over this store's structures (see :data:`SUMMARY_COLUMNS`, plus
+        ``composition`` over :attr:`elements`, ``config_type`` as a number into ``index["config_types"]``)."""
+        return self._summary[name][self.indices]
+
+    @property
+    def elements(self) -> list[int]:
+        """The pack's elements (the columns of ``column("composition")``)."""
+        return list(self.index["elements"])
+
+    def elements_present(self) -> list[int]:
+        counts = self.column("composition").sum(axis=0) if len(self) else np.zeros(len(self.elements))
+        return [z for z, n in zip(self.elements, counts) if n > 0]
+
+    def config_types_present(self) -> set[str]:
+        return {self.index["config_types"][k] for k in np.unique(self.column("config_type"))}
+
+    def labelled(self, flag: str) -> bool:
+        """Whether any structure carries the label of ``flag`` (``K.HAS_ENERGY``, ``K.HAS_FORCES``, ...)."""
+        return bool(self.column(flag).any())
+
+    def closest_pairs(self) -> dict[tuple[int, int], float]:
+        """The shortest distance of each element pair over the whole pack (its edges at its cutoff)."""
+        return {tuple(int(z) for z in pair.split("-")): float(d) for pair, d in self.index["closest_pairs"].items()}
+
+    def content_sha256(self) -> str:
+        """The pack's content digest combined with the selection and weights: what a resumed run compares."""
+        digest = hashlib.sha256(self.index["content_sha256"].encode())
+        digest.update(self.indices.tobytes())
+        digest.update(json.dumps(self.type_weights, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    # -- reading
+    def _shard(self, number: int) -> tuple[Any, dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+        from safetensors import safe_open
+
+        if os.getpid() != self._pid:  # a forked worker: mappings and handles are opened afresh
+            self._handles, self._pid = {}, os.getpid()
+        if number not in self._handles:
+            path = self.root / self.index["shards"][number]["file"]
+            try:
+                handle = safe_open(str(path), framework="numpy")
+                layout = json.loads(handle.metadata()["layout"])
+                keys = list(layout)
+                ptrs = {key: handle.get_tensor(f"ptr/{key}") for key in keys}
+                slices = {key: handle.get_slice(key) for key in keys}
+            except Exception as err:  # noqa: BLE001 - any failure here means a damaged shard
+                raise DataError(f"cannot read {path.name}: {err}", source=str(self.root)) from err
+            self._handles[number] = (handle, slices, ptrs, layout)
+        return self._handles[number]
+
+    def _graph(self, k: int) -> Graph:
+        _, slices, ptrs, layout = self._shard(int(self._summary["shard"][k]))
+        row = int(self._summary["row"][k])
+        graph: Graph = {}
+        for key, ptr in ptrs.items():
+            a, b = int(ptr[row]), int(ptr[row + 1])
+            if a == b:
+                dtype, trailing = layout[key]
+                value = np.zeros((0, *trailing), dtype=np.dtype(dtype))
+            else:
+                value = slices[key][a:b]
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            if key == K.EDGE_INDEX:
+                tensor = tensor.T.long().contiguous()
+            elif key == K.SHIFTS:
+                tensor = tensor.to(self._float_dtype)
+            graph[key] = tensor
+        if self.type_weights:
+            name = self.index["config_types"][int(self._summary["config_type"][k])]
+            factor = self.type_weights.get(name, 1.0)
+            if factor != 1.0:
+                graph[K.WEIGHT] = graph[K.WEIGHT] * factor
+        return graph
+
+    def configuration(self, position: int) -> Configuration:
+        """Structure ``position`` of this store as a :class:`Configuration`, its source file and frame those it
+        was packed from (so errors name where it came from)."""
+        k = int(self.indices[position])
+        g = self._graph(k)
+        n = int(g[K.N_ATOMS][0])
+        has = {flag: float(g[flag][0]) > 0 for flag in (K.HAS_ENERGY, K.HAS_FORCES, K.HAS_STRESS, K.HAS_HESSIAN)}
+        as64 = lambda t: t.double().numpy()  # noqa: E731
+        return Configuration(
+            numbers=g[K.NUMBERS].numpy().copy(), positions=as64(g[K.POSITIONS]), cell=as64(g[K.CELL][0]),
+            pbc=g[K.PBC][0].numpy().copy(), energy=float(g[K.ENERGY][0]) if has[K.HAS_ENERGY] else None,
+            forces=as64(g[K.FORCES]) if has[K.HAS_FORCES] else None,
+            stress=as64(g[K.STRESS][0]) if has[K.HAS_STRESS] else None,
+            hessian=as64(g[K.HESSIAN_LABEL]).reshape(3 * n, 3 * n) if has[K.HAS_HESSIAN] else None,
+            config_type=self.index["config_types"][int(self._summary["config_type"][k])],
+            weight=float(self._summary[K.WEIGHT][k]),
+            source=self.index["sources"][int(self._summary["source"][k])]["path"],
+            frame=int(self._summary["frame"][k]))
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn: no open handles
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state

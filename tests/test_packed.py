@@ -1,0 +1,310 @@
+"""Packed datasets (``equiforce pack``) and training streamed from them.
+
+A pack must hold exactly the graphs the in-memory path builds, read back the structures it was made from, resume
+an interrupted packing to the same content, and train the same model as the files it came from (same split, E0s,
+statistics, batches), with or without reader processes and under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+from safetensors.torch import load_file
+
+from equiforce.cli import main
+from equiforce.data import keys as K
+from equiforce.data.graph import collate, config_to_graph
+from equiforce.data.io import read_configurations
+from equiforce.data.packed import INDEX, PROGRESS, GraphStore, pack
+from equiforce.data.stats import dataset_statistics
+from equiforce.errors import ConfigError, DataError
+from equiforce.models.file import read_header
+from equiforce.train.config import load_config
+from equiforce.train.packed_training import pack_statistics
+from equiforce.train.trainer import train
+from tests.test_train import emt_frames
+
+CUTOFF = 4.0
+MODEL = dict(channels=8, radial_mlp=[16], num_layers=2, max_l=1, sh_lmax=2, correlation=2, cutoff=CUTOFF)
+
+
+def ethanols(n: int, seed: int) -> list[Atoms]:
+    """Rattled ethanol molecules in a box (not periodic) with EMT energies and forces, config type "mol"."""
+    frames = []
+    for i in range(n):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.03, seed=seed * 100 + i)
+        atoms.calc = EMT()
+        labels = dict(energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        atoms.calc = SinglePointCalculator(atoms, **labels)
+        atoms.info["config_type"] = "mol"
+        frames.append(atoms)
+    return frames
+
+
+def isolated_atoms() -> list[Atoms]:
+    frames = []
+    for symbol, energy in (("H", -0.5), ("C", -1.5), ("O", -2.0), ("Cu", -3.0), ("Ni", -4.0)):
+        atoms = Atoms(symbol, positions=[[0, 0, 0]])
+        atoms.calc = SinglePointCalculator(atoms, energy=energy)
+        atoms.info["config_type"] = "IsolatedAtom"
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[Path]:
+    """Two input files: periodic Cu/Ni cells with stress, then molecules and isolated atoms."""
+    root = tmp_path_factory.mktemp("packdata")
+    write(root / "cells.xyz", emt_frames(16, seed=11), format="extxyz")
+    write(root / "mols.xyz", ethanols(8, seed=3) + isolated_atoms(), format="extxyz")
+    return [root / "cells.xyz", root / "mols.xyz"]
+
+
+@pytest.fixture(scope="module")
+def packed(files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pack") / "data.pack"
+    pack(files, out, cutoff=CUTOFF, shard_mb=0.008)  # several shards
+    return out
+
+
+def test_pack_holds_the_graphs_the_files_give(files, packed):
+    configs = [c for f in files for c in read_configurations(f)]
+    store = GraphStore.open(packed)
+    index = json.loads((packed / INDEX).read_text())
+    assert len(store) == len(configs) == index["structures"] == 29
+    assert len(index["shards"]) > 2 and not (packed / PROGRESS).exists()
+    assert index["elements"] == [1, 6, 8, 28, 29] and index["config_types"] == ["Default", "IsolatedAtom", "mol"]
+    assert [s["structures"] for s in index["sources"]] == [16, 13]
+    for k, config in enumerate(configs):
+        expected, got = config_to_graph(config, CUTOFF), store[k]
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), (k, key)
+    assert store.column("isolated").sum() == 5
+    assert store.column("n_edges").tolist() == [int(config_to_graph(c, CUTOFF)[K.EDGE_INDEX].shape[1])
+                                                for c in configs]
+    # a slice is a store; a batch from it equals the batch from the graphs
+    batch, expected = collate(store[3:7]), collate([config_to_graph(c, CUTOFF) for c in configs[3:7]])
+    assert all(torch.equal(batch[key], expected[key]) for key in expected)
+
+
+def test_pack_reads_back_as_the_structures_it_was_made_from(files, packed):
+    originals = [c for f in files for c in read_configurations(f)]
+    back = read_configurations(packed)
+    for a, b in zip(originals, back):
+        assert (a.source, a.frame, a.config_type, a.weight) == (b.source, b.frame, b.config_type, b.weight)
+        np.testing.assert_array_equal(a.numbers, b.numbers)
+        np.testing.assert_array_equal(a.positions, b.positions)
+        np.testing.assert_array_equal(a.pbc, b.pbc)
+        assert a.energy == b.energy
+        for name in ("forces", "stress"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
+    assert len(read_configurations(packed, index="2:5")) == 3
+
+
+def test_statistics_from_the_summary_equal_those_from_the_graphs(files, packed):
+    store = GraphStore.open(packed)
+    structures = store.subset(np.flatnonzero(store.column("isolated") == 0))
+    e0s = {1: -0.1, 6: -1.0, 8: -2.0, 28: -3.0, 29: -4.0}
+    ours, theirs = pack_statistics(structures, e0s), dataset_statistics(list(structures), e0s)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-12), key
+
+
+def test_float32_pack_is_half_the_size_and_rounds_only_floats(files, tmp_path):
+    out = tmp_path / "f32"
+    pack(files, out, cutoff=CUTOFF, dtype="float32")
+    store = GraphStore.open(out)
+    graph, exact = store[0], config_to_graph(read_configurations(files[0])[0], CUTOFF)
+    assert graph[K.POSITIONS].dtype == torch.float32 and torch.equal(graph[K.EDGE_INDEX], exact[K.EDGE_INDEX])
+    torch.testing.assert_close(graph[K.FORCES].double(), exact[K.FORCES], rtol=1e-6, atol=1e-7)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_pack_resumes_to_the_same_content(files, packed, tmp_path):
+    out = tmp_path / "resumed"
+
+    def kill(count: int) -> None:
+        if count == 20:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        pack(files, out, cutoff=CUTOFF, shard_mb=0.008, progress=kill)
+    progress = json.loads((out / PROGRESS).read_text())
+    assert progress["shards"] and not (out / INDEX).exists()
+    with pytest.raises(DataError, match="unfinished pack"):
+        GraphStore.open(out)
+    with pytest.raises(ConfigError, match="other cutoff"):
+        pack(files, out, cutoff=5.0, shard_mb=0.008)
+    seen: list[int] = []
+    index = pack(files, out, cutoff=CUTOFF, shard_mb=0.008, progress=seen.append)
+    assert seen[0] > 1  # started after the shards already written
+    assert index["content_sha256"] == json.loads((packed / INDEX).read_text())["content_sha256"]
+    with pytest.raises(ConfigError, match="already holds a finished pack"):
+        pack(files, out, cutoff=CUTOFF)
+    assert pack(files, out, cutoff=CUTOFF, overwrite=True)["structures"] == 29
+
+
+def test_damaged_packs_and_bad_input_are_named(files, packed, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(packed, copy)
+    (copy / "shard-00001.safetensors").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="shard-00001.safetensors is missing or has another size"):
+        GraphStore.open(copy)
+    (copy / INDEX).write_text("{not json")
+    with pytest.raises(DataError, match="cannot read index.json"):
+        GraphStore.open(copy)
+    frames = emt_frames(3, seed=2)
+    frames[1].calc.results["forces"][0, 0] = np.nan
+    bad = tmp_path / "bad.xyz"
+    write(bad, frames, format="extxyz")
+    with pytest.raises(DataError, match=r"bad.xyz, frame 1, field 'forces'"):
+        pack([bad], tmp_path / "badpack", cutoff=CUTOFF)
+
+
+def config(path: Path, train_data: Path | str, out: Path, **extra) -> Path:
+    data_section = {"train": str(train_data), "valid_fraction": 0.25, "e0s": "isolated", **extra.pop("data", {})}
+    path.write_text(yaml.safe_dump({
+        "data": data_section, "model": MODEL,
+        "training": {"epochs": 3, "batch_size": 4, "lr": 0.01, "device": "cpu", "seed": 2,
+                     "config_type_weights": {"mol": 2.0}, **extra},
+        "output": {"directory": str(out)}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def joined(files, tmp_path_factory) -> Path:
+    """The two input files as one, so the in-memory run sees the same structures in the same order."""
+    path = tmp_path_factory.mktemp("joined") / "all.xyz"
+    from ase.io import read
+
+    write(path, [a for f in files for a in read(f, ":")], format="extxyz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def from_files(joined, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fromfiles")
+    return train(load_config(config(root / "c.yaml", joined, root / "run")), progress=False), root / "run"
+
+
+def test_training_on_a_pack_equals_training_on_its_files(joined, from_files, tmp_path):
+    store_dir = tmp_path / "one.pack"
+    pack([joined], store_dir, cutoff=CUTOFF)
+    result = train(load_config(config(tmp_path / "c.yaml", store_dir, tmp_path / "run")), progress=False)
+    ref, ref_out = from_files
+    assert (result["n_train"], result["n_valid"]) == (ref["n_train"], ref["n_valid"]) == (18, 6)
+    ours, theirs = read_header(tmp_path / "run" / "best.eqf"), read_header(ref_out / "best.eqf")
+    for key, value in theirs["spec"].items():
+        if isinstance(value, float):
+            assert ours["spec"][key] == pytest.approx(value, rel=1e-12), key
+        else:
+            assert ours["spec"][key] == value, key
+    assert ours["spec"]["e0s"] == {"1": -0.5, "6": -1.5, "8": -2.0, "28": -4.0, "29": -3.0}
+    logs = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (tmp_path / "run", ref_out)]
+    for a, b in zip(*logs):
+        for key in ("train_loss", "valid_loss", "valid_forces_mae", "valid_energy_per_atom_mae"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key
+    weights, expected = load_file(tmp_path / "run" / "last.eqf"), load_file(ref_out / "last.eqf")
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-8, atol=1e-10)
+    # the same run resumes; another pack is refused
+    assert train(load_config(config(tmp_path / "c.yaml", store_dir, tmp_path / "run")),
+                 progress=False)["resumed_from"] == 3
+    other = tmp_path / "other.pack"
+    pack([joined], other, cutoff=CUTOFF, dtype="float32")
+    with pytest.raises(ConfigError, match="other training data"):
+        train(load_config(config(tmp_path / "c.yaml", other, tmp_path / "run", epochs=4)), progress=False)
+
+
+def test_reader_processes_train_the_same_model(joined, from_files, tmp_path):
+    store_dir = tmp_path / "p"
+    pack([joined], store_dir, cutoff=CUTOFF)
+    train(load_config(config(tmp_path / "c.yaml", store_dir, tmp_path / "run", data={"workers": 2})), progress=False)
+    weights, expected = load_file(tmp_path / "run" / "last.eqf"), load_file(from_files[1] / "last.eqf")
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-8, atol=1e-10)
+
+
+def test_pack_validation_sets_and_config_errors(files, packed, tmp_path):
+    valid_pack = tmp_path / "valid"
+    pack([files[1]], valid_pack, cutoff=CUTOFF)
+    result = train(load_config(config(tmp_path / "v.yaml", packed, tmp_path / "v", epochs=1,
+                                      data={"valid": str(valid_pack)})), progress=False)
+    assert (result["n_train"], result["n_valid"]) == (24, 8)  # isolated atoms are E0s, not targets
+    result = train(load_config(config(tmp_path / "f.yaml", packed, tmp_path / "f", epochs=1,
+                                      data={"valid": str(files[1])})), progress=False)
+    assert result["n_valid"] == 8
+    with pytest.raises(ConfigError, match="packed with neighbours within 4 Å and model.cutoff is 5 Å"):
+        path = config(tmp_path / "c.yaml", packed, tmp_path / "c")
+        raw = yaml.safe_load(path.read_text())
+        raw["model"]["cutoff"] = 5.0
+        path.write_text(yaml.safe_dump(raw))
+        train(load_config(path), progress=False)
+    with pytest.raises(ConfigError, match="config_type_weights names config types"):
+        train(load_config(config(tmp_path / "t.yaml", packed, tmp_path / "t", config_type_weights={"typo": 2.0})),
+              progress=False)
+    energy_only = tmp_path / "energy_only"
+    pack([files[0]], energy_only, cutoff=CUTOFF, reader={"forces_key": "REF_forces"})
+    with pytest.raises(DataError, match="no structure has forces .*REF_forces"):
+        train(load_config(config(tmp_path / "e.yaml", energy_only, tmp_path / "e", data={"e0s": "fit"})),
+              progress=False)
+
+
+def test_pack_command(files, tmp_path, capsys):
+    out = tmp_path / "cli.pack"
+    assert main(["pack", *map(str, files), "--out", str(out), "--cutoff", "4", "--no-progress"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "packed 29 structures" in printed and f"data.train: {out}" in printed
+    assert "5 of 29 structures have no forces" in printed
+    assert main(["pack", str(files[0]), "--out", str(out), "--cutoff", "4", "--no-progress"]) == 2
+    assert "already holds a finished pack" in " ".join(capsys.readouterr().err.split())
+    assert main(["pack", str(tmp_path / "missing.xyz"), "--out", str(tmp_path / "m"), "--cutoff", "4"]) == 2
+    assert "missing.xyz: file not found" in " ".join(capsys.readouterr().err.split())
+
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.is_available(), reason="no torchrun")
+def test_two_ranks_on_a_pack_equal_one_process_with_the_union_batch(tmp_path):
+    data = tmp_path / "train.xyz"
+    write(data, emt_frames(20, seed=4), format="extxyz")  # equal-size cells: the union batch has the same gradient
+    store_dir = tmp_path / "train.pack"
+    pack([data], store_dir, cutoff=CUTOFF)
+
+    def run_config(name: str, batch: int) -> Path:
+        return config(tmp_path / f"{name}.yaml", store_dir, tmp_path / name, batch_size=batch, config_type_weights={},
+                      data={"e0s": "fit", "valid_fraction": 0.2})  # 16 training cells: whole batches
+
+    train(load_config(run_config("one", 4)), progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "equiforce.cli", "train",
+               str(run_config("two", 2)), "--no-progress"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, theirs = load_file(tmp_path / "two" / "last.eqf"), load_file(tmp_path / "one" / "last.eqf")
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-8, atol=1e-10)
