@@ -266,6 +266,9 @@ def test_pack_validation_sets_and_config_errors(files, packed, tmp_path):
     with pytest.raises(ConfigError, match="config_type_weights names config types"):
         train(load_config(config(tmp_path / "t.yaml", packed, tmp_path / "t", config_type_weights={"typo": 2.0})),
               progress=False)
+    with pytest.raises(ConfigError, match="data.forces_key: 'REF_forces' \\(packed with 'forces'\\)"):
+        train(load_config(config(tmp_path / "k.yaml", packed, tmp_path / "k", data={"forces_key": "REF_forces"})),
+              progress=False)
     energy_only = tmp_path / "energy_only"
     pack([files[0]], energy_only, cutoff=CUTOFF, reader={"forces_key": "REF_forces"})
     with pytest.raises(DataError, match="no structure has forces .*REF_forces"):

@@ -185,7 +185,11 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
         settings = _settings(inputs, cutoff, dtype, reader, shard_mb)
         state: dict[str, Any] = {"settings": settings, "shards": [], "position": [0, 0]}
         if (out / PROGRESS).exists():
-            saved = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
+            try:
+                saved = json.loads((out / PROGRESS).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot read {PROGRESS} of an unfinished pack ({err}); pack into a new directory",
+                                source=str(out)) from err
             if saved.get("settings") != settings:
                 changed = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
                 raise ConfigError(f"{out} holds an unfinished pack made with other {', '.join(changed)}; give the same "

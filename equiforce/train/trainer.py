@@ -859,6 +859,12 @@ def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: E
                           "not a packed dataset (or read the pack back with equiforce.data.io.read_configurations)")
     keys = reader_options(data)
     store = GraphStore.open(data.train)
+    packed_with = store.index["reader"]
+    differ = [f"data.{key}: {value!r} (packed with {packed_with.get(key)!r})" for key, value in keys.items()
+              if key in packed_with and value != packed_with[key] and not (key == "format" and value is None)]
+    if differ:  # the labels were read when the pack was made: a key set here would silently not apply
+        raise ConfigError(f"{data.train} is a pack, whose labels were read when it was packed; {'; '.join(differ)}. "
+                          "Pack again with those keys, or leave them out of the config")
     valid: GraphStore | list[Configuration] | None = None
     if data.valid is not None:
         valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
