@@ -85,7 +85,7 @@ test=$WHL/data/rmd17_aspirin_test_01.npz
 
 if [ "$ONLY" = all ]; then
     $PY -m pytest -q -p no:cacheprovider tests/test_physics.py tests/test_sim_md.py tests/test_sim_graphed.py \
-        tests/test_uq_ensemble.py tests/test_compiled.py \
+        tests/test_uq_ensemble.py tests/test_compiled.py tests/test_packed.py \
         2>&1 | tail -3 | tee "$RESULTS/tests.txt"
     sizes=$([ "$DEVICE" = cuda ] && echo 864,4000,16384,32000 || echo 256)
     molecules=$([ "$DEVICE" = cuda ] && echo 1000 || echo 4)
@@ -140,7 +140,7 @@ if [ "$ONLY" = lease ]; then
     chunk=$([ "$DEVICE" = cuda ] && echo 65536 || echo 2048)
     echo "[lease] tests at ${SECONDS}s"
     timeout "$(cap 70)" $PY -m pytest -q -p no:cacheprovider -k cuda -rs tests/test_compiled.py \
-        tests/test_sim_graphed.py tests/test_sim_md.py tests/test_uq_ensemble.py 2>&1 | tail -8 | tee "$work/tests.txt"
+        tests/test_sim_graphed.py tests/test_sim_md.py tests/test_uq_ensemble.py tests/test_packed.py 2>&1 | tail -8 | tee "$work/tests.txt"
     pack
     echo "[lease] md_speed at ${SECONDS}s"
     timeout "$(cap 210)" $PY benchmarks/md_speed.py --device "$DEVICE" --sizes "$sizes" --molecules "$molecules" \

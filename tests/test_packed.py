@@ -311,3 +311,30 @@ def test_two_ranks_on_a_pack_equal_one_process_with_the_union_batch(tmp_path):
     ours, theirs = load_file(tmp_path / "two" / "last.eqf"), load_file(tmp_path / "one" / "last.eqf")
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-8, atol=1e-10)
+
+
+def test_structures_are_read_one_at_a_time_from_where_a_pack_stopped(files, tmp_path):
+    from equiforce.data.io import iter_configurations
+
+    whole = read_configurations(files[0])
+    tail = list(iter_configurations(files[0], start=10))
+    assert [c.frame for c in tail] == list(range(10, 16))
+    np.testing.assert_array_equal(tail[0].positions, whole[10].positions)
+    text = files[0].read_text().splitlines()
+    broken = tmp_path / "broken.xyz"
+    broken.write_text("\n".join(text[: len(text) * 3 // 4 + 3]) + "\n")  # a frame cut off after its first atom
+    with pytest.raises(DataError, match=r"broken.xyz, frame \d+: cannot read structures"):
+        pack([broken], tmp_path / "b", cutoff=CUTOFF)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_streamed_training_on_cuda_equals_in_memory_training(joined, tmp_path):
+    """Pinned host batches moved without blocking (one reader process) train what device-resident graphs train."""
+    store_dir = tmp_path / "p"
+    pack([joined], store_dir, cutoff=CUTOFF)
+    for name, data, workers in (("memory", joined, 0), ("pack", store_dir, 1)):
+        train(load_config(config(tmp_path / f"{name}.yaml", data, tmp_path / name, device="cuda", epochs=2,
+                                 data={"workers": workers})), progress=False)
+    weights, expected = load_file(tmp_path / "pack" / "last.eqf"), load_file(tmp_path / "memory" / "last.eqf")
+    for key in expected:  # scatter-adds on a GPU sum in no fixed order
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-6, atol=1e-8)

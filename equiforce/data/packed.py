@@ -46,6 +46,10 @@ SUMMARY_COLUMNS = {"n_atoms": np.int64, "n_edges": np.int64, K.ENERGY: np.float6
                    "source": np.int32}
 
 
+# the label keys and format of read_configurations, as a pack records them
+READER_DEFAULTS = {"energy_key": "energy", "forces_key": "forces", "stress_key": "stress", "virial_key": "virial",
+                   "config_type_key": "config_type", "weight_key": "config_weight", "hessian_key": "hessian",
+                   "format": None}
 # local atom numbers of each edge and its integer cell shifts, stored narrow (read back as long / float)
 COMPACT = {K.EDGE_INDEX: np.int32, K.SHIFTS: np.int16}
 
@@ -176,7 +180,10 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    reader = dict(reader or {})
+    unknown = sorted(set(reader or {}) - set(READER_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown reader option(s) {unknown}; known: {sorted(READER_DEFAULTS)}")
+    reader = {**READER_DEFAULTS, **(reader or {})}  # recorded in full: training compares its data keys with them
     with held_lock(out / LOCK, "packing"):
         if (out / INDEX).exists():
             if not overwrite:

@@ -861,7 +861,7 @@ def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: E
     store = GraphStore.open(data.train)
     packed_with = store.index["reader"]
     differ = [f"data.{key}: {value!r} (packed with {packed_with.get(key)!r})" for key, value in keys.items()
-              if key in packed_with and value != packed_with[key] and not (key == "format" and value is None)]
+              if key in data.model_fields_set and key in packed_with and value != packed_with[key]]
     if differ:  # the labels were read when the pack was made: a key set here would silently not apply
         raise ConfigError(f"{data.train} is a pack, whose labels were read when it was packed; {'; '.join(differ)}. "
                           "Pack again with those keys, or leave them out of the config")
