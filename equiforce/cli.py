@@ -187,38 +187,31 @@ def cmd_train_uq(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
+    import numpy as np
+    from ase.data import chemical_symbols
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from equiforce.data import keys as K
     from equiforce.data.io import label_names
-    from equiforce.data.packed import pack
+    from equiforce.data.packed import READER_DEFAULTS, GraphStore, pack
 
-    reader = {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key,
-              "virial_key": args.virial_key, "config_type_key": args.config_type_key, "weight_key": args.weight_key,
-              "hessian_key": args.hessian_key, "format": args.format}
+    reader = {key: getattr(args, key) for key in READER_DEFAULTS}
     columns = (SpinnerColumn(), TextColumn("packing: {task.completed} structures"), TimeElapsedColumn())
     with Progress(*columns, console=_console(), disable=args.no_progress, transient=True) as bar:
         task = bar.add_task("pack", total=None)
         index = pack(args.data, args.out, cutoff=args.cutoff, reader=reader, dtype=args.dtype, shard_mb=args.shard_mb,
                      overwrite=args.overwrite, progress=lambda n: bar.update(task, completed=n))
-    from ase.data import chemical_symbols
-
     console = _console()
     size = sum(s["bytes"] for s in index["shards"]) + index["summary_bytes"]
     console.print(f"packed {index['structures']} structures ({index['atoms']} atoms, {index['edges']} edges within "
                   f"{index['cutoff']:g} Å) into {args.out}: {len(index['shards'])} shard(s), {size / 1e6:.1f} MB; "
                   f"elements {' '.join(chemical_symbols[z] for z in index['elements'])}")
-    import numpy as np
-
-    from equiforce.data import keys as K
-    from equiforce.data.packed import GraphStore
-
-    store = GraphStore.open(args.out)
-    for flag, name, key in ((K.HAS_ENERGY, "energies", args.energy_key), (K.HAS_FORCES, "forces", args.forces_key)):
-        count = int(np.count_nonzero(store.column(flag)))
-        if count < len(store):
-            names = label_names(args.data[0], args.format)
-            console.print(f"[yellow]note:[/] {len(store) - count} of {len(store)} structures have no {name} under "
-                          f"'{key}' (the first frame of {args.data[0]} carries {names})")
+    # every packed structure has an energy (a frame without one is refused, as for training); forces may be missing
+    without = int(np.count_nonzero(GraphStore.open(args.out).column(K.HAS_FORCES) == 0))
+    if without:
+        names = label_names(args.data[0], args.format)
+        console.print(f"[yellow]note:[/] {without} of {index['structures']} structures have no forces under "
+                      f"'{args.forces_key}' (the first frame of {args.data[0]} carries {names})")
     console.print(f"train on it with `data.train: {args.out}` (model.cutoff: {index['cutoff']:g})")
     return 0
 

@@ -338,3 +338,94 @@ def test_streamed_training_on_cuda_equals_in_memory_training(joined, tmp_path):
     weights, expected = load_file(tmp_path / "pack" / "last.eqf"), load_file(tmp_path / "memory" / "last.eqf")
     for key in expected:  # scatter-adds on a GPU sum in no fixed order
         torch.testing.assert_close(weights[key], expected[key], rtol=1e-6, atol=1e-8)
+
+
+def test_e0_fit_from_grouped_compositions_equals_the_fit_over_structures(files, packed):
+    from equiforce.data.stats import fit_e0s
+    from equiforce.train.packed_training import pack_e0s, without_isolated
+
+    store = GraphStore.open(packed)
+    configs = [c for f in files for c in read_configurations(f)]
+    elements = [1, 6, 8, 28, 29, 79]  # gold: in no structure (E0 0 and a warning, both ways)
+    isolated = store.subset(np.flatnonzero(store.column("isolated") != 0))
+    with pytest.warns(UserWarning):
+        ours = pack_e0s("fit", without_isolated(store), isolated, elements)
+    with pytest.warns(UserWarning):
+        theirs = fit_e0s(configs, elements)
+    assert ours.keys() == theirs.keys()
+    for z in theirs:
+        assert ours[z] == pytest.approx(theirs[z], rel=1e-10, abs=1e-10), z
+
+
+def test_a_validation_pack_must_have_the_model_cutoff(files, packed, tmp_path):
+    other = tmp_path / "valid2"
+    pack([files[1]], other, cutoff=2.0)
+    with pytest.raises(ConfigError, match=r"the validation set\) was packed with neighbours within 2 Å"):
+        train(load_config(config(tmp_path / "c.yaml", packed, tmp_path / "c", data={"valid": str(other)})),
+              progress=False)
+
+
+def test_label_keys_follow_the_pack(files, tmp_path):
+    from ase.io import read
+
+    renamed = []
+    for atoms in read(files[0], ":"):
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+        renamed.append(atoms)
+    write(tmp_path / "ref.xyz", renamed[:12], format="extxyz")
+    write(tmp_path / "ref_valid.xyz", renamed[12:], format="extxyz")
+    store_dir = tmp_path / "ref.pack"
+    pack([tmp_path / "ref.xyz"], store_dir, cutoff=CUTOFF, reader={"energy_key": "REF_energy",
+                                                                    "forces_key": "REF_forces"})
+    # a validation file is read with the pack's keys (the config does not repeat them)
+    result = train(load_config(config(tmp_path / "c.yaml", store_dir, tmp_path / "c", epochs=1, config_type_weights={},
+                                      data={"valid": str(tmp_path / "ref_valid.xyz"), "e0s": "fit"})), progress=False)
+    assert result["n_valid"] == 4 and result["valid"]["forces_mae"] > 0
+    assert len(read_configurations(store_dir)) == 12  # default keys: the pack's labels
+    with pytest.raises(DataError, match="energy_key 'energy2' \\(packed with 'REF_energy'\\)"):
+        read_configurations(store_dir, energy_key="energy2")
+
+
+def test_single_frame_files_and_databases_resume(tmp_path, monkeypatch):
+    import ase.db
+
+    from equiforce.data.io import iter_configurations
+
+    frames = emt_frames(6, seed=8)
+    write(tmp_path / "POSCAR", frames[0], format="vasp")  # one frame, no index: ASE reads it only from the start
+    assert len(list(iter_configurations(tmp_path / "POSCAR", require_energy=False))) == 1
+    assert list(iter_configurations(tmp_path / "POSCAR", start=1, require_energy=False)) == []
+    with ase.db.connect(tmp_path / "set.db") as db:
+        for atoms in frames:
+            db.write(atoms)
+    database = [tmp_path / "set.db"]
+    clean = pack(database, tmp_path / "clean", cutoff=CUTOFF, shard_mb=1e-6)
+
+    def kill(count: int) -> None:
+        if count == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        pack(database, tmp_path / "killed", cutoff=CUTOFF, shard_mb=1e-6, progress=kill)
+    assert json.loads((tmp_path / "killed" / PROGRESS).read_text())["position"] == [0, 2]
+    monkeypatch.chdir(tmp_path)  # the same file by a relative path
+    resumed = pack([Path("set.db")], tmp_path / "killed", cutoff=CUTOFF, shard_mb=1e-6)
+    assert resumed["content_sha256"] == clean["content_sha256"] and resumed["structures"] == 6
+    back = read_configurations(tmp_path / "killed")
+    assert [c.frame for c in back] == list(range(6)) and back[4].energy == pytest.approx(
+        frames[4].get_potential_energy())
+
+
+def test_float32_pack_is_smaller(files, packed, tmp_path):
+    out = tmp_path / "small"
+    pack(files, out, cutoff=CUTOFF, dtype="float32", shard_mb=0.008)
+    from equiforce.data.packed import memory_mapped
+
+    def float_bytes(directory: Path) -> int:  # the labels and positions (headers and integers are the same)
+        arrays = [memory_mapped(p) for p in directory.glob("shard-*.safetensors")]
+        return sum(a.nbytes for shard in arrays for name, a in shard.items() if a.dtype.kind == "f"
+                   and not name.startswith("summary/"))
+
+    assert float_bytes(out) == float_bytes(packed) // 2

@@ -32,10 +32,10 @@ from equiforce.active.journal import JOURNAL, Journal, atoms_from_json, atoms_to
 from equiforce.active.oracle import check_oracle, label, open_executor, oracle_spec
 from equiforce.active.select import select
 from equiforce.active.torsions import random_conformer, rotatable_bonds
+from equiforce.data.packed import data_sha256, is_pack
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError, EquiforceError
 from equiforce.utils.atomic_io import atomic_write, atomic_write_text
-from equiforce.utils.digest import file_sha256
 from equiforce.utils.jsonable import strict_json
 
 CONFIG = "config.yaml"
@@ -234,10 +234,10 @@ def only_oracle(changed: Sequence[str]) -> bool:
 def input_digests(cfg: LearnConfig) -> dict[str, str]:
     """SHA-256 of the input files a run reads again in every session (existing data, starting structures)."""
     paths = [Path(p) for p in cfg.start.data] + [Path(s) for s in cfg.start.structures if Path(s).is_file()]
-    missing = [p for p in paths if not p.is_file()]
+    missing = [p for p in paths if not (p.is_file() or is_pack(p))]
     if missing:
         raise DataError("file not found", source=str(missing[0]), field="start.data")
-    return {str(p): file_sha256(p) for p in paths}
+    return {str(p): data_sha256(p) for p in paths}
 
 
 def check_kept_config(records: Sequence[dict[str, Any]], cfg: LearnConfig, where: Path) -> bool:
@@ -249,7 +249,7 @@ def check_kept_config(records: Sequence[dict[str, Any]], cfg: LearnConfig, where
     if started is None:  # a journal from before configs were journaled: the kept file is all there is (prepare
         return False     # compared a new CONFIG with it, the oracle included)
     for path, digest in started.get("files", {}).items():
-        if not Path(path).is_file() or file_sha256(path) != digest:
+        if not (Path(path).is_file() or is_pack(path)) or data_sha256(path) != digest:
             raise ConfigError(f"{where}: the input file {path} is not the one the run started with (missing or "
                               "changed); restore it, or start a new run in another directory")
     changed = changed_keys(started["config"], fixed_config(cfg))

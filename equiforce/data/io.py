@@ -7,6 +7,7 @@ because a numpy/ASE traceback from deep inside training does not tell the user w
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -50,7 +51,9 @@ def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
     from equiforce.data.packed import is_pack
 
     if is_pack(path):  # a packed dataset (equiforce pack): its structures, labelled as when they were packed
-        return _read_pack(path, index, require_energy=require_energy, require_forces=require_forces)
+        keys = dict(energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, virial_key=virial_key,
+                    config_type_key=config_type_key, weight_key=weight_key, hessian_key=hessian_key)
+        return _read_pack(path, index, keys, require_forces=require_forces)
     if not Path(path).is_file():
         raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=source)
     fmt = (format or "").lower()
@@ -76,9 +79,9 @@ def iter_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
                         require_forces: bool = False, start: int = 0) -> Iterator[Configuration]:
     """:func:`read_configurations` one structure at a time, for files larger than memory (``equiforce pack``).
 
-    ASE formats are streamed frame by frame (``ase.io.iread``); npz and ASE databases are read whole, as their
-    readers load them anyway.  ``start`` skips that many frames (a pack that resumes).  Frame numbers in errors
-    count from the start of the file.
+    ASE formats are streamed frame by frame (``ase.io.iread``) and ASE databases row by row; npz files are read
+    whole (numpy loads an archive's arrays whole).  ``start`` skips that many frames (a pack that resumes).  Frame
+    numbers in errors count from the start of the file.
     """
     source = str(path)
     if not Path(path).is_file():
@@ -88,22 +91,58 @@ def iter_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
     required = dict(require_energy=require_energy, require_forces=require_forces)
     fmt = (format or "").lower()
     suffix = Path(path).suffix.lower()
-    if fmt in ("npz", "rmd17", "md17", "db") or (not fmt and suffix in (".npz", ".db")):
+    if fmt in ("npz", "rmd17", "md17") or (not fmt and suffix == ".npz"):
         yield from read_configurations(path, **keys, **required, format=format)[start:]
         return
-    from ase.io import iread
-
+    database = fmt == "db" or (not fmt and suffix == ".db")
     frame = start
     try:
-        for atoms in iread(source, index=f"{start}:", format=format):
+        for atoms in _db_rows(source, start) if database else _frames_from(source, start, format):
             yield _atoms_to_config(atoms, source, frame, **keys, **required)
             frame += 1
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - ASE raises many types for a corrupt file; all mean "cannot read"
-        raise DataError(f"cannot read structures: {type(err).__name__}: {err}", source=source, frame=frame) from err
+        what = "ASE database" if database else "structures"
+        raise DataError(f"cannot read {what}: {type(err).__name__}: {err}", source=source, frame=frame) from err
     if frame == 0:
         raise DataError("file contains no configurations", source=source)
+
+
+def _frames_from(source: str, start: int, format: str | None) -> Iterator[Atoms]:
+    """Frames of an ASE-readable file from frame ``start`` on.  Formats with an index (extxyz, traj) seek there;
+    the others, which ASE reads only from their first frame (POSCAR, cif, res, ...), are read and skipped."""
+    from ase.io import iread
+
+    if start == 0:
+        yield from iread(source, index=":", format=format)
+        return
+    try:
+        frames = iread(source, index=f"{start}:", format=format)
+        first = next(frames, None)
+    except (AssertionError, ValueError, TypeError, IndexError):  # a reader that cannot start mid-file
+        frames = itertools.islice(iread(source, index=":", format=format), start, None)
+        first = next(frames, None)
+    if first is not None:
+        yield first
+        yield from frames
+
+
+def _db_rows(source: str, start: int) -> Iterator[Atoms]:
+    """Rows of an ASE database from row ``start`` on (in id order, as :func:`_read_db`), one at a time."""
+    import ase.db
+
+    with ase.db.connect(source, type="db") as db:
+        for row in db.select(offset=start) if start else db.select():
+            yield _row_atoms(row)
+
+
+def _row_atoms(row: Any) -> Atoms:
+    """A database row as Atoms with its key-value pairs and data in ``info`` (where label keys are looked up)."""
+    atoms = row.toatoms()
+    atoms.info.update(row.key_value_pairs)
+    atoms.info.update(row.get("data") or {})
+    return atoms
 
 
 def label_names(path: str | os.PathLike, format: str | None = None) -> list[str]:
@@ -254,18 +293,24 @@ def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> i
     return scan[0] if scan is not None and scan[1] else None
 
 
-def _read_pack(path: str | os.PathLike, index: str | int, *, require_energy: bool,
+def _read_pack(path: str | os.PathLike, index: str | int, keys: dict[str, str], *,
                require_forces: bool) -> list[Configuration]:
-    from equiforce.data.packed import GraphStore
+    """A pack's structures (every one has an energy: packing requires it).  Label keys other than the defaults
+    must be those the pack was made with: its labels were read then, and another key would silently not apply."""
+    from equiforce.data.packed import READER_DEFAULTS, GraphStore
 
     store = GraphStore.open(path)
+    packed_with = store.index["reader"]
+    differ = [f"{key} {value!r} (packed with {packed_with.get(key)!r})" for key, value in keys.items()
+              if value != READER_DEFAULTS[key] and value != packed_with.get(key)]
+    if differ:
+        raise DataError(f"a pack's labels were read when it was packed: {'; '.join(differ)}; leave the keys at their "
+                        "defaults for a pack, or pack again with them", source=str(path))
     configs = [store.configuration(k) for k in _frame_numbers(index, 0, len(store), str(path))]
     for config in configs:
-        where = {"source": config.source, "frame": config.frame}
-        if require_energy and config.energy is None:
-            raise DataError("no energy (it was packed without one)", field="energy", **where)
         if require_forces and config.forces is None:
-            raise DataError("no forces (they were packed without them)", field="forces", **where)
+            raise DataError("no forces (it was packed without them)", field="forces", source=config.source,
+                            frame=config.frame)
     return configs
 
 
@@ -277,12 +322,7 @@ def _read_db(source: str, index: str | int, keys: dict, required: dict) -> list[
             rows = list(db.select())
         chosen = _frame_numbers(index, 0, len(rows), source)
         rows = [rows[k] for k in chosen]
-        frames = []
-        for row in rows:
-            atoms = row.toatoms()
-            atoms.info.update(row.key_value_pairs)
-            atoms.info.update(row.get("data") or {})
-            frames.append(atoms)
+        frames = [_row_atoms(row) for row in rows]
     except DataError:
         raise
     except Exception as err:

@@ -51,7 +51,8 @@ READER_DEFAULTS = {"energy_key": "energy", "forces_key": "forces", "stress_key":
                    "config_type_key": "config_type", "weight_key": "config_weight", "hessian_key": "hessian",
                    "format": None}
 # local atom numbers of each edge and its integer cell shifts, stored narrow (read back as long / float)
-COMPACT = {K.EDGE_INDEX: np.int32, K.SHIFTS: np.int16}
+COMPACT = {K.EDGE_INDEX: np.int32, K.SHIFTS: np.int8}
+CHUNK = 65536  # structures per chunk when a computation runs over summary columns (bounded memory)
 
 
 def is_pack(path: str | os.PathLike) -> bool:
@@ -84,7 +85,8 @@ class _ShardBuilder:
 
         for key, value in graph.items():
             array = value.numpy()
-            if key in COMPACT:  # integers stored narrow: 11 bytes per edge instead of 40
+            if key in COMPACT:  # integers stored narrow: 11 bytes per edge instead of 40 (check_cell keeps
+                # shifts small: 127 cell widths would mean a cell 127 times narrower than the cutoff)
                 array = array.T if key == K.EDGE_INDEX else array  # [E, 2]: structures end to end along axis 0
                 if array.size and np.abs(array).max() > np.iinfo(COMPACT[key]).max:
                     raise DataError(f"{key} out of the stored range", source=config.source, frame=config.frame)
@@ -155,6 +157,20 @@ def _settings(inputs: Sequence[str | os.PathLike], cutoff: float, dtype: str, re
             "sources": sources}
 
 
+def data_sha256(path: str | os.PathLike) -> str:
+    """What identifies a data input: a file's SHA-256, or a pack's content digest (a pack is a directory)."""
+    from equiforce.utils.digest import file_sha256
+
+    if is_pack(path):
+        return str(json.loads((Path(path) / INDEX).read_text(encoding="utf-8"))["content_sha256"])
+    return file_sha256(path)
+
+
+def _comparable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as a resume compares them: the inputs by content and size, not by how their paths were written."""
+    return {**settings, "sources": [(s.get("sha256"), s.get("bytes")) for s in settings.get("sources", [])]}
+
+
 def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff: float,
          reader: Mapping[str, Any] | None = None, dtype: str = "float64", shard_mb: float = 256.0,
          overwrite: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -197,11 +213,12 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
             except (OSError, ValueError) as err:
                 raise DataError(f"cannot read {PROGRESS} of an unfinished pack ({err}); pack into a new directory",
                                 source=str(out)) from err
-            if saved.get("settings") != settings:
-                changed = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+            if _comparable(saved.get("settings", {})) != _comparable(settings):
+                before = _comparable(saved.get("settings", {}))
+                changed = sorted(k for k, v in _comparable(settings).items() if before.get(k) != v)
                 raise ConfigError(f"{out} holds an unfinished pack made with other {', '.join(changed)}; give the same "
                                   "inputs and options to resume it, or another directory")
-            state = saved
+            state = {**saved, "settings": settings}  # the paths as given now (the same contents)
             _check_shards(out, state["shards"])
         else:
             _remove_pack_files(out)  # shards of an unfinished pack whose progress file never got written
@@ -283,6 +300,8 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
     elements = sorted({z for meta in metas for z in meta["elements"]})
     config_types = sorted({t for meta in metas for t in meta["config_types"]})
     closest: dict[str, float] = {}
+    largest = max((int(part["composition"].max()) for part in parts if part["composition"].size), default=0)
+    narrow = np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32  # 2 bytes per structure and element
     columns: dict[str, list[np.ndarray]] = {name: [] for name in [*SUMMARY_COLUMNS, "config_type", "composition",
                                                                    "shard", "row"]}
     for number, (part, meta) in enumerate(zip(parts, metas)):
@@ -291,7 +310,7 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
             columns[name].append(part[name])
         remap = np.asarray([config_types.index(t) for t in meta["config_types"]], dtype=np.int32)
         columns["config_type"].append(remap[part["config_type"]] if count else part["config_type"])
-        composition = np.zeros((count, len(elements)), dtype=np.int32)
+        composition = np.zeros((count, len(elements)), dtype=narrow)
         composition[:, [elements.index(z) for z in meta["elements"]]] = part["composition"]
         columns["composition"].append(composition)
         columns["shard"].append(np.full(count, number, dtype=np.int32))
@@ -325,6 +344,32 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- reading
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
+                       "U16": "<u2", "BOOL": "?"}
+
+
+def memory_mapped(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file as read-only memory maps (what is read is what is touched). The format is
+    an 8-byte little-endian header length, a JSON header of dtypes, shapes and byte ranges, then the data."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 2 <= length <= 100_000_000:
+            raise ValueError(f"header length {length} is not that of a safetensors file")
+        header = json.loads(handle.read(length))
+    base = 8 + length
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]), tuple(entry["shape"])
+        start, stop = entry["data_offsets"]
+        if stop - start != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"tensor {name}: byte range {start}-{stop} does not hold shape {shape}")
+        arrays[name] = (np.zeros(shape, dtype) if stop == start
+                        else np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape))
+    return arrays
+
+
 class GraphStore(Sequence[Graph]):
     """The graphs of a pack (or a subset of them), read from the memory-mapped shards when asked for.
 
@@ -335,19 +380,17 @@ class GraphStore(Sequence[Graph]):
     """
 
     def __init__(self, root: Path, index: dict[str, Any], summary: dict[str, np.ndarray], indices: np.ndarray,
-                 type_weights: Mapping[str, float] | None = None) -> None:
+                 type_weights: Mapping[str, float] | None = None, cache: dict[str, Any] | None = None) -> None:
         self.root, self.index, self._summary = root, index, summary
         self.indices = np.asarray(indices, dtype=np.int64)
         self.type_weights = dict(type_weights or {})
-        self._handles: dict[int, tuple[Any, dict[str, Any], dict[str, np.ndarray], dict[str, Any]]] = {}
-        self._pid = os.getpid()
+        # open shards, shared with the subsets of this store (a slice per validation batch opens nothing)
+        self._cache: dict[str, Any] = cache if cache is not None else {"pid": os.getpid(), "shards": {}}
         self._float_dtype = torch.float64 if index["dtype"] == "float64" else torch.float32
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> GraphStore:
         """Open a pack, checking its index and that its files are there with the sizes written."""
-        from safetensors.numpy import load_file
-
         root = Path(root)
         where = str(root)
         if not (root / INDEX).is_file():
@@ -367,9 +410,12 @@ class GraphStore(Sequence[Graph]):
         if not path.is_file() or path.stat().st_size != index["summary_bytes"]:
             raise DataError(f"{SUMMARY} is missing or has another size than when it was written", source=where)
         try:
-            summary = load_file(str(path))
+            summary = memory_mapped(path)
         except Exception as err:  # noqa: BLE001 - any failure here means a damaged file
             raise DataError(f"cannot read {SUMMARY}: {err}", source=where) from err
+        missing = sorted({*SUMMARY_COLUMNS, "composition", "config_type", "shard", "row"} - set(summary))
+        if missing:
+            raise DataError(f"{SUMMARY} lacks the columns {missing}", source=where)
         if len(summary["row"]) != index["structures"]:
             raise DataError(f"{SUMMARY} lists {len(summary['row'])} structures, the index {index['structures']}",
                             source=where)
@@ -391,10 +437,10 @@ class GraphStore(Sequence[Graph]):
     def subset(self, positions: Sequence[int] | np.ndarray) -> GraphStore:
         """The structures at ``positions`` of this store, in that order."""
         return GraphStore(self.root, self.index, self._summary, self.indices[np.asarray(positions, dtype=np.int64)],
-                          self.type_weights)
+                          self.type_weights, self._cache)
 
     def with_type_weights(self, type_weights: Mapping[str, float]) -> GraphStore:
-        return GraphStore(self.root, self.index, self._summary, self.indices, type_weights)
+        return GraphStore(self.root, self.index, self._summary, self.indices, type_weights, self._cache)
 
     # -- what the summary answers
     @property
@@ -403,8 +449,14 @@ class GraphStore(Sequence[Graph]):
 
     def column(self, name: str) -> np.ndarray:
         """A per-structure summary column over this store's structures (see :data:`SUMMARY_COLUMNS`, plus
-        ``composition`` over :attr:`elements`, ``config_type`` as a number into ``index["config_types"]``)."""
+        ``config_type`` as a number into ``index["config_types"]``); for ``composition`` see :meth:`chunks`."""
         return self._summary[name][self.indices]
+
+    def chunks(self, name: str, size: int = CHUNK) -> Iterator[np.ndarray]:
+        """A summary column over this store's structures, ``size`` structures at a time: for the composition
+        matrix (``[S, len(elements)]``), which over a million structures and many elements is not copied whole."""
+        for start in range(0, len(self.indices), size):
+            yield self._summary[name][self.indices[start:start + size]]
 
     @property
     def elements(self) -> list[int]:
@@ -412,8 +464,10 @@ class GraphStore(Sequence[Graph]):
         return list(self.index["elements"])
 
     def elements_present(self) -> list[int]:
-        counts = self.column("composition").sum(axis=0) if len(self) else np.zeros(len(self.elements))
-        return [z for z, n in zip(self.elements, counts) if n > 0]
+        present = np.zeros(len(self.elements), dtype=bool)
+        for chunk in self.chunks("composition"):
+            present |= chunk.any(axis=0)
+        return [z for z, p in zip(self.elements, present) if p]
 
     def config_types_present(self) -> set[str]:
         return {self.index["config_types"][k] for k in np.unique(self.column("config_type"))}
@@ -424,7 +478,11 @@ class GraphStore(Sequence[Graph]):
 
     def closest_pairs(self) -> dict[tuple[int, int], float]:
         """The shortest distance of each element pair over the whole pack (its edges at its cutoff)."""
-        return {tuple(int(z) for z in pair.split("-")): float(d) for pair, d in self.index["closest_pairs"].items()}
+        pairs = {}
+        for pair, distance in self.index["closest_pairs"].items():
+            low, high = pair.split("-")
+            pairs[(int(low), int(high))] = float(distance)
+        return pairs
 
     def content_sha256(self) -> str:
         """The pack's content digest combined with the selection and weights: what a resumed run compares."""
@@ -435,11 +493,14 @@ class GraphStore(Sequence[Graph]):
 
     # -- reading
     def _shard(self, number: int) -> tuple[Any, dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+        """A shard's open handle, its per-key slices and offsets, and its layout (opened once per process)."""
         from safetensors import safe_open
 
-        if os.getpid() != self._pid:  # a forked worker: mappings and handles are opened afresh
-            self._handles, self._pid = {}, os.getpid()
-        if number not in self._handles:
+        cache = self._cache
+        if cache["pid"] != os.getpid():  # a forked worker: mappings and handles are opened afresh
+            cache["pid"], cache["shards"] = os.getpid(), {}
+        shards = cache["shards"]
+        if number not in shards:
             path = self.root / self.index["shards"][number]["file"]
             try:
                 handle = safe_open(str(path), framework="numpy")
@@ -449,8 +510,8 @@ class GraphStore(Sequence[Graph]):
                 slices = {key: handle.get_slice(key) for key in keys}
             except Exception as err:  # noqa: BLE001 - any failure here means a damaged shard
                 raise DataError(f"cannot read {path.name}: {err}", source=str(self.root)) from err
-            self._handles[number] = (handle, slices, ptrs, layout)
-        return self._handles[number]
+            shards[number] = (handle, slices, ptrs, layout)
+        return shards[number]
 
     def _graph(self, k: int) -> Graph:
         _, slices, ptrs, layout = self._shard(int(self._summary["shard"][k]))
@@ -497,5 +558,5 @@ class GraphStore(Sequence[Graph]):
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn: no open handles
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_cache"] = {"pid": None, "shards": {}}
         return state

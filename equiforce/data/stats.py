@@ -65,10 +65,13 @@ def fit_e0s(configs: Sequence[Configuration], elements: list[int],
 
 
 def fit_e0s_from_counts(counts: np.ndarray, energies: np.ndarray, isolated: Mapping[int, Sequence[float]],
-                        elements: Sequence[int], fixed: Mapping[int, float] | None = None) -> dict[int, float]:
+                        elements: Sequence[int], fixed: Mapping[int, float] | None = None,
+                        weights: np.ndarray | None = None) -> dict[int, float]:
     """:func:`fit_e0s` from a composition matrix (``counts[s, k]``: atoms of ``elements[k]`` in labelled structure
     ``s``), those structures' energies and the isolated-atom energies per element: the form a packed dataset
-    keeps, so its E0s are fitted without reading a structure."""
+    keeps, so its E0s are fitted without reading a structure.  With ``weights``, row ``s`` stands for
+    ``weights[s]`` structures of that composition and ``energies[s]`` is their mean: the same least-squares
+    problem with one row per distinct composition (a million molecules of one formula are one row)."""
     elements = [int(z) for z in elements]
     e0s = {z: float(np.mean(isolated[z])) for z in elements if z in isolated and len(isolated[z])}
     e0s.update({int(z): float(v) for z, v in (fixed or {}).items() if int(z) in elements})
@@ -81,6 +84,9 @@ def fit_e0s_from_counts(counts: np.ndarray, energies: np.ndarray, isolated: Mapp
         fit = [z for z, p in zip(elements, present) if p]
         if fit:
             a = counts[:, present]
+            if weights is not None:  # Σ_s (E_s − c·x)² = Σ_groups n (Ē − c·x)² + a constant
+                root = np.sqrt(np.asarray(weights, dtype=np.float64))
+                a, energies = a * root[:, None], energies * root
             solution, _, rank, _ = np.linalg.lstsq(a, energies, rcond=None)
             if rank < len(fit):
                 warnings.warn(f"E0s of elements {fit} are not uniquely determined by the compositions in the data "

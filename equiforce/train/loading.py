@@ -3,7 +3,8 @@
 In memory the graphs already sit on the device and a batch is one concatenation there.  From a pack
 (:class:`~equiforce.data.packed.GraphStore`) each batch is read from the memory-mapped shards, collated on the
 host and moved to the device; PyTorch's ``DataLoader`` does the reading, with ``workers`` processes reading
-ahead of the training step (0: in the training process) and pinned memory for a CUDA device.
+ahead of the training step (0: in the training process; kept for the whole run, not started every epoch) and
+pinned memory for a CUDA device.
 """
 
 from __future__ import annotations
@@ -16,17 +17,39 @@ from equiforce.data.graph import Graph, collate, to_device
 from equiforce.data.packed import GraphStore
 
 
-def batches_of(graphs: Sequence[Graph], batches: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype,
-               workers: int = 0) -> Iterator[Graph]:
-    """One batch (a collated graph on ``device``) per entry of ``batches`` (positions into ``graphs``), in order."""
-    if not isinstance(graphs, GraphStore):
-        for chunk in batches:
-            yield collate([graphs[i] for i in chunk])
-        return
-    from torch.utils.data import DataLoader
+class _EpochBatches:
+    """The batch sampler of the run's one DataLoader: this epoch's batches, set before each epoch (indices are
+    drawn in the training process, so reader processes that live across epochs see each epoch's order)."""
 
-    loader = DataLoader(graphs, batch_sampler=[list(chunk) for chunk in batches], collate_fn=collate,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers > 0 else None)
-    for batch in loader:
-        yield to_device(batch, device, dtype)
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class BatchReader:
+    """One per training run: ``epoch(batches)`` gives each batch (a collated graph on ``device``) in order."""
+
+    def __init__(self, graphs: Sequence[Graph], device: torch.device, dtype: torch.dtype, workers: int = 0) -> None:
+        self.graphs, self.device, self.dtype = graphs, device, dtype
+        self.loader = None
+        if isinstance(graphs, GraphStore):
+            from torch.utils.data import DataLoader
+
+            self.sampler = _EpochBatches()
+            self.loader = DataLoader(graphs, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+                                     pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                     prefetch_factor=4 if workers > 0 else None)
+
+    def epoch(self, batches: Sequence[Sequence[int]]) -> Iterator[Graph]:
+        if self.loader is None:
+            for chunk in batches:
+                yield collate([self.graphs[i] for i in chunk])
+            return
+        self.sampler.batches = [list(chunk) for chunk in batches]
+        for batch in self.loader:
+            yield to_device(batch, self.device, self.dtype)

@@ -38,24 +38,45 @@ def without_isolated(store: GraphStore) -> GraphStore:
 
 
 def isolated_energies(store: GraphStore) -> dict[int, list[float]]:
-    """Energies of the pack's isolated-atom entries, per element."""
+    """Energies of the store's isolated-atom entries (a few per element: read whole), per element."""
+    isolated = store.subset(np.flatnonzero(store.column("isolated") != 0))
     found: dict[int, list[float]] = {}
-    for row, energy, labelled, isolated in zip(store.column("composition"), store.column(K.ENERGY),
-                                               store.column(K.HAS_ENERGY), store.column("isolated")):
-        if isolated and labelled:
+    for rows, energies, labelled in zip(isolated.chunks("composition"), isolated.chunks(K.ENERGY),
+                                        isolated.chunks(K.HAS_ENERGY)):
+        for row, energy in zip(rows[labelled > 0], energies[labelled > 0]):
             found.setdefault(store.elements[int(np.argmax(row))], []).append(float(energy))
     return found
 
 
-def composition_over(store: GraphStore, elements: Sequence[int]) -> np.ndarray:
-    """Atoms of each of ``elements`` per structure (``[S, len(elements)]``; zero for elements not in the pack)."""
+def columns_for(store: GraphStore, elements: Sequence[int]) -> np.ndarray:
+    """Where each of ``elements`` is in the pack's composition columns (-1: not in the pack)."""
     column = {z: k for k, z in enumerate(store.elements)}
-    counts = store.column("composition")
-    out = np.zeros((len(store), len(elements)), dtype=np.float64)
-    for k, z in enumerate(elements):
-        if z in column:
-            out[:, k] = counts[:, column[z]]
-    return out
+    return np.array([column.get(int(z), -1) for z in elements])
+
+
+def grouped_compositions(store: GraphStore, elements: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct compositions (over ``elements``) of the energy-labelled structures, the mean energy and the
+    number of structures of each: the E0 fit's rows, gathered chunk by chunk so memory stays bounded."""
+    where = columns_for(store, elements)
+    sums: dict[bytes, list[Any]] = {}
+    for rows, energies, labelled in zip(store.chunks("composition"), store.chunks(K.ENERGY),
+                                        store.chunks(K.HAS_ENERGY)):
+        rows, energies = rows[labelled > 0], energies[labelled > 0]
+        counts = np.where(where >= 0, rows[:, np.maximum(where, 0)], 0).astype(np.int64)
+        unique, inverse = np.unique(counts, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        totals = np.bincount(inverse, weights=energies, minlength=len(unique))
+        numbers = np.bincount(inverse, minlength=len(unique))
+        for row, total, number in zip(unique, totals, numbers):
+            entry = sums.setdefault(row.tobytes(), [row, 0.0, 0])
+            entry[1] += float(total)
+            entry[2] += int(number)
+    if not sums:
+        return np.zeros((0, len(elements))), np.zeros(0), np.zeros(0)
+    rows = np.stack([entry[0] for entry in sums.values()]).astype(np.float64)
+    numbers = np.array([entry[2] for entry in sums.values()], dtype=np.float64)
+    means = np.array([entry[1] for entry in sums.values()]) / numbers
+    return rows, means, numbers
 
 
 def pack_e0s(e0s: str | dict[int, float], train: GraphStore, isolated: GraphStore, elements: Sequence[int]
@@ -65,9 +86,8 @@ def pack_e0s(e0s: str | dict[int, float], train: GraphStore, isolated: GraphStor
 
     found = {z: v for z, v in isolated_energies(isolated).items() if z in elements}
     if e0s == "fit":
-        labelled = train.column(K.HAS_ENERGY) > 0
-        return fit_e0s_from_counts(composition_over(train, elements)[labelled], train.column(K.ENERGY)[labelled],
-                                   found, elements)
+        rows, means, numbers = grouped_compositions(train, elements)
+        return fit_e0s_from_counts(rows, means, found, elements, weights=numbers)
     return chosen_e0s(e0s, {z: float(np.mean(v)) for z, v in found.items()}, elements)
 
 
@@ -75,12 +95,19 @@ def pack_statistics(train: GraphStore, e0_values: dict[int, float]) -> dict[str,
     """:func:`~equiforce.data.stats.dataset_statistics` of the training structures, from the summary."""
     from equiforce.data.stats import statistics_from_columns
 
-    e0 = np.array([e0_values[z] for z in train.elements_present()])
-    composition = composition_over(train, train.elements_present())
+    e0 = np.array([e0_values.get(z, 0.0) for z in train.elements], dtype=np.float64)
+    e0_sum = np.concatenate([chunk @ e0 for chunk in train.chunks("composition")] or [np.zeros(0)])
     return statistics_from_columns(
         n_atoms=train.column("n_atoms"), n_edges=int(train.column("n_edges").sum()), energy=train.column(K.ENERGY),
-        has_energy=train.column(K.HAS_ENERGY) > 0, e0_sum=composition @ e0,
+        has_energy=train.column(K.HAS_ENERGY) > 0, e0_sum=e0_sum,
         force_sq=float(train.column("force_sq").sum()), force_count=int(train.column("force_count").sum()))
+
+
+def check_cutoff(store: GraphStore, cutoff: float, what: str) -> None:
+    if abs(cutoff - store.cutoff) > 1e-9:
+        raise ConfigError(f"{store.root} ({what}) was packed with neighbours within {store.cutoff:g} Å and "
+                          f"model.cutoff is {cutoff:g} Å; pack again with --cutoff {cutoff:g}, or set the model's "
+                          "cutoff to the pack's")
 
 
 def train_store(store: GraphStore, valid: GraphStore | Sequence[Configuration] | None,
@@ -96,10 +123,9 @@ def train_store(store: GraphStore, valid: GraphStore | Sequence[Configuration] |
     model_cfg = _validated(ModelConfig, model_cfg, "model")
     training_cfg = _validated(TrainingConfig, training_cfg, "training")
     where = str(store.root)
-    if abs(model_cfg.cutoff - store.cutoff) > 1e-9:
-        raise ConfigError(f"{where} was packed with neighbours within {store.cutoff:g} Å and model.cutoff is "
-                          f"{model_cfg.cutoff:g} Å; pack again with --cutoff {model_cfg.cutoff:g}, or set the model's "
-                          "cutoff to the pack's")
+    check_cutoff(store, model_cfg.cutoff, "the training set")
+    if isinstance(valid, GraphStore):  # its stored edges are used as they are
+        check_cutoff(valid, model_cfg.cutoff, "the validation set")
     isolated = store.subset(np.flatnonzero(store.column("isolated") != 0))
     structures = without_isolated(store)
     if valid is None:

@@ -50,7 +50,7 @@ from equiforce.train.config import (
 )
 from equiforce.train.ema import EMA
 from equiforce.train.hessian_loss import batch_has_hessians, hessian_vector_products
-from equiforce.train.loading import batches_of
+from equiforce.train.loading import BatchReader
 from equiforce.train.loss import TERMS as LOSS_TERMS
 from equiforce.train.loss import LossSums, WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
@@ -476,6 +476,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
         atom_counts = [int(g[K.POSITIONS].shape[0]) for g in train_graphs]
         edge_counts = [int(g[K.EDGE_INDEX].shape[1]) for g in train_graphs]
     params = [p for p in model.parameters() if p.requires_grad]
+    reader = BatchReader(train_graphs, device, dtype, workers)
     with _Reporter(progress, training.epochs, state["epoch"]) as reporter:
         if resumed_from is not None:
             reporter.info(f"resuming {out} after epoch {resumed_from}")
@@ -503,8 +504,7 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
             n_seen = 0  # structures stepped on (a wrapped-around batch of a DDP shard counts again)
             lr = schedule(state["step"], progress_at(epoch - 1, 0.0), epoch - 1)
             first_lr = lr
-            for k, (chunk, batch) in enumerate(zip(batches, batches_of(train_graphs, batches, device, dtype,
-                                                                        workers))):
+            for k, (chunk, batch) in enumerate(zip(batches, reader.epoch(batches))):
                 in_epoch = clock(start)
                 if n_seen and out_of_time(in_epoch):  # the budget ends mid-epoch: validate what we have
                     break
@@ -857,18 +857,23 @@ def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: E
     if config.finetune is not None:
         raise ConfigError("finetune reads its training structures into memory: give data.train as structure files, "
                           "not a packed dataset (or read the pack back with equiforce.data.io.read_configurations)")
-    keys = reader_options(data)
     store = GraphStore.open(data.train)
     packed_with = store.index["reader"]
-    differ = [f"data.{key}: {value!r} (packed with {packed_with.get(key)!r})" for key, value in keys.items()
-              if key in data.model_fields_set and key in packed_with and value != packed_with[key]]
+    given = {key: value for key, value in reader_options(data).items() if key in data.model_fields_set}
+    differ = [f"data.{key}: {value!r} (packed with {packed_with.get(key)!r})" for key, value in given.items()
+              if key != "format" and key in packed_with and value != packed_with[key]]
     if differ:  # the labels were read when the pack was made: a key set here would silently not apply
         raise ConfigError(f"{data.train} is a pack, whose labels were read when it was packed; {'; '.join(differ)}. "
                           "Pack again with those keys, or leave them out of the config")
+    # validation and test files are read with the pack's label keys unless the config sets them
+    keys = {**packed_with, "format": None, **given}
     valid: GraphStore | list[Configuration] | None = None
     if data.valid is not None:
         valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
-    test = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
+    test = None
+    if data.test is not None:  # a test pack was read with its own keys (those set in the config must match them)
+        test_keys = {k: v for k, v in given.items() if k != "format"} if is_pack(data.test) else keys
+        test = read_configurations(data.test, **test_keys, require_energy=False)
     extra = {"data": {"train": str(data.train), "train_sha256": store.index["content_sha256"]},
              "config": config.model_dump(mode="json")}
     return train_store(store, valid, config.model, config.training, config.output.directory, e0s=data.e0s,
