@@ -318,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted: train, train-uq and learn continue from their last checkpoint when rerun, md from its "
-              "last checkpoint with --resume if it was started with --checkpoint-every", file=sys.stderr)
+        print("interrupted: train, train-uq and learn continue from their last checkpoint when rerun, pack from its "
+              "last shard, md from its last checkpoint with --resume if it was started with --checkpoint-every",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -429,3 +429,83 @@ def test_float32_pack_is_smaller(files, packed, tmp_path):
                    and not name.startswith("summary/"))
 
     assert float_bytes(out) == float_bytes(packed) // 2
+
+
+def test_packs_of_one_run_must_share_their_label_keys(files, packed, tmp_path):
+    other = tmp_path / "ref.pack"
+    pack([files[0]], other, cutoff=CUTOFF, reader={"config_type_key": "kind"})
+    for role in ("valid", "test"):
+        with pytest.raises(ConfigError, match="was packed with other label keys .*config_type_key 'kind' against "
+                                              "'config_type'"):
+            train(load_config(config(tmp_path / f"{role}.yaml", packed, tmp_path / role, data={role: str(other)})),
+                  progress=False)
+
+
+def test_damaged_index_fields_and_odd_inputs_are_named(files, packed, tmp_path):
+    import shutil
+
+    for field, value in (("dtype", "float16"), ("config_types", []), ("shards", "x"), ("cutoff", "four")):
+        copy = tmp_path / f"bad_{field}"
+        shutil.copytree(packed, copy)
+        index = json.loads((copy / INDEX).read_text())
+        index[field] = value
+        (copy / INDEX).write_text(json.dumps(index))
+        with pytest.raises(DataError, match=f"index.json is damaged \\({field}"):
+            GraphStore.open(copy)
+    copy = tmp_path / "fewer_elements"
+    shutil.copytree(packed, copy)
+    index = json.loads((copy / INDEX).read_text())
+    index["elements"] = index["elements"][:-1]
+    (copy / INDEX).write_text(json.dumps(index))
+    with pytest.raises(DataError, match="disagree on the elements"):
+        GraphStore.open(copy)
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(DataError, match="file is empty"):
+        pack([empty], tmp_path / "e", cutoff=CUTOFF)
+    assert empty.stat().st_size == 0  # not turned into a database
+    with pytest.raises(DataError, match="neither a frame number nor a slice"):
+        read_configurations(packed, index="foo")
+    with pytest.raises(ConfigError, match="at least 0.5 Å"):
+        pack(files, tmp_path / "tiny", cutoff=1e-6)
+
+
+def test_unwrapped_positions_pack_like_wrapped_ones(tmp_path):
+    frames = emt_frames(3, seed=6)
+    frames[1].positions[0] += 200 * frames[1].cell[0]  # an MD trajectory's unwrapped atom: shifts of ±200 cells
+    write(tmp_path / "unwrapped.xyz", frames, format="extxyz")
+    pack([tmp_path / "unwrapped.xyz"], tmp_path / "u", cutoff=CUTOFF)
+    store = GraphStore.open(tmp_path / "u")
+    exact = config_to_graph(read_configurations(tmp_path / "unwrapped.xyz")[1], CUTOFF)
+    assert torch.equal(store[1][K.SHIFTS], exact[K.SHIFTS]) and exact[K.SHIFTS].abs().max() >= 200
+
+
+def test_an_unfinished_pack_says_so_wherever_it_is_given(files, tmp_path):
+    out = tmp_path / "half"
+
+    def kill(count: int) -> None:
+        if count == 12:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        pack(files, out, cutoff=CUTOFF, shard_mb=0.008, progress=kill)
+    for attempt in (lambda: read_configurations(out),
+                    lambda: train(load_config(config(tmp_path / "c.yaml", out, tmp_path / "c")), progress=False)):
+        with pytest.raises(DataError, match="unfinished pack has a progress.json: run equiforce pack again"):
+            attempt()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        pack(files[:1], out, cutoff=CUTOFF, shard_mb=0.008)
+    assert pack(files[:1], out, cutoff=CUTOFF, overwrite=True)["structures"] == 16
+
+
+def test_reader_processes_are_spawned_and_get_the_summary_mapped(packed):
+    import pickle  # noqa: S403  (how a DataLoader hands the store to a spawned reader)
+
+    from equiforce.train.loading import BatchReader
+
+    store = GraphStore.open(packed)
+    reader = BatchReader(store, torch.device("cpu"), torch.float64, workers=1)
+    assert reader.loader.multiprocessing_context.get_start_method() == "spawn"  # no inherited train.lock
+    copy = pickle.loads(pickle.dumps(store[2:9]))  # noqa: S301
+    assert len(pickle.dumps(store)) < 20_000  # the summary is mapped again, not copied
+    assert all(torch.equal(copy[k][key], store[2 + k][key]) for k in range(7) for key in store[0])

@@ -132,9 +132,21 @@ def _db_rows(source: str, start: int) -> Iterator[Atoms]:
     """Rows of an ASE database from row ``start`` on (in id order, as :func:`_read_db`), one at a time."""
     import ase.db
 
+    _check_database_file(source)
     with ase.db.connect(source, type="db") as db:
-        for row in db.select(offset=start) if start else db.select():
-            yield _row_atoms(row)
+        offset = start
+        while True:  # ASE's SQLite backend fetches a whole selection at once: 256 rows at a time
+            rows = list(db.select(offset=offset, limit=256))
+            yield from (_row_atoms(row) for row in rows)
+            if len(rows) < 256:
+                return
+            offset += len(rows)
+
+
+def _check_database_file(source: str) -> None:
+    """An empty file is refused before ``ase.db.connect``, which would write a database schema into it."""
+    if Path(source).stat().st_size == 0:
+        raise DataError("file is empty (not an ASE database)", source=source)
 
 
 def _row_atoms(row: Any) -> Atoms:
@@ -208,11 +220,16 @@ def _frame_numbers(index: str | int, count: int, total: int | None, source: str)
     return [(sel.start or 0) + k * (sel.step or 1) for k in range(count)]
 
 
-def _read_ase(source: str, index: str | int, format: str | None, keys: dict, required: dict) -> list[Configuration]:
+def _check_index(index: str | int, source: str) -> int | slice:
     sel = string2index(index) if isinstance(index, str) else index
     if not isinstance(sel, int | slice):  # string2index passes anything it cannot parse through as a string
         raise DataError(f"index {index!r} is neither a frame number nor a slice (e.g. 0, -1, ':', '10:20', '::5')",
                         source=source)
+    return sel
+
+
+def _read_ase(source: str, index: str | int, format: str | None, keys: dict, required: dict) -> list[Configuration]:
+    sel = _check_index(index, source)
     # counting from the end needs the number of frames to report true frame numbers: read all
     from_end = sel < 0 if isinstance(sel, int) else any((v or 0) < 0 for v in (sel.start, sel.stop, sel.step))
     frames = read_atoms(source, ":" if from_end else index, format)
@@ -300,6 +317,7 @@ def _read_pack(path: str | os.PathLike, index: str | int, keys: dict[str, str], 
     from equiforce.data.packed import READER_DEFAULTS, GraphStore
 
     store = GraphStore.open(path)
+    _check_index(index, str(path))
     packed_with = store.index["reader"]
     differ = [f"{key} {value!r} (packed with {packed_with.get(key)!r})" for key, value in keys.items()
               if value != READER_DEFAULTS[key] and value != packed_with.get(key)]
@@ -317,6 +335,7 @@ def _read_pack(path: str | os.PathLike, index: str | int, keys: dict[str, str], 
 def _read_db(source: str, index: str | int, keys: dict, required: dict) -> list[Configuration]:
     import ase.db
 
+    _check_database_file(source)
     try:
         with ase.db.connect(source, type="db") as db:
             rows = list(db.select())

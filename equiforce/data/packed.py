@@ -25,10 +25,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field, ValidationError
 
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, config_to_graph
@@ -36,6 +37,7 @@ from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError
 
 FORMAT = "equiforce-graphs"
+MIN_CUTOFF = 0.5  # Å: below it no pair of atoms a potential is trained on is a neighbour
 VERSION = 1
 INDEX, SUMMARY, PROGRESS, LOCK = "index.json", "summary.safetensors", "progress.json", "pack.lock"
 STORED_DTYPES = {"float64": np.float64, "float32": np.float32}
@@ -50,14 +52,26 @@ SUMMARY_COLUMNS = {"n_atoms": np.int64, "n_edges": np.int64, K.ENERGY: np.float6
 READER_DEFAULTS = {"energy_key": "energy", "forces_key": "forces", "stress_key": "stress", "virial_key": "virial",
                    "config_type_key": "config_type", "weight_key": "config_weight", "hessian_key": "hessian",
                    "format": None}
-# local atom numbers of each edge and its integer cell shifts, stored narrow (read back as long / float)
-COMPACT = {K.EDGE_INDEX: np.int32, K.SHIFTS: np.int8}
+# local atom numbers of each edge and its integer cell shifts: stored in the narrowest integer type that holds a
+# shard's values (int16 and int8 for molecules and ordinary cells: 7 bytes per edge instead of 40), read back as
+# long / float
+COMPACT = (K.EDGE_INDEX, K.SHIFTS)
 CHUNK = 65536  # structures per chunk when a computation runs over summary columns (bounded memory)
 
 
 def is_pack(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a packed dataset (a directory with an ``index.json``)."""
-    return Path(path).is_dir() and (Path(path) / INDEX).is_file()
+    """Whether ``path`` is a packed dataset: a directory with an ``index.json``, or with the ``progress.json`` of an
+    unfinished one (so that opening it says to finish it, rather than "not a file")."""
+    return Path(path).is_dir() and ((Path(path) / INDEX).is_file() or (Path(path) / PROGRESS).is_file())
+
+
+def narrowest(values: np.ndarray) -> np.ndarray:
+    """Integers in the narrowest signed type that holds them all."""
+    largest = int(np.abs(values).max()) if values.size else 0
+    for kind in (np.int8, np.int16, np.int32):
+        if largest <= np.iinfo(kind).max:
+            return values.astype(kind)
+    return values.astype(np.int64)
 
 
 def shard_name(number: int) -> str:
@@ -85,12 +99,10 @@ class _ShardBuilder:
 
         for key, value in graph.items():
             array = value.numpy()
-            if key in COMPACT:  # integers stored narrow: 11 bytes per edge instead of 40 (check_cell keeps
-                # shifts small: 127 cell widths would mean a cell 127 times narrower than the cutoff)
-                array = array.T if key == K.EDGE_INDEX else array  # [E, 2]: structures end to end along axis 0
-                if array.size and np.abs(array).max() > np.iinfo(COMPACT[key]).max:
-                    raise DataError(f"{key} out of the stored range", source=config.source, frame=config.frame)
-                array = array.astype(COMPACT[key])
+            if key == K.EDGE_INDEX:
+                array = array.T  # [E, 2]: structures end to end along the first axis, like every other key
+            if key in COMPACT:
+                array = array.astype(np.int64)  # narrowed per shard (payload)
             elif array.dtype.kind == "f":
                 array = array.astype(self.dtype)
             self.arrays.setdefault(key, []).append(np.ascontiguousarray(array))
@@ -120,6 +132,8 @@ class _ShardBuilder:
         layout: dict[str, list[Any]] = {}
         for key, parts in self.arrays.items():
             tensors[key] = np.concatenate(parts, axis=0)
+            if key in COMPACT:
+                tensors[key] = narrowest(tensors[key])
             ptr = np.zeros(len(parts) + 1, dtype=np.int64)
             ptr[1:] = np.cumsum([len(p) for p in parts])
             tensors[f"ptr/{key}"] = ptr
@@ -133,7 +147,8 @@ class _ShardBuilder:
             np.add.at(composition[row], [column[int(z)] for z in numbers], 1)
         tensors["summary/composition"] = composition
         types = sorted(set(self.config_types))
-        tensors["summary/config_type"] = np.asarray([types.index(t) for t in self.config_types], dtype=np.int32)
+        number = {name: k for k, name in enumerate(types)}
+        tensors["summary/config_type"] = np.asarray([number[t] for t in self.config_types], dtype=np.int32)
         # safetensors refuses zero-sized slices: a reader builds those from the layout
         metadata = {"elements": json.dumps(elements), "config_types": json.dumps(types), "layout": json.dumps(layout),
                     "closest": json.dumps({f"{a}-{b}": d for (a, b), d in sorted(self.closest.items())})}
@@ -188,8 +203,9 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
 
     if dtype not in STORED_DTYPES:
         raise ConfigError(f"pack dtype must be one of {sorted(STORED_DTYPES)}, got {dtype!r}")
-    if not cutoff > 0 or not shard_mb > 0:
-        raise ConfigError(f"cutoff and shard size must be positive, got {cutoff} Å and {shard_mb} MB")
+    if not (MIN_CUTOFF <= cutoff < float("inf")) or not shard_mb > 0:
+        raise ConfigError(f"the cutoff must be at least {MIN_CUTOFF} Å and finite, and the shard size positive; got "
+                          f"{cutoff} Å and {shard_mb} MB")
     if not inputs:
         raise ConfigError("no input files to pack")
     out = Path(out)
@@ -201,9 +217,9 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
         raise ConfigError(f"unknown reader option(s) {unknown}; known: {sorted(READER_DEFAULTS)}")
     reader = {**READER_DEFAULTS, **(reader or {})}  # recorded in full: training compares its data keys with them
     with held_lock(out / LOCK, "packing"):
-        if (out / INDEX).exists():
-            if not overwrite:
-                raise ConfigError(f"{out} already holds a finished pack; give another directory or --overwrite")
+        if (out / INDEX).exists() and not overwrite:
+            raise ConfigError(f"{out} already holds a finished pack; give another directory or --overwrite")
+        if overwrite:  # a finished pack, or an unfinished one made with other inputs or options
             _remove_pack_files(out)
         settings = _settings(inputs, cutoff, dtype, reader, shard_mb)
         state: dict[str, Any] = {"settings": settings, "shards": [], "position": [0, 0]}
@@ -217,7 +233,7 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
                 before = _comparable(saved.get("settings", {}))
                 changed = sorted(k for k, v in _comparable(settings).items() if before.get(k) != v)
                 raise ConfigError(f"{out} holds an unfinished pack made with other {', '.join(changed)}; give the same "
-                                  "inputs and options to resume it, or another directory")
+                                  "inputs and options to resume it, another directory, or --overwrite")
             state = {**saved, "settings": settings}  # the paths as given now (the same contents)
             _check_shards(out, state["shards"])
         else:
@@ -299,6 +315,7 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
                           if k.startswith("summary/")})
     elements = sorted({z for meta in metas for z in meta["elements"]})
     config_types = sorted({t for meta in metas for t in meta["config_types"]})
+    type_number = {name: k for k, name in enumerate(config_types)}
     closest: dict[str, float] = {}
     largest = max((int(part["composition"].max()) for part in parts if part["composition"].size), default=0)
     narrow = np.uint16 if largest <= np.iinfo(np.uint16).max else np.int32  # 2 bytes per structure and element
@@ -308,10 +325,10 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
         count = len(part["n_atoms"])
         for name in SUMMARY_COLUMNS:
             columns[name].append(part[name])
-        remap = np.asarray([config_types.index(t) for t in meta["config_types"]], dtype=np.int32)
+        remap = np.asarray([type_number[t] for t in meta["config_types"]], dtype=np.int32)
         columns["config_type"].append(remap[part["config_type"]] if count else part["config_type"])
         composition = np.zeros((count, len(elements)), dtype=narrow)
-        composition[:, [elements.index(z) for z in meta["elements"]]] = part["composition"]
+        composition[:, np.searchsorted(elements, meta["elements"])] = part["composition"]
         columns["composition"].append(composition)
         columns["shard"].append(np.full(count, number, dtype=np.int32))
         columns["row"].append(np.arange(count, dtype=np.int64))
@@ -344,6 +361,42 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- reading
+class _Shard(BaseModel):
+    file: str = Field(pattern=r"^shard-\d{5}\.safetensors$")
+    structures: int = Field(ge=1)
+    bytes: int = Field(ge=1)
+    content_sha256: str
+
+
+class _Source(BaseModel):
+    path: str
+    sha256: str
+    bytes: int
+    structures: int
+
+
+class PackIndex(BaseModel):
+    """``index.json``, checked when a pack is opened (a damaged or hand-edited index is named, not a traceback)."""
+
+    format: Literal["equiforce-graphs"]
+    version: int
+    equiforce: str
+    created: str
+    structures: int = Field(ge=1)
+    atoms: int
+    edges: int
+    cutoff: float = Field(ge=MIN_CUTOFF, allow_inf_nan=False)
+    dtype: Literal["float64", "float32"]
+    reader: dict[str, str | None]
+    elements: list[int] = Field(min_length=1)
+    config_types: list[str] = Field(min_length=1)
+    closest_pairs: dict[str, float]
+    sources: list[_Source] = Field(min_length=1)
+    shards: list[_Shard] = Field(min_length=1)
+    summary_bytes: int
+    content_sha256: str
+
+
 _SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
                        "U16": "<u2", "BOOL": "?"}
 
@@ -405,6 +458,11 @@ class GraphStore(Sequence[Graph]):
         if index.get("version") != VERSION:
             raise DataError(f"pack version {index.get('version')} is not readable by this equiforce (reads "
                             f"{VERSION}); pack the data again", source=where, field="version")
+        try:
+            index = PackIndex.model_validate(index).model_dump()
+        except ValidationError as err:
+            problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:3])
+            raise DataError(f"{INDEX} is damaged ({problem}); pack the data again", source=where) from None
         _check_shards(root, index["shards"])
         path = root / SUMMARY
         if not path.is_file() or path.stat().st_size != index["summary_bytes"]:
@@ -419,6 +477,14 @@ class GraphStore(Sequence[Graph]):
         if len(summary["row"]) != index["structures"]:
             raise DataError(f"{SUMMARY} lists {len(summary['row'])} structures, the index {index['structures']}",
                             source=where)
+        # every number in the summary must point into the index's tables (one pass over four small columns)
+        for column, table in (("shard", "shards"), ("config_type", "config_types"), ("source", "sources")):
+            values = summary[column]
+            if len(values) and not 0 <= int(values.min()) <= int(values.max()) < len(index[table]):
+                raise DataError(f"{SUMMARY} and {INDEX} disagree: {column} numbers outside the {len(index[table])} "
+                                f"{table} listed; pack the data again", source=where)
+        if summary["composition"].shape[1:] != (len(index["elements"]),):
+            raise DataError(f"{SUMMARY} and {INDEX} disagree on the elements; pack the data again", source=where)
         return cls(root, index, summary, np.arange(index["structures"]))
 
     # -- the sequence
@@ -426,8 +492,11 @@ class GraphStore(Sequence[Graph]):
         return len(self.indices)
 
     def __getitem__(self, item: Any) -> Any:
-        if isinstance(item, slice | np.ndarray | list | range):
-            return self.subset(np.arange(len(self))[item])
+        if isinstance(item, slice):
+            return GraphStore(self.root, self.index, self._summary, self.indices[item], self.type_weights,
+                              self._cache)
+        if isinstance(item, np.ndarray | list | range):
+            return self.subset(np.asarray(item, dtype=np.int64))
         return self._graph(int(self.indices[item]))
 
     def __iter__(self) -> Iterator[Graph]:
@@ -556,7 +625,14 @@ class GraphStore(Sequence[Graph]):
             source=self.index["sources"][int(self._summary["source"][k])]["path"],
             frame=int(self._summary["frame"][k]))
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn: no open handles
+    def __getstate__(self) -> dict[str, Any]:
+        """For reader processes started by spawn: neither open handles nor the summary's contents travel (a pickled
+        memory map would copy its data); the worker maps the summary again."""
         state = dict(self.__dict__)
         state["_cache"] = {"pid": None, "shards": {}}
+        state["_summary"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._summary = memory_mapped(self.root / SUMMARY)

@@ -3,8 +3,8 @@
 In memory the graphs already sit on the device and a batch is one concatenation there.  From a pack
 (:class:`~equiforce.data.packed.GraphStore`) each batch is read from the memory-mapped shards, collated on the
 host and moved to the device; PyTorch's ``DataLoader`` does the reading, with ``workers`` processes reading
-ahead of the training step (0: in the training process; kept for the whole run, not started every epoch) and
-pinned memory for a CUDA device.
+ahead of the training step (0: in the training process; started once per run by spawn and kept, not started
+every epoch) and pinned memory for a CUDA device.
 """
 
 from __future__ import annotations
@@ -41,9 +41,12 @@ class BatchReader:
             from torch.utils.data import DataLoader
 
             self.sampler = _EpochBatches()
+            # started by spawn, not fork: a forked reader would hold the run's train.lock (an inherited flock)
+            # for seconds after the trainer is killed, and refuse the immediate restart of a requeued job
             self.loader = DataLoader(graphs, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
                                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                     prefetch_factor=4 if workers > 0 else None)
+                                     prefetch_factor=4 if workers > 0 else None,
+                                     multiprocessing_context="spawn" if workers > 0 else None)
 
     def epoch(self, batches: Sequence[Sequence[int]]) -> Iterator[Graph]:
         if self.loader is None:

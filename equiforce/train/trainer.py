@@ -376,9 +376,11 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
         for name, digest in data_digests.items():
             saved_digest = ckpt.get("data", {}).get(name)
             if saved_digest is not None and saved_digest["sha256"] != digest["sha256"]:
+                repacked = (" or a pack made again with another --shard-mb or --dtype"
+                            if isinstance(train_graphs, GraphStore) else "")
                 raise ConfigError(f"{ckpt_path} was trained on other {name} data ({saved_digest['structures']} "
-                                  f"structures then, {digest['structures']} now, contents differ); give the same "
-                                  "files, use another output directory, or output.resume: false")
+                                  f"structures then, {digest['structures']} now, contents differ{repacked}); give "
+                                  "the same files, use another output directory, or output.resume: false")
         saved = ModelSpec.model_validate_json(ckpt["spec"])
         if saved != model.spec:
             raise ConfigError(f"{ckpt_path} was written for a different model ({spec_difference(saved, model.spec)}); "
@@ -867,6 +869,14 @@ def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: E
                           "Pack again with those keys, or leave them out of the config")
     # validation and test files are read with the pack's label keys unless the config sets them
     keys = {**packed_with, "format": None, **given}
+    for other in (data.valid, data.test):  # packs compared by their labels: another key is another quantity
+        if other is not None and is_pack(other):
+            theirs = GraphStore.open(other).index["reader"]
+            differ = [f"{k} {theirs.get(k)!r} against {v!r}" for k, v in packed_with.items()
+                      if k != "format" and theirs.get(k) != v]
+            if differ:
+                raise ConfigError(f"{other} was packed with other label keys than {data.train} ({'; '.join(differ)});"
+                                  " pack both with the keys of the same quantities")
     valid: GraphStore | list[Configuration] | None = None
     if data.valid is not None:
         valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
