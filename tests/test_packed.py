@@ -140,15 +140,21 @@ class _Killed(Exception):
     pass
 
 
-def test_an_interrupted_pack_resumes_to_the_same_content(files, packed, tmp_path):
-    out = tmp_path / "resumed"
+def pack_killed_after(count: int, inputs: list[Path], out: Path, **options) -> None:
+    """Pack ``inputs`` into ``out`` as a kill after ``count`` structures would leave it (shards and progress)."""
 
-    def kill(count: int) -> None:
-        if count == 20:
+    def kill(done: int) -> None:
+        if done == count:
             raise _Killed
 
     with pytest.raises(_Killed):
-        pack(files, out, cutoff=CUTOFF, shard_mb=0.008, progress=kill)
+        pack(inputs, out, cutoff=CUTOFF, progress=kill, **options)
+
+
+def test_an_interrupted_pack_resumes_to_the_same_content(files, packed, tmp_path):
+    out = tmp_path / "resumed"
+
+    pack_killed_after(20, files, out, shard_mb=0.008)
     progress = json.loads((out / PROGRESS).read_text())
     assert progress["shards"] and not (out / INDEX).exists()
     with pytest.raises(DataError, match="unfinished pack"):
@@ -403,12 +409,7 @@ def test_single_frame_files_and_databases_resume(tmp_path, monkeypatch):
     database = [tmp_path / "set.db"]
     clean = pack(database, tmp_path / "clean", cutoff=CUTOFF, shard_mb=1e-6)
 
-    def kill(count: int) -> None:
-        if count == 3:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        pack(database, tmp_path / "killed", cutoff=CUTOFF, shard_mb=1e-6, progress=kill)
+    pack_killed_after(3, database, tmp_path / "killed", shard_mb=1e-6)
     assert json.loads((tmp_path / "killed" / PROGRESS).read_text())["position"] == [0, 2]
     monkeypatch.chdir(tmp_path)  # the same file by a relative path
     resumed = pack([Path("set.db")], tmp_path / "killed", cutoff=CUTOFF, shard_mb=1e-6)
@@ -483,12 +484,7 @@ def test_unwrapped_positions_pack_like_wrapped_ones(tmp_path):
 def test_an_unfinished_pack_says_so_wherever_it_is_given(files, tmp_path):
     out = tmp_path / "half"
 
-    def kill(count: int) -> None:
-        if count == 12:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        pack(files, out, cutoff=CUTOFF, shard_mb=0.008, progress=kill)
+    pack_killed_after(12, files, out, shard_mb=0.008)
     for attempt in (lambda: read_configurations(out),
                     lambda: train(load_config(config(tmp_path / "c.yaml", out, tmp_path / "c")), progress=False)):
         with pytest.raises(DataError, match="unfinished pack has a progress.json: run equiforce pack again"):
