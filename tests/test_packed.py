@@ -105,16 +105,22 @@ def test_pack_holds_the_graphs_the_files_give(files, packed):
 def test_pack_reads_back_as_the_structures_it_was_made_from(files, packed):
     originals = [c for f in files for c in read_configurations(f)]
     back = read_configurations(packed)
+    assert len(back) == len(originals)
     for a, b in zip(originals, back):
         assert (a.source, a.frame, a.config_type, a.weight) == (b.source, b.frame, b.config_type, b.weight)
         np.testing.assert_array_equal(a.numbers, b.numbers)
         np.testing.assert_array_equal(a.positions, b.positions)
         np.testing.assert_array_equal(a.pbc, b.pbc)
+        np.testing.assert_array_equal(a.cell, b.cell)
         assert a.energy == b.energy
         for name in ("forces", "stress"):
             x, y = getattr(a, name), getattr(b, name)
             assert (x is None) == (y is None) and (x is None or np.array_equal(x, y)), name
     assert len(read_configurations(packed, index="2:5")) == 3
+    from equiforce.data.io import read_atoms  # what md, relax and learn start from
+
+    atoms = read_atoms(packed, index="-1")
+    assert len(atoms) == 1 and atoms[0].get_chemical_symbols() == ["Ni"]
 
 
 def test_statistics_from_the_summary_equal_those_from_the_graphs(files, packed):

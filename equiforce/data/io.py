@@ -246,6 +246,10 @@ def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | 
     frame that does not parse (ASE raises many exception types for a corrupt file; all mean "cannot read")."""
     from ase.io import read
 
+    from equiforce.data.packed import is_pack
+
+    if is_pack(source):  # a pack's structures (md, relax and learn start from them), without their labels
+        return [config.to_atoms() for config in read_configurations(source, index=index)]
     try:
         frames = read(source, index=index, format=format)
     except (StopIteration, IndexError) as err:  # an index past the end (ASE's own words are empty or cryptic)

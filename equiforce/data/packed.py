@@ -82,7 +82,7 @@ def shard_name(number: int) -> str:
 class _ShardBuilder:
     """Graphs of one shard, gathered until it is full."""
 
-    def __init__(self, dtype: np.dtype) -> None:
+    def __init__(self, dtype: type[np.floating]) -> None:
         self.dtype = dtype
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.columns: dict[str, list[Any]] = {name: [] for name in SUMMARY_COLUMNS}
