@@ -500,14 +500,30 @@ def test_an_unfinished_pack_says_so_wherever_it_is_given(files, tmp_path):
     assert pack(files[:1], out, cutoff=CUTOFF, overwrite=True)["structures"] == 16
 
 
-def test_reader_processes_are_spawned_and_get_the_summary_mapped(packed):
-    import pickle  # noqa: S403  (how a DataLoader hands the store to a spawned reader)
+def test_reader_processes_do_not_hold_the_run_lock_and_pickle_lightly(packed, tmp_path):
+    import pickle  # noqa: S403  (how a DataLoader hands the store to a reader started by spawn, e.g. on macOS)
 
     from equiforce.train.loading import BatchReader
+    from equiforce.utils.locking import exclusive_lock, release
 
     store = GraphStore.open(packed)
+    lock = exclusive_lock(tmp_path / "train.lock", "training")
     reader = BatchReader(store, torch.device("cpu"), torch.float64, workers=1)
-    assert reader.loader.multiprocessing_context.get_start_method() == "spawn"  # no inherited train.lock
+    batches = reader.epoch([[0, 1], [2]])
+    first = next(batches)  # the reader process is running (persistent) from here
+    assert torch.equal(first[K.POSITIONS], collate(store[0:2])[K.POSITIONS])
+    release(lock)  # the trainer is gone: the lock must be free at once, although its reader lives on
+    again = exclusive_lock(tmp_path / "train.lock", "training")
+    release(again)
+    list(batches)  # the epoch read to its end
+    del batches, reader  # and the reader process shut down before the tests that follow
     copy = pickle.loads(pickle.dumps(store[2:9]))  # noqa: S301
     assert len(pickle.dumps(store)) < 20_000  # the summary is mapped again, not copied
     assert all(torch.equal(copy[k][key], store[2 + k][key]) for k in range(7) for key in store[0])
+
+
+def test_learn_starts_from_a_pack(packed):
+    from equiforce.active.loop import load_structures
+
+    structures = load_structures([str(packed)])
+    assert len(structures) == 29 and structures[-1].get_chemical_symbols() == ["Ni"]

@@ -178,8 +178,9 @@ def load_structures(specs: Sequence[str], base: Path | None = None) -> list[Atom
             path = Path(spec)
             if not path.is_absolute() and base is not None and not path.exists():
                 path = base / path
-            if not path.is_file():
-                raise ConfigError(f"start.structures: {spec} is not a file (nor molecule:NAME / bulk:SYMBOL)")
+            if not (path.is_file() or is_pack(path)):
+                raise ConfigError(f"start.structures: {spec} is not a file or a pack (nor molecule:NAME / "
+                                  "bulk:SYMBOL)")
             frames = read_atoms(path)  # unreadable files, and broken frames, named with file and frame
             check_structures(frames, path, cutoff=STRUCTURE_CHECK_CUTOFF)
             out.extend(frames)
@@ -233,7 +234,8 @@ def only_oracle(changed: Sequence[str]) -> bool:
 
 def input_digests(cfg: LearnConfig) -> dict[str, str]:
     """SHA-256 of the input files a run reads again in every session (existing data, starting structures)."""
-    paths = [Path(p) for p in cfg.start.data] + [Path(s) for s in cfg.start.structures if Path(s).is_file()]
+    paths = [Path(p) for p in cfg.start.data] + [Path(s) for s in cfg.start.structures
+                                                 if Path(s).is_file() or is_pack(s)]
     missing = [p for p in paths if not (p.is_file() or is_pack(p))]
     if missing:
         raise DataError("file not found", source=str(missing[0]), field="start.data")

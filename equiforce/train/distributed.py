@@ -9,6 +9,7 @@ all-reduced losses and metrics), so the replicas can never drift apart.  Only ra
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,15 @@ def setup(device_type: str) -> Ranks:
         return Ranks()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        atexit.register(_leave_group)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave_group() -> None:
+    """Destroy the process group before the interpreter tears down: a group left to the C++ destructors at exit
+    can abort a rank ("terminate called without an active exception", seen with gloo on CPU)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def joined() -> Ranks:

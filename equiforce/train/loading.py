@@ -3,8 +3,8 @@
 In memory the graphs already sit on the device and a batch is one concatenation there.  From a pack
 (:class:`~equiforce.data.packed.GraphStore`) each batch is read from the memory-mapped shards, collated on the
 host and moved to the device; PyTorch's ``DataLoader`` does the reading, with ``workers`` processes reading
-ahead of the training step (0: in the training process; started once per run by spawn and kept, not started
-every epoch) and pinned memory for a CUDA device.
+ahead of the training step (0: in the training process; started once per run and kept, not started every
+epoch) and pinned memory for a CUDA device.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ class _EpochBatches:
         return len(self.batches)
 
 
+def _reader_started(_worker: int) -> None:
+    from equiforce.utils.locking import close_inherited_locks
+
+    close_inherited_locks()
+
+
 class BatchReader:
     """One per training run: ``epoch(batches)`` gives each batch (a collated graph on ``device``) in order."""
 
@@ -41,12 +47,13 @@ class BatchReader:
             from torch.utils.data import DataLoader
 
             self.sampler = _EpochBatches()
-            # started by spawn, not fork: a forked reader would hold the run's train.lock (an inherited flock)
-            # for seconds after the trainer is killed, and refuse the immediate restart of a requeued job
+            # readers first close the run's inherited lock descriptors (a forked reader would otherwise hold
+            # train.lock for seconds after the trainer is killed); forked, not spawned: spawn would import a
+            # user's script again in every reader (training from an unguarded script would start over in each)
             self.loader = DataLoader(graphs, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
                                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                      prefetch_factor=4 if workers > 0 else None,
-                                     multiprocessing_context="spawn" if workers > 0 else None)
+                                     worker_init_fn=_reader_started if workers > 0 else None)
 
     def epoch(self, batches: Sequence[Sequence[int]]) -> Iterator[Graph]:
         if self.loader is None:

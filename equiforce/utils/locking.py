@@ -18,6 +18,9 @@ class RunInUseError(EquiforceError):
     """Another process holds the run's lock."""
 
 
+_HELD: set[int] = set()  # this process's lock descriptors (a forked child inherits them: close_inherited_locks)
+
+
 def exclusive_lock(path: str | os.PathLike, what: str) -> int | None:
     """A descriptor holding an exclusive lock on ``path`` (created if needed); ``None`` where the platform has no
     ``flock``.  ``what`` names the run in the refusal ("training in runs/x")."""
@@ -34,13 +37,27 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> int | None:
         os.close(fd)
         raise RunInUseError(f"{what} is in use by another process (it holds {path}): one process per run; wait for "
                             "the other to end or stop it") from None
+    _HELD.add(fd)
     return fd
 
 
 def release(fd: int | None) -> None:
     """Let go of a lock taken by :func:`exclusive_lock` (closing the descriptor releases it)."""
     if fd is not None:
+        _HELD.discard(fd)
         os.close(fd)
+
+
+def close_inherited_locks() -> None:
+    """In a forked helper process (a DataLoader reader): close the descriptors of the parent's locks. A ``flock``
+    lives while any descriptor of it is open, so a reader keeping them would hold the run for as long as it
+    outlives a killed trainer, and refuse the immediate restart of a requeued job."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 @contextmanager
