@@ -74,3 +74,13 @@ def test_too_small_calibration_split_fails_before_any_training(tmp_path, data_fi
     err = capsys.readouterr().err
     assert "at least 10 held-out structures" in err and "data.valid_fraction" in err
     assert not (tmp_path / "run" / "members").exists()
+
+
+def test_heads_on_a_one_layer_model_are_refused_before_training(tmp_path, data_file, capsys):
+    config = _config(tmp_path, data_file, {"method": "heads"})
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["num_layers"] = 1
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train-uq", str(config), "--no-progress"]) == 2
+    assert "uncertainty heads need num_layers ≥ 2" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "run" / "backbone").exists()

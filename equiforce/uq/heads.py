@@ -32,6 +32,7 @@ from torch import nn
 
 from equiforce.data import keys as K
 from equiforce.data.graph import stress_volume, sum_per_graph
+from equiforce.errors import ConfigError
 from equiforce.models.potential import Potential
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import Calibration
@@ -132,11 +133,15 @@ class UQHeads(nn.Module):
 
 def check_backbone(backbone: Potential) -> None:
     """The force heads need l=1 features in the penultimate layer."""
-    spec = backbone.spec
-    if spec.num_layers < 2 or spec.max_l < 1:
-        raise ValueError(f"uncertainty heads need num_layers ≥ 2 and max_l ≥ 1 (they read the l=1 features of the "
-                         f"penultimate layer); this model has num_layers={spec.num_layers}, max_l={spec.max_l}: "
-                         "use an ensemble instead")
+    check_heads_architecture(backbone.spec.num_layers, backbone.spec.max_l)
+
+
+def check_heads_architecture(num_layers: int, max_l: int) -> None:
+    """:func:`check_backbone` from the architecture alone: ``train-uq`` asks before training a backbone."""
+    if num_layers < 2 or max_l < 1:
+        raise ConfigError(f"uncertainty heads need num_layers ≥ 2 and max_l ≥ 1 (they read the l=1 features of the "
+                          f"penultimate layer); this model has num_layers={num_layers}, max_l={max_l}: use an "
+                          "ensemble instead (uq.method: ensemble)")
 
 
 class UQPotential(UQModel):

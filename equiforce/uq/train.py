@@ -153,13 +153,17 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
         seeds = [config.training.seed + m for m in range(uq.members)]
         model: UQModel = build_ensemble(paths, graphs(split.valid, cutoff), uq, seen, seeds, device)
     else:
+        from equiforce.uq.heads import check_backbone, check_heads_architecture
+
         if uq.backbone is not None:
             backbone: Potential = load_model(uq.backbone, device=device)
             if not isinstance(backbone, Potential):
                 raise DataError(f"uq.backbone {uq.backbone} already carries uncertainty; give a plain model")
+            check_backbone(backbone)
             for c in [*split.train, *split.valid]:  # heads are fitted on the backbone's features of every element
                 check_known_elements(backbone, c.numbers, c.source, c.frame, f" (uq.backbone {uq.backbone})")
         else:
+            check_heads_architecture(config.model.num_layers, config.model.max_l)  # before the backbone's budget
             result = train_configs([*split.train, *split.isolated], split.valid, config.model, config.training,
                                    out / "backbone", e0s=data.e0s, resume=config.output.resume,
                                    checkpoint_every=config.output.checkpoint_every, progress=progress, extra=extra)
