@@ -124,12 +124,11 @@ class _ShardBuilder:
 
     def payload(self) -> tuple[bytes, str]:
         """The shard as safetensors bytes (graph tensors, their offsets, the summary columns; the element and
-        config-type tables, the closest pairs and each key's layout as metadata), and the SHA-256 of that content
+        config-type tables and the closest pairs as metadata), and the SHA-256 of that content
         (the file's bytes are not reproducible: safetensors writes the metadata in a random order)."""
         from safetensors.numpy import save
 
         tensors: dict[str, np.ndarray] = {}
-        layout: dict[str, list[Any]] = {}
         for key, parts in self.arrays.items():
             tensors[key] = np.concatenate(parts, axis=0)
             if key in COMPACT:
@@ -137,7 +136,6 @@ class _ShardBuilder:
             ptr = np.zeros(len(parts) + 1, dtype=np.int64)
             ptr[1:] = np.cumsum([len(p) for p in parts])
             tensors[f"ptr/{key}"] = ptr
-            layout[key] = [tensors[key].dtype.str, list(tensors[key].shape[1:])]
         for name, kind in SUMMARY_COLUMNS.items():
             tensors[f"summary/{name}"] = np.asarray(self.columns[name], dtype=kind)
         elements = sorted({int(z) for numbers in self.numbers for z in numbers})
@@ -149,8 +147,7 @@ class _ShardBuilder:
         types = sorted(set(self.config_types))
         number = {name: k for k, name in enumerate(types)}
         tensors["summary/config_type"] = np.asarray([number[t] for t in self.config_types], dtype=np.int32)
-        # safetensors refuses zero-sized slices: a reader builds those from the layout
-        metadata = {"elements": json.dumps(elements), "config_types": json.dumps(types), "layout": json.dumps(layout),
+        metadata = {"elements": json.dumps(elements), "config_types": json.dumps(types),
                     "closest": json.dumps({f"{a}-{b}": d for (a, b), d in sorted(self.closest.items())})}
         digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
         for name in sorted(tensors):
@@ -198,7 +195,7 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
     """
     from equiforce.data.io import iter_configurations
     from equiforce.data.stats import is_isolated_atom
-    from equiforce.utils.atomic_io import atomic_write, atomic_write_json
+    from equiforce.utils.atomic_io import atomic_write_bytes, atomic_write_json
     from equiforce.utils.locking import held_lock
 
     if dtype not in STORED_DTYPES:
@@ -246,12 +243,7 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
             nonlocal builder
             data, content = builder.payload()
             name = shard_name(len(state["shards"]))
-
-            def write(tmp: str) -> None:
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-
-            atomic_write(out / name, write)
+            atomic_write_bytes(out / name, data)
             state["shards"].append({"file": name, "structures": len(builder), "bytes": len(data),
                                     "content_sha256": content})
             state["position"] = position
@@ -303,7 +295,7 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
     from safetensors import safe_open
     from safetensors.numpy import save
 
-    from equiforce.utils.atomic_io import atomic_write, atomic_write_json
+    from equiforce.utils.atomic_io import atomic_write_bytes, atomic_write_json
 
     parts: list[dict[str, np.ndarray]] = []
     metas: list[dict[str, Any]] = []
@@ -326,7 +318,7 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
         for name in SUMMARY_COLUMNS:
             columns[name].append(part[name])
         remap = np.asarray([type_number[t] for t in meta["config_types"]], dtype=np.int32)
-        columns["config_type"].append(remap[part["config_type"]] if count else part["config_type"])
+        columns["config_type"].append(remap[part["config_type"]])
         composition = np.zeros((count, len(elements)), dtype=narrow)
         composition[:, np.searchsorted(elements, meta["elements"])] = part["composition"]
         columns["composition"].append(composition)
@@ -336,12 +328,7 @@ def _finish(out: Path, state: dict[str, Any]) -> dict[str, Any]:
             closest[pair] = min(closest.get(pair, distance), distance)
     summary = {name: np.concatenate(values) for name, values in columns.items()}
     payload = save(summary)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-
-    atomic_write(out / SUMMARY, write)
+    atomic_write_bytes(out / SUMMARY, payload)
     from equiforce import __version__
 
     content = hashlib.sha256(json.dumps([state["settings"]["cutoff"], state["settings"]["dtype"],
@@ -561,10 +548,8 @@ class GraphStore(Sequence[Graph]):
         return digest.hexdigest()
 
     # -- reading
-    def _shard(self, number: int) -> tuple[Any, dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
-        """A shard's open handle, its per-key slices and offsets, and its layout (opened once per process)."""
-        from safetensors import safe_open
-
+    def _shard(self, number: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A shard's graph keys, each as its memory-mapped data and offsets (mapped once per process)."""
         cache = self._cache
         if cache["pid"] != os.getpid():  # a forked worker: mappings and handles are opened afresh
             cache["pid"], cache["shards"] = os.getpid(), {}
@@ -572,28 +557,18 @@ class GraphStore(Sequence[Graph]):
         if number not in shards:
             path = self.root / self.index["shards"][number]["file"]
             try:
-                handle = safe_open(str(path), framework="numpy")
-                layout = json.loads(handle.metadata()["layout"])
-                keys = list(layout)
-                ptrs = {key: handle.get_tensor(f"ptr/{key}") for key in keys}
-                slices = {key: handle.get_slice(key) for key in keys}
+                arrays = memory_mapped(path)
+                shards[number] = {name.removeprefix("ptr/"): (arrays[name.removeprefix("ptr/")], np.asarray(ptr))
+                                  for name, ptr in arrays.items() if name.startswith("ptr/")}
             except Exception as err:  # noqa: BLE001 - any failure here means a damaged shard
                 raise DataError(f"cannot read {path.name}: {err}", source=str(self.root)) from err
-            shards[number] = (handle, slices, ptrs, layout)
         return shards[number]
 
     def _graph(self, k: int) -> Graph:
-        _, slices, ptrs, layout = self._shard(int(self._summary["shard"][k]))
         row = int(self._summary["row"][k])
         graph: Graph = {}
-        for key, ptr in ptrs.items():
-            a, b = int(ptr[row]), int(ptr[row + 1])
-            if a == b:
-                dtype, trailing = layout[key]
-                value = np.zeros((0, *trailing), dtype=np.dtype(dtype))
-            else:
-                value = slices[key][a:b]
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
+        for key, (data, ptr) in self._shard(int(self._summary["shard"][k])).items():
+            tensor = torch.from_numpy(np.array(data[ptr[row]:ptr[row + 1]]))  # a copy: the map stays read-only
             if key == K.EDGE_INDEX:
                 tensor = tensor.T.long().contiguous()
             elif key == K.SHIFTS:

@@ -89,6 +89,14 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+    atomic_write(path, write)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
