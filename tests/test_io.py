@@ -190,6 +190,18 @@ def test_ase_db_custom_keys_from_key_value_pairs(tmp_path):
     np.testing.assert_allclose(config.forces, 0.1)
 
 
+def test_ase_db_labels_become_writable_arrays(tmp_path, recwarn):
+    """A database hands out read-only arrays; torch warned on every graph built from them."""
+    atoms = bulk("Ni", "fcc", a=3.5, cubic=True)
+    path = tmp_path / "ni.db"
+    with ase.db.connect(path) as db:
+        db.write(atoms, dft_energy=-7.5, data={"dft_forces": np.full((4, 3), 0.1)})
+    config = read_configurations(path, energy_key="dft_energy", forces_key="dft_forces")[0]
+    assert config.forces.flags.writeable
+    config_to_graph(config, 4.0)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
 # ---------------------------------------------------------------------------------------------- npz
 
 
@@ -339,6 +351,26 @@ def test_frame_without_atoms(tmp_path):
     path.write_text("1\nenergy=-1.0\nH 0 0 0\n0\nenergy=-2.0\n")
     with pytest.raises(DataError, match="no atoms") as err:
         read_configurations(path)
+    assert_data_error(err, path, "numbers", frame=1)
+
+
+def test_ghost_atom_is_named(tmp_path):
+    """ASE's ghost atom 'X' (atomic number 0) has no mass or reference energy: refused at read, frame named
+    (before, training refused "elements [0, 1, 8]" without saying which frame held it)."""
+    good = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    ghost = good.copy()
+    ghost.numbers[1] = 0
+    for atoms in (good, ghost):
+        atoms.info["E"] = -1.0
+    path = tmp_path / "ghost.xyz"
+    ase.io.write(path, [good, ghost], format="extxyz")
+    with pytest.raises(DataError, match="atom 1 has atomic number 0") as err:
+        read_configurations(path, energy_key="E", require_forces=False)
+    assert_data_error(err, path, "numbers", frame=1)
+    from equiforce.data.io import check_structures
+
+    with pytest.raises(DataError, match="atomic number 0") as err:
+        check_structures([good, ghost], path, cutoff=4.0)
     assert_data_error(err, path, "numbers", frame=1)
 
 

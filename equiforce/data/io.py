@@ -277,6 +277,7 @@ def check_structures(frames: Sequence[Atoms], source: str | os.PathLike, cutoff:
     from equiforce.data.structure import Configuration
 
     for frame, atoms in enumerate(frames):
+        _check_atomic_numbers(atoms.numbers, {"source": str(source), "frame": frame})
         config_to_graph(Configuration.from_atoms(atoms, source=str(source), frame=frame), cutoff)
 
 
@@ -373,6 +374,7 @@ def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, 
     n = len(atoms)
     if n == 0:
         raise DataError("frame has no atoms", field="numbers", **where)
+    _check_atomic_numbers(atoms.numbers, where)
     positions = np.asarray(atoms.positions, dtype=np.float64)
     cell = np.asarray(atoms.cell, dtype=np.float64)
     _check_finite(positions, "positions", where)
@@ -432,6 +434,15 @@ def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, 
                          weight=weight, source=source, frame=frame, info=info)
 
 
+def _check_atomic_numbers(numbers: np.ndarray, where: dict) -> None:
+    """Elements 1..118 only: ASE's ghost atom "X" (0) has no mass or reference energy, so no model can learn it."""
+    bad = (numbers < 1) | (numbers > 118)
+    if bad.any():
+        atom = int(np.flatnonzero(bad)[0])
+        raise DataError(f"atom {atom} has atomic number {int(numbers[atom])}; elements must be 1 to 118 (a ghost "
+                        "atom 'X' is 0)", field="numbers", **where)
+
+
 def _check_finite(values: np.ndarray, field: str, where: dict) -> None:
     if not np.all(np.isfinite(values)):
         raise DataError("contains NaN or infinity", field=field, **where)
@@ -439,9 +450,11 @@ def _check_finite(values: np.ndarray, field: str, where: dict) -> None:
 
 def _as_array(value: Any, field: str, where: dict) -> np.ndarray:
     try:
-        return np.asarray(value, dtype=np.float64)
+        array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise DataError(f"not numeric: {value!r:.80}", field=field, **where) from err
+    # ASE databases hand out read-only arrays, which torch.from_numpy warns about: own a writable copy
+    return array if array.flags.writeable else array.copy()
 
 
 def _as_energy(value: Any, field: str, where: dict) -> float | None:
