@@ -102,10 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _check_eval_labels(configs: Sequence[Any], args: argparse.Namespace) -> None:
     """Errors need labels: none under any key is a mistyped key, not an evaluation with nothing to report."""
+    from equiforce.data import keys as K
     from equiforce.data.io import label_names
+    from equiforce.data.packed import GraphStore
     from equiforce.errors import DataError
 
     def found(name: str) -> bool:
+        if isinstance(configs, GraphStore):  # from the pack's summary
+            flags = {"energy": K.HAS_ENERGY, "forces": K.HAS_FORCES, "stress": K.HAS_STRESS, "hessian": K.HAS_HESSIAN}
+            return configs.labelled(flags[name])
         return any(getattr(c, name) is not None for c in configs)
 
     if any(found(name) for name in ("energy", "forces", "stress", "hessian")):
@@ -120,7 +125,8 @@ def _check_eval_labels(configs: Sequence[Any], args: argparse.Namespace) -> None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from equiforce.data.io import read_configurations
+    from equiforce.data.io import open_pack, read_configurations
+    from equiforce.data.packed import is_pack
     from equiforce.evaluate import evaluate, parity_plot, resolve_device
     from equiforce.models.file import load_model
     from equiforce.utils.atomic_io import atomic_write_json
@@ -129,9 +135,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
     out.mkdir(parents=True, exist_ok=True)  # before the evaluation: an unusable --out is said before any work
     model = load_model(args.model, device=device)
-    configs = read_configurations(args.data, energy_key=args.energy_key, forces_key=args.forces_key,
-                                  stress_key=args.stress_key, virial_key=args.virial_key, index=args.index,
-                                  hessian_key=args.hessian_key, require_energy=False, format=args.format)
+    keys = dict(energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key,
+                virial_key=args.virial_key, hessian_key=args.hessian_key)
+    if is_pack(args.data):  # left on disk and read batch by batch: a test set larger than memory is evaluated
+        configs = open_pack(args.data, args.index, keys)
+    else:
+        configs = read_configurations(args.data, **keys, index=args.index, require_energy=False, format=args.format)
     _check_eval_labels(configs, args)
     collector = None
     if args.uq:  # σ gathered in the same pass as the errors
@@ -143,9 +152,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, configs, batch_size=args.batch_size, device=device, keep_values=True,
                       by_config_type=True, observers=[collector] if collector is not None else [])
     values = result.pop("values")
+    every = result.pop("values_every", {})
     by_type = result.pop("by_config_type", {})
     parity_plot({k: v[0] for k, v in values.items()}, {k: v[1] for k, v in values.items()}, out / "parity.png",
-                title=f"{Path(args.model).name} on {Path(args.data).name}")
+                title=f"{Path(args.model).name} on {Path(args.data).name}", metrics=result, every=every)
     from equiforce.train.metrics import UNITS
 
     report = {"model": str(args.model), "data": str(args.data), "metrics": result, "units": UNITS}
@@ -212,7 +222,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         names = label_names(args.data[0], args.format)
         console.print(f"[yellow]note:[/] {without} of {index['structures']} structures have no forces under "
                       f"'{args.forces_key}' (the first frame of {args.data[0]} carries {names})")
-    console.print(f"train on it with `data.train: {args.out}` (model.cutoff: {index['cutoff']:g})")
+    console.print(f"train on it with `data.train: {args.out}` (model.cutoff: {index['cutoff']:g} or less)")
     return 0
 
 
@@ -272,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="build the graphs of large data sets once and store them for streamed training")
     p.add_argument("data", nargs="+", help="structure files (extxyz, npz, ASE db, any ase.io format), packed in order")
     p.add_argument("--out", required=True, help="directory of the pack (give it as data.train or data.valid)")
-    p.add_argument("--cutoff", type=positive_float, required=True, help="neighbour cutoff in Å: the model's cutoff")
+    p.add_argument("--cutoff", type=positive_float, required=True,
+                   help="neighbour cutoff in Å: the largest model cutoff the pack will serve")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="storage precision of positions and labels (default float64; float32 halves the size)")
     p.add_argument("--shard-mb", type=positive_float, default=256.0, help="size of each shard file (default 256 MB)")

@@ -15,11 +15,14 @@ import torch
 
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
+from equiforce.data.packed import GraphStore
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError, UnknownElementError
 from equiforce.models.potential import Potential
 from equiforce.train.hessian_loss import batch_has_hessians, hessian_vector_products
 from equiforce.train.metrics import UNITS, ErrorMetrics
+
+KEEP_MAX = 200_000  # rows per quantity kept for a parity plot (more points than a plot can show)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -45,8 +48,11 @@ def check_known_elements(model, numbers, source: str, frame: int | None, note: s
         raise DataError(f"{err}{note}", source=source, frame=frame, field="numbers") from None
 
 
-def as_graphs(model: Potential, data: Sequence[Configuration | Graph]) -> list[Graph]:
-    """Graphs in the model's cutoff and dtype; configurations are checked for unknown elements first."""
+def as_graphs(model: Potential, data: Sequence[Configuration | Graph] | GraphStore) -> Sequence[Graph]:
+    """Graphs in the model's cutoff and dtype; configurations are checked for unknown elements first.  A packed
+    dataset stays on disk (its graphs are read batch by batch), its edges within the model's cutoff."""
+    if isinstance(data, GraphStore):
+        return store_for(model, data)
     dtype = next(model.parameters()).dtype
     graphs = []
     for item in data:
@@ -55,6 +61,21 @@ def as_graphs(model: Potential, data: Sequence[Configuration | Graph]) -> list[G
             item = config_to_graph(item, model.cutoff, dtype)
         graphs.append(item)
     return graphs
+
+
+def store_for(model: Potential, store: GraphStore) -> GraphStore:
+    """``store`` checked for elements the model lacks (the first structure holding one is named, from the summary)
+    and cut to the model's cutoff."""
+    for z in store.elements:
+        try:
+            model.check_elements([z])
+        except UnknownElementError:
+            holding = store.holding(z)
+            if len(holding):
+                first = store.configuration(int(holding[0]))
+                check_known_elements(model, first.numbers, first.source, first.frame,
+                                     f"; {len(holding)} structures of {store.root} hold it")
+    return store.within(model.cutoff)
 
 
 def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, device: torch.device,
@@ -69,7 +90,7 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
     ``compute_stress=None`` computes stress only when some graph carries a stress label.
     """
     if compute_stress is None:
-        compute_stress = any(float(g[K.HAS_STRESS].sum()) > 0 for g in graphs)
+        compute_stress = _has_labels(graphs, K.HAS_STRESS)
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
@@ -104,18 +125,40 @@ class Fanout:
             sink.update(pred, batch)
 
 
-def _config_type(item: Configuration | Graph) -> str:
-    return str(item.config_type) if isinstance(item, Configuration) else "None"
+def _has_labels(graphs: Sequence[Graph], flag: str) -> bool:
+    if isinstance(graphs, GraphStore):  # from the summary, without reading the structures
+        return graphs.labelled(flag)
+    return any(float(g[flag].sum()) > 0 for g in graphs)
+
+
+def _groups(configs: Sequence[Configuration | Graph], graphs: Sequence[Graph]) -> dict[str, Sequence[Graph]]:
+    """The graphs of each ``config_type`` (for a packed dataset, stores over its rows of each type)."""
+    if isinstance(graphs, GraphStore):
+        types = graphs.column("config_type")
+        return {graphs.index["config_types"][int(t)]: graphs.subset(np.flatnonzero(types == t))
+                for t in np.unique(types)}
+    groups: dict[str, list[Graph]] = {}
+    for item, graph in zip(configs, graphs):
+        groups.setdefault(str(item.config_type) if isinstance(item, Configuration) else "None", []).append(graph)
+    return groups
 
 
 def _counts(graphs: Sequence[Graph]) -> dict[str, int]:
+    if isinstance(graphs, GraphStore):
+        return {"n_configs": len(graphs), "n_atoms": int(graphs.column("n_atoms").sum())}
     return {"n_configs": len(graphs), "n_atoms": int(sum(int(g[K.N_ATOMS].sum()) for g in graphs))}
 
 
-def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_size: int = 16,
+def _hessian_labelled(configs: Sequence[Configuration | Graph]) -> list[Configuration]:
+    if isinstance(configs, GraphStore):
+        return [configs.configuration(int(k)) for k in np.flatnonzero(configs.column(K.HAS_HESSIAN))]
+    return [c for c in configs if isinstance(c, Configuration) and c.hessian is not None]
+
+
+def evaluate(model: Potential, configs: Sequence[Configuration | Graph] | GraphStore, batch_size: int = 16,
              device: str | torch.device | None = "cpu", compute_stress: bool | None = None,
              keep_values: bool = False, hessians: bool = True, by_config_type: bool = False,
-             observers: Sequence = ()) -> dict:
+             observers: Sequence = (), keep_max: int | None = KEEP_MAX) -> dict:
     """Energy (per atom, meV/atom, and per structure, meV), force (meV/Å) and stress (meV/Å³) MAE and RMSE.
 
     The model is moved to ``device`` (in place, as ``Module.to`` does).
@@ -127,16 +170,18 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
     formed within a group); the key is left out when all structures share one type.  ``observers`` get every
     batch's predictions and labels too (``update(pred, batch)``, e.g. a
     :class:`~equiforce.uq.predict.UQCollector`), in the same pass.
+
+    ``configs`` may be a packed dataset (:class:`~equiforce.data.packed.GraphStore`): its structures are read
+    batch by batch, so memory holds one batch (and the kept values: at most ``keep_max`` rows per quantity, an
+    even sample, with ``"values_every"`` saying 1 in how many rows were kept where not all were).
     """
     device = resolve_device(device)
     model = model.to(device)
     graphs = as_graphs(model, configs)
     if compute_stress is None:  # decided once, so every group (and every observer's batch) has the same outputs
-        compute_stress = any(float(g[K.HAS_STRESS].sum()) > 0 for g in graphs)
-    metrics = ErrorMetrics(keep=keep_values)
-    groups: dict[str, list[Graph]] = {}
-    for item, graph in zip(configs, graphs) if by_config_type else ():
-        groups.setdefault(_config_type(item), []).append(graph)
+        compute_stress = _has_labels(graphs, K.HAS_STRESS)
+    metrics = ErrorMetrics(keep=keep_values, keep_max=keep_max)
+    groups = _groups(configs, graphs) if by_config_type else {}
     per_group: dict[str, dict] = {}
     if len(groups) > 1:
         for name, members in sorted(groups.items()):
@@ -144,15 +189,18 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph], batch_s
             run_batches(model, members, batch_size, device, Fanout(metrics, group_metrics, *observers),
                         compute_stress=compute_stress)
             per_group[name] = {**group_metrics.compute(), **_counts(members)}
-    elif graphs:
+    elif len(graphs):
         run_batches(model, graphs, batch_size, device, Fanout(metrics, *observers), compute_stress=compute_stress)
     result: dict = dict(metrics.compute())
-    labelled = [c for c in configs if hessians and isinstance(c, Configuration) and c.hessian is not None]
+    labelled = _hessian_labelled(configs) if hessians else []
     if labelled:
         result.update(hessian_errors(model, labelled, device))
     result.update(_counts(graphs))
     if keep_values:
-        result["values"] = metrics.values() if graphs else {}
+        result["values"] = metrics.values() if len(graphs) else {}
+        thinned = {name: every for name, every in metrics.kept_every().items() if every > 1}
+        if thinned:
+            result["values_every"] = thinned
     if per_group:
         result["by_config_type"] = per_group
     return result
@@ -195,8 +243,12 @@ _PANELS = (("energy_per_atom", "energy per atom", "eV/atom"), ("forces", "force"
 
 
 def parity_plot(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], path: str | os.PathLike,
-                title: str | None = None) -> Path:
-    """Predicted vs reference scatter, one panel per quantity present (energy per atom, forces, stress)."""
+                title: str | None = None, metrics: dict[str, float] | None = None,
+                every: dict[str, int] | None = None) -> Path:
+    """Predicted vs reference scatter, one panel per quantity present (energy per atom, forces, stress).
+
+    Each panel's MAE and RMSE are those of ``metrics`` (from :func:`evaluate`, over all the data) where given, else
+    of the points shown; ``every`` says where only 1 in so many points is shown."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
 
     from equiforce.utils.atomic_io import atomic_write
@@ -212,7 +264,10 @@ def parity_plot(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], path: s
         ax.scatter(x, y, s=6, alpha=0.6, edgecolors="none")
         mae = 1000.0 * float(np.mean(np.abs(y - x)))
         rmse = 1000.0 * float(np.sqrt(np.mean((y - x) ** 2)))
-        ax.set_title(f"{label}: MAE {mae:.3g}, RMSE {rmse:.3g} {UNITS[name]}", fontsize=9)
+        if metrics is not None and f"{name}_mae" in metrics:
+            mae, rmse = metrics[f"{name}_mae"], metrics[f"{name}_rmse"]
+        shown = f"\n(1 in {every[name]} points shown)" if every and every.get(name, 1) > 1 else ""
+        ax.set_title(f"{label}: MAE {mae:.3g}, RMSE {rmse:.3g} {UNITS[name]}{shown}", fontsize=9)
         ax.set_xlabel(f"reference {label} ({unit})")
         ax.set_ylabel(f"predicted {label} ({unit})")
         ax.set_xlim(lo - pad, hi + pad)

@@ -251,6 +251,72 @@ def test_training_on_a_pack_equals_training_on_its_files(joined, from_files, tmp
         train(load_config(config(tmp_path / "c.yaml", other, tmp_path / "run", epochs=4)), progress=False)
 
 
+def edge_set(graph) -> list[tuple[int, ...]]:
+    return sorted(map(tuple, torch.cat([graph[K.EDGE_INDEX].T, graph[K.SHIFTS].long()], 1).tolist()))
+
+
+def test_a_pack_at_a_larger_cutoff_trains_the_model_of_a_smaller_one(joined, from_files, tmp_path):
+    """Edges beyond the model's cutoff are dropped as structures are read; edge counts (the neighbour
+    normalisation, edge-count batches) and closest pairs are those at the model's cutoff: the same model as from
+    the files, so one pack serves every cutoff up to its own."""
+    store_dir = tmp_path / "wide.pack"
+    pack([joined], store_dir, cutoff=CUTOFF + 1.5, shard_mb=0.008)
+    wide = GraphStore.open(store_dir)
+    narrow = wide.within(CUTOFF)
+    graphs = [config_to_graph(c, CUTOFF) for c in read_configurations(joined)]
+    assert narrow.cutoff == CUTOFF and wide.within(CUTOFF + 1.5).edge_cutoff is None
+    assert narrow.column("n_edges").tolist() == [g[K.EDGE_INDEX].shape[1] for g in graphs]
+    assert (wide.column("n_edges") > narrow.column("n_edges")).any()
+    assert all(edge_set(narrow[k]) == edge_set(g) for k, g in enumerate(graphs))
+    assert narrow[3:9].cutoff == narrow.subset([1, 2]).cutoff == CUTOFF  # slices keep the cutoff
+    assert narrow.closest_pairs() == {p: d for p, d in wide.closest_pairs().items() if d < CUTOFF}
+    assert narrow.content_sha256() != wide.content_sha256()
+    with pytest.raises(DataError, match="packed with neighbours within 5.5 Å, fewer than a 6 Å cutoff needs"):
+        wide.within(6.0)
+    train(load_config(config(tmp_path / "c.yaml", store_dir, tmp_path / "run")), progress=False)
+    ref, ref_out = from_files
+    ours, theirs = read_header(tmp_path / "run" / "best.eqf"), read_header(ref_out / "best.eqf")
+    assert ours["spec"]["avg_num_neighbors"] == pytest.approx(theirs["spec"]["avg_num_neighbors"], rel=1e-12)
+    weights, expected = load_file(tmp_path / "run" / "last.eqf"), load_file(ref_out / "last.eqf")
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-8, atol=1e-10)
+
+
+def test_eval_streams_a_pack_and_equals_eval_of_its_files(joined, from_files, tmp_path):
+    """``equiforce eval`` of a pack reads it batch by batch (nothing held but a batch and the plot's sample) and
+    reports what the files give: overall, per config type, at the pack's cutoff or a larger one cut to the
+    model's; a pack with an element the model lacks names a structure holding it."""
+    model = from_files[1] / "best.eqf"
+    wide = tmp_path / "wide.pack"
+    pack([joined], wide, cutoff=CUTOFF + 1.5, shard_mb=0.008)
+    assert main(["eval", str(model), str(joined), "--out", str(tmp_path / "file")]) == 0
+    assert main(["eval", str(model), str(wide), "--out", str(tmp_path / "pack")]) == 0
+    ours, theirs = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("pack", "file"))
+    assert ours["metrics"].keys() == theirs["metrics"].keys() and "stress_mae" in ours["metrics"]
+    for key, value in theirs["metrics"].items():
+        assert ours["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert ours["by_config_type"].keys() == theirs["by_config_type"].keys() == {"Default", "mol", "IsolatedAtom"}
+    for name, group in theirs["by_config_type"].items():
+        for key, value in group.items():
+            assert ours["by_config_type"][name][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+    assert (tmp_path / "pack" / "parity.png").stat().st_size > 0
+    # --index selects from the pack as from a file
+    assert main(["eval", str(model), str(wide), "--index", "2:7", "--out", str(tmp_path / "part")]) == 0
+    assert json.loads((tmp_path / "part" / "metrics.json").read_text())["metrics"]["n_configs"] == 5
+
+    from equiforce.evaluate import evaluate
+    from equiforce.models.file import load_model
+
+    loaded = load_model(model)
+    store = GraphStore.open(wide)
+    kept = evaluate(loaded, store, keep_values=True, keep_max=100)
+    assert kept["values_every"]["forces"] > 1 and len(kept["values"]["forces"][0]) <= 100
+    assert kept["forces_mae"] == pytest.approx(ours["metrics"]["forces_mae"], rel=1e-9)
+    loaded.spec.elements = [z for z in loaded.spec.elements if z != 1]  # a model that lacks hydrogen
+    with pytest.raises(DataError, match=r"frame 16.*H \(Z=1\) not known.*9 structures of .*wide.pack hold it"):
+        evaluate(loaded, store)
+
+
 def test_reader_processes_train_the_same_model(joined, from_files, tmp_path):
     store_dir = tmp_path / "p"
     pack([joined], store_dir, cutoff=CUTOFF)
@@ -367,6 +433,31 @@ def test_e0_fit_from_grouped_compositions_equals_the_fit_over_structures(files, 
     assert ours.keys() == theirs.keys()
     for z in theirs:
         assert ours[z] == pytest.approx(theirs[z], rel=1e-10, abs=1e-10), z
+
+
+def test_a_test_pack_is_evaluated_batch_by_batch(files, packed, tmp_path):
+    """data.test may be a pack (at the model's cutoff or more): its errors are those of the same structures read
+    from their file; an element the model lacks, or too small a cutoff, is found before training."""
+    wide = tmp_path / "test.pack"
+    pack([files[1]], wide, cutoff=CUTOFF + 1.0)
+    on_pack = train(load_config(config(tmp_path / "a.yaml", packed, tmp_path / "a", epochs=1,
+                                       data={"test": str(wide)})), progress=False)["test"]
+    on_file = train(load_config(config(tmp_path / "b.yaml", packed, tmp_path / "b", epochs=1,
+                                       data={"test": str(files[1])})), progress=False)["test"]
+    assert on_pack["n_configs"] == on_file["n_configs"] == 13
+    for key, value in on_file.items():
+        assert on_pack[key] == pytest.approx(value, rel=1e-9), key
+    narrow = tmp_path / "narrow.pack"
+    pack([files[1]], narrow, cutoff=CUTOFF - 1.0)
+    with pytest.raises(DataError, match="packed with neighbours within 3 Å, fewer than a 4 Å cutoff needs"):
+        train(load_config(config(tmp_path / "c.yaml", packed, tmp_path / "c", data={"test": str(narrow)})),
+              progress=False)
+    cells = tmp_path / "cells.pack"
+    pack([files[0]], cells, cutoff=CUTOFF)
+    with pytest.raises(DataError, match=r"frame 0.*element 1 not in the model's elements \[28, 29\]"):
+        train(load_config(config(tmp_path / "d.yaml", cells, tmp_path / "d", config_type_weights={},
+                                 data={"test": str(wide), "e0s": "fit"})), progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d" / "last.eqf").exists()
 
 
 def test_a_validation_pack_must_have_the_model_cutoff(files, packed, tmp_path):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms, units
@@ -20,6 +20,9 @@ from ase.io.formats import string2index
 
 from equiforce.data.structure import Configuration, full_to_voigt, voigt_to_full
 from equiforce.errors import DataError
+
+if TYPE_CHECKING:
+    from equiforce.data.packed import GraphStore
 
 KCAL_PER_MOL = units.kcal / units.mol  # eV per (kcal/mol)
 
@@ -315,21 +318,28 @@ def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> i
     return scan[0] if scan is not None and scan[1] else None
 
 
-def _read_pack(path: str | os.PathLike, index: str | int, keys: dict[str, str], *,
-               require_forces: bool) -> list[Configuration]:
-    """A pack's structures (every one has an energy: packing requires it).  Label keys other than the defaults
-    must be those the pack was made with: its labels were read then, and another key would silently not apply."""
+def open_pack(path: str | os.PathLike, index: str | int = ":", keys: Mapping[str, str] | None = None) -> GraphStore:
+    """A pack's structures selected by ``index``, lazily (read as they are asked for).  Label keys other than the
+    defaults must be those the pack was made with: its labels were read then, and another key would silently not
+    apply."""
     from equiforce.data.packed import READER_DEFAULTS, GraphStore
 
     store = GraphStore.open(path)
     _check_index(index, str(path))
     packed_with = store.index["reader"]
-    differ = [f"{key} {value!r} (packed with {packed_with.get(key)!r})" for key, value in keys.items()
+    differ = [f"{key} {value!r} (packed with {packed_with.get(key)!r})" for key, value in (keys or {}).items()
               if value != READER_DEFAULTS[key] and value != packed_with.get(key)]
     if differ:
         raise DataError(f"a pack's labels were read when it was packed: {'; '.join(differ)}; leave the keys at their "
                         "defaults for a pack, or pack again with them", source=str(path))
-    configs = [store.configuration(k) for k in _frame_numbers(index, 0, len(store), str(path))]
+    return store.subset(_frame_numbers(index, 0, len(store), str(path)))
+
+
+def _read_pack(path: str | os.PathLike, index: str | int, keys: dict[str, str], *,
+               require_forces: bool) -> list[Configuration]:
+    """A pack's structures in memory (every one has an energy: packing requires it); see :func:`open_pack`."""
+    store = open_pack(path, index, keys)
+    configs = [store.configuration(k) for k in range(len(store))]
     for config in configs:
         if require_forces and config.forces is None:
             raise DataError("no forces (it was packed without them)", field="forces", source=config.source,

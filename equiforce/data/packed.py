@@ -410,6 +410,34 @@ def memory_mapped(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _edge_lengths(positions: np.ndarray, edges: np.ndarray, shifts: np.ndarray, cells: np.ndarray,
+                  structure: np.ndarray) -> np.ndarray:
+    """Lengths of ``edges`` (``[E, 2]`` atom rows of ``positions``), each with its structure's cell, in float64
+    (the precision the neighbour list was built in)."""
+    positions = positions.astype(np.float64, copy=False)
+    offsets = np.einsum("ei,eij->ej", shifts.astype(np.float64), cells.astype(np.float64)[structure])
+    return np.linalg.norm(positions[edges[:, 1]] - positions[edges[:, 0]] + offsets, axis=1)
+
+
+def _edges_within(shard: Mapping[str, tuple[np.ndarray, np.ndarray]], cutoff: float) -> np.ndarray:
+    """Per structure of a shard, its number of edges shorter than ``cutoff`` (vectorised over the shard)."""
+    positions, atom_ptr = shard[K.POSITIONS]
+    edges, edge_ptr = shard[K.EDGE_INDEX]
+    shifts, _ = shard[K.SHIFTS]
+    cells, _ = shard[K.CELL]
+    rows = len(atom_ptr) - 1
+    structure = np.repeat(np.arange(rows), np.diff(edge_ptr))
+    total = np.zeros(rows, dtype=np.int64)
+    step = 1 << 20  # edges at a time: bounded scratch memory for a shard of many edges
+    for start in range(0, len(structure), step):
+        part = structure[start:start + step]
+        local = np.asarray(edges[start:start + step], dtype=np.int64) + atom_ptr[part][:, None]
+        length = _edge_lengths(np.asarray(positions), local, np.asarray(shifts[start:start + step]),
+                               np.asarray(cells).reshape(-1, 3, 3), part)
+        total += np.bincount(part[length < cutoff], minlength=rows)
+    return total
+
+
 class GraphStore(Sequence[Graph]):
     """The graphs of a pack (or a subset of them), read from the memory-mapped shards when asked for.
 
@@ -420,13 +448,23 @@ class GraphStore(Sequence[Graph]):
     """
 
     def __init__(self, root: Path, index: dict[str, Any], summary: dict[str, np.ndarray], indices: np.ndarray,
-                 type_weights: Mapping[str, float] | None = None, cache: dict[str, Any] | None = None) -> None:
+                 type_weights: Mapping[str, float] | None = None, cache: dict[str, Any] | None = None,
+                 edge_cutoff: float | None = None) -> None:
         self.root, self.index, self._summary = root, index, summary
         self.indices = np.asarray(indices, dtype=np.int64)
         self.type_weights = dict(type_weights or {})
-        # open shards, shared with the subsets of this store (a slice per validation batch opens nothing)
+        # open shards (and edge counts at a smaller cutoff), shared with the subsets of this store (a slice per
+        # validation batch opens nothing)
         self._cache: dict[str, Any] = cache if cache is not None else {"pid": os.getpid(), "shards": {}}
         self._float_dtype = torch.float64 if index["dtype"] == "float64" else torch.float32
+        self.edge_cutoff = edge_cutoff  # None: the graphs' edges as packed; else only those shorter than this
+
+    def _derived(self, indices: np.ndarray | None = None, type_weights: Mapping[str, float] | None = None,
+                 edge_cutoff: float | None | Literal["same"] = "same") -> GraphStore:
+        """A store over the same pack and open shards, with some of its selection, weights or edge cutoff changed."""
+        return GraphStore(self.root, self.index, self._summary, self.indices if indices is None else indices,
+                          self.type_weights if type_weights is None else type_weights, self._cache,
+                          self.edge_cutoff if edge_cutoff == "same" else edge_cutoff)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> GraphStore:
@@ -480,8 +518,7 @@ class GraphStore(Sequence[Graph]):
 
     def __getitem__(self, item: Any) -> Any:
         if isinstance(item, slice):
-            return GraphStore(self.root, self.index, self._summary, self.indices[item], self.type_weights,
-                              self._cache)
+            return self._derived(self.indices[item])
         if isinstance(item, np.ndarray | list | range):
             return self.subset(np.asarray(item, dtype=np.int64))
         return self._graph(int(self.indices[item]))
@@ -492,27 +529,53 @@ class GraphStore(Sequence[Graph]):
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> GraphStore:
         """The structures at ``positions`` of this store, in that order."""
-        return GraphStore(self.root, self.index, self._summary, self.indices[np.asarray(positions, dtype=np.int64)],
-                          self.type_weights, self._cache)
+        return self._derived(self.indices[np.asarray(positions, dtype=np.int64)])
 
     def with_type_weights(self, type_weights: Mapping[str, float]) -> GraphStore:
-        return GraphStore(self.root, self.index, self._summary, self.indices, type_weights, self._cache)
+        return self._derived(type_weights=dict(type_weights))
+
+    def within(self, cutoff: float) -> GraphStore:
+        """This store with only the edges shorter than ``cutoff`` in its graphs (and its edge counts and closest
+        pairs at that cutoff): a pack made at the largest cutoff one means to try serves every smaller one."""
+        packed = float(self.index["cutoff"])
+        if cutoff > packed + 1e-9:
+            raise DataError(f"was packed with neighbours within {packed:g} Å, fewer than a {cutoff:g} Å cutoff needs; "
+                            f"pack again with --cutoff {cutoff:g} (or more)", source=str(self.root))
+        return self._derived(edge_cutoff=None if cutoff > packed - 1e-9 else float(cutoff))
 
     # -- what the summary answers
     @property
     def cutoff(self) -> float:
-        return float(self.index["cutoff"])
+        """The cutoff of the graphs this store gives: the pack's, or the smaller one of :meth:`within`."""
+        return float(self.index["cutoff"]) if self.edge_cutoff is None else self.edge_cutoff
 
     def column(self, name: str) -> np.ndarray:
         """A per-structure summary column over this store's structures (see :data:`SUMMARY_COLUMNS`, plus
         ``config_type`` as a number into ``index["config_types"]``); for ``composition`` see :meth:`chunks`."""
-        return self._summary[name][self.indices]
+        return self._full_column(name)[self.indices]
 
     def chunks(self, name: str, size: int = CHUNK) -> Iterator[np.ndarray]:
         """A summary column over this store's structures, ``size`` structures at a time: for the composition
         matrix (``[S, len(elements)]``), which over a million structures and many elements is not copied whole."""
+        column = self._full_column(name)
         for start in range(0, len(self.indices), size):
-            yield self._summary[name][self.indices[start:start + size]]
+            yield column[self.indices[start:start + size]]
+
+    def _full_column(self, name: str) -> np.ndarray:
+        if name == "n_edges" and self.edge_cutoff is not None:
+            return self._edge_counts()
+        return self._summary[name]
+
+    def _edge_counts(self) -> np.ndarray:
+        """Every packed structure's number of edges shorter than :attr:`edge_cutoff`: one pass over the shards,
+        a shard at a time, the first time they are asked for (then kept with the open shards)."""
+        key = f"n_edges<{self.edge_cutoff!r}"
+        if key not in self._cache:
+            counts = [_edges_within(self._shard(number), self.edge_cutoff)
+                      for number in range(len(self.index["shards"]))]
+            starts = np.concatenate([[0], np.cumsum([len(c) for c in counts])])
+            self._cache[key] = np.concatenate(counts)[starts[self._summary["shard"]] + self._summary["row"]]
+        return self._cache[key]
 
     @property
     def elements(self) -> list[int]:
@@ -525,6 +588,13 @@ class GraphStore(Sequence[Graph]):
             present |= chunk.any(axis=0)
         return [z for z, p in zip(self.elements, present) if p]
 
+    def holding(self, z: int) -> np.ndarray:
+        """The positions of this store's structures that hold element ``z`` (from the summary)."""
+        if z not in self.elements:
+            return np.zeros(0, dtype=np.int64)
+        column = self.elements.index(z)
+        return np.flatnonzero(np.concatenate([chunk[:, column] for chunk in self.chunks("composition")] or [[]]))
+
     def config_types_present(self) -> set[str]:
         return {self.index["config_types"][k] for k in np.unique(self.column("config_type"))}
 
@@ -533,18 +603,22 @@ class GraphStore(Sequence[Graph]):
         return bool(self.column(flag).any())
 
     def closest_pairs(self) -> dict[tuple[int, int], float]:
-        """The shortest distance of each element pair over the whole pack (its edges at its cutoff)."""
+        """The shortest distance of each element pair over the whole pack, among its edges at :attr:`cutoff`."""
         pairs = {}
         for pair, distance in self.index["closest_pairs"].items():
             low, high = pair.split("-")
-            pairs[(int(low), int(high))] = float(distance)
+            if float(distance) < self.cutoff:
+                pairs[(int(low), int(high))] = float(distance)
         return pairs
 
     def content_sha256(self) -> str:
-        """The pack's content digest combined with the selection and weights: what a resumed run compares."""
+        """The pack's content digest combined with the selection, weights and edge cutoff: what a resumed run
+        compares."""
         digest = hashlib.sha256(self.index["content_sha256"].encode())
         digest.update(self.indices.tobytes())
         digest.update(json.dumps(self.type_weights, sort_keys=True).encode())
+        if self.edge_cutoff is not None:
+            digest.update(f"within {self.edge_cutoff!r}".encode())
         return digest.hexdigest()
 
     # -- reading
@@ -574,6 +648,13 @@ class GraphStore(Sequence[Graph]):
             elif key == K.SHIFTS:
                 tensor = tensor.to(self._float_dtype)
             graph[key] = tensor
+        if self.edge_cutoff is not None:
+            keep = torch.from_numpy(_edge_lengths(graph[K.POSITIONS].numpy(), graph[K.EDGE_INDEX].numpy().T,
+                                                  graph[K.SHIFTS].numpy(), graph[K.CELL].numpy(),
+                                                  np.zeros(int(graph[K.EDGE_INDEX].shape[1]), dtype=np.int64))
+                                    < self.edge_cutoff)
+            graph[K.EDGE_INDEX] = graph[K.EDGE_INDEX][:, keep].contiguous()
+            graph[K.SHIFTS] = graph[K.SHIFTS][keep]
         if self.type_weights:
             name = self.index["config_types"][int(self._summary["config_type"][k])]
             factor = self.type_weights.get(name, 1.0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from equiforce.data.packed import GraphStore
 from equiforce.data.stats import is_isolated_atom
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError
@@ -42,7 +43,8 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
               training_cfg: TrainingConfig | dict[str, Any], output_dir: str | os.PathLike, *,
               replay: Sequence[Configuration] | None = None, replay_frames: int = 200, replay_weight: float = 0.5,
               replay_holdout: float = 0.2, valid_fraction: float = 0.1, split_seed: int = 0,
-              test: Sequence[Configuration] | None = None, resume: bool = True, checkpoint_every: int = 1,
+              test: Sequence[Configuration] | GraphStore | None = None, resume: bool = True,
+              checkpoint_every: int = 1,
               progress: bool | None = None, extra: dict[str, Any] | None = None, epoch_callback=None,
               e0s: str | dict[int, float] = "fit") -> dict[str, Any]:
     """Continue training the model in ``start`` on ``train``; the trainer's result plus ``forgetting``

@@ -24,10 +24,15 @@ components of H·v for random Gaussian v (training and validation); ``hessian``:
 class ErrorMetrics:
     """Accumulate absolute and squared errors; ``keep=True`` also keeps the values for parity plots."""
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, keep_max: int | None = None) -> None:
         self.keep = keep
+        # at most ``keep_max`` rows per quantity: past it only every 2nd, 4th, ... row is kept (a parity plot of a
+        # million-structure pack shows an even sample, and its values do not fill the memory)
+        self.keep_max = keep_max
         self._sums: dict[str, torch.Tensor] = {}
         self._kept: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._seen: dict[str, int] = {}
+        self._every: dict[str, int] = {}
 
     def _add(self, name: str, pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> None:
         pred, ref = pred.detach(), ref.detach()
@@ -40,9 +45,29 @@ class ErrorMetrics:
         self._sums[name] = self._sums[name] + stats if name in self._sums else stats
         if self.keep:
             selected = mask.reshape(mask.shape[0], -1)[:, 0].bool()
-            lists = self._kept.setdefault(name, ([], []))
-            lists[0].append(pred[selected].cpu().numpy())
-            lists[1].append(ref[selected].cpu().numpy())
+            self._keep_rows(name, pred[selected].cpu().numpy(), ref[selected].cpu().numpy())
+
+    def _keep_rows(self, name: str, pred: np.ndarray, ref: np.ndarray) -> None:
+        """Keep the rows whose running number is a multiple of the quantity's stride (1 until ``keep_max`` rows are
+        kept, then doubled: the rows kept so far are the multiples of the old stride, so every other one of them
+        is a multiple of the new one)."""
+        every, seen = self._every.get(name, 1), self._seen.get(name, 0)
+        lists = self._kept.setdefault(name, ([], []))
+        first = (-seen) % every
+        lists[0].append(pred[first::every])
+        lists[1].append(ref[first::every])
+        self._seen[name] = seen + len(pred)
+        kept = sum(len(part) for part in lists[0])
+        while self.keep_max is not None and kept > self.keep_max:
+            thinned = (np.concatenate(lists[0])[::2], np.concatenate(lists[1])[::2])
+            lists[0][:], lists[1][:] = [thinned[0]], [thinned[1]]
+            every *= 2
+            kept = len(thinned[0])
+        self._every[name] = every
+
+    def kept_every(self) -> dict[str, int]:
+        """Per quantity, 1 in how many labelled rows :meth:`values` holds (1: all of them)."""
+        return {name: self._every.get(name, 1) for name in self._kept}
 
     def update(self, pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         """Add one batch of predictions (from :class:`~equiforce.models.Potential`) and labels."""

@@ -103,17 +103,20 @@ def pack_statistics(train: GraphStore, e0_values: dict[int, float]) -> dict[str,
         force_sq=float(train.column("force_sq").sum()), force_count=int(train.column("force_count").sum()))
 
 
-def check_cutoff(store: GraphStore, cutoff: float, what: str) -> None:
-    if abs(cutoff - store.cutoff) > 1e-9:
+def at_cutoff(store: GraphStore, cutoff: float, what: str) -> GraphStore:
+    """``store`` with its graphs' edges within the model's ``cutoff``: a pack made at a larger cutoff serves (its
+    longer edges are dropped as structures are read), a smaller one cannot."""
+    if cutoff > store.cutoff + 1e-9:
         raise ConfigError(f"{store.root} ({what}) was packed with neighbours within {store.cutoff:g} Å and "
-                          f"model.cutoff is {cutoff:g} Å; pack again with --cutoff {cutoff:g}, or set the model's "
-                          "cutoff to the pack's")
+                          f"model.cutoff is {cutoff:g} Å; pack again with --cutoff {cutoff:g} (or more), or lower the "
+                          "model's cutoff")
+    return store.within(cutoff)
 
 
 def train_store(store: GraphStore, valid: GraphStore | Sequence[Configuration] | None,
                 model_cfg: ModelConfig | dict[str, Any], training_cfg: TrainingConfig | dict[str, Any],
                 output_dir: str | os.PathLike, *, e0s: str | dict[int, float] = "fit", valid_fraction: float = 0.1,
-                split_seed: int = 0, test: Sequence[Configuration] | None = None, resume: bool = True,
+                split_seed: int = 0, test: Sequence[Configuration] | GraphStore | None = None, resume: bool = True,
                 checkpoint_every: int = 1, progress: bool | None = None, extra: dict[str, Any] | None = None,
                 epoch_callback: EpochCallback | None = None, workers: int = 0) -> dict[str, Any]:
     """Train on a pack (see module): ``valid`` is another pack, structures in memory, or ``None`` for a fixed
@@ -123,9 +126,9 @@ def train_store(store: GraphStore, valid: GraphStore | Sequence[Configuration] |
     model_cfg = _validated(ModelConfig, model_cfg, "model")
     training_cfg = _validated(TrainingConfig, training_cfg, "training")
     where = str(store.root)
-    check_cutoff(store, model_cfg.cutoff, "the training set")
-    if isinstance(valid, GraphStore):  # its stored edges are used as they are
-        check_cutoff(valid, model_cfg.cutoff, "the validation set")
+    store = at_cutoff(store, model_cfg.cutoff, "the training set")
+    if isinstance(valid, GraphStore):
+        valid = at_cutoff(valid, model_cfg.cutoff, "the validation set")
     isolated = store.subset(np.flatnonzero(store.column("isolated") != 0))
     structures = without_isolated(store)
     if valid is None:

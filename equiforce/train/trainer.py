@@ -662,7 +662,8 @@ def chosen_e0s(e0s: str | dict[int, float], isolated: dict[int, float], elements
 def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration] | None,
                   model_cfg: ModelConfig | dict[str, Any], training_cfg: TrainingConfig | dict[str, Any],
                   output_dir: str | os.PathLike, *, e0s: str | dict[int, float] = "fit",
-                  valid_fraction: float = 0.1, split_seed: int = 0, test: Sequence[Configuration] | None = None,
+                  valid_fraction: float = 0.1, split_seed: int = 0,
+                  test: Sequence[Configuration] | GraphStore | None = None,
                   resume: bool = True, checkpoint_every: int = 1, progress: bool | None = None,
                   extra: dict[str, Any] | None = None, epoch_callback: EpochCallback | None = None
                   ) -> dict[str, Any]:
@@ -720,9 +721,9 @@ def model_for_data(model_cfg: ModelConfig, training_cfg: TrainingConfig, element
 
 def fit_and_test(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence[Graph],
                  training_cfg: TrainingConfig, output_dir: str | os.PathLike, *, stats: dict[str, Any],
-                 test: Sequence[Configuration] | None, resume: bool, checkpoint_every: int, progress: bool | None,
-                 extra: dict[str, Any] | None, epoch_callback: EpochCallback | None, workers: int = 0
-                 ) -> dict[str, Any]:
+                 test: Sequence[Configuration] | GraphStore | None, resume: bool, checkpoint_every: int,
+                 progress: bool | None, extra: dict[str, Any] | None, epoch_callback: EpochCallback | None,
+                 workers: int = 0) -> dict[str, Any]:
     """:func:`fit`, then the best model's errors on ``test`` (when given)."""
     n_train, n_valid = len(train_graphs), len(valid_graphs)
     extra = {"statistics": _jsonable(stats), "n_train": n_train, "n_valid": n_valid, **(extra or {})}
@@ -759,7 +760,7 @@ def split_train_valid(train: Sequence[Configuration], valid: Sequence[Configurat
 
 
 def check_before_training(training: TrainingConfig, labelled: Sequence[Configuration],
-                          test: Sequence[Configuration] | None, elements: Sequence[int], cutoff: float,
+                          test: Sequence[Configuration] | GraphStore | None, elements: Sequence[int], cutoff: float,
                           dtype: torch.dtype) -> None:
     """What would otherwise go wrong silently, or only after the whole budget is spent: config-type weights
     that name no structure's ``config_type`` (a typo leaves every weight at 1), and a test set with an element
@@ -775,8 +776,17 @@ def check_type_weights(training: TrainingConfig, present: set[str]) -> None:
                           f"structure has: {unused} (the data have {sorted(present)})")
 
 
-def check_test_set(test: Sequence[Configuration] | None, elements: Sequence[int], cutoff: float,
+def check_test_set(test: Sequence[Configuration] | GraphStore | None, elements: Sequence[int], cutoff: float,
                    dtype: torch.dtype) -> None:
+    """Before training: the test set's elements are the model's, and its structures make graphs (a test pack: its
+    cutoff holds the model's)."""
+    if isinstance(test, GraphStore):
+        test.within(cutoff)
+        for z in sorted(set(test.elements_present()) - set(elements)):
+            first = test.configuration(int(test.holding(z)[0]))
+            raise DataError(f"element {z} not in the model's elements {sorted(elements)} (the test set is checked "
+                            "before training)", source=first.source, frame=first.frame, field="numbers")
+        return
     for config in test or ():
         unknown = sorted({int(z) for z in config.numbers} - set(elements))
         if unknown:
@@ -830,7 +840,7 @@ def train(config: TrainConfig, *, progress: bool | None = None,
         return _train_pack(config, progress=progress, epoch_callback=epoch_callback)
     train_set = read_labelled(data.train, data, config.training)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
-    test_set = read_configurations(data.test, **keys, require_energy=False) if data.test is not None else None
+    test_set = _test_set(data.test, keys)
     extra = {"data": {"train": str(data.train), "train_sha256": file_sha256(data.train)},
              "config": config.model_dump(mode="json")}
     common = dict(valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=test_set,
@@ -846,6 +856,17 @@ def train(config: TrainConfig, *, progress: bool | None = None,
                          replay_holdout=tune.replay_holdout, e0s=data.e0s, **common)
     return train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
                          e0s=data.e0s, **common)
+
+
+def _test_set(path: str | None, keys: dict[str, Any]) -> GraphStore | list[Configuration] | None:
+    """The test structures: a pack is left on disk and evaluated batch by batch, a file is read."""
+    from equiforce.data.io import open_pack, read_configurations
+
+    if path is None:
+        return None
+    if is_pack(path):
+        return open_pack(path, ":", {k: v for k, v in keys.items() if k != "format"})
+    return read_configurations(path, **keys, require_energy=False)
 
 
 def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: EpochCallback | None
@@ -880,10 +901,8 @@ def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: E
     valid: GraphStore | list[Configuration] | None = None
     if data.valid is not None:
         valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
-    test = None
-    if data.test is not None:  # a test pack was read with its own keys (those set in the config must match them)
-        test_keys = {k: v for k, v in given.items() if k != "format"} if is_pack(data.test) else keys
-        test = read_configurations(data.test, **test_keys, require_energy=False)
+    # a test pack is read with its own keys (those set in the config must match them)
+    test = _test_set(data.test, given if data.test is not None and is_pack(data.test) else keys)
     extra = {"data": {"train": str(data.train), "train_sha256": store.index["content_sha256"]},
              "config": config.model_dump(mode="json")}
     return train_store(store, valid, config.model, config.training, config.output.directory, e0s=data.e0s,
