@@ -229,6 +229,35 @@ def test_yaml_finetune_section(pretrained, tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_fine_tuning_from_packs_equals_fine_tuning_from_files(pretrained, tmp_path):
+    """data.train may be a pack (read into memory: fine-tuning sets are small) and finetune.replay a pack of the
+    pretraining set (only the sampled replay structures are read): the model the files give."""
+    import torch
+    from safetensors.torch import load_file
+
+    from equiforce.data.packed import pack
+
+    teacher, old, start, _ = pretrained
+    write_extxyz(labelled(NEW, 8, 3, teacher), tmp_path / "new.xyz")
+    write_extxyz(old, tmp_path / "old.xyz")
+    for name in ("new", "old"):
+        pack([tmp_path / f"{name}.xyz"], tmp_path / f"{name}.pack", cutoff=6.0)
+    for kind in ("xyz", "pack"):
+        config = {"data": {"train": str(tmp_path / f"new.{kind}"), "valid_fraction": 0.25},
+                  "training": {"epochs": 2, "batch_size": 4, "device": "cpu"},
+                  "finetune": {"start": str(start), "replay": str(tmp_path / f"old.{kind}"), "replay_frames": 10},
+                  "output": {"directory": str(tmp_path / kind)}}
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(config))
+        result = train(load_config(tmp_path / f"{kind}.yaml"), progress=False)
+        assert result["n_replay"] == 8
+    weights, expected = load_file(tmp_path / "pack" / "last.eqf"), load_file(tmp_path / "xyz" / "last.eqf")
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], rtol=1e-8, atol=1e-10)
+    reports = [json.loads((tmp_path / kind / "finetune.json").read_text()) for kind in ("pack", "xyz")]
+    assert reports[0]["forgetting"]["before"]["forces_mae"] == pytest.approx(
+        reports[1]["forgetting"]["before"]["forces_mae"], rel=1e-9)
+
+
 @pytest.mark.slow
 def test_finetune_benchmark_smoke(tmp_path):
     """benchmarks/finetune.py at toy sizes on the rMD17 files (about a minute; skipped without ../shared)."""

@@ -41,8 +41,8 @@ FINETUNE_REPORT = "finetune.json"  # forgetting (replay errors before/after), va
 
 def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: Sequence[Configuration] | None,
               training_cfg: TrainingConfig | dict[str, Any], output_dir: str | os.PathLike, *,
-              replay: Sequence[Configuration] | None = None, replay_frames: int = 200, replay_weight: float = 0.5,
-              replay_holdout: float = 0.2, valid_fraction: float = 0.1, split_seed: int = 0,
+              replay: Sequence[Configuration] | GraphStore | None = None, replay_frames: int = 200,
+              replay_weight: float = 0.5, replay_holdout: float = 0.2, valid_fraction: float = 0.1, split_seed: int = 0,
               test: Sequence[Configuration] | GraphStore | None = None, resume: bool = True,
               checkpoint_every: int = 1,
               progress: bool | None = None, extra: dict[str, Any] | None = None, epoch_callback=None,
@@ -140,12 +140,19 @@ def _new_element_e0s(e0s: str | dict[int, float], configs: Sequence[Configuratio
     return resolve_e0s(e0s, configs, added)
 
 
-def _replay_sets(replay: Sequence[Configuration] | None, frames: int, holdout: float, seed: int
+def _replay_sets(replay: Sequence[Configuration] | GraphStore | None, frames: int, holdout: float, seed: int
                  ) -> tuple[list[Configuration], list[Configuration]]:
-    """A fixed random choice of ``frames`` replay structures, split into a training part and a held-out part."""
+    """A fixed random choice of ``frames`` replay structures, split into a training part and a held-out part.
+    From a pack (a pretraining set of any size) only the chosen structures are read; the choice is the one the
+    same structures in a file give."""
     if not replay or frames == 0:
         return [], []
-    pool = [c for c in replay if not is_isolated_atom(c)]
-    chosen = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:frames]]
+    if isinstance(replay, GraphStore):
+        pool = np.flatnonzero(replay.column("isolated") == 0)
+        chosen = [replay.configuration(int(pool[i]))
+                  for i in np.random.default_rng(seed).permutation(len(pool))[:frames]]
+    else:
+        pool = [c for c in replay if not is_isolated_atom(c)]
+        chosen = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:frames]]
     n_test = int(round(holdout * len(chosen)))
     return chosen[n_test:], chosen[:n_test]

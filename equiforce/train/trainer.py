@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, config_to_graph, to_device
-from equiforce.data.packed import GraphStore, is_pack
+from equiforce.data.packed import GraphStore, data_sha256, is_pack
 from equiforce.data.structure import Configuration
 from equiforce.errors import ConfigError, DataError, ModelFileError, TrainingError
 from equiforce.evaluate import Fanout, evaluate, resolve_device, run_batches
@@ -56,7 +56,7 @@ from equiforce.train.loss import LossSums, WeightedLoss
 from equiforce.train.metrics import ErrorMetrics
 from equiforce.train.schedule import LearningRate
 from equiforce.utils.atomic_io import atomic_write_text, fsync_path
-from equiforce.utils.digest import file_sha256, graphs_sha256
+from equiforce.utils.digest import graphs_sha256
 from equiforce.utils.locking import held_lock
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -831,17 +831,17 @@ def _jsonable(value: Any) -> Any:
 def train(config: TrainConfig, *, progress: bool | None = None,
           epoch_callback: EpochCallback | None = None) -> dict[str, Any]:
     """Run ``equiforce train``: read the files named in ``config.data``, train, evaluate on the test set."""
-    from equiforce.data.io import read_configurations
+    from equiforce.data.io import open_pack, read_configurations
     from equiforce.train.data_files import read_labelled, reader_options
 
     data = config.data
     keys = reader_options(data)
-    if is_pack(data.train):
+    if is_pack(data.train) and config.finetune is None:  # fine-tuning sets are small: a pack is read into memory
         return _train_pack(config, progress=progress, epoch_callback=epoch_callback)
     train_set = read_labelled(data.train, data, config.training)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
     test_set = _test_set(data.test, keys)
-    extra = {"data": {"train": str(data.train), "train_sha256": file_sha256(data.train)},
+    extra = {"data": {"train": str(data.train), "train_sha256": data_sha256(data.train)},
              "config": config.model_dump(mode="json")}
     common = dict(valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=test_set,
                   resume=config.output.resume, checkpoint_every=config.output.checkpoint_every, progress=progress,
@@ -850,7 +850,10 @@ def train(config: TrainConfig, *, progress: bool | None = None,
         from equiforce.train.finetune import fine_tune
 
         tune = config.finetune
-        replay = read_configurations(tune.replay, **keys) if tune.replay is not None else None
+        replay = None
+        if tune.replay is not None:  # a pretraining set as a pack: only the sampled replay structures are read
+            replay = (open_pack(tune.replay, ":", {k: v for k, v in keys.items() if k != "format"})
+                      if is_pack(tune.replay) else read_configurations(tune.replay, **keys))
         return fine_tune(tune.start, train_set, valid_set, config.training, config.output.directory, replay=replay,
                          replay_frames=tune.replay_frames, replay_weight=tune.replay_weight,
                          replay_holdout=tune.replay_holdout, e0s=data.e0s, **common)
@@ -877,9 +880,6 @@ def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: E
     from equiforce.train.packed_training import train_store
 
     data = config.data
-    if config.finetune is not None:
-        raise ConfigError("finetune reads its training structures into memory: give data.train as structure files, "
-                          "not a packed dataset (or read the pack back with equiforce.data.io.read_configurations)")
     store = GraphStore.open(data.train)
     packed_with = store.index["reader"]
     given = {key: value for key, value in reader_options(data).items() if key in data.model_fields_set}
