@@ -618,3 +618,20 @@ def test_learn_starts_from_a_pack(packed):
 
     structures = load_structures([str(packed)])
     assert len(structures) == 29 and structures[-1].get_chemical_symbols() == ["Ni"]
+
+
+def test_streaming_benchmark_smoke(files, tmp_path):
+    """benchmarks/streaming.py at toy size: a pack at a wider cutoff trains, and eval runs on the file and the pack
+    with the same errors (the plumbing and JSON; the numbers of docs/benchmarks.md come from real sizes)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "streaming.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(files[1]), "--sizes", "12", "--seconds", "2",
+                           "--modes", "pack", "wide", "--eval", "--work-dir", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [row["mode"] for row in result["rows"]] == ["pack, streamed", "pack at 6 Å, streamed"]
+    on_file, on_pack = result["evals"]
+    assert on_file["n_configs"] == on_pack["n_configs"] == 12
+    assert on_pack["forces_mae"] == pytest.approx(on_file["forces_mae"], rel=1e-6)
+    assert {info["cutoff"] for info in result["packs"].values()} == {5.0, 6.0}
