@@ -90,7 +90,7 @@ def run_batches(model: Potential, graphs: Sequence[Graph], batch_size: int, devi
     ``compute_stress=None`` computes stress only when some graph carries a stress label.
     """
     if compute_stress is None:
-        compute_stress = _has_labels(graphs, K.HAS_STRESS)
+        compute_stress = has_labels(graphs, K.HAS_STRESS)
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
@@ -125,7 +125,8 @@ class Fanout:
             sink.update(pred, batch)
 
 
-def _has_labels(graphs: Sequence[Graph], flag: str) -> bool:
+def has_labels(graphs: Sequence[Graph], flag: str) -> bool:
+    """Whether any graph carries the label of ``flag`` (``K.HAS_STRESS``, ...); a pack's from its summary."""
     if isinstance(graphs, GraphStore):  # from the summary, without reading the structures
         return graphs.labelled(flag)
     return any(float(g[flag].sum()) > 0 for g in graphs)
@@ -179,7 +180,7 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph] | GraphS
     model = model.to(device)
     graphs = as_graphs(model, configs)
     if compute_stress is None:  # decided once, so every group (and every observer's batch) has the same outputs
-        compute_stress = _has_labels(graphs, K.HAS_STRESS)
+        compute_stress = has_labels(graphs, K.HAS_STRESS)
     metrics = ErrorMetrics(keep=keep_values, keep_max=keep_max)
     groups = _groups(configs, graphs) if by_config_type else {}
     per_group: dict[str, dict] = {}

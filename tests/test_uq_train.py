@@ -84,3 +84,40 @@ def test_heads_on_a_one_layer_model_are_refused_before_training(tmp_path, data_f
     assert main(["train-uq", str(config), "--no-progress"]) == 2
     assert "uncertainty heads need num_layers ≥ 2" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "run" / "backbone").exists()
+
+
+def test_train_uq_from_a_pack_equals_train_uq_from_its_file(tmp_path, data_file):
+    """A pack as data.train (and as data.test) is read batch by batch: bootstrap members (loss-weight factors on
+    the pack), calibration, heads (fitted on a sample of at most uq.heads.max_structures) and test metrics are
+    those the file gives."""
+    import torch
+    from safetensors.torch import load_file
+
+    from equiforce.data.packed import pack
+    from equiforce.uq.train import train_uq
+
+    store = tmp_path / "train.pack"
+    pack([data_file], store, cutoff=5.0)  # wider than the model's 4 Å
+    results = {}
+    for kind, data in (("file", data_file), ("pack", store)):
+        for method, uq in (("ensemble", {"method": "ensemble", "members": 2, "bootstrap": True}),
+                           ("heads", {"method": "heads", "heads": {"steps": 5, "max_structures": 15}})):
+            (tmp_path / kind / method).mkdir(parents=True)
+            config = _config(tmp_path / kind / method, data, uq)
+            raw = yaml.safe_load(config.read_text())
+            raw["data"]["test"] = str(data)
+            config.write_text(yaml.safe_dump(raw))
+            results[kind, method] = train_uq(load_uq_config(config), progress=False)
+    for method in ("ensemble", "heads"):
+        ours, theirs = results["pack", method], results["file", method]
+        assert ours["calibration"].keys() == theirs["calibration"].keys() == {"energy", "forces"}
+        for quantity, fitted in theirs["calibration"].items():
+            assert ours["calibration"][quantity]["scale"] == pytest.approx(fitted["scale"], rel=1e-7), quantity
+        for part in ("valid", "test"):
+            for key, value in theirs[part].items():
+                if isinstance(value, float):
+                    assert ours[part][key] == pytest.approx(value, rel=1e-7, abs=1e-12), (method, part, key)
+        weights = load_file(tmp_path / "pack" / method / "run" / "uq.eqf")
+        expected = load_file(tmp_path / "file" / method / "run" / "uq.eqf")
+        for key in expected:
+            torch.testing.assert_close(weights[key], expected[key], rtol=1e-7, atol=1e-9)

@@ -449,7 +449,7 @@ class GraphStore(Sequence[Graph]):
 
     def __init__(self, root: Path, index: dict[str, Any], summary: dict[str, np.ndarray], indices: np.ndarray,
                  type_weights: Mapping[str, float] | None = None, cache: dict[str, Any] | None = None,
-                 edge_cutoff: float | None = None) -> None:
+                 edge_cutoff: float | None = None, weight_factors: np.ndarray | None = None) -> None:
         self.root, self.index, self._summary = root, index, summary
         self.indices = np.asarray(indices, dtype=np.int64)
         self.type_weights = dict(type_weights or {})
@@ -458,13 +458,14 @@ class GraphStore(Sequence[Graph]):
         self._cache: dict[str, Any] = cache if cache is not None else {"pid": os.getpid(), "shards": {}}
         self._float_dtype = torch.float64 if index["dtype"] == "float64" else torch.float32
         self.edge_cutoff = edge_cutoff  # None: the graphs' edges as packed; else only those shorter than this
+        self.weight_factors = weight_factors  # None, or a loss-weight factor per packed structure (all of them)
 
     def _derived(self, indices: np.ndarray | None = None, type_weights: Mapping[str, float] | None = None,
                  edge_cutoff: float | None | Literal["same"] = "same") -> GraphStore:
         """A store over the same pack and open shards, with some of its selection, weights or edge cutoff changed."""
         return GraphStore(self.root, self.index, self._summary, self.indices if indices is None else indices,
                           self.type_weights if type_weights is None else type_weights, self._cache,
-                          self.edge_cutoff if edge_cutoff == "same" else edge_cutoff)
+                          self.edge_cutoff if edge_cutoff == "same" else edge_cutoff, self.weight_factors)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> GraphStore:
@@ -533,6 +534,26 @@ class GraphStore(Sequence[Graph]):
 
     def with_type_weights(self, type_weights: Mapping[str, float]) -> GraphStore:
         return self._derived(type_weights=dict(type_weights))
+
+    def extended(self, other: GraphStore) -> GraphStore:
+        """This store's structures followed by ``other``'s (of the same pack), read with this store's weights and
+        cutoff."""
+        if other.root != self.root or other.index["content_sha256"] != self.index["content_sha256"]:
+            raise ValueError("only stores of the same pack can be joined")
+        return self._derived(np.concatenate([self.indices, other.indices]))
+
+    def with_weight_factors(self, factors: Sequence[float] | np.ndarray) -> GraphStore:
+        """This store with each structure's loss weight times ``factors`` (one per position; e.g. a bootstrap
+        resample's counts), kept by its slices and subsets.  Structures outside this store keep factor 1."""
+        factors = np.asarray(factors, dtype=np.float64)
+        if factors.shape != (len(self),):
+            raise ValueError(f"{len(self)} weight factors needed, got shape {factors.shape}")
+        full = (np.ones(len(self._summary["row"])) if self.weight_factors is None
+                else self.weight_factors.copy())
+        full[self.indices] = factors
+        store = self._derived()
+        store.weight_factors = full
+        return store
 
     def within(self, cutoff: float) -> GraphStore:
         """This store with only the edges shorter than ``cutoff`` in its graphs (and its edge counts and closest
@@ -619,6 +640,8 @@ class GraphStore(Sequence[Graph]):
         digest.update(json.dumps(self.type_weights, sort_keys=True).encode())
         if self.edge_cutoff is not None:
             digest.update(f"within {self.edge_cutoff!r}".encode())
+        if self.weight_factors is not None:
+            digest.update(self.weight_factors[self.indices].tobytes())
         return digest.hexdigest()
 
     # -- reading
@@ -655,11 +678,12 @@ class GraphStore(Sequence[Graph]):
                                     < self.edge_cutoff)
             graph[K.EDGE_INDEX] = graph[K.EDGE_INDEX][:, keep].contiguous()
             graph[K.SHIFTS] = graph[K.SHIFTS][keep]
+        factor = 1.0 if self.weight_factors is None else float(self.weight_factors[k])
         if self.type_weights:
             name = self.index["config_types"][int(self._summary["config_type"][k])]
-            factor = self.type_weights.get(name, 1.0)
-            if factor != 1.0:
-                graph[K.WEIGHT] = graph[K.WEIGHT] * factor
+            factor *= self.type_weights.get(name, 1.0)
+        if factor != 1.0:
+            graph[K.WEIGHT] = graph[K.WEIGHT] * factor
         return graph
 
     def configuration(self, position: int) -> Configuration:

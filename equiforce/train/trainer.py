@@ -14,6 +14,7 @@ checkpoint ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from equiforce.train.batching import make_batches
 from equiforce.train.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.train.config import (
     COMPUTED_SPEC_FIELDS,
+    DataConfig,
     ModelConfig,
     TrainConfig,
     TrainingConfig,
@@ -872,25 +874,34 @@ def _test_set(path: str | None, keys: dict[str, Any]) -> GraphStore | list[Confi
     return read_configurations(path, **keys, require_energy=False)
 
 
-def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: EpochCallback | None
-                ) -> dict[str, Any]:
-    """``equiforce train`` with ``data.train`` a packed dataset: validation and test sets may be packs or files."""
+@dataclasses.dataclass
+class PackedData:
+    """The data sets of a run whose ``data.train`` is a pack (see :func:`open_packed_data`)."""
+
+    train: GraphStore
+    valid: GraphStore | list[Configuration] | None
+    test: GraphStore | list[Configuration] | None
+
+
+def open_packed_data(data: DataConfig) -> PackedData:
+    """``data.train`` as a pack, with the validation and test sets (packs or files) its label keys go with.
+
+    Label keys set in the config must be those the pack was made with (they were read then, so another would
+    silently not apply); validation and test files are read with the pack's keys unless the config sets others;
+    validation and test packs must share the training pack's keys (another key is another quantity)."""
     from equiforce.data.io import read_configurations
     from equiforce.train.data_files import reader_options
-    from equiforce.train.packed_training import train_store
 
-    data = config.data
     store = GraphStore.open(data.train)
     packed_with = store.index["reader"]
     given = {key: value for key, value in reader_options(data).items() if key in data.model_fields_set}
     differ = [f"data.{key}: {value!r} (packed with {packed_with.get(key)!r})" for key, value in given.items()
               if key != "format" and key in packed_with and value != packed_with[key]]
-    if differ:  # the labels were read when the pack was made: a key set here would silently not apply
+    if differ:
         raise ConfigError(f"{data.train} is a pack, whose labels were read when it was packed; {'; '.join(differ)}. "
                           "Pack again with those keys, or leave them out of the config")
-    # validation and test files are read with the pack's label keys unless the config sets them
     keys = {**packed_with, "format": None, **given}
-    for other in (data.valid, data.test):  # packs compared by their labels: another key is another quantity
+    for other in (data.valid, data.test):
         if other is not None and is_pack(other):
             theirs = GraphStore.open(other).index["reader"]
             differ = [f"{k} {theirs.get(k)!r} against {v!r}" for k, v in packed_with.items()
@@ -903,9 +914,19 @@ def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: E
         valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
     # a test pack is read with its own keys (those set in the config must match them)
     test = _test_set(data.test, given if data.test is not None and is_pack(data.test) else keys)
-    extra = {"data": {"train": str(data.train), "train_sha256": store.index["content_sha256"]},
+    return PackedData(store, valid, test)
+
+
+def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: EpochCallback | None
+                ) -> dict[str, Any]:
+    """``equiforce train`` with ``data.train`` a packed dataset: validation and test sets may be packs or files."""
+    from equiforce.train.packed_training import train_store
+
+    data = config.data
+    packed = open_packed_data(data)
+    extra = {"data": {"train": str(data.train), "train_sha256": packed.train.index["content_sha256"]},
              "config": config.model_dump(mode="json")}
-    return train_store(store, valid, config.model, config.training, config.output.directory, e0s=data.e0s,
-                       valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=test,
+    return train_store(packed.train, packed.valid, config.model, config.training, config.output.directory,
+                       e0s=data.e0s, valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=packed.test,
                        resume=config.output.resume, checkpoint_every=config.output.checkpoint_every,
                        progress=progress, extra=extra, epoch_callback=epoch_callback, workers=data.workers)

@@ -30,6 +30,8 @@ class HeadsConfig(_Section):
     lr: float = Field(3e-3, gt=0)
     batch_structures: int = Field(256, ge=1)
     max_time: float | None = Field(None, gt=0, description="seconds for the whole heads fit (ends it early)")
+    max_structures: int | None = Field(50_000, ge=1, description="training structures the heads are fitted on, at "
+                                       "most (a fixed random choice: their features are held in memory)")
 
 
 class UQConfig(_Section):

@@ -17,7 +17,9 @@ import torch
 
 from equiforce.data import keys as K
 from equiforce.data.graph import Graph, collate, to_device
+from equiforce.data.packed import GraphStore
 from equiforce.errors import DataError, TrainingError
+from equiforce.evaluate import has_labels
 from equiforce.models.potential import Potential
 from equiforce.uq.base import UQModel
 from equiforce.uq.calibration import MIN_STRUCTURES, Calibration, CalibrationError, fit_quantity
@@ -32,7 +34,7 @@ def _cache(backbone: Potential, graphs: Sequence[Graph], batch_size: int, device
     """Head inputs and the backbone's residuals (reference − prediction) for every graph, concatenated."""
     dtype = next(backbone.parameters()).dtype
     parts: dict[str, list[torch.Tensor]] = {}
-    with_stress = any(float(g[K.HAS_STRESS].sum()) > 0 for g in graphs)
+    with_stress = has_labels(graphs, K.HAS_STRESS)
     offset = 0
     backbone.eval()
     with torch.enable_grad():
@@ -196,15 +198,38 @@ def fit_calibration(raw: UQPredictions, method: str = "scale", min_structures: i
     return cal
 
 
+def sampled(graphs: Sequence[Graph], most: int | None, seed: int) -> Sequence[Graph]:
+    """At most ``most`` of ``graphs``, a fixed random choice kept in order (all when there are no more)."""
+    if most is None or len(graphs) <= most:
+        return graphs
+    chosen = np.sort(np.random.default_rng(seed).choice(len(graphs), most, replace=False))
+    return graphs.subset(chosen) if isinstance(graphs, GraphStore) else [graphs[int(k)] for k in chosen]
+
+
+def elements_of(graphs: Sequence[Graph]) -> set[int]:
+    if isinstance(graphs, GraphStore):  # from the summary
+        return set(graphs.elements_present())
+    return {int(z) for g in graphs for z in g[K.NUMBERS].tolist()}
+
+
 def build_uq_potential(backbone: Potential, train_graphs: Sequence[Graph], calibration_graphs: Sequence[Graph], *,
-                       method: str = "scale", device: str | torch.device = "cpu", **head_kwargs) -> UQPotential:
-    """Heads trained on ``train_graphs``, calibrated on ``calibration_graphs``: a ready single-model estimator."""
+                       method: str = "scale", device: str | torch.device = "cpu", max_structures: int | None = None,
+                       **head_kwargs) -> UQPotential:
+    """Heads trained on ``train_graphs`` (at most ``max_structures`` of them, a fixed random choice: their
+    features are held in memory), calibrated on ``calibration_graphs``: a ready single-model estimator."""
+    train_graphs = sampled(train_graphs, max_structures, head_kwargs.get("seed", 0))
     heads = fit_heads(backbone, train_graphs, device=device, **head_kwargs)
     # σ is only meaningful for elements whose extrapolation statistics were fitted, i.e. present in train_graphs;
     # an element seen only in calibration would get a distance of 0 (no out-of-distribution term) however far out
-    seen = {int(z) for g in train_graphs for z in g[K.NUMBERS].tolist()} & set(backbone.spec.elements)
+    seen = elements_of(train_graphs) & set(backbone.spec.elements)
     model = UQPotential(backbone, heads, seen_elements=seen)
-    usable = [g for g in calibration_graphs if set(g[K.NUMBERS].tolist()) <= seen]
+    if isinstance(calibration_graphs, GraphStore):
+        fitted = np.array([z in seen for z in calibration_graphs.elements])
+        outside = np.concatenate([chunk[:, ~fitted].any(axis=1) for chunk in calibration_graphs.chunks("composition")]
+                                 or [np.zeros(0, dtype=bool)])
+        usable = calibration_graphs.subset(np.flatnonzero(~outside))
+    else:
+        usable = [g for g in calibration_graphs if set(g[K.NUMBERS].tolist()) <= seen]
     if len(usable) < len(calibration_graphs):
         log.warning("%d of %d calibration structures hold elements the heads were not fitted on; calibrated "
                     "without them", len(calibration_graphs) - len(usable), len(calibration_graphs))

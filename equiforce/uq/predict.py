@@ -130,7 +130,9 @@ def predict(model: torch.nn.Module, graphs: Sequence[Graph], batch_size: int = 1
     if not graphs:
         raise EquiforceError("no structures to predict")
     if compute_stress is None:
-        compute_stress = any(float(g[K.HAS_STRESS].sum()) > 0 for g in graphs)
+        from equiforce.evaluate import has_labels
+
+        compute_stress = has_labels(graphs, K.HAS_STRESS)
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
