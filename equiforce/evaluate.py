@@ -7,7 +7,7 @@ The batch loop here is also the trainer's validation loop, so "validation error"
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +150,14 @@ def _counts(graphs: Sequence[Graph]) -> dict[str, int]:
     return {"n_configs": len(graphs), "n_atoms": int(sum(int(g[K.N_ATOMS].sum()) for g in graphs))}
 
 
-def _hessian_labelled(configs: Sequence[Configuration | Graph]) -> list[Configuration]:
+def _hessian_labelled(configs: Sequence[Configuration | Graph]) -> tuple[int, Iterable[Configuration]]:
+    """How many structures carry a Hessian label, and those structures (from a pack: read one at a time, each
+    holding 9N² numbers)."""
     if isinstance(configs, GraphStore):
-        return [configs.configuration(int(k)) for k in np.flatnonzero(configs.column(K.HAS_HESSIAN))]
-    return [c for c in configs if isinstance(c, Configuration) and c.hessian is not None]
+        positions = np.flatnonzero(configs.column(K.HAS_HESSIAN))
+        return len(positions), (configs.configuration(int(k)) for k in positions)
+    labelled = [c for c in configs if isinstance(c, Configuration) and c.hessian is not None]
+    return len(labelled), labelled
 
 
 def evaluate(model: Potential, configs: Sequence[Configuration | Graph] | GraphStore, batch_size: int = 16,
@@ -193,8 +197,8 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph] | GraphS
     elif len(graphs):
         run_batches(model, graphs, batch_size, device, Fanout(metrics, *observers), compute_stress=compute_stress)
     result: dict = dict(metrics.compute())
-    labelled = _hessian_labelled(configs) if hessians else []
-    if labelled:
+    count, labelled = _hessian_labelled(configs) if hessians else (0, ())
+    if count:
         result.update(hessian_errors(model, labelled, device))
     result.update(_counts(graphs))
     if keep_values:
@@ -207,7 +211,7 @@ def evaluate(model: Potential, configs: Sequence[Configuration | Graph] | GraphS
     return result
 
 
-def hessian_errors(model: Potential, configs: Sequence[Configuration], device: torch.device | str = "cpu") -> dict:
+def hessian_errors(model: Potential, configs: Iterable[Configuration], device: torch.device | str = "cpu") -> dict:
     """Full model Hessians (3N backward passes each) against the labels: entry-wise ``hessian_mae``/``_rmse``
     in meV/Å², and ``frequency_mae_cm`` over the harmonic frequencies above the rigid-body modes (the 6, 5 for a
     linear molecule, 3 for a periodic cell, lowest |ω|), each set sorted; ``n_hessians`` structures."""
@@ -227,7 +231,7 @@ def hessian_errors(model: Potential, configs: Sequence[Configuration], device: t
         freqs = [np.sort(f[np.argsort(np.abs(f))[skip:]]) for f in freqs]
         freq_errors.append(np.abs(freqs[0] - freqs[1]))
     return {"hessian_mae": 1000.0 * abs_sum / count, "hessian_rmse": 1000.0 * float(np.sqrt(sq_sum / count)),
-            "frequency_mae_cm": float(np.mean(np.concatenate(freq_errors))), "n_hessians": len(configs)}
+            "frequency_mae_cm": float(np.mean(np.concatenate(freq_errors))), "n_hessians": len(freq_errors)}
 
 
 def rigid_body_modes(atoms) -> int:

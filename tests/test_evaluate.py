@@ -54,3 +54,18 @@ def test_rigid_body_modes_count_a_linear_molecule_right():
 
     assert [rigid_body_modes(molecule(name)) for name in ("CO2", "C2H2", "H2O", "CH3CH2OH")] == [5, 5, 6, 6]
     assert rigid_body_modes(bulk("Cu")) == 3 and rigid_body_modes(Atoms("Ar")) == 3
+
+
+def test_kept_parity_values_are_an_even_sample_of_at_most_keep_max_rows():
+    """Past keep_max rows only every 2nd, 4th, ... row is kept: the multiples of the stride, in order."""
+    from equiforce.train.metrics import ErrorMetrics
+
+    metrics = ErrorMetrics(keep=True, keep_max=10)
+    values = np.arange(57.0)
+    for start in range(0, 57, 7):  # batches of 7 rows
+        metrics._keep_rows("forces", values[start:start + 7], values[start:start + 7])
+    every = metrics.kept_every()["forces"]
+    kept = metrics.values()["forces"][0]
+    assert every == 8 and kept.tolist() == list(range(0, 57, 8)) and 5 <= len(kept) <= 10
+    with pytest.raises(ValueError, match="keep_max must be at least 1"):
+        ErrorMetrics(keep=True, keep_max=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -458,6 +459,14 @@ def test_a_test_pack_is_evaluated_batch_by_batch(files, packed, tmp_path):
         train(load_config(config(tmp_path / "d.yaml", cells, tmp_path / "d", config_type_weights={},
                                  data={"test": str(wide), "e0s": "fit"})), progress=False)
     assert not (tmp_path / "c").exists() and not (tmp_path / "d" / "last.eqf").exists()
+    damaged = tmp_path / "damaged.pack"
+    shutil.copytree(wide, damaged)
+    with open(damaged / "shard-00000.safetensors", "r+b") as handle:  # same size: only its header is wrong
+        handle.write(b"\xff" * 16)
+    with pytest.raises(DataError, match="cannot read shard-00000"):  # before training, not after it
+        train(load_config(config(tmp_path / "e.yaml", packed, tmp_path / "e", data={"test": str(damaged)})),
+              progress=False)
+    assert not (tmp_path / "e" / "last.eqf").exists()
 
 
 def test_a_validation_pack_must_have_the_model_cutoff(files, packed, tmp_path):

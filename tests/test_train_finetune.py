@@ -258,6 +258,39 @@ def test_fine_tuning_from_packs_equals_fine_tuning_from_files(pretrained, tmp_pa
         reports[1]["forgetting"]["before"]["forces_mae"], rel=1e-9)
 
 
+def test_fine_tuning_a_pack_reads_its_other_files_with_the_pack_keys(pretrained, tmp_path):
+    """Fine-tuning reads a pack made with other label keys; its validation file is read with those keys (as
+    training from a pack does), and a pack without forces says to pack again, not to set data.forces_key."""
+    from ase.io import write
+
+    from equiforce.data.packed import pack
+    from equiforce.errors import DataError
+
+    teacher, _, start, _ = pretrained
+    frames = []
+    for config in labelled(NEW, 12, 5, teacher):
+        atoms = config.to_atoms()
+        atoms.info["REF_energy"] = config.energy
+        atoms.arrays["REF_forces"] = config.forces
+        frames.append(atoms)
+    write(tmp_path / "ref.xyz", frames[:8], format="extxyz")
+    write(tmp_path / "ref_valid.xyz", frames[8:], format="extxyz")
+    pack([tmp_path / "ref.xyz"], tmp_path / "ref.pack", cutoff=6.0,
+         reader={"energy_key": "REF_energy", "forces_key": "REF_forces"})
+    pack([tmp_path / "ref.xyz"], tmp_path / "energies.pack", cutoff=6.0, reader={"energy_key": "REF_energy"})
+    config = {"data": {"train": str(tmp_path / "ref.pack"), "valid": str(tmp_path / "ref_valid.xyz")},
+              "training": {"epochs": 1, "batch_size": 4, "device": "cpu"},
+              "finetune": {"start": str(start)}, "output": {"directory": str(tmp_path / "out")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = train(load_config(tmp_path / "c.yaml"), progress=False)
+    assert (result["n_train"], result["n_valid"]) == (8, 4)
+    config["data"]["train"] = str(tmp_path / "energies.pack")
+    config["output"]["directory"] = str(tmp_path / "out2")
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(DataError, match="packed without them.*--forces-key"):
+        train(load_config(tmp_path / "c2.yaml"), progress=False)
+
+
 @pytest.mark.slow
 def test_finetune_benchmark_smoke(tmp_path):
     """benchmarks/finetune.py at toy sizes on the rMD17 files (about a minute; skipped without ../shared)."""

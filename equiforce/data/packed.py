@@ -686,6 +686,12 @@ class GraphStore(Sequence[Graph]):
             graph[K.WEIGHT] = graph[K.WEIGHT] * factor
         return graph
 
+    def check_readable(self) -> None:
+        """Map every shard this store reads (its header parsed): a damaged shard is a :class:`DataError` now, not
+        when a batch or an evaluation at the end of a run first reads it.  Contents are not read."""
+        for number in np.unique(self._summary["shard"][self.indices]):
+            self._shard(int(number))
+
     def configuration(self, position: int) -> Configuration:
         """Structure ``position`` of this store as a :class:`Configuration`, its source file and frame those it
         was packed from (so errors name where it came from)."""

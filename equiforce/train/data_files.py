@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from equiforce.data.io import label_names, read_configurations
+from equiforce.data.packed import is_pack
 from equiforce.data.structure import Configuration
 from equiforce.errors import DataError
 from equiforce.train.config import DataConfig, TrainingConfig
@@ -40,6 +41,9 @@ def check_label_keys(configs: Sequence[Configuration], path: str | os.PathLike, 
         return f"the first frame carries {names}" if names else "no names could be listed"
 
     if training.forces_weight > 0 and not any(c.forces is not None for c in configs):
+        if is_pack(path):  # its labels were read when it was packed
+            raise DataError("no structure has forces (packed without them); pack again with the forces key the files "
+                            "use (--forces-key), or set training.forces_weight: 0", source=str(path), field="forces")
         raise DataError(f"no structure has forces under this key ({hint()}); set data.forces_key to the name the "
                         "file uses, or training.forces_weight: 0 to train on energies only", source=str(path),
                         field=data.forces_key)

@@ -28,6 +28,8 @@ class ErrorMetrics:
         self.keep = keep
         # at most ``keep_max`` rows per quantity: past it only every 2nd, 4th, ... row is kept (a parity plot of a
         # million-structure pack shows an even sample, and its values do not fill the memory)
+        if keep_max is not None and keep_max < 1:
+            raise ValueError(f"keep_max must be at least 1 (or None: keep every row), got {keep_max}")
         self.keep_max = keep_max
         self._sums: dict[str, torch.Tensor] = {}
         self._kept: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}

@@ -127,8 +127,10 @@ def train_store(store: GraphStore, valid: GraphStore | Sequence[Configuration] |
     training_cfg = _validated(TrainingConfig, training_cfg, "training")
     where = str(store.root)
     store = at_cutoff(store, model_cfg.cutoff, "the training set")
+    store.check_readable()  # a damaged shard named before training, not in the middle of an epoch
     if isinstance(valid, GraphStore):
         valid = at_cutoff(valid, model_cfg.cutoff, "the validation set")
+        valid.check_readable()
     isolated = store.subset(np.flatnonzero(store.column("isolated") != 0))
     structures = without_isolated(store)
     if valid is None:

@@ -784,6 +784,7 @@ def check_test_set(test: Sequence[Configuration] | GraphStore | None, elements: 
     cutoff holds the model's)."""
     if isinstance(test, GraphStore):
         test.within(cutoff)
+        test.check_readable()
         for z in sorted(set(test.elements_present()) - set(elements)):
             first = test.configuration(int(test.holding(z)[0]))
             raise DataError(f"element {z} not in the model's elements {sorted(elements)} (the test set is checked "
@@ -838,11 +839,17 @@ def train(config: TrainConfig, *, progress: bool | None = None,
 
     data = config.data
     keys = reader_options(data)
-    if is_pack(data.train) and config.finetune is None:  # fine-tuning sets are small: a pack is read into memory
-        return _train_pack(config, progress=progress, epoch_callback=epoch_callback)
+    if is_pack(data.train):
+        if config.finetune is None:
+            return _train_pack(config, progress=progress, epoch_callback=epoch_callback)
+        # fine-tuning sets are small: the pack is read into memory, the other files with its label keys
+        _, keys, given = packed_reader_keys(data)
+        test_keys = given if data.test is not None and is_pack(data.test) else keys
+    else:
+        test_keys = keys
     train_set = read_labelled(data.train, data, config.training)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
-    test_set = _test_set(data.test, keys)
+    test_set = _test_set(data.test, test_keys)
     extra = {"data": {"train": str(data.train), "train_sha256": data_sha256(data.train)},
              "config": config.model_dump(mode="json")}
     common = dict(valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=test_set,
@@ -890,6 +897,19 @@ def open_packed_data(data: DataConfig) -> PackedData:
     silently not apply); validation and test files are read with the pack's keys unless the config sets others;
     validation and test packs must share the training pack's keys (another key is another quantity)."""
     from equiforce.data.io import read_configurations
+
+    store, keys, given = packed_reader_keys(data)
+    valid: GraphStore | list[Configuration] | None = None
+    if data.valid is not None:
+        valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
+    # a test pack is read with its own keys (those set in the config must match them)
+    test = _test_set(data.test, given if data.test is not None and is_pack(data.test) else keys)
+    return PackedData(store, valid, test)
+
+
+def packed_reader_keys(data: DataConfig) -> tuple[GraphStore, dict[str, Any], dict[str, Any]]:
+    """The training pack, the label keys its validation, test and replay files are read with (the pack's, unless
+    the config sets others), and the keys the config sets; see :func:`open_packed_data` for the checks."""
     from equiforce.train.data_files import reader_options
 
     store = GraphStore.open(data.train)
@@ -909,12 +929,7 @@ def open_packed_data(data: DataConfig) -> PackedData:
             if differ:
                 raise ConfigError(f"{other} was packed with other label keys than {data.train} ({'; '.join(differ)});"
                                   " pack both with the keys of the same quantities")
-    valid: GraphStore | list[Configuration] | None = None
-    if data.valid is not None:
-        valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
-    # a test pack is read with its own keys (those set in the config must match them)
-    test = _test_set(data.test, given if data.test is not None and is_pack(data.test) else keys)
-    return PackedData(store, valid, test)
+    return store, keys, given
 
 
 def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: EpochCallback | None
