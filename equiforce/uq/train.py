@@ -185,6 +185,8 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
             raise DataError(f"element(s) [{z}] never appear in the training or validation data {seen}: no σ for "
                             "them", source=first.source, frame=first.frame, field="numbers")
         test_graphs = graphs(test, config.model.cutoff)  # geometry problems (a pack's cutoff) named now too
+        if isinstance(test, GraphStore):
+            test.check_readable()  # a damaged shard named now, not after every member has trained
 
     if uq.method == "ensemble":
         paths = train_members(split, config, out, progress, extra)
