@@ -469,6 +469,22 @@ def test_a_test_pack_is_evaluated_batch_by_batch(files, packed, tmp_path):
     assert not (tmp_path / "e" / "last.eqf").exists()
 
 
+def test_an_element_only_in_the_validation_set_is_refused(files, tmp_path):
+    """It would enter the model untrained (E0 0, random weights) and be validated as such: refused before
+    training, from files and from packs, naming a validation structure that holds it."""
+    cells = tmp_path / "cells.pack"
+    pack([files[0]], cells, cutoff=CUTOFF)
+    valid_pack = tmp_path / "mols.pack"
+    pack([files[1]], valid_pack, cutoff=CUTOFF)
+    for train_data, valid in ((files[0], files[1]), (cells, files[1]), (cells, valid_pack)):
+        path = config(tmp_path / "c.yaml", train_data, tmp_path / "run", config_type_weights={},
+                      data={"valid": str(valid), "e0s": "fit"})
+        with pytest.raises(DataError, match=r"mols.xyz, frame 0.*H \(Z=1\), C \(Z=6\), O \(Z=8\) occur in "
+                                            "validation structures but in no training structure"):
+            train(load_config(path), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_validation_pack_must_have_the_model_cutoff(files, packed, tmp_path):
     other = tmp_path / "valid2"
     pack([files[1]], other, cutoff=2.0)

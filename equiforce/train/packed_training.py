@@ -26,6 +26,7 @@ from equiforce.train.trainer import (
     _validated,
     check_test_set,
     check_type_weights,
+    check_validation_elements,
     chosen_e0s,
     fit_and_test,
     labelled_graphs,
@@ -153,6 +154,7 @@ def train_store(store: GraphStore, valid: GraphStore | Sequence[Configuration] |
         raise DataError(f"no structure has forces (packed with forces_key {key!r}); pack again with the key the files "
                         "use, or set training.forces_weight: 0", source=where, field="forces")
     valid_is_store = isinstance(valid, GraphStore)
+    check_validation_elements(set(train.elements_present()), valid)
     found = set(train.elements_present()) | set(isolated.elements_present())
     found |= set(valid.elements_present()) if valid_is_store else {int(z) for c in valid for z in c.numbers}
     elements = sorted(model_cfg.elements) if model_cfg.elements else sorted(found)

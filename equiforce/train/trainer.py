@@ -681,6 +681,7 @@ def train_configs(train: Sequence[Configuration], valid: Sequence[Configuration]
     # targets: an atom without neighbours only sees E0 + shift + a constant, which would fight the shift
     isolated = [c for c in train if is_isolated_atom(c)]
     train, valid = split_train_valid(train, valid, valid_fraction, split_seed)
+    check_validation_elements({int(z) for c in train for z in c.numbers}, valid)
     found = sorted({int(z) for c in [*train, *valid, *isolated] for z in c.numbers})
     elements = sorted(model_cfg.elements) if model_cfg.elements else found
     unknown = sorted(set(found) - set(elements))
@@ -769,6 +770,25 @@ def check_before_training(training: TrainingConfig, labelled: Sequence[Configura
     the model will not know or a geometry no graph can be built for (found by the evaluation at the end)."""
     check_type_weights(training, {c.config_type for c in labelled})
     check_test_set(test, elements, cutoff, dtype)
+
+
+def check_validation_elements(trained: set[int], valid: Sequence[Configuration] | GraphStore) -> None:
+    """Every element of the validation structures occurs in a training structure: one that does not would enter
+    the model untrained (its E0 0, its weights random) and be validated as such."""
+    from ase.data import chemical_symbols
+
+    if isinstance(valid, GraphStore):
+        missing = sorted(set(valid.elements_present()) - trained)
+        first = valid.configuration(int(valid.holding(missing[0])[0])) if missing else None
+    else:
+        first = next((c for c in valid if {int(z) for z in c.numbers} - trained), None)
+        missing = sorted({int(z) for c in valid for z in c.numbers} - trained)
+    if first is not None:
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+        raise DataError(f"element(s) {names} occur in validation structures but in no training structure, so the "
+                        "model would never learn them: move such structures into the training set (with "
+                        "data.valid_fraction, another data.split_seed)", source=first.source, frame=first.frame,
+                        field="numbers")
 
 
 def check_type_weights(training: TrainingConfig, present: set[str]) -> None:
