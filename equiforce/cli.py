@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -203,15 +204,25 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     from equiforce.data import keys as K
     from equiforce.data.io import label_names
-    from equiforce.data.packed import READER_DEFAULTS, GraphStore, pack
+    from equiforce.data.packed import PROGRESS, READER_DEFAULTS, GraphStore, pack
+    from equiforce.errors import EquiforceError
 
     reader = {key: getattr(args, key) for key in READER_DEFAULTS}
-    columns = (SpinnerColumn(), TextColumn("packing: {task.completed} structures"), TimeElapsedColumn())
-    with Progress(*columns, console=_console(), disable=args.no_progress, transient=True) as bar:
-        task = bar.add_task("pack", total=None)
-        index = pack(args.data, args.out, cutoff=args.cutoff, reader=reader, dtype=args.dtype, shard_mb=args.shard_mb,
-                     overwrite=args.overwrite, progress=lambda n: bar.update(task, completed=n))
     console = _console()
+    if (Path(args.out) / PROGRESS).is_file():
+        console.print(f"resuming the unfinished pack in {args.out}")
+    columns = (SpinnerColumn(), TextColumn("packing: {task.completed} structures"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, disable=args.no_progress, transient=True) as bar:
+            task = bar.add_task("pack", total=None)
+            index = pack(args.data, args.out, cutoff=args.cutoff, reader=reader, dtype=args.dtype,
+                         shard_mb=args.shard_mb, overwrite=args.overwrite,
+                         progress=lambda n: bar.update(task, completed=n))
+    except EquiforceError:
+        if (Path(args.out) / PROGRESS).is_file():  # the shards written so far are kept
+            print(f"note: {args.out} keeps the shards packed so far: the same command resumes after them; after "
+                  "changing the inputs, add --overwrite", file=sys.stderr)
+        raise
     size = sum(s["bytes"] for s in index["shards"]) + index["summary_bytes"]
     console.print(f"packed {index['structures']} structures ({index['atoms']} atoms, {index['edges']} edges within "
                   f"{index['cutoff']:g} Å) into {args.out}: {len(index['shards'])} shard(s), {size / 1e6:.1f} MB; "
@@ -222,7 +233,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         names = label_names(args.data[0], args.format)
         console.print(f"[yellow]note:[/] {without} of {index['structures']} structures have no forces under "
                       f"'{args.forces_key}' (the first frame of {args.data[0]} carries {names})")
-    console.print(f"train on it with `data.train: {args.out}` (model.cutoff: {index['cutoff']:g} or less)")
+    console.print(f"train on it with `data.train: {args.out}` (or data.valid, data.test; model.cutoff "
+                  f"{index['cutoff']:g} Å or less)")
     return 0
 
 
@@ -281,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pack", help="build the graphs of large data sets once and store them for streamed training")
     p.add_argument("data", nargs="+", help="structure files (extxyz, npz, ASE db, any ase.io format), packed in order")
-    p.add_argument("--out", required=True, help="directory of the pack (give it as data.train or data.valid)")
+    p.add_argument("--out", required=True,
+                   help="directory of the pack, new or empty (give it as data.train, data.valid or data.test)")
     p.add_argument("--cutoff", type=positive_float, required=True,
                    help="neighbour cutoff in Å: the largest model cutoff the pack will serve")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
@@ -318,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # equiforce's own warnings as one line, like its errors
     try:
         return args.func(args)
     except EquiforceError as err:
@@ -333,6 +348,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               "last shard, md from its last checkpoint with --resume if it was started with --checkpoint-every",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        warnings.formatwarning = default_format
+
+
+_PACKAGE = Path(__file__).resolve().parent
+_default_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """``warning: MESSAGE`` for equiforce's own warnings (what to do is in the message; the source line printed
+    by Python's default format is noise to a user); other libraries' warnings keep Python's format."""
+    try:
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        ours = False
+    if ours and issubclass(category, UserWarning):
+        return f"warning: {' '.join(str(message).split())}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +108,14 @@ def test_eval_metrics_are_strict_json_for_one_structure(files):
         raise ValueError(token)
 
     json.loads((tmp / "ev" / "metrics.json").read_text(), parse_constant=refuse)
+
+
+def test_equiforce_warnings_print_as_one_line():
+    """Our warnings say what to do; Python's source line after them is noise (other libraries' keep it)."""
+    import equiforce.cli as cli
+
+    ours = Path(cli.__file__).parent / "train" / "trainer.py"
+    assert cli._format_warning("E0s of elements [1, 6] are\n  not determined", UserWarning, str(ours), 643) == (
+        "warning: E0s of elements [1, 6] are not determined\n")
+    theirs = cli._format_warning("deprecated", DeprecationWarning, "/usr/lib/python3/somewhere.py", 7)
+    assert "somewhere.py:7" in theirs

@@ -194,6 +194,18 @@ def test_damaged_packs_and_bad_input_are_named(files, packed, tmp_path):
     write(bad, frames, format="extxyz")
     with pytest.raises(DataError, match=r"bad.xyz, frame 1, field 'forces'"):
         pack([bad], tmp_path / "badpack", cutoff=CUTOFF)
+    assert not (tmp_path / "badpack").exists()  # nothing written to resume: no directory left behind
+    with pytest.raises(DataError, match="is a packed dataset, not a structure file"):
+        pack([packed], tmp_path / "repack", cutoff=CUTOFF)
+    with pytest.raises(DataError, match="is a directory, neither a structure file nor a pack"):
+        pack([tmp_path], tmp_path / "repack", cutoff=CUTOFF)
+    assert not (tmp_path / "repack").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"mine holds other files than a pack's \(notes.txt\)"):
+        pack(files, mine, cutoff=CUTOFF, overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def config(path: Path, train_data: Path | str, out: Path, **extra) -> Path:
@@ -365,6 +377,15 @@ def test_pack_command(files, tmp_path, capsys):
     assert "already holds a finished pack" in " ".join(capsys.readouterr().err.split())
     assert main(["pack", str(tmp_path / "missing.xyz"), "--out", str(tmp_path / "m"), "--cutoff", "4"]) == 2
     assert "missing.xyz: file not found" in " ".join(capsys.readouterr().err.split())
+    # an interrupted pack: a failure says what is kept, and the rerun says it resumes
+    half = tmp_path / "half.pack"
+    pack_killed_after(20, files, half, shard_mb=0.008)
+    assert main(["pack", *map(str, files), "--out", str(half), "--cutoff", "5", "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "other cutoff (4.0, now 5.0)" in err and "keeps the shards packed so far" in err
+    assert main(["pack", *map(str, files), "--out", str(half), "--cutoff", "4", "--shard-mb", "0.008",
+                 "--no-progress"]) == 0
+    assert "resuming the unfinished pack" in " ".join(capsys.readouterr().out.split())
 
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -636,6 +657,36 @@ def test_reader_processes_do_not_hold_the_run_lock_and_pickle_lightly(packed, tm
     copy = pickle.loads(pickle.dumps(store[2:9]))  # noqa: S301
     assert len(pickle.dumps(store)) < 20_000  # the summary is mapped again, not copied
     assert all(torch.equal(copy[k][key], store[2 + k][key]) for k in range(7) for key in store[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_reader_process_dies_with_its_trainer(packed):
+    """A killed training run leaves no reader behind (PyTorch's watchdog alone let one live for seconds)."""
+    import time
+
+    script = (f"import time, torch\nfrom equiforce.data.packed import GraphStore\n"
+              f"from equiforce.train.loading import BatchReader\n"
+              f"reader = BatchReader(GraphStore.open({str(packed)!r}), torch.device('cpu'), torch.float64, workers=1)\n"
+              "batches = reader.epoch([[0, 1], [2]])\nnext(batches)\nprint('reading', flush=True)\ntime.sleep(60)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline().strip() == "reading"
+        readers = Path(f"/proc/{trainer.pid}/task/{trainer.pid}/children").read_text().split()
+        assert readers
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+    def alive(pid: str) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 1.5
+    while any(alive(pid) for pid in readers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in readers)
 
 
 def test_learn_starts_from_a_pack(packed):

@@ -58,7 +58,7 @@ def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
                     config_type_key=config_type_key, weight_key=weight_key, hessian_key=hessian_key)
         return _read_pack(path, index, keys, require_forces=require_forces)
     if not Path(path).is_file():
-        raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=source)
+        raise missing_file(path)
     fmt = (format or "").lower()
     suffix = Path(path).suffix.lower()
     keys = dict(energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, virial_key=virial_key,
@@ -88,7 +88,7 @@ def iter_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
     """
     source = str(path)
     if not Path(path).is_file():
-        raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=source)
+        raise missing_file(path)
     keys = dict(energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, virial_key=virial_key,
                 config_type_key=config_type_key, weight_key=weight_key, hessian_key=hessian_key)
     required = dict(require_energy=require_energy, require_forces=require_forces)
@@ -253,6 +253,8 @@ def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | 
 
     if is_pack(source):  # a pack's structures (md, relax and learn start from them), without their labels
         return [config.to_atoms() for config in read_configurations(source, index=index)]
+    if format is None and Path(source).is_dir() and not (Path(source) / "metadata.json").is_file():
+        raise missing_file(source)  # a directory ASE would only misread (an ASE BundleTrajectory has metadata.json)
     try:
         frames = read(source, index=index, format=format)
     except (StopIteration, IndexError) as err:  # an index past the end (ASE's own words are empty or cryptic)
@@ -282,6 +284,22 @@ def check_structures(frames: Sequence[Atoms], source: str | os.PathLike, cutoff:
     for frame, atoms in enumerate(frames):
         _check_atomic_numbers(atoms.numbers, {"source": str(source), "frame": frame})
         config_to_graph(Configuration.from_atoms(atoms, source=str(source), frame=frame), cutoff)
+
+
+def missing_file(path: str | os.PathLike) -> DataError:
+    """The error for a structure-file input that is no file: missing, a pack where a file is read, or another
+    directory (a run directory, a typo)."""
+    from equiforce.data.packed import is_pack
+
+    if not Path(path).exists():
+        return DataError("file not found", source=str(path))
+    if is_pack(path):
+        return DataError("is a packed dataset, not a structure file: packs are made from structure files (train, "
+                         "eval and the other commands take the pack itself)", source=str(path))
+    if Path(path).is_dir():
+        return DataError("is a directory, neither a structure file nor a pack (a pack holds index.json)",
+                         source=str(path))
+    return DataError("not a regular file", source=str(path))
 
 
 def _guessed_format(source: str | os.PathLike) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -163,7 +164,9 @@ def _settings(inputs: Sequence[str | os.PathLike], cutoff: float, dtype: str, re
     sources = []
     for path in inputs:
         if not Path(path).is_file():
-            raise DataError("file not found" if not Path(path).exists() else "not a regular file", source=str(path))
+            from equiforce.data.io import missing_file
+
+            raise missing_file(path)
         sources.append({"path": str(path), "sha256": file_sha256(path), "bytes": Path(path).stat().st_size})
     return {"cutoff": float(cutoff), "dtype": dtype, "reader": dict(reader), "shard_mb": float(shard_mb),
             "sources": sources}
@@ -193,11 +196,6 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
     run again with the same inputs and options (``progress.json``), and a finished one is refused unless
     ``overwrite``.  ``progress(n)`` is called with the number of structures packed so far.  Returns the index.
     """
-    from equiforce.data.io import iter_configurations
-    from equiforce.data.stats import is_isolated_atom
-    from equiforce.utils.atomic_io import atomic_write_bytes, atomic_write_json
-    from equiforce.utils.locking import held_lock
-
     if dtype not in STORED_DTYPES:
         raise ConfigError(f"pack dtype must be one of {sorted(STORED_DTYPES)}, got {dtype!r}")
     if not (MIN_CUTOFF <= cutoff < float("inf")) or not shard_mb > 0:
@@ -208,11 +206,43 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(reader or {}) - set(READER_DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown reader option(s) {unknown}; known: {sorted(READER_DEFAULTS)}")
+    for path in inputs:  # before anything is created
+        if not Path(path).is_file():
+            from equiforce.data.io import missing_file
+
+            raise missing_file(path)
+    foreign = sorted(p.name for p in out.iterdir() if not _is_pack_file(p.name)) if out.is_dir() else []
+    if foreign:  # a pack is not written among a user's own files (--overwrite would not remove them either)
+        raise ConfigError(f"{out} holds other files than a pack's ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); give a new or empty directory")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     reader = {**READER_DEFAULTS, **(reader or {})}  # recorded in full: training compares its data keys with them
+    try:
+        return _pack_into(out, inputs, cutoff, reader, dtype, shard_mb, overwrite, progress)
+    except BaseException:
+        if created and not (out / PROGRESS).exists():  # nothing to resume: leave no empty directory behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _is_pack_file(name: str) -> bool:
+    """Whether a file name is one a pack (or its atomic writes' temporaries) uses."""
+    return name in (INDEX, SUMMARY, PROGRESS, LOCK) or name.startswith(("shard-", ".shard-", f".{INDEX}",
+                                                                        f".{SUMMARY}", f".{PROGRESS}"))
+
+
+def _pack_into(out: Path, inputs: Sequence[str | os.PathLike], cutoff: float, reader: dict[str, Any], dtype: str,
+               shard_mb: float, overwrite: bool, progress: Callable[[int], None] | None) -> dict[str, Any]:
+    """:func:`pack`'s work, under the pack's lock."""
+    from equiforce.data.io import iter_configurations
+    from equiforce.data.stats import is_isolated_atom
+    from equiforce.utils.atomic_io import atomic_write_bytes, atomic_write_json
+    from equiforce.utils.locking import held_lock
+
     with held_lock(out / LOCK, "packing"):
         if (out / INDEX).exists() and not overwrite:
             raise ConfigError(f"{out} already holds a finished pack; give another directory or --overwrite")
@@ -227,8 +257,9 @@ def pack(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, cutoff:
                 raise DataError(f"cannot read {PROGRESS} of an unfinished pack ({err}); pack into a new directory",
                                 source=str(out)) from err
             if _comparable(saved.get("settings", {})) != _comparable(settings):
-                before = _comparable(saved.get("settings", {}))
-                changed = sorted(k for k, v in _comparable(settings).items() if before.get(k) != v)
+                before, now = _comparable(saved.get("settings", {})), _comparable(settings)
+                changed = [k if isinstance(v, dict | list) else f"{k} ({before.get(k)!r}, now {v!r})"
+                           for k, v in sorted(now.items()) if before.get(k) != v]
                 raise ConfigError(f"{out} holds an unfinished pack made with other {', '.join(changed)}; give the same "
                                   "inputs and options to resume it, another directory, or --overwrite")
             state = {**saved, "settings": settings}  # the paths as given now (the same contents)

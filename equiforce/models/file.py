@@ -53,6 +53,8 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a model file (spec, version, units, extra), without loading weights."""
     path = Path(path)
     if not path.is_file():
+        if (path / "index.json").is_file() or (path / "progress.json").is_file():
+            raise ModelFileError(f"model file {path} is a packed dataset (equiforce pack), not a model file")
         raise ModelFileError(f"model file {path} is a directory, not a model file (e.g. {path}/best.eqf)"
                              if path.is_dir() else f"model file {path} does not exist")
     try:

@@ -222,5 +222,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=non_negative_int, default=1000)
     p.add_argument("--cell", action="store_true", help="relax the cell too (periodic structures)")
     p.add_argument("--pressure", type=finite_float, default=0.0, help="bar, with --cell")
-    p.add_argument("--out", default="relaxed.extxyz")
+    p.add_argument("--out", default="relaxed.extxyz",
+                   help="file of the relaxed structures, its format from its suffix (default relaxed.extxyz; md's "
+                        "--out is a directory)")
     p.set_defaults(func=cmd_relax)

@@ -9,6 +9,10 @@ epoch) and pinned memory for a CUDA device.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -31,19 +35,39 @@ class _EpochBatches:
         return len(self.batches)
 
 
+_TRAINER_PID = os.getpid()  # set again by each BatchReader; a forked reader inherits it
+
+
 def _reader_started(_worker: int) -> None:
     from equiforce.utils.locking import close_inherited_locks
 
     close_inherited_locks()
+    _die_with_trainer()
+
+
+def _die_with_trainer() -> None:
+    """On Linux a reader is killed as soon as its training process dies (``PR_SET_PDEATHSIG``): PyTorch's own
+    watchdog notices only every few seconds, and a killed run's readers lingered that long."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _TRAINER_PID:  # the trainer died before the request took effect
+        os._exit(0)
 
 
 class BatchReader:
     """One per training run: ``epoch(batches)`` gives each batch (a collated graph on ``device``) in order."""
 
     def __init__(self, graphs: Sequence[Graph], device: torch.device, dtype: torch.dtype, workers: int = 0) -> None:
+        global _TRAINER_PID
         self.graphs, self.device, self.dtype = graphs, device, dtype
         self.loader = None
         if isinstance(graphs, GraphStore):
+            _TRAINER_PID = os.getpid()
             from torch.utils.data import DataLoader
 
             self.sampler = _EpochBatches()

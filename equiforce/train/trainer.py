@@ -656,7 +656,9 @@ def chosen_e0s(e0s: str | dict[int, float], isolated: dict[int, float], elements
     missing = [z for z in elements if z not in values]
     if missing:
         names = ", ".join(chemical_symbols[z] for z in missing)
-        how = "no isolated-atom frame with an energy" if e0s == "isolated" else "not given in data.e0s"
+        how = ("no isolated-atom frame with an energy (add one per element: a single atom in vacuum, or config_type "
+               "IsolatedAtom; or set data.e0s: fit, or values)" if e0s == "isolated"
+               else "not given in data.e0s (add them, or set data.e0s: fit)")
         raise ConfigError(f"E0s for {names}: {how}")
     return {z: values[z] for z in elements}
 
@@ -914,7 +916,7 @@ def open_packed_data(data: DataConfig) -> PackedData:
     """``data.train`` as a pack, with the validation and test sets (packs or files) its label keys go with.
 
     Label keys set in the config must be those the pack was made with (they were read then, so another would
-    silently not apply); validation and test files are read with the pack's keys unless the config sets others;
+    silently not apply), so validation and test files are read with the pack's keys (and ``data.format``);
     validation and test packs must share the training pack's keys (another key is another quantity)."""
     from equiforce.data.io import read_configurations
 
