@@ -125,6 +125,21 @@ def test_fine_tuning_teaches_an_element_the_model_never_saw(pretrained, tmp_path
     assert forgetting["after"]["forces_mae"] < 1.4 * forgetting["before"]["forces_mae"]
 
 
+def test_energies_of_another_reference_are_warned_of(pretrained, tmp_path, recwarn):
+    """Labels 5 eV/atom away from the start model's (another code or functional) are said before fine-tuning;
+    the model's own level of theory is not."""
+    import dataclasses
+
+    teacher, _, start, _ = pretrained
+    new = labelled(NEW, 8, 3, teacher)
+    one_epoch = dict(epochs=1, batch_size=4, device="cpu")
+    fine_tune(start, new, None, one_epoch, tmp_path / "same", progress=False)
+    assert not [w for w in recwarn if "another level of theory" in str(w.message)]
+    shifted = [dataclasses.replace(c, energy=c.energy + 5.0 * c.n_atoms) for c in new]
+    with pytest.warns(UserWarning, match=r"differ from the start model's by [45]\.\d+ eV/atom.*another level of"):
+        fine_tune(start, shifted, None, one_epoch, tmp_path / "shifted", progress=False)
+
+
 def test_new_element_e0s_and_refusals(pretrained, tmp_path):
     teacher, old, start, _ = pretrained
     new = with_copper(NEW, 6, 7, teacher)

@@ -77,6 +77,7 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
     train_graphs += labelled_graphs(replay_train, model.cutoff, dtype, weights, weight=replay_weight)
     valid_graphs = labelled_graphs(valid, model.cutoff, dtype, weights)
     device = resolve_device(training.device)
+    _warn_of_another_reference(model, train, added)
     before = evaluate(load_model(start, device=device, dtype=dtype), replay_test, training.valid_batch_size,
                       device) if replay_test else None
     extra = {"finetune": {"start": str(start), "replay_train": len(replay_train), "replay_test": len(replay_test),
@@ -109,6 +110,27 @@ def fine_tune(start: str | os.PathLike, train: Sequence[Configuration], valid: S
                                            "n_replay", "best_model") if key in result}
     distributed.write_on_main(lambda: atomic_write_json(Path(output_dir) / FINETUNE_REPORT, report))
     return result
+
+
+REFERENCE_GAP = 1.0  # eV/atom: energies this far from the start model's are another reference, not a new domain
+
+
+def _warn_of_another_reference(model, train: Sequence[Configuration], added: list[int]) -> None:
+    """Warn when the new energies sit far from the start model's (another code, functional or pseudopotentials
+    gives another zero of energy): the model's E0s stay its own, so its shift and weights must absorb the offset
+    and the first epochs' energy errors are huge.  Rated on up to 32 structures without new elements."""
+    import warnings
+
+    sample = [c for c in train if c.energy is not None and not set(int(z) for z in c.numbers) & set(added)][:32]
+    if not sample:
+        return
+    metrics = evaluate(model, sample, batch_size=8, device="cpu", hessians=False)
+    gap = metrics.get("energy_per_atom_mae", 0.0) / 1000.0
+    if gap > REFERENCE_GAP:
+        warnings.warn(f"the new training energies differ from the start model's by {gap:.3g} eV/atom on average "
+                      f"({len(sample)} structures): another level of theory or reference energy? Fine-tuning keeps the "
+                      "model's E0s, so it will spend its first epochs on that offset; for another reference, train "
+                      "a new model (or subtract the offset from the labels)", stacklevel=3)
 
 
 def _new_elements(start: str | os.PathLike, model, train: Sequence[Configuration], valid: Sequence[Configuration],
