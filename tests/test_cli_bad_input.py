@@ -86,9 +86,14 @@ def test_a_failed_md_run_leaves_no_end_state_of_the_previous_one(files, capsys):
                  "--no-progress"]) == 0
     assert (out / "final.extxyz").exists() and (out / "summary.json").exists()
     assert main(["md", str(model), str(tmp / "good.extxyz"), "--steps", "2", "--device", "cpu", "--out", str(out),
-                 "--no-progress", "--ensemble", "npt"]) == 2  # molecules only: refused once the run starts
+                 "--no-progress", "--ensemble", "npt"]) == 2  # an earlier run is not replaced unless asked
+    assert "holds an earlier run (summary.json, thermo.csv, final.extxyz, trajectory.h5): pass --overwrite" in (
+        " ".join(_error(capsys).split()))
+    assert main(["md", str(model), str(tmp / "good.extxyz"), "--steps", "2", "--device", "cpu", "--out", str(out),
+                 "--no-progress", "--ensemble", "npt", "--overwrite"]) == 2  # molecules only: refused at the start
     _error(capsys)
     assert not (out / "final.extxyz").exists() and not (out / "summary.json").exists()
+    assert not (out / "trajectory.h5").exists()
 
 
 def test_model_files_get_the_umask_permissions(tmp_path):

@@ -43,6 +43,24 @@ def test_random_walk_diffusion_coefficient(tmp_path):
     assert (tmp_path / "msd.png").read_bytes()[:4] == PNG
 
 
+def test_atoms_vibrating_about_fixed_sites_are_not_called_diffusive(recwarn):
+    """A solid's MSD levels off: fitting a line to it gave a confident D (with a tight error bar) for atoms that
+    never hop.  The MSD's exponent over the window says so, and a warning is raised; a random walk stays silent."""
+    rng = np.random.default_rng(2)
+    dt = 0.01
+    walk = np.cumsum(rng.normal(0.0, np.sqrt(2 * 0.3 * dt), (1000, 200, 3)), axis=0)
+    assert diffusion_coefficient(walk, dt).diffusive
+    assert abs(diffusion_coefficient(walk, dt).msd_exponent - 1) < 0.1
+    assert not [w for w in recwarn if "not diffusing" in str(w.message)]
+    sites = rng.uniform(0, 10, (1, 200, 3))
+    phase = rng.uniform(0, 2 * np.pi, (1, 200, 3))
+    t = np.arange(1000)[:, None, None] * dt
+    vibrating = sites + 0.1 * np.sin(2 * np.pi * 6.0 * t + phase) + rng.normal(0, 0.02, (1000, 200, 3))
+    with pytest.warns(UserWarning, match=r"MSD grows as t\^-?0\.\d+ .* not diffusing"):
+        solid = diffusion_coefficient(vibrating, dt)
+    assert not solid.diffusive and solid.msd_exponent < 0.5
+
+
 def test_msd_matches_direct_average():
     rng = np.random.default_rng(1)
     positions = np.cumsum(rng.normal(size=(60, 5, 3)), axis=0)

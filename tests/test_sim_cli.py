@@ -131,3 +131,37 @@ def test_md_final_structures_carry_their_energy_and_forces(tmp_path):
         check.calc = equiforce.Calculator(tmp_path / "m.eqf")
         assert atoms.get_potential_energy() == pytest.approx(check.get_potential_energy(), abs=1e-6)
         assert abs(atoms.get_forces() - check.get_forces()).max() < 1e-6
+
+
+def test_md_says_when_a_run_diverged(tmp_path, capsys):
+    """A time step far too large breaks the integration: the conserved energy jumps, and the run says so (it
+    ended quietly at tens of thousands of kelvin)."""
+    model = equiforce.save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    write(tmp_path / "in.extxyz", [molecule("H2O"), molecule("CH4")])
+    for timestep, diverged in (("0.2", None), ("10", [0, 1])):
+        out = tmp_path / f"md{timestep}"
+        assert _main(["md", str(model), str(tmp_path / "in.extxyz"), "--steps", "40", "--timestep", timestep,
+                      "--ensemble", "nve", "--device", "cpu", "--out", str(out), "--no-progress", "--seed", "0",
+                      "--log-every", "10", "--every", "10"]) == 0
+        assert json.loads((out / "summary.json").read_text()).get("diverged_systems") == diverged
+        err = capsys.readouterr().err
+        assert ("look diverged" in err and "lower --timestep" in err) == bool(diverged)
+
+
+def test_md_refuses_options_its_ensemble_does_not_use(tmp_path, capsys):
+    model = equiforce.save_model(make_model("L1-corr3"), tmp_path / "m.eqf")
+    write(tmp_path / "in.extxyz", [molecule("H2O")])
+    for options, message in ((["--pressure", "1000"], "--ensemble nvt does not use --pressure (for npt)"),
+                             (["--ensemble", "nve", "--friction", "0.1"], "does not use --friction (for nvt"),
+                             (["--ensemble", "nvt", "--tau", "50"], "does not use --tau (for nvt-csvr, npt)")):
+        assert _main(["md", str(model), str(tmp_path / "in.extxyz"), "--steps", "1", "--device", "cpu",
+                      "--out", str(tmp_path / "md"), "--no-progress", *options]) == 2
+        assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "md").exists()
+    from equiforce.errors import ConfigError
+    from equiforce.sim.md import run_md
+
+    for settings, message in ((dict(temperature_K=-300.0), "temperatures must be finite and ≥ 0 K"),
+                              (dict(friction_per_fs=-0.05), "friction_per_fs must be ≥ 0")):
+        with pytest.raises(ConfigError, match=message):
+            run_md(equiforce.load_model(model), molecule("H2O"), steps=1, **settings)

@@ -268,7 +268,8 @@ def read_atoms(source: str | os.PathLike, index: str | int = ":", format: str | 
         guess = ""
         if format is None and frame == 0:  # the first frame fails: perhaps the name made ASE guess a wrong format
             guess = (f" (read as format {_guessed_format(source)!r}, guessed from the file; name the format "
-                     "if that is wrong: data.format in a config, eval --format)")
+                     "if that is wrong: data.format in a training config, --format of eval and pack; elsewhere "
+                     "give the file its format's suffix, e.g. .extxyz)")
         raise DataError(f"cannot read structures: {type(err).__name__}: {err}{guess}", source=str(source),
                         frame=frame) from err
     return [frames] if isinstance(frames, Atoms) else list(frames)

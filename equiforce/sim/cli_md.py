@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from equiforce.errors import ConfigError, DataError
@@ -46,17 +47,44 @@ def _load(args: argparse.Namespace):
     return model, structures, str(device)
 
 
-def cmd_md(args: argparse.Namespace) -> int:
-    from equiforce.sim.md import ENSEMBLES, run_md
+# the thermostat and barostat options: their defaults, and the ensembles that use them
+ENSEMBLE_OPTIONS = {"friction": (0.01, ("nvt", "nvt-langevin")), "tau": (100.0, ("nvt-csvr", "npt")),
+                    "pressure": (1.0, ("npt",)), "tau_p": (1000.0, ("npt",)), "compressibility": (4.5e-5, ("npt",))}
 
-    if args.ensemble not in ENSEMBLES:
+
+def _ensemble_options(args: argparse.Namespace) -> None:
+    """An option the chosen ensemble does not use is an error (it would be ignored without a word); the others get
+    their defaults."""
+    ensemble = args.ensemble.lower()
+    unused = [f"--{name.replace('_', '-')} (for {', '.join(users)})"
+              for name, (_, users) in ENSEMBLE_OPTIONS.items()
+              if getattr(args, name) is not None and ensemble not in users]
+    if unused:
+        raise ConfigError(f"--ensemble {args.ensemble} does not use {'; '.join(unused)}: drop it, or choose the "
+                          "ensemble it belongs to")
+    for name, (default, _) in ENSEMBLE_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
+def cmd_md(args: argparse.Namespace) -> int:
+    from equiforce.sim.md import ENSEMBLES
+
+    if args.ensemble.lower() not in ENSEMBLES:
         raise ConfigError(f"unknown ensemble {args.ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+    _ensemble_options(args)
     out = Path(args.out)
     checkpoint = out / CHECKPOINT
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.resume and not checkpoint.exists():
         raise ConfigError(f"--resume: no checkpoint {checkpoint} (written with --checkpoint-every N)")
-    if checkpoint.exists() and not args.resume:
-        raise ConfigError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    earlier = [name for name in (CHECKPOINT, "summary.json", "thermo.csv", "final.extxyz", "trajectory.h5",
+                                 "trajectory.extxyz", "trajectory.traj") if (out / name).exists()]
+    if earlier and not (args.resume or args.overwrite):  # a long run's output is not replaced by a stray command
+        resume = "pass --resume to continue it (it has a checkpoint), " if CHECKPOINT in earlier else "pass "
+        raise ConfigError(f"--out {out} holds an earlier run ({', '.join(earlier)}): {resume}--overwrite to replace "
+                          "it, or choose another --out")
     if (args.resume or args.checkpoint_every > 0) and args.format == "traj":
         raise ConfigError("--checkpoint-every and --resume need an h5 or extxyz trajectory (an ASE .traj file "
                           "cannot be cut back to a checkpoint)")
@@ -68,24 +96,22 @@ def cmd_md(args: argparse.Namespace) -> int:
             raise ConfigError(f"--compile: {args.model} holds a {type(model).__name__}, which runs uncompiled "
                               "(plain potentials and potentials with uncertainty heads compile)")
     stop_when = _sigma_stop(args, model)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:  # a new run in this directory: the last run's end state must not outlive a failure of it
-        for name in ("final.extxyz", "summary.json"):
+    if not args.resume:  # a new run in this directory: nothing of the last one may outlive a failure of this one
+        for name in earlier:
             (out / name).unlink(missing_ok=True)
     trajectory = out / f"trajectory.{args.format}"
     resumable = args.checkpoint_every > 0 or args.resume
     # the model and the σ thresholds (run_md itself knows only that a stop criterion is set)
     tag = ({"model_sha256": file_sha256(args.model), "stop_sigma": args.stop_sigma,
             "stop_sigma_energy": args.stop_sigma_energy} if resumable else None)
-    result = run_md(model, structures, ensemble=args.ensemble, temperature_K=args.temperature,
-                    timestep_fs=args.timestep, steps=args.steps, friction_per_fs=args.friction, tau_fs=args.tau,
-                    pressure_bar=args.pressure, tau_p_fs=args.tau_p, compressibility_per_bar=args.compressibility,
-                    seed=args.seed, device=device, trajectory=trajectory, trajectory_interval=args.every,
-                    log=out / "thermo.csv", log_interval=args.log_every, progress=not args.no_progress,
-                    keep_thermo=False, cuda_graph=args.cuda_graph, compile=args.compile,
-                    checkpoint=checkpoint if resumable else None,
-                    checkpoint_interval=args.checkpoint_every or 10_000, resume=args.resume, checkpoint_tag=tag,
-                    stop_when=stop_when, stop_mode=args.stop_mode, stop_check_interval=args.stop_check_every)
+    try:
+        result = _run(args, model, structures, device, out, trajectory, checkpoint, resumable, tag, stop_when)
+    except Exception:
+        if created and not any(out.iterdir()):  # refused before any output: leave no empty directory
+            out.rmdir()
+        raise
     from ase.io import write
 
     write(out / "final.extxyz", result.atoms)
@@ -101,7 +127,17 @@ def cmd_md(args: argparse.Namespace) -> int:
     for key in ("cuda_graph", "compile"):  # how the steps ran: captured, compiled (and the compilation's cost)
         if key in result.info:
             summary[key] = result.info[key]
+    suspect = _diverged(out / "thermo.csv", args.temperature)
+    if suspect:
+        summary["diverged_systems"] = sorted(suspect)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if suspect:
+        worst = max(suspect.items(), key=lambda item: item[1][1])
+        print(f"warning: {len(suspect)} of {len(structures)} system(s) look diverged (system {worst[0]}: "
+              f"{worst[1][0]}); lower --timestep (systems listed in summary.json)", file=sys.stderr)
+    if args.resume and result.steps == 0:
+        print(f"the run in {out} is already at step {result.state.step} (--steps {args.steps}): nothing to do; a "
+              "larger --steps extends it")
     print(f"{result.steps} steps of {len(structures)} system(s) in {result.wall_time_s:.1f} s "
           f"({rate:.3g} atom-steps/s); wrote {trajectory}, {out / 'thermo.csv'}, {out / 'final.extxyz'}")
     if stop_when is not None:
@@ -109,6 +145,59 @@ def cmd_md(args: argparse.Namespace) -> int:
         print(f"σ threshold crossed by {len(summary['sigma_stopped'])} of {len(structures)} system(s) ({verb}; "
               f"first steps in {out / 'summary.json'})")
     return 0
+
+
+def _run(args: argparse.Namespace, model, structures, device: str, out: Path, trajectory: Path, checkpoint: Path,
+         resumable: bool, tag: dict | None, stop_when):
+    """``run_md`` with the command's options."""
+    from equiforce.sim.md import run_md
+
+    return run_md(model, structures, ensemble=args.ensemble, temperature_K=args.temperature,
+                  timestep_fs=args.timestep, steps=args.steps, friction_per_fs=args.friction, tau_fs=args.tau,
+                  pressure_bar=args.pressure, tau_p_fs=args.tau_p, compressibility_per_bar=args.compressibility,
+                  seed=args.seed, device=device, trajectory=trajectory, trajectory_interval=args.every,
+                  log=out / "thermo.csv", log_interval=args.log_every, progress=not args.no_progress,
+                  keep_thermo=False, cuda_graph=args.cuda_graph, compile=args.compile,
+                  checkpoint=checkpoint if resumable else None,
+                  checkpoint_interval=args.checkpoint_every or 10_000, resume=args.resume, checkpoint_tag=tag,
+                  stop_when=stop_when, stop_mode=args.stop_mode, stop_check_interval=args.stop_check_every)
+
+
+DRIFT_PER_ATOM = 0.1  # eV: a conserved quantity that moved this much per atom means the integration broke down
+HOT = 3.0  # without a conserved quantity (npt): a final temperature this many times the target's
+
+
+def _diverged(thermo: Path, target_K: float) -> dict[int, tuple[str, float]]:
+    """Systems whose thermo log says the integration broke down (a large time step, a model far outside its data):
+    the conserved quantity drifted by more than :data:`DRIFT_PER_ATOM` per atom, or, where none is tracked, the
+    temperature ended above :data:`HOT` times the target.  ``{system: (what, how bad)}``."""
+    import csv
+
+    first: dict[int, dict[str, str]] = {}
+    last: dict[int, dict[str, str]] = {}
+    try:
+        with open(thermo, newline="") as handle:
+            for row in csv.DictReader(handle):
+                system = int(row["system"])
+                first.setdefault(system, row)
+                last[system] = row
+    except (OSError, ValueError, KeyError):
+        return {}
+    suspect = {}
+    for system, end in last.items():
+        start = first[system]
+        try:
+            if end.get("conserved"):
+                drift = abs(float(end["conserved"]) - float(start["conserved"])) / int(end["n_atoms"])
+                if not drift <= DRIFT_PER_ATOM:
+                    suspect[system] = (f"conserved energy drifted {drift:.3g} eV/atom", drift / DRIFT_PER_ATOM)
+            elif target_K > 0 and not float(end["temperature"]) <= HOT * target_K:
+                ratio = float(end["temperature"]) / target_K
+                suspect[system] = (f"ended at {float(end['temperature']):.0f} K for a target of {target_K:g} K",
+                                   ratio / HOT)
+        except ValueError:
+            continue
+    return suspect
 
 
 def _sigma_stop(args: argparse.Namespace, model):
@@ -180,12 +269,14 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=300.0, help="K")
     p.add_argument("--timestep", type=positive_float, default=0.5, help="fs")
     p.add_argument("--steps", type=non_negative_int, default=1000)
-    p.add_argument("--friction", type=non_negative_float, default=0.01, help="Langevin friction, 1/fs")
-    p.add_argument("--tau", type=positive_float, default=100.0, help="CSVR thermostat time, fs")
-    p.add_argument("--pressure", type=finite_float, default=1.0, help="NPT pressure, bar")
-    p.add_argument("--tau-p", type=positive_float, default=1000.0, help="barostat time, fs")
-    p.add_argument("--compressibility", type=positive_float, default=4.5e-5,
-                   help="1/bar (sets the barostat's time scale)")
+    p.add_argument("--friction", type=non_negative_float, default=None,
+                   help="Langevin friction, 1/fs (nvt; default 0.01)")
+    p.add_argument("--tau", type=positive_float, default=None,
+                   help="CSVR thermostat time, fs (nvt-csvr, npt; default 100)")
+    p.add_argument("--pressure", type=finite_float, default=None, help="NPT pressure, bar (npt; default 1)")
+    p.add_argument("--tau-p", type=positive_float, default=None, help="barostat time, fs (npt; default 1000)")
+    p.add_argument("--compressibility", type=positive_float, default=None,
+                   help="1/bar, sets the barostat's time scale (npt; default 4.5e-5)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--format", default="h5", choices=["h5", "extxyz", "traj"], help="trajectory format")
     p.add_argument("--every", type=positive_int, default=100, help="steps between trajectory frames")
@@ -214,6 +305,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its checkpoint (same settings, model and structures; "
                         "--steps counts from the original start, so a larger value extends a finished run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's output in OUT (without it, such a directory is refused)")
     p.set_defaults(func=cmd_md)
 
     p = sub.add_parser("relax", help="FIRE relaxation of every structure in a file (batched)")

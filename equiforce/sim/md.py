@@ -8,6 +8,7 @@ become non-finite are always frozen.  Neither needs a host synchronisation per s
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -341,8 +342,12 @@ def make_integrator(ensemble: str, timestep_fs: float, temperature_K: float | to
                     friction_per_fs: float = 0.01, tau_fs: float = 100.0, pressure_bar: float = 1.0,
                     tau_p_fs: float = 1000.0, compressibility_per_bar: float = 4.5e-5,
                     generator: torch.Generator | None = None) -> Integrator:
-    """The integrator for an ensemble name (see :data:`ENSEMBLES`); ``nvt`` means Langevin."""
+    """The integrator for an ensemble name (see :data:`ENSEMBLES`); ``nvt`` means Langevin.  Settings that are not
+    physical (a negative temperature or friction, a time constant ≤ 0) are a :class:`ConfigError`, as on the CLI:
+    they would otherwise turn the run into NaNs at its first step."""
     ensemble = ensemble.lower()
+    _check_settings(timestep_fs, temperature_K, friction_per_fs, tau_fs, pressure_bar, tau_p_fs,
+                    compressibility_per_bar)
     if ensemble == "nve":
         return VelocityVerlet(timestep_fs)
     if ensemble in ("nvt", "nvt-langevin"):
@@ -353,6 +358,21 @@ def make_integrator(ensemble: str, timestep_fs: float, temperature_K: float | to
         return StochasticCellRescaling(timestep_fs, temperature_K, pressure_bar, tau_fs, tau_p_fs,
                                        compressibility_per_bar, generator)
     raise ConfigError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+
+
+def _check_settings(timestep_fs: float, temperature_K: float | torch.Tensor, friction_per_fs: float, tau_fs: float,
+                    pressure_bar: float, tau_p_fs: float, compressibility_per_bar: float) -> None:
+    temperatures = torch.as_tensor(temperature_K, dtype=torch.float64).reshape(-1)
+    if not bool(torch.isfinite(temperatures).all()) or bool((temperatures < 0).any()):
+        raise ConfigError(f"temperatures must be finite and ≥ 0 K, got {temperatures.tolist()}")
+    checks = {"timestep_fs": (timestep_fs, "> 0"), "friction_per_fs": (friction_per_fs, "≥ 0"),
+              "tau_fs": (tau_fs, "> 0"), "tau_p_fs": (tau_p_fs, "> 0"),
+              "compressibility_per_bar": (compressibility_per_bar, "> 0"), "pressure_bar": (pressure_bar, "finite")}
+    for name, (value, rule) in checks.items():
+        value = float(value)
+        bad = not math.isfinite(value) or (rule == "> 0" and value <= 0) or (rule == "≥ 0" and value < 0)
+        if bad:
+            raise ConfigError(f"{name} must be {rule}, got {value:g}")
 
 
 def run_md(model: nn.Module, atoms_list: Atoms | Sequence[Atoms], ensemble: str = "nvt",

@@ -7,6 +7,7 @@ so; for wrapped ASE frames use ``ase.geometry`` to unwrap first).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -80,10 +81,17 @@ class Diffusion:
     msd: np.ndarray
     block_D: np.ndarray
     dimension: int = 3
+    msd_exponent: float = float("nan")  # α of MSD ∝ t^α over the fit window: 1 where the atoms diffuse
 
     @property
     def D_cm2_per_s(self) -> float:
         return self.D * 1e-4
+
+    @property
+    def diffusive(self) -> bool:
+        """Whether the MSD grows linearly over the fit window (α within 1 ± 0.2): otherwise ``D`` is the slope of
+        ballistic flight (α → 2) or of vibration about fixed sites (α → 0), not a diffusion coefficient."""
+        return bool(DIFFUSIVE[0] <= self.msd_exponent <= DIFFUSIVE[1])
 
     def plot(self, path: str | os.PathLike, title: str = "") -> None:
         figure, ax = new_figure()
@@ -92,8 +100,9 @@ class Diffusion:
         t = np.linspace(t0, t1, 50)
         inside = (self.lag_ps >= t0) & (self.lag_ps <= t1)
         offset = float(np.mean(self.msd[inside] - 2 * self.dimension * self.D * self.lag_ps[inside]))
+        caveat = "" if self.diffusive else f" (MSD ∝ t^{self.msd_exponent:.2f}: not diffusive)"
         ax.plot(t, 2 * self.dimension * self.D * t + offset, color="C3", ls="--",
-                label=f"D = {self.D:.3g} ± {self.D_err:.2g} Å²/ps")
+                label=f"D = {self.D:.3g} ± {self.D_err:.2g} Å²/ps{caveat}")
         ax.axvspan(t0, t1, color="0.9", zorder=0)
         ax.set_xlabel("lag time (ps)")
         ax.set_ylabel("MSD (Å²)")
@@ -141,8 +150,25 @@ def diffusion_coefficient(positions: np.ndarray, timestep_ps: float,
                                                       atoms=atoms, remove_drift=remove_drift, axes=axes))
                        for k in range(n_blocks)])
     error = float(blocks.std(ddof=1) / np.sqrt(n_blocks)) if n_blocks > 1 else float("nan")
-    return Diffusion(D=fit(lag, msd), D_err=error, fit_window_ps=(t0, t1), lag_ps=lag, msd=msd, block_D=blocks,
-                     dimension=dimension)
+    result = Diffusion(D=fit(lag, msd), D_err=error, fit_window_ps=(t0, t1), lag_ps=lag, msd=msd, block_D=blocks,
+                       dimension=dimension, msd_exponent=_msd_exponent(lag, msd, t0, t1))
+    if not result.diffusive:
+        warnings.warn(f"the MSD grows as t^{result.msd_exponent:.2f} over the fit window {t0:g}–{t1:g} ps, not as t: "
+                      "the atoms are not diffusing there (vibration about fixed sites gives an exponent near 0, "
+                      "ballistic flight near 2), so D is not a diffusion coefficient; run longer or fit a later "
+                      "window (fit_window_ps)", stacklevel=2)
+    return result
+
+
+DIFFUSIVE = (0.8, 1.2)  # MSD ∝ t^α: the exponents taken as linear growth
+
+
+def _msd_exponent(lag: np.ndarray, msd: np.ndarray, t0: float, t1: float) -> float:
+    """α of ``MSD ∝ t^α``: the slope of log MSD against log t over the window (positive lags and MSDs only)."""
+    inside = (lag >= t0) & (lag <= t1) & (lag > 0) & (msd > 0)
+    if inside.sum() < 2:
+        return float("nan")
+    return _slope(np.log(lag[inside]), np.log(msd[inside]))
 
 
 @dataclass
