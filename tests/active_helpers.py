@@ -61,6 +61,16 @@ class FlakyEMT(EMT):
         super().calculate(atoms, properties, system_changes)
 
 
+class NaNEMT(EMT):
+    """An oracle that answers NaN forces without saying why; its other failure only mentions an SCF."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        if str(atoms.info.get("equiforce_id", "")).endswith("1"):
+            raise RuntimeError("bad SCF guess file")
+        super().calculate(atoms, properties, system_changes)
+        self.results["forces"] = self.results["forces"] * float("nan")
+
+
 class ShortForcesEMT(EMT):
     """A broken wrapper: EMT whose forces lose their last row."""
 

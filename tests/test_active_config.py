@@ -67,4 +67,4 @@ def test_missing_oracle_package_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "learn.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["learn", str(path), "--no-progress"]) == 2
-    assert "cannot import 'no_such_pkg.calc'" in capsys.readouterr().err
+    assert "oracle.calculator: cannot import 'no_such_pkg.calc'" in capsys.readouterr().err

@@ -46,6 +46,13 @@ def test_failures_are_classified_and_returned():
     assert compute(flaky(), item("r001-0003"))["type"] == "label"
 
 
+def test_nan_answers_and_other_errors_are_not_called_scf():
+    """Only an oracle that says it did not converge is 'scf'; NaN in an answer is 'nonfinite'."""
+    spec = {"calculator": "tests.active_helpers:NaNEMT", "kwargs": {}, "timeout": 30, "stress": False}
+    assert compute(spec, item("r001-0000"))["kind"] == "nonfinite"
+    assert compute(spec, item("r001-0001"))["kind"] == "exception"
+
+
 def test_timeout_in_the_worker_is_a_failure():
     record = compute({**flaky(slow_suffix="9", sleep=5.0), "timeout": 0.3}, item("r001-0009"))
     assert record["type"] == "failure" and record["kind"] == "timeout"

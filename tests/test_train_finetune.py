@@ -238,6 +238,12 @@ def test_yaml_finetune_section(pretrained, tmp_path):
     from equiforce.models.file import read_header
 
     assert read_header(tmp_path / "out" / "best.eqf")["extra"]["finetune"]["start"] == str(start)
+    config["finetune"]["start"] = str(tmp_path / "missing.eqf")
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(config))
+    from equiforce.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="finetune.start: model file .*missing.eqf does not exist"):
+        train(load_config(tmp_path / "missing.yaml"), progress=False)
     config["finetune"]["strat"] = "typo"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="strat"):

@@ -56,6 +56,12 @@ def test_uq_config_errors_name_the_key(tmp_path, data_file, capsys):
     assert main(["train-uq", str(config)]) == 2
     assert "uq.memebers" in capsys.readouterr().err
     assert load_uq_config(_config(tmp_path, data_file, {})).uq.members == 4
+    for uq, named in (({"method": "ensemble", "backbone": "m.eqf"}, "uq.backbone"),
+                      ({"method": "heads", "members": 5, "bootstrap": True}, "uq.members, uq.bootstrap")):
+        assert main(["train-uq", str(_config(tmp_path, data_file, uq))]) == 2
+        assert f"{named} belong(s) to method" in " ".join(capsys.readouterr().err.split())
+    assert main(["train-uq", str(_config(tmp_path, data_file, {"method": "heads", "backbone": "nope.eqf"}))]) == 2
+    assert "uq.backbone: model file nope.eqf does not exist" in capsys.readouterr().err
 
 
 def test_bootstrap_weights_are_multinomial_counts():

@@ -604,7 +604,8 @@ class Learner:
                         self.train(round_)
                     evaluated = self.state.get("evaluated", round_) if self.state.has("evaluated", round_) \
                         else self.rate(round_)
-                    self.display.round_done(round_, evaluated, self.state.calls)
+                    # the calls made by then (a resumed run replays its rounds after later calls were made)
+                    self.display.round_done(round_, evaluated, int(evaluated.get("calls", self.state.calls)))
                     write_report(self.dir, self.journal.records(), cfg, plots=False)
                     # a round that selected picks did not stop when it ran: a resumed run replays it without
                     # asking again (the budget, say, counts every call since and would stop it too early)

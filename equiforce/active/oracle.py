@@ -54,6 +54,12 @@ class OracleResultError(OracleFailure):
     kind = "result"
 
 
+class OracleNonFinite(OracleFailure):
+    """The oracle answered with NaN or infinity (a diverged SCF it did not report, a broken geometry)."""
+
+    kind = "nonfinite"
+
+
 class OracleTimeout(Exception):
     kind = "timeout"
 
@@ -88,7 +94,10 @@ def oracle_spec(config: OracleConfig) -> dict[str, Any]:
 
 def check_oracle(config: OracleConfig) -> None:
     """Fail before the run starts when the calculator cannot be imported (not after an hour of MD)."""
-    import_object(config.resolved()[0])
+    try:
+        import_object(config.resolved()[0])
+    except ConfigError as err:
+        raise ConfigError(f"oracle.calculator: {err}") from None
 
 
 def _calculator(spec: dict[str, Any]) -> Any:
@@ -123,8 +132,9 @@ def _classify(err: BaseException) -> str:
     kind = getattr(err, "kind", None)
     if isinstance(kind, str):
         return kind
+    # a calculator's own error: "scf" only where it says it did not converge (not whenever "SCF" appears)
     text = str(err).lower()
-    if "converge" in text or "scf" in text:
+    if "not converge" in text or "no convergence" in text or "failed to converge" in text:
         return "scf"
     return "exception"
 
@@ -154,7 +164,7 @@ def compute(spec: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
             raise OracleResultError(f"the oracle returned a stress of shape {stress.shape}, not 3 × 3")
         energy = float(energy_value.reshape(-1)[0])
         if not (np.isfinite(energy) and np.isfinite(forces).all() and (stress is None or np.isfinite(stress).all())):
-            raise OracleFailure("the oracle returned a non-finite energy, force or stress")
+            raise OracleNonFinite("the oracle returned a non-finite energy, force or stress")
         record: dict[str, Any] = {"type": "label", "id": item["id"], "energy": energy, "forces": forces.tolist(),
                                   "seconds": time.perf_counter() - start}
         if stress is not None:

@@ -861,6 +861,8 @@ def train(config: TrainConfig, *, progress: bool | None = None,
 
     data = config.data
     keys = reader_options(data)
+    if config.finetune is not None:
+        model_option(config.finetune.start, "finetune.start")
     if is_pack(data.train):
         if config.finetune is None:
             return _train_pack(config, progress=progress, epoch_callback=epoch_callback)
@@ -890,6 +892,14 @@ def train(config: TrainConfig, *, progress: bool | None = None,
                          replay_holdout=tune.replay_holdout, e0s=data.e0s, **common)
     return train_configs(train_set, valid_set, config.model, config.training, config.output.directory,
                          e0s=data.e0s, **common)
+
+
+def model_option(path: str | os.PathLike, option: str) -> dict[str, Any]:
+    """The header of the model file a config option names, checked before any work; errors name the option."""
+    try:
+        return read_header(path)
+    except ModelFileError as err:
+        raise ModelFileError(f"{option}: {err}") from None
 
 
 def _test_set(path: str | None, keys: dict[str, Any]) -> GraphStore | list[Configuration] | None:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from equiforce.errors import ConfigError
 from equiforce.train.config import TrainConfig, format_validation_error
@@ -43,6 +43,17 @@ class UQConfig(_Section):
     heads: HeadsConfig = Field(default_factory=HeadsConfig)
     backbone: Path | None = Field(None, description="heads: an already trained model file instead of training one")
     calibration: Literal["scale", "isotonic"] = Field("scale", description="fitted on the validation set")
+
+    @model_validator(mode="after")
+    def _settings_of_the_method(self) -> UQConfig:
+        """A setting of the other method would be ignored without a word (a mistyped method, or a leftover)."""
+        others = {"ensemble": ("heads", "backbone"), "heads": ("members", "bootstrap")}[self.method]
+        given = [name for name in others if name in self.model_fields_set]
+        if given:
+            raise ValueError(f"{', '.join(f'uq.{name}' for name in given)} belong(s) to method "
+                             f"{'heads' if self.method == 'ensemble' else 'ensemble'}, not {self.method!r}: remove "
+                             "them or change uq.method")
+        return self
 
 
 class UQTrainConfig(TrainConfig):

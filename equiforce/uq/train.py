@@ -78,8 +78,9 @@ def split_data(train: Sequence[Configuration] | GraphStore, valid: Sequence[Conf
         where = f"data.valid ({valid[0].source})" if valid else "data.valid (empty)"
     # checked before any training: calibration would refuse it only after every member had trained
     if len(split.valid) < MIN_STRUCTURES:
+        advice = "raise data.valid_fraction or give data.valid" if valid is None else "give a larger data.valid"
         raise CalibrationError(f"calibration needs at least {MIN_STRUCTURES} held-out structures; {where} gives "
-                               f"{len(split.valid)}: raise data.valid_fraction or give a larger data.valid")
+                               f"{len(split.valid)}: {advice}")
     return split
 
 
@@ -152,13 +153,15 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
     from equiforce.data.packed import data_sha256, is_pack
     from equiforce.evaluate import resolve_device
     from equiforce.train.data_files import read_labelled, reader_options
-    from equiforce.train.trainer import DTYPES, _test_set, open_packed_data
+    from equiforce.train.trainer import DTYPES, _test_set, model_option, open_packed_data
     from equiforce.uq.fit import elements_of
     from equiforce.uq.metrics import uq_report
     from equiforce.uq.predict import predict
 
     data, uq = config.data, config.uq
     keys = reader_options(data)
+    if uq.backbone is not None:
+        model_option(uq.backbone, "uq.backbone")
     if is_pack(data.train):
         packed = open_packed_data(data)
         split = split_data(packed.train, packed.valid, data.valid_fraction, data.split_seed)
