@@ -46,9 +46,11 @@ class UQConfig(_Section):
 
     @model_validator(mode="after")
     def _settings_of_the_method(self) -> UQConfig:
-        """A setting of the other method would be ignored without a word (a mistyped method, or a leftover)."""
+        """A setting of the other method would be ignored without a word (a mistyped method, or a leftover).  Only
+        values other than the defaults are refused, so a config written out in full reads back."""
         others = {"ensemble": ("heads", "backbone"), "heads": ("members", "bootstrap")}[self.method]
-        given = [name for name in others if name in self.model_fields_set]
+        given = [name for name in others
+                 if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True)]
         if given:
             raise ValueError(f"{', '.join(f'uq.{name}' for name in given)} belong(s) to method "
                              f"{'heads' if self.method == 'ensemble' else 'ensemble'}, not {self.method!r}: remove "
