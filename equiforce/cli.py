@@ -131,10 +131,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from equiforce.evaluate import evaluate, parity_plot, resolve_device
     from equiforce.models.file import load_model
     from equiforce.utils.atomic_io import atomic_write_json
+    from equiforce.utils.paths import check_output_directory
 
     device = resolve_device(args.device)
     out = Path(args.out) if args.out is not None else Path(args.model).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)  # before the evaluation: an unusable --out is said before any work
+    check_output_directory(out, "--out")  # before the evaluation: an unusable --out is said before any work
+    out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, device=device)
     keys = dict(energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key,
                 virial_key=args.virial_key, hessian_key=args.hessian_key)

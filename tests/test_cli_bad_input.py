@@ -41,7 +41,13 @@ def test_outputs_that_cannot_be_written_are_said_before_any_work(files, capsys):
     model, tmp = files
     (tmp / "afile").write_text("x")
     assert main(["eval", str(model), str(tmp / "good.extxyz"), "--out", str(tmp / "afile")]) == 2
-    assert "afile" in _error(capsys)
+    assert "--out" in (err := _error(capsys)) and "afile is a file, not a directory" in err
+    assert main(["md", str(model), str(tmp / "good.extxyz"), "--out", str(tmp / "afile" / "md")]) == 2
+    assert "--out" in (err := _error(capsys)) and "afile is a file, not a directory" in err
+    config = tmp / "to_a_file.yaml"
+    config.write_text(f"data: {{train: {tmp / 'good.extxyz'}}}\noutput: {{directory: {tmp / 'afile'}}}\n")
+    assert main(["train", str(config)]) == 2
+    assert "output.directory" in (err := _error(capsys)) and "afile is a file, not a directory" in err
     for out in ("r.unknownext", str(tmp)):
         assert main(["relax", str(model), str(tmp / "good.extxyz"), "--out", out, "--device", "cpu"]) == 2
         assert "--out" in _error(capsys)

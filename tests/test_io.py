@@ -235,6 +235,21 @@ def test_rmd17_npz_units(tmp_path):
     assert [c.frame for c in read_configurations(path, index="-1")] == [2]
 
 
+def test_label_keys_do_not_apply_to_npz(tmp_path):
+    """An npz is read by the (r)MD17 names and units: a label key set for one would silently not apply."""
+    path = tmp_path / "rmd17.npz"
+    write_rmd17(path)
+    with pytest.raises(DataError, match="label keys do not apply to an npz file \\(energy_key 'old_energies'\\)"):
+        read_configurations(path, energy_key="old_energies")
+
+
+def test_a_missing_label_lists_the_names_the_frame_carries(tmp_path):
+    path = tmp_path / "h2.xyz"
+    path.write_text("2\nenergy=1.0 Properties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.74\n")
+    with pytest.raises(DataError, match=r"energy label missing \(the frame carries \['energy'\]\)"):
+        read_configurations(path, energy_key="REF_energy")
+
+
 def test_original_md17_keys(tmp_path):
     path = tmp_path / "md17.npz"
     rng = np.random.default_rng(2)

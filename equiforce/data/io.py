@@ -65,6 +65,7 @@ def read_configurations(path: str | os.PathLike, *, energy_key: str = "energy", 
                 config_type_key=config_type_key, weight_key=weight_key, hessian_key=hessian_key)
     required = dict(require_energy=require_energy, require_forces=require_forces)
     if fmt in ("npz", "rmd17", "md17") or (not fmt and suffix == ".npz"):
+        _check_npz_keys(keys, source)
         configs = _read_npz(source, index, **required)
     elif fmt == "db" or (not fmt and suffix == ".db"):
         configs = _read_db(source, index, keys, required)
@@ -171,10 +172,7 @@ def label_names(path: str | os.PathLike, format: str | None = None) -> list[str]
         atoms = read_atoms(source, 0, format)[0]
     except Exception:  # noqa: BLE001 - only a hint for an error message that is raised anyway
         return []
-    calc = atoms.calc
-    results = getattr(calc, "results", None) or {} if calc is not None else {}
-    skip = {"numbers", "positions"}
-    return sorted((set(atoms.arrays) - skip) | set(atoms.info) | set(results))
+    return _names_in(atoms)
 
 
 def write_extxyz(configs: Sequence[Configuration], path: str | os.PathLike) -> None:
@@ -411,7 +409,7 @@ def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, 
 
     energy = _as_energy(_lookup(atoms, energy_key, per_atom=False), energy_key, where)
     if energy is None and require_energy:
-        raise DataError("energy label missing", field=energy_key, **where)
+        raise DataError(f"energy label missing (the frame carries {_names_in(atoms)})", field=energy_key, **where)
 
     forces = _lookup(atoms, forces_key, per_atom=True)
     if forces is not None:
@@ -420,7 +418,7 @@ def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, 
             raise DataError(f"forces must have shape ({n}, 3), got {forces.shape}", field=forces_key, **where)
         _check_finite(forces, forces_key, where)
     elif require_forces:
-        raise DataError("forces label missing", field=forces_key, **where)
+        raise DataError(f"forces label missing (the frame carries {_names_in(atoms)})", field=forces_key, **where)
 
     stress = _lookup(atoms, stress_key, per_atom=False)
     if stress is not None:
@@ -461,6 +459,14 @@ def _atoms_to_config(atoms: Atoms, source: str, frame: int, *, energy_key: str, 
     return Configuration(numbers=atoms.numbers, positions=positions, cell=cell, pbc=atoms.pbc, energy=energy,
                          forces=forces, stress=stress, hessian=hessian, config_type=str(config_type),
                          weight=weight, source=source, frame=frame, info=info)
+
+
+def _names_in(atoms: Atoms) -> list[str]:
+    """The names a frame carries (per-atom arrays, info entries, stored calculator results): what a label key that
+    found nothing could have been."""
+    calc = atoms.calc
+    results = (getattr(calc, "results", None) or {}) if calc is not None else {}
+    return sorted((set(atoms.arrays) - {"numbers", "positions"}) | set(atoms.info) | set(results))
 
 
 def _check_atomic_numbers(numbers: np.ndarray, where: dict) -> None:
@@ -522,6 +528,17 @@ def _npz_get(data: Any, name: str, source: str, required: bool) -> tuple[str, np
         raise DataError(f"npz has none of the keys {list(_NPZ_KEYS[name])} (found {sorted(data.files)})",
                         source=source, field=_NPZ_KEYS[name][0])
     return _NPZ_KEYS[name][0], None
+
+
+def _check_npz_keys(keys: Mapping[str, str], source: str) -> None:
+    """An npz is read by the (r)MD17 array names and units; a label key set for it would silently not apply."""
+    from equiforce.data.packed import READER_DEFAULTS
+
+    given = [f"{key} {value!r}" for key, value in keys.items() if value != READER_DEFAULTS[key]]
+    if given:
+        raise DataError(f"label keys do not apply to an npz file ({', '.join(given)}): it is read by the (r)MD17 array "
+                        f"names {[names[0] for names in _NPZ_KEYS.values()]} in kcal/mol and kcal/mol/Å; convert "
+                        "other npz layouts to extxyz", source=source)
 
 
 def _npz_numeric(values: np.ndarray, key: str, source: str) -> np.ndarray:

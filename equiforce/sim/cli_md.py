@@ -74,6 +74,9 @@ def cmd_md(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown ensemble {args.ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
     _ensemble_options(args)
     out = Path(args.out)
+    from equiforce.utils.paths import check_output_directory
+
+    check_output_directory(out, "--out")
     checkpoint = out / CHECKPOINT
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")

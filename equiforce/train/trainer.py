@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from equiforce.train.schedule import LearningRate
 from equiforce.utils.atomic_io import atomic_write_text, fsync_path
 from equiforce.utils.digest import graphs_sha256
 from equiforce.utils.locking import held_lock
+from equiforce.utils.paths import check_output_directory
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST_MODEL = "best.eqf"
@@ -346,6 +348,9 @@ def _fit(model: Potential, train_graphs: Sequence[Graph], valid_graphs: Sequence
     if ranks.active:
         from torch.nn.parallel import DistributedDataParallel
 
+        # DDP's reducer says once when a gradient's memory layout differs from its bucket's (it then copies it):
+        # a performance note printed with a source line that reads like a crash, not a problem of the run
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
     optimizer = build_optimizer(model, training)
@@ -861,6 +866,7 @@ def train(config: TrainConfig, *, progress: bool | None = None,
 
     data = config.data
     keys = reader_options(data)
+    check_output_directory(config.output.directory, "output.directory")
     if config.finetune is not None:
         model_option(config.finetune.start, "finetune.start")
     if is_pack(data.train):

@@ -157,9 +157,11 @@ def train_uq(config: UQTrainConfig, *, progress: bool | None = None) -> dict[str
     from equiforce.uq.fit import elements_of
     from equiforce.uq.metrics import uq_report
     from equiforce.uq.predict import predict
+    from equiforce.utils.paths import check_output_directory
 
     data, uq = config.data, config.uq
     keys = reader_options(data)
+    check_output_directory(config.output.directory, "output.directory")
     if uq.backbone is not None:
         model_option(uq.backbone, "uq.backbone")
     if is_pack(data.train):
