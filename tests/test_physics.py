@@ -312,3 +312,18 @@ def test_atoms_on_top_of_each_other_give_nan_not_a_number_that_looks_valid():
     basis = BesselBasis(5.0, 8)
     assert torch.isnan(basis(torch.zeros(1, dtype=torch.float64))).all()
     assert torch.isfinite(basis(torch.full((1,), 1e-6, dtype=torch.float64))).all()
+
+
+def test_float32_and_float64_models_of_one_seed_start_from_the_same_weights():
+    """Weights are drawn in float64 and cast: a precision comparison compares precisions, not initialisations."""
+    from equiforce.models import ModelSpec, build_model
+
+    spec = ModelSpec(elements=[1, 6, 8], channels=8, max_l=1, num_layers=2, cutoff=4.0)
+    torch.manual_seed(0)
+    wide = build_model(spec, torch.float64)
+    torch.manual_seed(0)
+    narrow = build_model(spec, torch.float32)
+    for (name, a), b in zip(wide.state_dict().items(), narrow.state_dict().values()):
+        if a.is_floating_point():
+            assert b.dtype == torch.float32, name
+            torch.testing.assert_close(b.double(), a, rtol=1e-6, atol=1e-7)

@@ -378,12 +378,15 @@ def _with_spec(model: Potential, **changes: Any) -> Potential:
 
 
 def build_model(spec: ModelSpec | dict, dtype: torch.dtype = torch.float64) -> Potential:
-    """Build a fresh potential from a spec (deterministic given ``torch.manual_seed``)."""
+    """Build a fresh potential from a spec (deterministic given ``torch.manual_seed``).  Its weights are drawn in
+    float64 and then cast, so float32 and float64 models of one seed start from the same weights (drawn in float32,
+    they were other random numbers, and a precision comparison compared two initialisations)."""
     if not isinstance(spec, ModelSpec):
         spec = ModelSpec.model_validate(spec)
     previous = torch.get_default_dtype()
     try:
-        torch.set_default_dtype(dtype)
-        return Potential(spec)
+        torch.set_default_dtype(torch.float64)
+        model = Potential(spec)
     finally:
         torch.set_default_dtype(previous)
+    return model.to(dtype=dtype)
