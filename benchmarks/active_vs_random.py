@@ -70,6 +70,7 @@ from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.demo.ethanol import ORACLE, demo_settings, learn_config, train_reference  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 
 def interpolate_mae(curve: list[dict[str, float]], calls: float) -> float:
@@ -294,4 +295,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

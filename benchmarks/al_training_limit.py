@@ -40,6 +40,7 @@ from equiforce.active.rounds import MODEL, rate, train_round  # noqa: E402
 from equiforce.data.structure import Configuration  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 
 def run_settings(results_path: Path) -> tuple[dict[str, Any], argparse.Namespace]:
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,6 +22,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from equiforce.utils.cli_types import positive_float  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
+
 PEER_PYTHON = HERE / "peers" / ".venv-mace" / "bin" / "python"
 QUANTITIES = (("e_mae_mev", "E MAE meV"), ("f_mae_mev_a", "F MAE meV/Å"), ("e_rmse_mev", "E RMSE meV"),
               ("f_rmse_mev_a", "F RMSE meV/Å"), ("epochs", "epochs"), ("configs_per_s", "configs/s"),
@@ -99,7 +102,7 @@ def main() -> None:
     p.add_argument("--train", required=True)
     p.add_argument("--test", required=True)
     p.add_argument("--molecule", default=None)
-    p.add_argument("--budget-min", type=float, default=10.0)
+    p.add_argument("--budget-min", type=positive_float, default=10.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                    help="both engines train in it (TF32 has no MACE counterpart here: use rmd17.py --dtype tf32 "
@@ -114,6 +117,13 @@ def main() -> None:
     args.molecule = args.molecule or Path(args.train).stem.replace("rmd17_", "").split("_")[0]
     out = Path(args.out)
     work = out.parent / out.stem
+    # said before equiforce trains, not after its whole budget
+    if args.only != "equiforce" and not args.skip_mace and not PEER_PYTHON.exists():
+        raise SystemExit(f"MACE peer not installed ({PEER_PYTHON}); run benchmarks/peers/mace/install.sh, or "
+                         "--only equiforce")
+    if args.skip_mace and args.only is None and not (work / "mace.json").is_file():
+        raise SystemExit(f"--skip-mace: no {work / 'mace.json'} from an earlier run (the folder is named after "
+                         "--out: give the --out of the run that measured MACE, or copy its mace.json there)")
     work.mkdir(parents=True, exist_ok=True)
     split_dir = work / "split"
     prepare_split(args, split_dir, extra)
@@ -132,4 +142,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

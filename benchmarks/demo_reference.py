@@ -35,6 +35,7 @@ from equiforce.demo.ethanol import ORACLE, train_reference  # noqa: E402
 from equiforce.evaluate import evaluate  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 TEMPERATURES = [300.0, 500.0, 800.0]
 
@@ -102,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

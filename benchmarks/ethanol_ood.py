@@ -44,6 +44,8 @@ from equiforce.models.potential import Potential, with_short_range_fade, with_zb
 from equiforce.models.spec import fade_from_closest  # noqa: E402
 from equiforce.train.metrics import ErrorMetrics  # noqa: E402
 from equiforce.train.trainer import train_configs  # noqa: E402
+from equiforce.utils.cli_types import positive_float  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers"
 MACE_PYTHON = PEERS / ".venv-mace" / "bin" / "python"
@@ -254,7 +256,7 @@ def summary(curves: dict[str, dict]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="the ethanol_botnet directory")
-    p.add_argument("--budget-min", type=float, default=10.0)
+    p.add_argument("--budget-min", type=positive_float, default=10.0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32", "tf32"])
     p.add_argument("--channels", type=int, default=64)
@@ -301,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="MACE's split, run and predictions (default: OUT's folder/mace)")
     p.add_argument("--peer-reuse", action="store_true", help="reuse a finished MACE run in the peer work directory")
     args = p.parse_args(argv)
+    if args.peer == "mace" and not MACE_PYTHON.exists():  # said before equiforce trains, not after its budget
+        raise SystemExit(f"MACE peer not installed ({MACE_PYTHON}); run benchmarks/peers/mace/install.sh, or leave "
+                         "out --peer")
     start = time.perf_counter()
     data, out = Path(args.data), Path(args.out)
     device = resolve_device(args.device)
@@ -407,4 +412,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -44,6 +44,8 @@ from equiforce.models.file import load_model  # noqa: E402
 from equiforce.train.finetune import fine_tune  # noqa: E402
 from equiforce.train.trainer import train_configs  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+from equiforce.utils.cli_types import positive_float  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 MOLECULES = ("aspirin", "azobenzene", "benzene", "ethanol", "malonaldehyde", "naphthalene", "paracetamol",
              "salicylic", "toluene", "uracil")
@@ -66,9 +68,9 @@ def main() -> None:
     parser.add_argument("--rmd17", type=Path, default=Path("../shared/data/rmd17"))
     parser.add_argument("--target", default="aspirin", choices=MOLECULES)
     parser.add_argument("--pretrain-frames", type=int, default=150, help="training frames per other molecule")
-    parser.add_argument("--pretrain-min", type=float, default=10.0)
+    parser.add_argument("--pretrain-min", type=positive_float, default=10.0)
     parser.add_argument("--finetune-frames", type=int, default=50)
-    parser.add_argument("--finetune-min", type=float, default=3.0)
+    parser.add_argument("--finetune-min", type=positive_float, default=3.0)
     parser.add_argument("--finetune-lr", type=float, default=0.002)
     parser.add_argument("--replay-frames", type=int, default=200)
     parser.add_argument("--replay-weight", type=float, default=0.5)
@@ -153,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

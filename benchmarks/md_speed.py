@@ -56,6 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 from equiforce.models import ModelSpec, build_model  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+from equiforce.utils.cli_types import positive_int  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 # the peer venv (benchmarks/peers/mace/install.sh), or another interpreter that imports mace-torch 0.3.16 (the GPU
 # suite points this at a wrapper over carried wheels, since the lent GPU machine cannot build a venv)
@@ -295,7 +297,7 @@ def main() -> None:
                              "or runs past --timeout: JSON 'largest_fit' is the largest box that ran")
     parser.add_argument("--ramp-factor", type=float, default=2.0, help="growth in atoms per ramp step")
     parser.add_argument("--molecules", type=int, default=32, help="aspirins in one native state (0: skip)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per measurement")
     parser.add_argument("--molecule-steps", type=int, default=0,
                         help="timed steps for the aspirin rows, if more than --steps (a step of one molecule on a "
                              "GPU takes about a millisecond: a few steps would time noise)")
@@ -334,6 +336,13 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    molecule_source = str(args.aspirin)
+    if not Path(args.aspirin).is_file():  # the molecule rows' structure
+        if Path(args.aspirin) != ASPIRIN:
+            parser.error(f"--aspirin {args.aspirin}: file not found")
+        molecule_source = "ethanol (stand-in: no rMD17 aspirin here)"
+        print(f"note: no rMD17 aspirin at {args.aspirin}: ethanol (9 atoms) stands in for the 'aspirin' rows",
+              file=sys.stderr, flush=True)
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []  # e.g. out of memory: the largest size that fits is the last row
     print(HEADER, flush=True)
@@ -399,7 +408,8 @@ def main() -> None:
     result = {"benchmark": "md_speed", "date": time.strftime("%Y-%m-%d %H:%M"), "device": args.device,
               "dtype": args.dtype, "host": platform.node(), "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
-              "model": REFERENCE_SPEC, "rows": rows, "failed": failed, "mace_peer": peer}
+              "model": REFERENCE_SPEC, "rows": rows, "failed": failed, "mace_peer": peer,
+              "molecule": molecule_source}
     if args.ramp:
         result["largest_fit"] = largest_fit  # largest Cu box each engine ran (None: not one)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
@@ -407,4 +417,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,8 @@ from equiforce.evaluate import evaluate, resolve_device  # noqa: E402
 from equiforce.models.file import load_model  # noqa: E402
 from equiforce.train.config import TrainingConfig  # noqa: E402
 from equiforce.train.trainer import train_configs  # noqa: E402
+from equiforce.utils.cli_types import positive_float  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the size MACE reports on rMD17 and the GPU comparison: 128x0e+128x1o, L=3, correlation 3
@@ -200,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="rMD17 npz (or extxyz) with at least 1000 frames")
     p.add_argument("--test", required=True, help="test frames (all are evaluated)")
     p.add_argument("--molecule", default=None, help="label (default: from the file name)")
-    p.add_argument("--budget-min", type=float, default=10.0, help="training wall-clock budget in minutes")
+    p.add_argument("--budget-min", type=positive_float, default=10.0, help="training wall-clock budget in minutes")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32", "tf32"])
     p.add_argument("--out", default=None, help="results JSON")
@@ -257,4 +259,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -49,7 +49,9 @@ from equiforce.sim.md import MolecularDynamics  # noqa: E402
 from equiforce.sim.resumable import check_settings, restore  # noqa: E402
 from equiforce.sim.state import SimState, maxwell_boltzmann  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_text  # noqa: E402
+from equiforce.utils.cli_types import positive_float, positive_int  # noqa: E402
 from equiforce.utils.digest import file_sha256  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 R_MAX, N_BINS = 10.0, 500
 
@@ -168,8 +170,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True, help="reference frames (rMD17 npz, extxyz, ...)")
     parser.add_argument("--out", default="stability.json")
-    parser.add_argument("--trajectories", type=int, default=8)
-    parser.add_argument("--time-ps", type=float, default=100.0)
+    parser.add_argument("--trajectories", type=positive_int, default=8)
+    parser.add_argument("--time-ps", type=positive_float, default=100.0)
     parser.add_argument("--temperature", type=float, default=500.0)
     parser.add_argument("--timestep-fs", type=float, default=0.5)
     parser.add_argument("--friction-per-fs", type=float, default=0.01)
@@ -285,4 +287,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from equiforce.data.io import read_configurations, write_extxyz  # noqa: E402
 from equiforce.data.packed import pack  # noqa: E402
 from equiforce.utils.atomic_io import atomic_write_json  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 # the training runs: a name for the table, what is trained from, reader processes
 MODES = {"file": ("file, in memory", "file", 0), "pack": ("pack, streamed", "pack", 0),
@@ -199,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

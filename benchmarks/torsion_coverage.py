@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from equiforce.active.journal import JOURNAL, read_journal  # noqa: E402
 from equiforce.active.torsions import dihedral  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 
 def histogram(frames: list[np.ndarray], atoms: list[int], bins: list[float]) -> list[int]:
@@ -58,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

@@ -44,6 +44,8 @@ from equiforce.uq.fit import build_uq_potential  # noqa: E402
 from equiforce.uq.metrics import uq_report  # noqa: E402
 from equiforce.uq.predict import UQPredictions, predict  # noqa: E402
 from equiforce.uq.train import build_ensemble, split_data, train_members  # noqa: E402
+from equiforce.utils.cli_types import positive_float, positive_int  # noqa: E402
+from equiforce.utils.script import run_script  # noqa: E402
 
 MODEL = dict(channels=32, max_l=1, sh_lmax=2, correlation=2, num_layers=2, cutoff=5.0, radial_mlp=[32, 32])
 COST_CASES = ("molecule", "molecules", "box")
@@ -244,9 +246,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training structures (10%% are held out for calibration)")
     p.add_argument("--test", required=True, nargs="+", help="test files (only evaluated)")
     p.add_argument("--isolated", default=None, help="isolated-atom frames for the E0s (default: least-squares fit)")
-    p.add_argument("--budget-min", type=float, default=12.0, help="training budget for everything, minutes")
+    p.add_argument("--budget-min", type=positive_float, default=12.0, help="training budget for everything, minutes")
     p.add_argument("--out", default=None, help="results JSON")
-    p.add_argument("--members", type=int, default=4)
+    p.add_argument("--members", type=positive_int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float64", "float32"])
     p.add_argument("--seed", type=int, default=0)
@@ -276,4 +278,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)
