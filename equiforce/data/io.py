@@ -338,14 +338,14 @@ def _unreadable_frame(source: str | os.PathLike, format: str | None = None) -> i
 def open_pack(path: str | os.PathLike, index: str | int = ":", keys: Mapping[str, str] | None = None) -> GraphStore:
     """A pack's structures selected by ``index``, lazily (read as they are asked for).  Label keys other than the
     defaults must be those the pack was made with: its labels were read then, and another key would silently not
-    apply."""
+    apply (a file ``format`` among ``keys`` does not apply to a pack and is ignored)."""
     from equiforce.data.packed import READER_DEFAULTS, GraphStore
 
     store = GraphStore.open(path)
     _check_index(index, str(path))
     packed_with = store.index["reader"]
     differ = [f"{key} {value!r} (packed with {packed_with.get(key)!r})" for key, value in (keys or {}).items()
-              if value != READER_DEFAULTS[key] and value != packed_with.get(key)]
+              if key != "format" and value != READER_DEFAULTS[key] and value != packed_with.get(key)]
     if differ:
         raise DataError(f"a pack's labels were read when it was packed: {'; '.join(differ)}; leave the keys at their "
                         "defaults for a pack, or pack again with them", source=str(path))

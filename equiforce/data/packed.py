@@ -162,11 +162,7 @@ def _settings(inputs: Sequence[str | os.PathLike], cutoff: float, dtype: str, re
     from equiforce.utils.digest import file_sha256
 
     sources = []
-    for path in inputs:
-        if not Path(path).is_file():
-            from equiforce.data.io import missing_file
-
-            raise missing_file(path)
+    for path in inputs:  # each a file: pack() checked them before creating anything
         sources.append({"path": str(path), "sha256": file_sha256(path), "bytes": Path(path).stat().st_size})
     return {"cutoff": float(cutoff), "dtype": dtype, "reader": dict(reader), "shard_mb": float(shard_mb),
             "sources": sources}
@@ -492,11 +488,13 @@ class GraphStore(Sequence[Graph]):
         self.weight_factors = weight_factors  # None, or a loss-weight factor per packed structure (all of them)
 
     def _derived(self, indices: np.ndarray | None = None, type_weights: Mapping[str, float] | None = None,
-                 edge_cutoff: float | None | Literal["same"] = "same") -> GraphStore:
+                 edge_cutoff: float | None | Literal["same"] = "same",
+                 weight_factors: np.ndarray | None = None) -> GraphStore:
         """A store over the same pack and open shards, with some of its selection, weights or edge cutoff changed."""
         return GraphStore(self.root, self.index, self._summary, self.indices if indices is None else indices,
                           self.type_weights if type_weights is None else type_weights, self._cache,
-                          self.edge_cutoff if edge_cutoff == "same" else edge_cutoff, self.weight_factors)
+                          self.edge_cutoff if edge_cutoff == "same" else edge_cutoff,
+                          self.weight_factors if weight_factors is None else weight_factors)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> GraphStore:
@@ -582,9 +580,7 @@ class GraphStore(Sequence[Graph]):
         full = (np.ones(len(self._summary["row"])) if self.weight_factors is None
                 else self.weight_factors.copy())
         full[self.indices] = factors
-        store = self._derived()
-        store.weight_factors = full
-        return store
+        return self._derived(weight_factors=full)
 
     def within(self, cutoff: float) -> GraphStore:
         """This store with only the edges shorter than ``cutoff`` in its graphs (and its edge counts and closest

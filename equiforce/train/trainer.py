@@ -873,13 +873,10 @@ def train(config: TrainConfig, *, progress: bool | None = None,
         if config.finetune is None:
             return _train_pack(config, progress=progress, epoch_callback=epoch_callback)
         # fine-tuning sets are small: the pack is read into memory, the other files with its label keys
-        _, keys, given = packed_reader_keys(data)
-        test_keys = given if data.test is not None and is_pack(data.test) else keys
-    else:
-        test_keys = keys
+        _, keys = packed_reader_keys(data)
     train_set = read_labelled(data.train, data, config.training)
     valid_set = read_configurations(data.valid, **keys) if data.valid is not None else None
-    test_set = _test_set(data.test, test_keys)
+    test_set = _test_set(data.test, keys)
     extra = {"data": {"train": str(data.train), "train_sha256": data_sha256(data.train)},
              "config": config.model_dump(mode="json")}
     common = dict(valid_fraction=data.valid_fraction, split_seed=data.split_seed, test=test_set,
@@ -891,7 +888,7 @@ def train(config: TrainConfig, *, progress: bool | None = None,
         tune = config.finetune
         replay = None
         if tune.replay is not None:  # a pretraining set as a pack: only the sampled replay structures are read
-            replay = (open_pack(tune.replay, ":", {k: v for k, v in keys.items() if k != "format"})
+            replay = (open_pack(tune.replay, ":", keys)
                       if is_pack(tune.replay) else read_configurations(tune.replay, **keys))
         return fine_tune(tune.start, train_set, valid_set, config.training, config.output.directory, replay=replay,
                          replay_frames=tune.replay_frames, replay_weight=tune.replay_weight,
@@ -915,7 +912,7 @@ def _test_set(path: str | None, keys: dict[str, Any]) -> GraphStore | list[Confi
     if path is None:
         return None
     if is_pack(path):
-        return open_pack(path, ":", {k: v for k, v in keys.items() if k != "format"})
+        return open_pack(path, ":", keys)
     return read_configurations(path, **keys, require_energy=False)
 
 
@@ -936,18 +933,17 @@ def open_packed_data(data: DataConfig) -> PackedData:
     validation and test packs must share the training pack's keys (another key is another quantity)."""
     from equiforce.data.io import read_configurations
 
-    store, keys, given = packed_reader_keys(data)
+    store, keys = packed_reader_keys(data)
     valid: GraphStore | list[Configuration] | None = None
     if data.valid is not None:
         valid = GraphStore.open(data.valid) if is_pack(data.valid) else read_configurations(data.valid, **keys)
-    # a test pack is read with its own keys (those set in the config must match them)
-    test = _test_set(data.test, given if data.test is not None and is_pack(data.test) else keys)
+    test = _test_set(data.test, keys)  # a test pack's keys were checked to be the training pack's
     return PackedData(store, valid, test)
 
 
-def packed_reader_keys(data: DataConfig) -> tuple[GraphStore, dict[str, Any], dict[str, Any]]:
-    """The training pack, the label keys its validation, test and replay files are read with (the pack's, unless
-    the config sets others), and the keys the config sets; see :func:`open_packed_data` for the checks."""
+def packed_reader_keys(data: DataConfig) -> tuple[GraphStore, dict[str, Any]]:
+    """The training pack and the label keys its validation, test and replay files are read with (the pack's, and
+    ``data.format``); see :func:`open_packed_data` for the checks."""
     from equiforce.train.data_files import reader_options
 
     store = GraphStore.open(data.train)
@@ -967,7 +963,7 @@ def packed_reader_keys(data: DataConfig) -> tuple[GraphStore, dict[str, Any], di
             if differ:
                 raise ConfigError(f"{other} was packed with other label keys than {data.train} ({'; '.join(differ)});"
                                   " pack both with the keys of the same quantities")
-    return store, keys, given
+    return store, keys
 
 
 def _train_pack(config: TrainConfig, *, progress: bool | None, epoch_callback: EpochCallback | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 
@@ -19,8 +20,9 @@ def run_script(main: Callable[[], Any]) -> NoReturn:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
     except ValidationError as err:  # a settings object built from the options
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:3])
-        print(f"error: {problems}", file=sys.stderr)
+        from equiforce.train.config import format_validation_error
+
+        print(f"error: {format_validation_error(err, Path(sys.argv[0]).name)}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # a file or directory that cannot be read or written
         where = f": {err.filename}" if err.filename else ""
